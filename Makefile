@@ -1,0 +1,27 @@
+# The contract of ../shared/DESIGN.md: every target sets up .venv itself when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?= data
+SEED ?= 0
+
+.PHONY: setup data test clean-data
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(STAMP)
+
+data: setup
+	$(PY) -m data_preparation.benchmark --out $(DATA) --seed $(SEED)
+
+test: setup
+	$(PY) -m pytest
+
+clean-data:
+	rm -rf $(DATA)

@@ -1,0 +1,1 @@
+"""Embedded benchmark generator, real-folder importer, per-site splitter and counts."""

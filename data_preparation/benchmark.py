@@ -1,0 +1,561 @@
+"""Embedded benchmark: synthetic brain-tumor MRI slices on real MNI152 anatomy.
+
+No data leaves or enters the machine: the anatomy is the MNI152 T1 template that ships inside
+the nilearn wheel. Each image is an axial slice of it, warped by a per-"patient" affine +
+elastic deformation, with an inserted lesion (glioma, meningioma, pituitary or none) and a
+hospital "scanner profile" of MONAI intensity and MRI-artifact transforms.
+
+Products under --out:
+  public/        4-class set (glioma, meningioma, notumor, pituitary) for the Phase-1 expert
+  site1..siteN/  private 2-class sets (Healthy, Tumor) of different sizes and scanner profiles
+  benchmark.json the generation parameters (a rerun with the same ones is a no-op)
+  counts.json, counts.md
+
+Every image draws from its own RNG keyed by (seed, product, index), so output does not depend
+on generation order and the same options give byte-identical files.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from fedxvit.classes import EXPERT_CLASSES, HEALTHY_NAME, TASK_CLASSES, TUMOR_TYPES, task_label
+from fedxvit.datalist import pixel_hash, write_counts, write_site
+from fedxvit.errors import FedXViTError, run_cli
+
+GENERATOR = "embedded-benchmark"
+FORMAT_VERSION = 1
+PARAMS_FILE = "benchmark.json"
+PUBLIC = "public"
+PUBLIC_PRODUCT_ID = 0
+MIN_IMAGE_SIZE = 32
+CANVAS_MM = 208  # square field of view (mm): the 145 x 181 mm brain with a margin for the warp
+
+# Axial slice ranges in MNI z (mm). Pituitary adenomas sit in the sella turcica, seen on low
+# slices; healthy slices also come from there sometimes so slice level alone is no tumor tell.
+MID_BRAIN_Z = (-6, 48)
+SELLAR_Z = (-24, -14)
+HEALTHY_SELLAR_SHARE = 0.2
+SELLA_MNI_Y = 5.0  # suprasellar cistern, anterior-posterior position on those slices
+
+# Lesion appearance, calibrated by data_preparation.calibrate (see its report): visible to a
+# trained eye yet not trivial for a small CNN trained on one small site.
+LESION = {
+    "glioma_radius_mm": (11.0, 22.0),
+    "glioma_edema_darkening": (0.15, 0.35),
+    "glioma_rim_gain": (1.2, 1.45),
+    "glioma_necrosis_level": (0.25, 0.45),
+    "meningioma_radius_mm": (10.0, 18.0),
+    "meningioma_level": (1.1, 1.3),
+    "pituitary_radius_mm": (8.0, 12.0),
+    "pituitary_level": (1.1, 1.3),
+    "min_radius_px": 2.0,
+}
+
+WINDOW_GAIN = (0.9, 1.3)  # export window relative to the brain's 99.5th percentile
+
+# Per-patient deformation (pixels are relative to the output image size).
+DEFORM = {"rotate_rad": 0.26, "shear": 0.06, "scale": 0.10, "translate_frac": 0.04,
+          "elastic_spacing_frac": 0.2, "elastic_magnitude": (1.0, 2.5)}
+
+# Hospital scanner profiles, each built from MONAI transforms in `scanner_transforms`.
+SCANNER_PROFILES = (
+    {"name": "scanner-A-1.5T", "gamma": 1.25, "bias_coeff": (0.15, 0.3), "noise": "rician",
+     "noise_std": (0.02, 0.05), "lowres_zoom": (0.45, 0.65), "gibbs_alpha": 0.35, "spike_prob": 0.0},
+    {"name": "scanner-B-3T", "gamma": 0.8, "bias_coeff": (0.05, 0.15), "noise": "gaussian",
+     "noise_std": (0.01, 0.03), "lowres_zoom": (0.85, 1.0), "gibbs_alpha": 0.1, "spike_prob": 0.0},
+    {"name": "scanner-C-legacy", "gamma": 1.0, "bias_coeff": (0.2, 0.4), "noise": "rician",
+     "noise_std": (0.03, 0.06), "lowres_zoom": (0.6, 0.8), "gibbs_alpha": 0.2, "spike_prob": 0.15},
+)
+
+
+# ----------------------------------------------------------------------------- anatomy
+
+
+@lru_cache(maxsize=1)
+def mni_volumes() -> dict:
+    """The T1 template and its masks, loaded once from the nilearn wheel (no download)."""
+    from nilearn import datasets
+
+    template = datasets.load_mni152_template(resolution=1)
+    return {
+        "t1": np.asarray(template.get_fdata(), dtype=np.float32),
+        "brain": np.asarray(datasets.load_mni152_brain_mask(resolution=1).get_fdata() > 0.5),
+        "wm": np.asarray(datasets.load_mni152_wm_mask(resolution=1).get_fdata() > 0.5),
+        "affine": np.asarray(template.affine),
+    }
+
+
+def _canvas_offset(length: int) -> int:
+    """Where index 0 of a centered axis of `length` lands on the canvas (negative when cropped)."""
+    return (CANVAS_MM - length) // 2
+
+
+def _centered_window(length: int) -> tuple:
+    """(source slice, canvas slice) that center-crop or center-pad an axis onto the canvas."""
+    offset = _canvas_offset(length)
+    start, stop = max(0, -offset), min(length, CANVAS_MM - offset)
+    return slice(start, stop), slice(start + offset, stop + offset)
+
+
+def _to_canvas(plane: np.ndarray, size: int, smooth: bool) -> np.ndarray:
+    """Rotate to radiological view (anterior up), center on the square canvas, resize to `size`."""
+    import torch
+    import torch.nn.functional as F
+
+    plane = np.rot90(plane).astype(np.float32)
+    canvas = np.zeros((CANVAS_MM, CANVAS_MM), np.float32)
+    (src_r, dst_r), (src_c, dst_c) = (_centered_window(n) for n in plane.shape)
+    canvas[dst_r, dst_c] = plane[src_r, src_c]
+    tensor = torch.from_numpy(canvas)[None, None]
+    mode = dict(mode="bilinear", antialias=True, align_corners=False) if smooth else dict(mode="area")
+    return F.interpolate(tensor, size=(size, size), **mode)[0, 0].numpy()
+
+
+@lru_cache(maxsize=512)
+def anatomy_slice(z_mm: int, size: int) -> dict:
+    """One axial slice of template, brain and white-matter masks at the output size (cached)."""
+    volumes = mni_volumes()
+    k = int(round((np.linalg.inv(volumes["affine"]) @ np.array([0.0, 0.0, z_mm, 1.0]))[2]))
+    return {
+        "t1": _to_canvas(volumes["t1"][:, :, k], size, smooth=True),
+        "brain": _to_canvas(volumes["brain"][:, :, k], size, smooth=False) > 0.5,
+        "wm": _to_canvas(volumes["wm"][:, :, k], size, smooth=False) > 0.5,
+    }
+
+
+def mni_to_pixel(x_mm: float, y_mm: float, size: int) -> tuple:
+    """(row, col) of an MNI (x, y) point on the canvas, matching `_to_canvas`."""
+    volumes = mni_volumes()
+    inv = np.linalg.inv(volumes["affine"])
+    i, j = (inv @ np.array([x_mm, y_mm, 0.0, 1.0]))[:2]
+    nx, ny = volumes["t1"].shape[:2]
+    # rot90 maps voxel (i, j) to (row = ny - 1 - j, col = i); then the centered padding
+    row = (ny - 1 - j) + _canvas_offset(ny)
+    col = i + _canvas_offset(nx)
+    scale = size / CANVAS_MM
+    return (row + 0.5) * scale - 0.5, (col + 0.5) * scale - 0.5
+
+
+# ----------------------------------------------------------------------------- lesions
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    """Zero-mean, unit-std smooth random field: the irregularity of boundaries and texture."""
+    from scipy.ndimage import gaussian_filter
+
+    field = gaussian_filter(rng.standard_normal((size, size)).astype(np.float32), sigma)
+    return field / (field.std() + 1e-6)
+
+
+def _radius_px(rng, radius_range_mm, size) -> float:
+    return max(rng.uniform(*radius_range_mm) * size / CANVAS_MM, LESION["min_radius_px"])
+
+
+def _distance_map(size: int, row: float, col: float, stretch=(1.0, 1.0)) -> np.ndarray:
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
+    return np.hypot((rows - row) / stretch[0], (cols - col) / stretch[1])
+
+
+def _pick_pixel(rng, candidates: np.ndarray) -> tuple:
+    rows, cols = np.nonzero(candidates)
+    pick = rng.integers(len(rows))
+    return float(rows[pick]), float(cols[pick])
+
+
+def insert_glioma(image, anatomy, rng):
+    """Intra-axial, irregular, heterogeneous: enhancing rim, necrotic core, edema, in white matter."""
+    from scipy.ndimage import distance_transform_edt
+
+    size = image.shape[0]
+    radius = _radius_px(rng, LESION["glioma_radius_mm"], size)
+    depth = distance_transform_edt(anatomy["brain"])
+    candidates = anatomy["wm"] & (depth > radius * 0.9)
+    if not candidates.any():
+        candidates = depth >= depth.max() * 0.6
+    row, col = _pick_pixel(rng, candidates)
+    shape_noise = _smooth_noise(rng, size, sigma=max(radius / 2.5, 1.0))
+    distance = _distance_map(size, row, col) / radius + 0.25 * shape_noise
+    whole = (distance < 1.0) & anatomy["brain"]
+    core = distance < rng.uniform(0.45, 0.65)
+    necrosis = distance < rng.uniform(0.2, 0.35)
+    texture = 1.0 + 0.12 * _smooth_noise(rng, size, sigma=1.0)
+    out = image.copy()
+    edema_gain = 1.0 - rng.uniform(*LESION["glioma_edema_darkening"])
+    out[whole] *= edema_gain
+    bright_tissue = np.percentile(image[anatomy["brain"]], 95)
+    out[core & whole] = (rng.uniform(*LESION["glioma_rim_gain"]) * bright_tissue * texture)[core & whole]
+    out[necrosis & whole] = (rng.uniform(*LESION["glioma_necrosis_level"]) * texture)[necrosis & whole]
+    return out, whole
+
+
+def insert_meningioma(image, anatomy, rng):
+    """Extra-axial, well-circumscribed, homogeneous, its flat side on the dura at the brain's edge."""
+    from scipy.ndimage import binary_erosion
+
+    size = image.shape[0]
+    radius = _radius_px(rng, LESION["meningioma_radius_mm"], size)
+    brain = anatomy["brain"]
+    edge = brain & ~binary_erosion(brain)
+    row, col = _pick_pixel(rng, edge)
+    center_r, center_c = np.array(np.nonzero(brain)).mean(axis=1)
+    inward = np.array([center_r - row, center_c - col])
+    inward /= np.linalg.norm(inward) + 1e-6
+    depth = rng.uniform(0.2, 0.5) * radius
+    stretch = (1.0, rng.uniform(1.0, 1.4))
+    distance = _distance_map(size, row + inward[0] * depth, col + inward[1] * depth, stretch) / radius
+    lesion = (distance < 1.0) & brain
+    out = image.copy()
+    level = rng.uniform(*LESION["meningioma_level"])
+    out[lesion] = level * (1.0 + 0.03 * _smooth_noise(rng, size, sigma=1.5))[lesion]
+    return out, lesion
+
+
+def insert_pituitary(image, anatomy, rng):
+    """Small, round, midline lesion in the sellar region of a low slice."""
+    size = image.shape[0]
+    radius = _radius_px(rng, LESION["pituitary_radius_mm"], size)
+    row, col = mni_to_pixel(rng.uniform(-1.5, 1.5), SELLA_MNI_Y + rng.uniform(-3.0, 3.0), size)
+    distance = _distance_map(size, row, col, stretch=(rng.uniform(0.8, 1.0), 1.0)) / radius
+    lesion = distance < 1.0
+    out = image.copy()
+    level = rng.uniform(*LESION["pituitary_level"])
+    out[lesion] = level * (1.0 + 0.05 * _smooth_noise(rng, size, sigma=1.0))[lesion]
+    return out, lesion
+
+
+LESION_MAKERS = {"glioma": insert_glioma, "meningioma": insert_meningioma, "pituitary": insert_pituitary}
+
+
+def slice_level(tumor_class: str, rng: np.random.Generator) -> int:
+    """Axial MNI z (mm) of the slice: sellar for pituitary, mid-brain for the others."""
+    if tumor_class == "pituitary" or (tumor_class == HEALTHY_NAME and rng.random() < HEALTHY_SELLAR_SHARE):
+        return int(rng.integers(SELLAR_Z[0], SELLAR_Z[1] + 1))
+    return int(rng.integers(MID_BRAIN_Z[0], MID_BRAIN_Z[1] + 1))
+
+
+# ----------------------------------------------------------------------------- MONAI transforms
+
+
+@lru_cache(maxsize=8)
+def patient_deformation(size: int):
+    """Affine + elastic warp applied to image and mask together (bilinear / nearest)."""
+    from monai.transforms import Rand2DElasticd
+
+    return Rand2DElasticd(
+        keys=("image", "mask"), prob=1.0,
+        spacing=max(size * DEFORM["elastic_spacing_frac"], 4.0),
+        magnitude_range=DEFORM["elastic_magnitude"],
+        rotate_range=DEFORM["rotate_rad"], shear_range=DEFORM["shear"], scale_range=DEFORM["scale"],
+        translate_range=size * DEFORM["translate_frac"],
+        mode=("bilinear", "nearest"), padding_mode="zeros",
+    )
+
+
+@lru_cache(maxsize=16)
+def scanner_transforms(profile_index: int):
+    """A hospital's acquisition: bias field, contrast, resolution loss, Gibbs ringing, spikes, noise."""
+    from monai.transforms import (AdjustContrast, Compose, GibbsNoise, RandBiasField, RandGaussianNoise,
+                                  RandKSpaceSpikeNoise, RandRicianNoise, RandSimulateLowResolution)
+
+    profile = SCANNER_PROFILES[profile_index]
+    noise_cls = RandRicianNoise if profile["noise"] == "rician" else RandGaussianNoise
+    return Compose([
+        RandBiasField(degree=3, coeff_range=profile["bias_coeff"], prob=1.0),
+        AdjustContrast(gamma=profile["gamma"]),
+        RandSimulateLowResolution(prob=1.0, zoom_range=profile["lowres_zoom"],
+                                  downsample_mode="area", upsample_mode="bilinear"),
+        GibbsNoise(alpha=profile["gibbs_alpha"]),
+        RandKSpaceSpikeNoise(prob=profile["spike_prob"], intensity_range=(5.5, 7.0)),
+        noise_cls(prob=1.0, mean=0.0, std=profile["noise_std"][1], sample_std=True),
+    ])
+
+
+def to_uint8(image: np.ndarray, brain: np.ndarray, window_gain: float = 1.0) -> np.ndarray:
+    """Window to the brain's bright end like a scanner's PNG export, then quantize.
+
+    `window_gain` varies the export window per image, as viewers and PACS do, so overall
+    brightness carries no class information."""
+    reference = (np.percentile(image[brain], 99.5) if brain.any() else image.max()) * window_gain
+    return np.clip(np.round(np.clip(image, 0.0, None) / max(reference, 1e-6) * 255.0), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- one image
+
+
+def image_rng(seed: int, product_id: int, index: int, purpose: int = 0) -> np.random.Generator:
+    """Independent stream per (seed, product, image): order-free and disjoint between products."""
+    return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(product_id, purpose, index)))
+
+
+def synthesize(expert_class: str, size: int, profile_index: int, rng: np.random.Generator) -> tuple:
+    """One slice: anatomy -> lesion -> patient deformation -> scanner profile; (uint8 image, bool mask)."""
+    import torch
+
+    anatomy = anatomy_slice(slice_level(expert_class, rng), size)
+    image = anatomy["t1"] * rng.uniform(0.92, 1.08)
+    mask = np.zeros_like(anatomy["brain"])
+    if expert_class in LESION_MAKERS:
+        image, mask = LESION_MAKERS[expert_class](image, anatomy, rng)
+    warp = patient_deformation(size)
+    warp.set_random_state(seed=int(rng.integers(2**31)))
+    warped = warp({"image": torch.from_numpy(np.ascontiguousarray(image, np.float32))[None],
+                   "mask": torch.from_numpy(np.stack([mask, anatomy["brain"]]).astype(np.float32))})
+    image = np.asarray(warped["image"])[0]
+    mask, brain = np.asarray(warped["mask"]) > 0.5
+    scanner = scanner_transforms(profile_index)
+    scanner.set_random_state(seed=int(rng.integers(2**31)))
+    image = np.asarray(scanner(torch.from_numpy(np.clip(image, 0.0, None))[None]), dtype=np.float32)[0]
+    return to_uint8(image, brain, window_gain=rng.uniform(*WINDOW_GAIN)), mask
+
+
+def render(job: dict) -> dict:
+    """Make and save one image (and mask); retries the draw if a warp pushed the lesion off the slice."""
+    from PIL import Image
+
+    rng = image_rng(job["seed"], job["product_id"], job["index"])
+    for _ in range(20):
+        pixels, mask = synthesize(job["expert_class"], job["size"], job["profile_index"], rng)
+        if (job["expert_class"] == HEALTHY_NAME) or mask.sum() >= 3:
+            break
+    site_dir = Path(job["site_dir"])
+    entry = {"image": f"images/{job['name']}.png", "label": job["label"]}
+    Image.fromarray(pixels, mode="L").save(site_dir / entry["image"])
+    if job["expert_class"] != HEALTHY_NAME:
+        entry["mask"] = f"masks/{job['name']}.png"
+        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(site_dir / entry["mask"])
+    return {"entry": entry, "pixel_hash": pixel_hash(pixels), "product": site_dir.name}
+
+
+# ----------------------------------------------------------------------------- products
+
+
+def public_plan(args) -> list:
+    """(expert class, label) per public image, `--public-per-class` of each, shuffled so a file's
+    name or index says nothing about its class."""
+    classes = [name for name in EXPERT_CLASSES for _ in range(args.public_per_class)]
+    order = image_rng(args.seed, PUBLIC_PRODUCT_ID, 0, purpose=1).permutation(len(classes))
+    return [(classes[i], EXPERT_CLASSES.index(classes[i])) for i in order]
+
+
+def site_plan(args, site_number: int, size: int) -> list:
+    """(expert class, task label) per site image: healthy share, tumors spread evenly over the
+    three types, shuffled so the index says nothing about the class."""
+    rng = image_rng(args.seed, site_number, 0, purpose=1)
+    n_healthy = int(round(size * args.healthy_fraction))
+    classes = [HEALTHY_NAME] * n_healthy + [TUMOR_TYPES[i % len(TUMOR_TYPES)] for i in range(size - n_healthy)]
+    return [(classes[i], task_label(classes[i])) for i in rng.permutation(len(classes))]
+
+
+def split_entries(product_id: int, args, labels: list, entries: list) -> dict:
+    """Stratified training/validation/testing lists, seeded per product."""
+    from data_preparation.splits import train_val_test
+
+    labels = np.asarray(labels)
+    parts = train_val_test(np.arange(len(labels)), labels, args.val_frac, args.test_frac,
+                           rng=image_rng(args.seed, product_id, 0, purpose=2))
+    return {split: [entries[i] for i in indices] for split, indices in parts.items()}
+
+
+def product_jobs(args, out: Path) -> list:
+    """Every image to render, as picklable job dicts, with its product's folder and profile."""
+    jobs = []
+    products = [(PUBLIC, PUBLIC_PRODUCT_ID, public_plan(args))]
+    products += [(f"site{k}", k, site_plan(args, k, size)) for k, size in enumerate(args.site_sizes, start=1)]
+    for name, product_id, plan in products:
+        for index, (expert_class, label) in enumerate(plan):
+            profile_rng = image_rng(args.seed, product_id, index, purpose=3)
+            profile_index = (int(profile_rng.integers(len(SCANNER_PROFILES))) if name == PUBLIC
+                             else (product_id - 1) % len(SCANNER_PROFILES))
+            jobs.append({"seed": args.seed, "product_id": product_id, "index": index, "label": label,
+                         "expert_class": expert_class, "size": args.image_size, "profile_index": profile_index,
+                         "site_dir": str(out / name), "name": f"{name}-{index:05d}"})
+    return jobs
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def render_all(jobs: list, workers: int) -> list:
+    """Render every job with a tqdm bar; results come back in job order whatever the worker count."""
+    from tqdm import tqdm
+
+    bar = dict(total=len(jobs), desc="benchmark images", unit="img", file=sys.stdout, mininterval=1.0)
+    if workers <= 1:
+        _worker_init()
+        return [render(job) for job in tqdm(jobs, **bar)]
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
+        return list(tqdm(pool.imap(render, jobs, chunksize=16), **bar))
+
+
+def check_disjoint(results: list) -> None:
+    """No picture may appear twice, within or across products (public vs private leakage)."""
+    seen = {}
+    for result in results:
+        other = seen.setdefault(result["pixel_hash"], result["entry"]["image"])
+        if other != result["entry"]["image"]:
+            raise RuntimeError(f"duplicate image content: {other} and {result['entry']['image']} ({result['product']})")
+
+
+def write_products(args, out: Path, jobs: list, results: list) -> None:
+    """datalist.json + dataset.json per product, through fedxvit.datalist."""
+    by_product = {}
+    for job, result in zip(jobs, results):
+        by_product.setdefault(Path(job["site_dir"]).name, []).append((job, result))
+    params = generation_params(args)
+    for name, pairs in by_product.items():
+        job0 = pairs[0][0]
+        entries = split_entries(job0["product_id"], args, [j["label"] for j, _ in pairs], [r["entry"] for _, r in pairs])
+        is_public = name == PUBLIC
+        provenance = {"generator": GENERATOR, "seed": args.seed, "product": name, **params,
+                      "scanner_profile": "mixed" if is_public else SCANNER_PROFILES[job0["profile_index"]]["name"],
+                      "anatomy": "MNI152 T1 1mm template (nilearn)"}
+        write_site(out / name, entries, EXPERT_CLASSES if is_public else TASK_CLASSES, provenance)
+
+
+# ----------------------------------------------------------------------------- CLI and reuse
+
+
+def generation_params(args) -> dict:
+    """Everything that determines the output bytes; compared on rerun."""
+    return {"format_version": FORMAT_VERSION, "seed": args.seed, "image_size": args.image_size,
+            "public_per_class": args.public_per_class, "site_sizes": list(args.site_sizes),
+            "healthy_fraction": args.healthy_fraction, "val_frac": args.val_frac, "test_frac": args.test_frac}
+
+
+def owned_paths(out: Path, params: dict) -> list:
+    """The paths a run with `params` writes under out (only these are ever deleted)."""
+    names = [PUBLIC] + [f"site{k}" for k in range(1, len(params.get("site_sizes", [])) + 1)]
+    names += [PARAMS_FILE, "counts.json", "counts.md", "calibration.json"]
+    return [out / name for name in names]
+
+
+def remove_paths(paths: list) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def prepare_out(out: Path, params: dict, force: bool) -> bool:
+    """True when `out` already holds this exact benchmark; clears stale products otherwise."""
+    params_path = out / PARAMS_FILE
+    previous = None
+    if params_path.is_file():
+        try:
+            previous = json.loads(params_path.read_text()).get("params")
+        except (json.JSONDecodeError, AttributeError):
+            previous = {}
+        if previous == params and not force:
+            return True
+        if not force:
+            changed = sorted(k for k in set(params) | set(previous or {}) if (previous or {}).get(k) != params.get(k))
+            raise FedXViTError(f"{out} holds a benchmark made with other parameters ({', '.join(changed)}): "
+                               f"use --force to regenerate it or choose another --out")
+    leftovers = [p for p in owned_paths(out, params) if p.exists()]
+    if previous is None and leftovers and not force:
+        raise FedXViTError(f"{leftovers[0]} exists but {params_path} does not (an interrupted run?): use --force to regenerate")
+    remove_paths(owned_paths(out, previous or {}) + owned_paths(out, params))
+    return False
+
+
+def site_sizes(text: str) -> list:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not sizes:
+        raise argparse.ArgumentTypeError("needs at least one site size")
+    return sizes
+
+
+def smallest_class_share(n: int, fraction: float) -> int:
+    return min(int(round(n * fraction)), n - int(round(n * fraction)))
+
+
+def validate(args) -> None:
+    """One-line errors naming the option, before anything is written."""
+    if args.image_size < MIN_IMAGE_SIZE:
+        raise FedXViTError(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
+    if not 0.0 < args.healthy_fraction < 1.0:
+        raise FedXViTError(f"--healthy-fraction must be between 0 and 1 (exclusive), got {args.healthy_fraction}")
+    if not (0 < args.val_frac < 1 and 0 < args.test_frac < 1 and args.val_frac + args.test_frac < 1):
+        raise FedXViTError(f"--val-frac {args.val_frac} and --test-frac {args.test_frac} must each be in (0, 1) "
+                           f"and sum to less than 1")
+    if args.workers < 1:
+        raise FedXViTError(f"--workers must be at least 1, got {args.workers}")
+    smallest_frac = min(args.val_frac, args.test_frac)
+    if args.public_per_class < 1 or round(args.public_per_class * smallest_frac) < 1 \
+            or args.public_per_class - round(args.public_per_class * args.val_frac) - round(args.public_per_class * args.test_frac) < 1:
+        raise FedXViTError(f"--public-per-class {args.public_per_class} is too small to give every class "
+                           f"images in training, validation and testing")
+    for k, size in enumerate(args.site_sizes, start=1):
+        per_class = smallest_class_share(size, args.healthy_fraction)
+        if size < 1 or round(per_class * smallest_frac) < 1 \
+                or per_class - round(per_class * args.val_frac) - round(per_class * args.test_frac) < 1:
+            raise FedXViTError(f"--site-sizes: site{k} size {size} is too small to give Healthy and Tumor images "
+                               f"in training, validation and testing")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose mistakes surface as the project's one-line `error:` (exit 2), no usage dump."""
+
+    def error(self, message):
+        raise FedXViTError(f"{message} (see --help)")
+
+
+def parse_args(argv=None):
+    parser = OneLineErrorParser(prog="python -m data_preparation.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data", help="output folder (default: data)")
+    parser.add_argument("--seed", type=int, default=0, help="master seed; same seed and options give identical files (default: 0)")
+    parser.add_argument("--image-size", type=int, default=128, help=f"square image side in pixels, >= {MIN_IMAGE_SIZE} (default: 128)")
+    parser.add_argument("--public-per-class", type=int, default=500,
+                        help="public 4-class set: images per class, split like the sites (default: 500)")
+    parser.add_argument("--site-sizes", type=site_sizes, default=[150, 300, 450],
+                        help="comma-separated image count per private site; their number is the number of sites (default: 150,300,450)")
+    parser.add_argument("--healthy-fraction", type=float, default=0.37, help="share of Healthy images per site (default: 0.37)")
+    parser.add_argument("--val-frac", type=float, default=0.15, help="validation share, stratified per class (default: 0.15)")
+    parser.add_argument("--test-frac", type=float, default=0.15, help="testing share, stratified per class (default: 0.15)")
+    parser.add_argument("--workers", type=int, default=2, help="rendering processes; does not change the output (default: 2)")
+    parser.add_argument("--force", action="store_true", help="regenerate even if --out already holds a benchmark (same or other parameters)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    validate(args)
+    out = Path(args.out)
+    params = generation_params(args)
+    if out.exists() and not out.is_dir():
+        raise FedXViTError(f"--out {out} is a file, not a folder")
+    if prepare_out(out, params, args.force):
+        print(f"reusing {out} (same parameters as {out / PARAMS_FILE}; --force regenerates)")
+        return
+    started = time.perf_counter()
+    jobs = product_jobs(args, out)
+    for site_dir in {job["site_dir"] for job in jobs}:
+        (Path(site_dir) / "images").mkdir(parents=True, exist_ok=True)
+        (Path(site_dir) / "masks").mkdir(parents=True, exist_ok=True)
+    results = render_all(jobs, args.workers)
+    check_disjoint(results)
+    write_products(args, out, jobs, results)
+    print(write_counts(out), end="")
+    (out / PARAMS_FILE).write_text(json.dumps({"generator": GENERATOR, "params": params}, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {len(jobs)} images to {out} in {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,1 @@
+"""Result scripts: test report, cross-site table, TensorBoard plots, Grad-CAM."""

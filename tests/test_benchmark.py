@@ -1,0 +1,180 @@
+"""The embedded benchmark generator: determinism, lesion anatomy, site layout, reruns, CLI errors.
+
+Everything runs at 64 px with a handful of images so the module stays fast on 2 CPU cores; the
+benchmark is generated once per module and reused.
+"""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.ndimage import binary_fill_holes, distance_transform_edt
+
+from data_preparation import benchmark
+from fedxvit.datalist import load_split, pixel_hash, read_dataset_info
+from fedxvit.errors import FedXViTError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--image-size", "64", "--public-per-class", "12", "--site-sizes", "20,30,40",
+        "--healthy-fraction", "0.4", "--val-frac", "0.2", "--test-frac", "0.2", "--workers", "1"]
+SPLITS = ("training", "validation", "testing")
+
+
+def generate(out: Path, *extra: str) -> None:
+    benchmark.main(["--out", str(out), *TINY, *extra])
+
+
+def tree_hashes(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def load_pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def entries(site: Path) -> list:
+    return [e for split in SPLITS for e in load_split(site, split)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "data"
+    generate(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def public_lesions(data) -> dict:
+    """Per tumor class: (centroid row, col, distance to brain edge, brain center col) per mask."""
+    found = {}
+    for item in entries(data / "public"):
+        name = benchmark.EXPERT_CLASSES[item["label"]]
+        if "mask" not in item:
+            continue
+        mask = load_pixels(item["mask"]) > 127
+        brain = binary_fill_holes(load_pixels(item["image"]) > 40)
+        depth = distance_transform_edt(brain)
+        rows, cols = np.nonzero(mask)
+        r, c = int(round(rows.mean())), int(round(cols.mean()))
+        found.setdefault(name, []).append((rows.mean(), cols.mean(), depth[r, c], np.nonzero(brain)[1].mean()))
+    return {name: np.array(rows) for name, rows in found.items()}
+
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(data, tmp_path):
+    generate(tmp_path / "again")
+    assert tree_hashes(tmp_path / "again") == tree_hashes(data)
+    generate(tmp_path / "other", "--seed", "1")
+    other, same = tree_hashes(tmp_path / "other"), tree_hashes(data)
+    images = [k for k in same if "/images/" in k]
+    assert images and all(other[k] != same[k] for k in images)
+
+
+def test_images_do_not_depend_on_generation_order(data, tmp_path):
+    """Each image has its own RNG stream, so workers (or any order) give the same files."""
+    args = benchmark.parse_args(["--out", str(tmp_path), *TINY])
+    jobs = benchmark.product_jobs(args, tmp_path)
+    for job in jobs:
+        for folder in ("images", "masks"):
+            (Path(job["site_dir"]) / folder).mkdir(parents=True, exist_ok=True)
+    for job in reversed(jobs):
+        benchmark.render(job)
+    rendered = tree_hashes(tmp_path)
+    assert len(rendered) > 100
+    assert rendered == {k: v for k, v in tree_hashes(data).items() if k in rendered}
+
+
+def test_mask_present_exactly_for_tumors_and_inside_the_head(data):
+    for site, healthy in [("public", benchmark.EXPERT_CLASSES.index("notumor")), ("site1", 0), ("site2", 0)]:
+        for item in entries(data / site):
+            assert ("mask" in item) == (item["label"] != healthy), item["image"]
+            if "mask" in item:
+                mask = load_pixels(item["mask"])
+                assert set(np.unique(mask)) <= {0, 255} and (mask == 255).sum() >= 3
+                head = binary_fill_holes(load_pixels(item["image"]) > 40)
+                assert head[mask == 255].mean() > 0.9, item["mask"]
+
+
+def test_images_are_8bit_grayscale_of_the_requested_size(data):
+    for item in entries(data / "site1"):
+        image = Image.open(item["image"])
+        assert image.mode == "L" and image.size == (64, 64)
+
+
+def test_meningioma_sits_nearer_the_brain_edge_than_glioma(public_lesions):
+    meningioma_depth = np.median(public_lesions["meningioma"][:, 2])
+    glioma_depth = np.median(public_lesions["glioma"][:, 2])
+    assert meningioma_depth < glioma_depth
+
+
+def test_pituitary_lesions_are_midline_and_small(public_lesions):
+    pituitary, glioma = public_lesions["pituitary"], public_lesions["glioma"]
+    off_midline = np.abs(pituitary[:, 1] - pituitary[:, 3])
+    assert np.median(off_midline) < 64 * 0.06
+    assert np.median(off_midline) < np.median(np.abs(glioma[:, 1] - glioma[:, 3]))
+
+
+def test_public_has_four_classes_and_sites_two(data):
+    assert read_dataset_info(data / "public")["class_names"] == list(benchmark.EXPERT_CLASSES)
+    for k in (1, 2, 3):
+        info = read_dataset_info(data / f"site{k}")
+        assert info["class_names"] == list(benchmark.TASK_CLASSES)
+        assert info["provenance"]["generator"] == "embedded-benchmark" and info["provenance"]["seed"] == 0
+        for split in SPLITS:
+            assert all(info["counts"][split][name] >= 1 for name in benchmark.TASK_CLASSES), (k, split)
+
+
+def test_site_sizes_differ_and_nothing_is_shared(data):
+    sizes = [read_dataset_info(data / f"site{k}")["num_images"] for k in (1, 2, 3)]
+    assert sizes == [20, 30, 40]
+    owner = {}
+    for product in ("public", "site1", "site2", "site3"):
+        split_sets = []
+        for split in SPLITS:
+            hashes = {pixel_hash(load_pixels(e["image"])) for e in load_split(data / product, split)}
+            split_sets.append(hashes)
+            for h in hashes:
+                assert owner.setdefault(h, (product, split)) == (product, split), f"{product}/{split} repeats {owner[h]}"
+        assert sum(map(len, split_sets)) == len(set().union(*split_sets))
+
+
+def test_site_healthy_share_follows_the_option(data):
+    info = read_dataset_info(data / "site3")
+    healthy = sum(info["counts"][s]["Healthy"] for s in SPLITS)
+    assert healthy == round(40 * 0.4)
+
+
+def test_rerun_with_same_parameters_is_reused(data, capsys):
+    before = tree_hashes(data)
+    generate(data)
+    assert "reusing" in capsys.readouterr().out
+    assert tree_hashes(data) == before
+
+
+def test_rerun_with_other_parameters_refused_without_force(tmp_path):
+    out = tmp_path / "data"
+    generate(out)
+    (out / "keep.txt").write_text("not ours")
+    with pytest.raises(FedXViTError, match="--force"):
+        generate(out, "--seed", "3")
+    assert json.loads((out / "benchmark.json").read_text())["params"]["seed"] == 0
+    benchmark.main(["--out", str(out), *TINY[:4], "--site-sizes", "20,20", *TINY[6:], "--seed", "3", "--force"])
+    assert json.loads((out / "benchmark.json").read_text())["params"]["seed"] == 3
+    assert not (out / "site3").exists() and (out / "keep.txt").read_text() == "not ours"
+
+
+@pytest.mark.parametrize("bad", [["--image-size", "16"], ["--val-frac", "0.6", "--test-frac", "0.5"],
+                                 ["--site-sizes", "150,4"], ["--healthy-fraction", "1.5"],
+                                 ["--site-sizes", "1,x"]])
+def test_bad_option_is_one_line_error(bad, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "data_preparation.benchmark", "--out", str(tmp_path / "d"), *bad],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error:") and len(run.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in run.stderr and bad[0] in run.stderr
+    assert not (tmp_path / "d").exists()
