@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?= data
 SEED ?= 0
 
-.PHONY: setup data test clean-data
+.PHONY: setup data expert transfer test clean-data
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ setup: $(STAMP)
 
 data: setup
 	$(PY) -m data_preparation.benchmark --out $(DATA) --seed $(SEED)
+
+expert: data
+	$(PY) -m fedxvit.expert --data $(DATA)/public --out models
+
+transfer: expert
+	$(PY) -m fedxvit.transfer --expert models/expert.pt --out models/initial_global.pt
 
 test: setup
 	$(PY) -m pytest

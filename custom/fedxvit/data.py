@@ -1,0 +1,107 @@
+"""MONAI transforms and loaders for one site folder (read through fedxvit.datalist).
+
+The deterministic part (decode, grayscale, [0, 1] scaling, resize) is cached once in RAM by
+CacheDataset, so CPU epochs only pay for the light random augmentation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from monai.data import CacheDataset, DataLoader, PILReader, get_track_meta, set_track_meta
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    RandAffined,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Resized,
+    ScaleIntensityd,
+)
+
+from fedxvit.datalist import load_split
+
+KEYS = ("image",)
+
+
+def _to_grayscale(image):
+    """Imported folders may hold RGB or palette PNG/JPEGs; the model sees one channel."""
+    return image.convert("L")
+
+
+def deterministic_transforms(image_size: int) -> list:
+    """Decode -> (1, H, W) float in [0, 1] at image_size x image_size (rows = image rows)."""
+    return [
+        LoadImaged(keys=KEYS, reader=PILReader(converter=_to_grayscale, reverse_indexing=False), image_only=True),
+        EnsureChannelFirstd(keys=KEYS, channel_dim="no_channel"),
+        ScaleIntensityd(keys=KEYS, minv=0.0, maxv=1.0),
+        Resized(keys=KEYS, spatial_size=(image_size, image_size), mode="area"),
+        EnsureTyped(keys=KEYS, dtype=torch.float32, track_meta=False),
+    ]
+
+
+def augmentation_transforms(image_size: int) -> list:
+    """Small, anatomy-preserving changes: slight pose, left-right mirror, scanner-like intensity drift."""
+    return [
+        RandAffined(
+            keys=KEYS,
+            prob=0.5,
+            rotate_range=0.12,  # about 7 degrees
+            scale_range=0.06,
+            translate_range=0.04 * image_size,
+            padding_mode="zeros",
+            mode="bilinear",
+        ),
+        RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1),  # axis 1 = columns = left-right
+        RandScaleIntensityd(keys=KEYS, factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys=KEYS, offsets=0.05, prob=0.5),
+        EnsureTyped(keys=KEYS, dtype=torch.float32, track_meta=False),
+    ]
+
+
+def make_transforms(image_size: int, train: bool, seed: int | None = None) -> Compose:
+    transforms = deterministic_transforms(image_size) + (augmentation_transforms(image_size) if train else [])
+    compose = Compose(transforms)
+    if seed is not None:
+        compose.set_random_state(seed=seed)
+    return compose
+
+
+class PlainTensorCacheDataset(CacheDataset):
+    """CacheDataset whose random transforms run on plain tensors.
+
+    MONAI's metadata tracking roughly doubles the CPU cost of the per-epoch augmentation and
+    nothing downstream reads the metadata; the switch is global, so it is restored afterwards.
+    """
+
+    def _transform(self, index):
+        previous = get_track_meta()
+        set_track_meta(False)
+        try:
+            return super()._transform(index)
+        finally:
+            set_track_meta(previous)
+
+
+def make_dataset(site_dir: os.PathLike, split: str, image_size: int, train: bool, seed: int | None = None,
+                 progress: bool = False, cache_workers: int | None = 1) -> CacheDataset:
+    """A CacheDataset over one split; only `image` and `label` keys are kept per item."""
+    items = [{"image": e["image"], "label": int(e["label"])} for e in load_split(site_dir, split)]
+    return PlainTensorCacheDataset(items, transform=make_transforms(image_size, train, seed), cache_rate=1.0,
+                        num_workers=cache_workers, progress=progress)
+
+
+def make_loader(site_dir: os.PathLike, split: str, image_size: int, batch_size: int, train: bool,
+                num_workers: int = 0, seed: int | None = None, progress: bool = False) -> DataLoader:
+    """Batches of {"image": (B, 1, S, S) float, "label": (B,) long}; shuffled and augmented when train."""
+    dataset = make_dataset(site_dir, split, image_size, train, seed=seed, progress=progress)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers,
+                      generator=generator, drop_last=False)
