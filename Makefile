@@ -31,3 +31,9 @@ test: setup
 
 clean-data:
 	rm -rf $(DATA)
+
+# NVFlare simulator: 3 hospitals as client processes (-t 3); -gpu 0 is ignored on CPU-only machines.
+# Outputs: workspace/server/simulate_job/ (global_val.json, cross_site_val/, app_server/*.pt).
+.PHONY: simulate
+simulate: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/nvflare simulator jobs/fedxvit -w workspace -c site1,site2,site3 -gpu 0 -t 3

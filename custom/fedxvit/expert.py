@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pretrained", default=None,
                         help="backbone weights: 'timm' (downloads from the hub) or a local .pt/.pth file; default: none")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores - 1, at most 8: two spinning OpenMP threads on a busy 2-core box run ~10x slower)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, at most 8; use fewer when other jobs share the machine, since oversubscribed OpenMP threads spin and run many times slower)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0 is fastest for cached small images)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite store in mlruns/)")
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
@@ -105,7 +105,7 @@ def train_expert(args: argparse.Namespace) -> dict:
               f"test accuracy {meta.get('metrics', {}).get('test_accuracy', float('nan')):.4f}); pass --force to retrain")
         return json.loads((out / REPORT_NAME).read_text())
 
-    torch.set_num_threads(args.threads or min(8, max(1, (os.cpu_count() or 2) - 1)))
+    torch.set_num_threads(args.threads or min(8, os.cpu_count() or 1))
     seed_everything(args.seed)
     device = resolve_device(args.device)
     print(f"expert: preset '{preset.name}' ({preset.image_size} px), {len(class_names)} classes {class_names}, "
@@ -136,7 +136,8 @@ def train_expert(args: argparse.Namespace) -> dict:
             mlflow = stack.enter_context(mlflow_run(EXPERIMENT, run_name=f"expert-{preset.name}", params=params,
                                                     uri=args.tracking_uri))
         for epoch in range(args.epochs):
-            bar = tqdm(total=len(loaders["training"].dataset), desc=f"epoch {epoch + 1}/{args.epochs}", unit="img", leave=False)
+            bar = tqdm(total=len(loaders["training"].dataset), desc=f"epoch {epoch + 1}/{args.epochs}", unit="img",
+                       leave=False, disable=None)  # no bar spam in logs and pipes
             last = [0]
 
             def advance(step):
