@@ -1,0 +1,225 @@
+"""The hospital side of the job: a thin NVFlare Executor over fedxvit.training.
+
+Per `train` task: load the global weights, score them on local validation data (the
+server's model selector and global-accuracy widget read that score), fine-tune for the
+configured epochs under the freeze policy, and send back only the trainable tensors'
+differences as float32 numpy arrays -- the same array type NVFlare's PT persistor hands out
+(allow_numpy_conversion), so FullModelShareableGenerator adds like to like. Images never
+leave the site. `validate` and `submit_model` serve NVFlare's cross-site evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.private.fed.simulator.simulator_const import SimulatorConstants
+
+from fedxvit.checkpoint import load_checkpoint, save_checkpoint
+from fedxvit.classes import TASK_CLASSES
+from fedxvit.data import make_loader
+from fedxvit.errors import FedXViTError
+from fedxvit.model import build_model
+from fedxvit.sites import site_data_dir
+from fedxvit.training import (
+    apply_freeze_policy,
+    evaluate,
+    make_optimizer,
+    resolve_device,
+    seed_everything,
+    train_epoch,
+    weight_diff,
+)
+
+BEST_LOCAL_MODEL = "best_local_model.pt"
+
+
+def resolve_torch_threads(setting: str | int = "auto", parallel_clients: int = 1) -> int:
+    """CPU threads for this client's torch ops.
+
+    The simulator runs each client in its own worker process, up to `-t` of them at once, so
+    `auto` gives each its share of the usable cores instead of letting every process grab all.
+    """
+    if str(setting) != "auto":
+        return max(1, int(setting))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(parallel_clients)))
+
+
+def simulator_parallel_clients(client_workspace: Path, job_id: str) -> int:
+    """How many client processes may run beside this one: 1 outside the simulator.
+
+    The simulator runs job `simulate_job` with one workspace folder per client next to
+    `server/`; `-t` may be lower than the client count, but the count is a safe upper bound.
+    """
+    parent = client_workspace.parent
+    if job_id != SimulatorConstants.JOB_NAME or not (parent / "server").is_dir():
+        return 1
+    return max(1, sum(1 for d in parent.iterdir() if d.is_dir() and d.name not in ("server", "startup", "local")))
+
+
+def to_torch_state(weights: dict) -> dict:
+    """DXO weights (numpy arrays or tensors) -> CPU tensors, dtypes kept (BN counters stay int64)."""
+    return {name: torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value.cpu()
+            for name, value in weights.items()}
+
+
+def to_numpy_state(state: dict) -> dict:
+    return {name: tensor.detach().cpu().numpy() for name, tensor in state.items()}
+
+
+def trainable_weight_diff(new_state: dict, old_state: dict, trainable: list[str]) -> dict:
+    """Float32 numpy differences of the trainable tensors only: all a site sends."""
+    return {name: diff.float().numpy() for name, diff in weight_diff(new_state, old_state, trainable).items()}
+
+
+class FedXViTExecutor(Executor):
+    """train / validate / submit_model for one hospital; every knob is a job argument."""
+
+    def __init__(self, preset: str = "cpu", local_epochs: int = 1, learning_rate: float = 3e-4, batch_size: int = 16,
+                 freeze_policy: str = "last-k", last_k: int = 1, torch_threads: str | int = "auto", seed: int = 0,
+                 num_workers: int = 0, train_task_name: str = AppConstants.TASK_TRAIN,
+                 validate_task_name: str = AppConstants.TASK_VALIDATION,
+                 submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL):
+        super().__init__()
+        self.preset = preset
+        self.local_epochs = int(local_epochs)
+        self.learning_rate = float(learning_rate)
+        self.batch_size = int(batch_size)
+        self.freeze_policy = freeze_policy
+        self.last_k = int(last_k)
+        self.torch_threads = torch_threads
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.task_names = {"train": train_task_name, "validate": validate_task_name, "submit": submit_model_task_name}
+        self.model = None
+        self.device = None
+        self.train_loader = self.val_loader = None
+        self.best_local_accuracy = -1.0
+        self.best_model_path: Path | None = None
+        self.site_name = "?"
+
+    # ---- setup, once per run, lazily so a data problem fails the first task cleanly
+    def _setup(self, fl_ctx: FLContext) -> None:
+        if self.model is not None:
+            return
+        self.site_name = fl_ctx.get_identity_name()
+        workspace = fl_ctx.get_engine().get_workspace()
+        data_dir = site_data_dir(self.site_name, site_config_dir=workspace.get_site_config_dir())
+        threads = resolve_torch_threads(self.torch_threads, simulator_parallel_clients(Path(workspace.get_root_dir()), fl_ctx.get_job_id()))
+        torch.set_num_threads(threads)
+        self.device = resolve_device()
+        seed_everything(self.seed)
+        model = build_model(self.preset, num_classes=len(TASK_CLASSES))
+        size = model.preset.image_size
+        self.train_loader = make_loader(data_dir, "training", size, self.batch_size, train=True,
+                                        num_workers=self.num_workers, seed=self.seed)
+        self.val_loader = make_loader(data_dir, "validation", size, self.batch_size, train=False,
+                                      num_workers=self.num_workers)
+        self.model = model.to(self.device)
+        app_dir = fl_ctx.get_prop(FLContextKey.APP_ROOT) or workspace.get_app_dir(fl_ctx.get_job_id())
+        self.best_model_path = Path(app_dir) / BEST_LOCAL_MODEL
+        self.log_info(fl_ctx, f"fedxvit {self.site_name}: data {data_dir} ({len(self.train_loader.dataset)} train, "
+                              f"{len(self.val_loader.dataset)} val), preset {self.preset}, device {self.device}, "
+                              f"{threads} torch thread(s)")
+
+    def _load_weights(self, weights: dict) -> None:
+        state = to_torch_state(weights)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise FedXViTError(f"received weights hold {len(unexpected)} tensors this '{self.preset}' model lacks "
+                               f"(first: {unexpected[0]}): server and client presets differ")
+        if missing:
+            raise FedXViTError(f"received weights lack {len(missing)} tensors (first: {missing[0]})")
+
+    # ---- NVFlare entry point
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        handlers = {self.task_names["train"]: self._train, self.task_names["validate"]: self._validate,
+                    self.task_names["submit"]: self._submit_model}
+        handler = handlers.get(task_name)
+        if handler is None:
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        try:
+            self._setup(fl_ctx)
+            if abort_signal.triggered:
+                return make_reply(ReturnCode.TASK_ABORTED)
+            return handler(shareable, fl_ctx, abort_signal)
+        except FedXViTError as exc:
+            self.log_error(fl_ctx, f"fedxvit: {exc}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _scores(self) -> dict:
+        result = evaluate(self.model, self.val_loader, self.device)
+        return {"val_accuracy": result["accuracy"], "val_loss": result["loss"], "val_count": result["count"]}
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        dxo = from_shareable(shareable)
+        if dxo.data_kind != DataKind.WEIGHTS:
+            raise FedXViTError(f"train task expects WEIGHTS, got {dxo.data_kind}")
+        self._load_weights(dxo.data)
+        global_state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+        current_round = shareable.get_header(AppConstants.CURRENT_ROUND, "?")
+        initial_metrics = self._scores()
+
+        trainable = apply_freeze_policy(self.model, self.freeze_policy, self.last_k)
+        optimizer = make_optimizer(self.model, self.learning_rate)
+        steps, history = 0, []
+        for epoch in range(self.local_epochs):
+            epoch_metrics = train_epoch(self.model, self.train_loader, optimizer, self.device,
+                                        should_abort=lambda: abort_signal.triggered)
+            if epoch_metrics["aborted"]:
+                self.log_info(fl_ctx, f"fedxvit {self.site_name}: training aborted in round {current_round}")
+                return make_reply(ReturnCode.TASK_ABORTED)
+            steps += epoch_metrics["steps"]
+            history.append(epoch_metrics)
+
+        local_metrics = self._scores()
+        if local_metrics["val_accuracy"] > self.best_local_accuracy:
+            self.best_local_accuracy = local_metrics["val_accuracy"]
+            save_checkpoint(self.best_model_path, self.model,
+                            meta={"class_names": list(TASK_CLASSES), "site": self.site_name, "round": current_round,
+                                  "val_accuracy": local_metrics["val_accuracy"], "val_loss": local_metrics["val_loss"]})
+
+        new_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        diff = trainable_weight_diff(new_state, global_state, trainable)
+        last = history[-1] if history else {"loss": float("nan"), "accuracy": float("nan")}
+        train_metrics = {"train_loss": last["loss"], "train_accuracy": last["accuracy"], "steps": steps,
+                         "local_val_accuracy": local_metrics["val_accuracy"], "local_val_loss": local_metrics["val_loss"]}
+        self.log_info(fl_ctx, f"fedxvit {self.site_name} round {current_round}: global val_acc="
+                              f"{initial_metrics['val_accuracy']:.4f} -> local val_acc={local_metrics['val_accuracy']:.4f}, "
+                              f"train_loss={last['loss']:.4f}, {steps} steps, {len(diff)} tensors sent")
+        out = DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff,
+                  meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps, MetaKey.INITIAL_METRICS: initial_metrics,
+                        "train_metrics": train_metrics})
+        return out.to_shareable()
+
+    def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        dxo = from_shareable(shareable)
+        if dxo.data_kind != DataKind.WEIGHTS:
+            raise FedXViTError(f"validate task expects WEIGHTS, got {dxo.data_kind}")
+        self._load_weights(dxo.data)
+        metrics = self._scores()
+        owner = shareable.get_header(AppConstants.MODEL_OWNER, "global")
+        self.log_info(fl_ctx, f"fedxvit {self.site_name}: model of {owner} val_acc={metrics['val_accuracy']:.4f} "
+                              f"val_loss={metrics['val_loss']:.4f} (n={metrics['val_count']})")
+        return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
+
+    def _submit_model(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if self.best_model_path is None or not self.best_model_path.is_file():
+            self.log_error(fl_ctx, f"fedxvit {self.site_name}: no best local model yet (no train task finished)")
+            return make_reply(ReturnCode.EMPTY_RESULT)
+        state, _ = load_checkpoint(self.best_model_path, self.preset, len(TASK_CLASSES))
+        return DXO(data_kind=DataKind.WEIGHTS, data=to_numpy_state(state)).to_shareable()

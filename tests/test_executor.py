@@ -1,0 +1,220 @@
+"""FedXViTExecutor against NVFlare's Shareable/DXO API, with a hand-built FLContext (no server)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.signal import Signal
+from nvflare.apis.workspace import Workspace
+from nvflare.app_common.app_constant import AppConstants
+
+from fedxvit.classes import TASK_CLASSES
+from fedxvit.datalist import write_site
+from fedxvit.errors import FedXViTError
+from fedxvit.executor import FedXViTExecutor, resolve_torch_threads, to_numpy_state
+from fedxvit.model import build_model
+from fedxvit.sites import DATA_ROOT_ENV, SITE_CONFIG_FILE, site_data_dir, site_env_var
+from fedxvit.training import apply_freeze_policy
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    torch.set_num_threads(1)
+    for var in (DATA_ROOT_ENV, site_env_var("site1"), site_env_var("site-a")):
+        monkeypatch.delenv(var, raising=False)
+
+
+def write_tiny_site(root: Path, per_class: int = 3, size: int = 32, seed: int = 0) -> Path:
+    """A 2-class site of noise images, tumors as a bright square; enough for a few optimizer steps."""
+    rng = np.random.default_rng(seed)
+    entries = {}
+    for split, count in (("training", per_class), ("validation", 2), ("testing", 1)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        entries[split] = []
+        for label in range(len(TASK_CLASSES)):
+            for i in range(count):
+                pixels = (rng.random((size, size)) * 60).astype(np.uint8)
+                if label:
+                    pixels[4:14, 4:14] = 230
+                rel = f"{split}/{label}_{i}.png"
+                Image.fromarray(pixels).save(root / rel)
+                entries[split].append({"image": rel, "label": label})
+    write_site(root, entries, TASK_CLASSES, {"generator": "tests"})
+    return root
+
+
+class FakeEngine:
+    """Just what the executor touches: the workspace and event firing."""
+
+    def __init__(self, workspace: Workspace):
+        self.workspace = workspace
+
+    def get_workspace(self):
+        return self.workspace
+
+    def fire_event(self, event_type, fl_ctx):
+        pass
+
+    def get_component(self, component_id):
+        return None
+
+
+def make_fl_ctx(client_root: Path, site: str = "site1", job_id: str = "job1") -> FLContext:
+    for folder in ("startup", "local"):  # what NVFlare checks a workspace has
+        (client_root / folder).mkdir(parents=True, exist_ok=True)
+    workspace = Workspace(root_dir=str(client_root), site_name=site)
+    app_dir = Path(workspace.get_app_dir(job_id))
+    app_dir.mkdir(parents=True, exist_ok=True)
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.ENGINE, FakeEngine(workspace), private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, job_id, private=False, sticky=False)
+    fl_ctx.set_prop(FLContextKey.APP_ROOT, str(app_dir), private=True, sticky=False)
+    return fl_ctx
+
+
+def global_task(model, round_number: int = 0):
+    shareable = DXO(data_kind=DataKind.WEIGHTS, data=to_numpy_state(model.state_dict())).to_shareable()
+    shareable.set_header(AppConstants.CURRENT_ROUND, round_number)
+    return shareable
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory):
+    return write_tiny_site(tmp_path_factory.mktemp("data") / "site1")
+
+
+@pytest.fixture
+def client(tmp_path, site_dir, monkeypatch):
+    monkeypatch.setenv(site_env_var("site1"), str(site_dir))
+    executor = FedXViTExecutor(preset="tiny", local_epochs=2, learning_rate=1e-2, batch_size=2,
+                               freeze_policy="last-k", last_k=1, torch_threads=1)
+    return executor, make_fl_ctx(tmp_path / "site1")
+
+
+def test_train_sends_only_trainable_diffs_that_rebuild_the_local_weights(client):
+    executor, fl_ctx = client
+    torch.manual_seed(0)
+    global_model = build_model("tiny", len(TASK_CLASSES))
+    result = executor.execute("train", global_task(global_model), fl_ctx, Signal())
+    assert result.get_return_code(ReturnCode.OK) == ReturnCode.OK
+    dxo = from_shareable(result)
+    assert dxo.data_kind == DataKind.WEIGHT_DIFF
+
+    expected = set(apply_freeze_policy(build_model("tiny", 2), "last-k", 1))
+    assert set(dxo.data) == expected
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in dxo.data.values())
+    assert any(np.abs(v).max() > 0 for v in dxo.data.values()), "training changed nothing"
+
+    # 3 + 3 training images, batch 2, 2 epochs -> 6 steps
+    assert dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) == 6
+    initial = dxo.get_meta_prop(MetaKey.INITIAL_METRICS)
+    assert set(initial) == {"val_accuracy", "val_loss", "val_count"} and initial["val_count"] == 4
+    assert "train_loss" in dxo.get_meta_prop("train_metrics")
+
+    local = executor.model.state_dict()
+    global_state = global_model.state_dict()
+    for name, diff in dxo.data.items():
+        rebuilt = global_state[name] + torch.from_numpy(diff)
+        assert torch.allclose(rebuilt, local[name], rtol=0, atol=1e-6), name
+    for name in set(global_state) - expected:  # frozen tensors never moved
+        assert torch.equal(global_state[name], local[name]), name
+
+
+def test_validate_and_submit_model_serve_cross_site_evaluation(client):
+    executor, fl_ctx = client
+    model = build_model("tiny", 2)
+    assert executor.execute("submit_model", DXO(DataKind.WEIGHTS, {}).to_shareable(), fl_ctx,
+                            Signal()).get_return_code() == ReturnCode.EMPTY_RESULT  # nothing trained yet
+    executor.execute("train", global_task(model), fl_ctx, Signal())
+    metrics = from_shareable(executor.execute("validate", global_task(model), fl_ctx, Signal()))
+    assert metrics.data_kind == DataKind.METRICS and metrics.data["val_count"] == 4
+    submitted = from_shareable(executor.execute("submit_model", DXO(DataKind.WEIGHTS, {}).to_shareable(), fl_ctx, Signal()))
+    assert submitted.data_kind == DataKind.WEIGHTS
+    assert set(submitted.data) == set(model.state_dict())
+    assert (Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / "best_local_model.pt").is_file()
+
+
+def test_abort_between_batches_returns_task_aborted(client):
+    executor, fl_ctx = client
+    signal = Signal()
+    model = build_model("tiny", 2)
+    executor.execute("train", global_task(model), fl_ctx, Signal())  # set up loaders first
+    signal.trigger("stop")
+    assert executor.execute("train", global_task(model), fl_ctx, signal).get_return_code() == ReturnCode.TASK_ABORTED
+
+
+def test_abort_raised_mid_epoch_stops_training(client):
+    executor, fl_ctx = client
+    calls = {"n": 0}
+
+    class CountingSignal(Signal):
+        @property
+        def triggered(self):
+            calls["n"] += 1
+            return calls["n"] > 2  # a couple of batches, then stop
+
+    result = executor.execute("train", global_task(build_model("tiny", 2)), fl_ctx, CountingSignal())
+    assert result.get_return_code() == ReturnCode.TASK_ABORTED
+    assert calls["n"] == 3  # checked between batches, not only at the task's start
+
+
+def test_missing_site_data_fails_the_task_with_a_clear_message(tmp_path, monkeypatch, caplog):
+    missing = tmp_path / "nowhere"
+    monkeypatch.setenv(site_env_var("site1"), str(missing))
+    executor = FedXViTExecutor(preset="tiny", torch_threads=1)
+    result = executor.execute("train", global_task(build_model("tiny", 2)), make_fl_ctx(tmp_path / "ws"), Signal())
+    assert result.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert executor.train_loader is None  # failed before any DataLoader work
+    with pytest.raises(FedXViTError, match=r"site site1: data folder .*nowhere .*FEDXVIT_DATA_SITE1.* does not exist"):
+        site_data_dir("site1")
+    assert any("site site1" in r.getMessage() and "nowhere" in r.getMessage() for r in caplog.records)
+
+
+def test_site_data_override_precedence(tmp_path, monkeypatch):
+    root_site = write_tiny_site(tmp_path / "root" / "site-a", per_class=1)
+    json_site = write_tiny_site(tmp_path / "from_json", per_class=1)
+    env_site = write_tiny_site(tmp_path / "from_env", per_class=1)
+    local = tmp_path / "client" / "local"
+    local.mkdir(parents=True)
+
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "root"))
+    assert site_data_dir("site-a", local) == root_site.resolve()
+    (local / SITE_CONFIG_FILE).write_text(json.dumps({"data_dir": "../../from_json"}))
+    assert site_data_dir("site-a", local) == json_site.resolve()
+    monkeypatch.setenv("FEDXVIT_DATA_SITE_A", str(env_site))
+    assert site_env_var("site-a") == "FEDXVIT_DATA_SITE_A"
+    assert site_data_dir("site-a", local) == env_site.resolve()
+
+
+def test_site_without_datalist_names_site_and_path(tmp_path):
+    (tmp_path / "site1").mkdir()
+    with pytest.raises(FedXViTError, match=r"site site1: data folder .*site1 .*has no datalist.json"):
+        site_data_dir("site1", environ={site_env_var("site1"): str(tmp_path / "site1")})
+
+
+def test_auto_threads_share_the_cores_between_simulated_clients():
+    assert resolve_torch_threads(3) == 3
+    assert resolve_torch_threads("auto", parallel_clients=10_000) == 1
+    assert resolve_torch_threads("auto", parallel_clients=1) >= 1
+
+
+def test_initial_model_is_checked_before_the_server_starts(tmp_path):
+    from fedxvit.checkpoint import save_checkpoint
+    from fedxvit.persistor import INITIAL_MODEL_ENV, check_initial_model, resolve_initial_model
+
+    path = tmp_path / "initial_global.pt"
+    assert resolve_initial_model({INITIAL_MODEL_ENV: str(path)}) == path.resolve()
+    with pytest.raises(FedXViTError, match=r"initial_global.pt does not exist: run `make transfer`"):
+        check_initial_model(path, "tiny", 2)
+    save_checkpoint(path, build_model("tiny", 2), meta={"class_names": list(TASK_CLASSES)})
+    assert check_initial_model(path, "tiny", 2)["preset"] == "tiny"
+    with pytest.raises(FedXViTError, match=r"is preset 'tiny' with 2 classes, but the job asks for preset 'cpu'"):
+        check_initial_model(path, "cpu", 2)
