@@ -18,7 +18,7 @@ from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from fedxvit.checkpoint import read_meta
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.errors import FedXViTError
-from fedxvit.sites import fedxvit_project_root
+from fedxvit.paths import project_root
 
 INITIAL_MODEL_ENV = "FEDXVIT_INITIAL_MODEL"
 DEFAULT_INITIAL_MODEL = Path("models") / "initial_global.pt"
@@ -29,8 +29,7 @@ def resolve_initial_model(environ: dict | None = None) -> Path:
     environ = os.environ if environ is None else environ
     if environ.get(INITIAL_MODEL_ENV):
         return Path(environ[INITIAL_MODEL_ENV]).expanduser().resolve()
-    root = fedxvit_project_root() or Path.cwd()
-    return root / DEFAULT_INITIAL_MODEL
+    return project_root() / DEFAULT_INITIAL_MODEL
 
 
 def check_initial_model(path: Path, preset: str, num_classes: int) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.datalist import DATALIST_FILE, load_split, read_dataset_info
 from fedxvit.errors import FedXViTError
-from fedxvit.tracking import project_root
+from fedxvit.paths import project_root
 
 DATA_ROOT_ENV = "FEDXVIT_DATA_ROOT"
 SITE_CONFIG_FILE = "fedxvit_site.json"
@@ -34,23 +34,6 @@ HOW_TO_SET = (f"set FEDXVIT_DATA_<SITE>, a {{\"data_dir\": ...}} in <client work
 def site_env_var(site_name: str) -> str:
     """FEDXVIT_DATA_<SITE>: the per-site override, e.g. 'site-1' -> FEDXVIT_DATA_SITE_1."""
     return "FEDXVIT_DATA_" + re.sub(r"[^0-9A-Za-z]", "_", site_name).upper()
-
-
-def fedxvit_project_root() -> Path | None:
-    """The checkout holding this project: from the cwd upward, else where fedxvit is installed from.
-
-    The simulator's workers may run from a workspace outside the checkout, but an editable
-    install still remembers where the checkout is.
-    """
-    root = project_root()
-    if (root / "pyproject.toml").is_file() and (root / "custom" / "fedxvit").is_dir():
-        return root
-    import fedxvit
-
-    installed_root = Path(fedxvit.__file__).resolve().parents[2]
-    if (installed_root / "pyproject.toml").is_file():
-        return installed_root
-    return None
 
 
 def locate_site_data(site_name: str, site_config_dir: os.PathLike | None = None,
@@ -72,8 +55,7 @@ def locate_site_data(site_name: str, site_config_dir: os.PathLike | None = None,
             return (Path(site_config_dir) / Path(data_dir).expanduser()), f"{config_file}"
     if environ.get(DATA_ROOT_ENV):
         return Path(environ[DATA_ROOT_ENV]).expanduser() / site_name, f"env {DATA_ROOT_ENV}"
-    root = fedxvit_project_root() or Path.cwd()
-    return root / "data" / site_name, "the default <project_root>/data/<site>"
+    return project_root() / "data" / site_name, "the default <project_root>/data/<site>"
 
 
 def check_site_data(site_name: str, data_dir: Path, how: str) -> None:

@@ -1,8 +1,8 @@
 """Where MLflow runs go, and a context helper to open one.
 
 Default store: `sqlite:///<root>/mlruns/mlflow.db` with artifacts in `<root>/mlruns/artifacts`,
-where <root> is the fedxvit checkout containing the working directory (so scripts and the
-NVFlare simulator's nested workspace folders share one store), else the working directory.
+where <root> is the fedxvit checkout (`fedxvit.paths.project_root`), so scripts and the
+NVFlare simulator's workspace folders share one store.
 SQLite rather than MLflow's file store because the file store is deprecated and the UI
 reads SQLite directly:
 
@@ -17,22 +17,15 @@ import contextlib
 import os
 from pathlib import Path
 
+from fedxvit.paths import project_root
+
 ENV_VAR = "MLFLOW_TRACKING_URI"
 STORE_DIR = "mlruns"
 
 
-def project_root(start: os.PathLike | None = None) -> Path:
-    """The nearest folder upward holding this project's pyproject.toml and custom/fedxvit, else start."""
-    start = Path(start or os.getcwd()).resolve()
-    for folder in (start, *start.parents):
-        if (folder / "pyproject.toml").is_file() and (folder / "custom" / "fedxvit").is_dir():
-            return folder
-    return start
-
-
-def local_store(root: os.PathLike | None = None) -> tuple[str, str]:
+def local_store() -> tuple[str, str]:
     """(tracking URI, artifact location URI) of the local default store."""
-    store = project_root(root) / STORE_DIR
+    store = project_root() / STORE_DIR
     return f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
 
 
