@@ -128,6 +128,21 @@ def test_train_sends_only_trainable_diffs_that_rebuild_the_local_weights(client)
         assert torch.equal(global_state[name], local[name]), name
 
 
+def test_full_policy_also_sends_bn_statistics_so_the_global_model_keeps_them_consistent(client):
+    executor, fl_ctx = client
+    executor.freeze_policy = "full"
+    global_model = build_model("tiny", len(TASK_CLASSES))
+    dxo = from_shareable(executor.execute("train", global_task(global_model), fl_ctx, Signal()))
+    running = [k for k in dxo.data if k.endswith("running_var")]
+    assert running, "BatchNorm statistics were not sent under the full policy"
+    local, global_state = executor.model.state_dict(), global_model.state_dict()
+    for name in running:
+        assert not torch.equal(local[name], global_state[name]), f"{name} did not adapt to local data"
+        rebuilt = global_state[name] + torch.from_numpy(dxo.data[name])
+        assert torch.allclose(rebuilt, local[name], rtol=0, atol=1e-5), name
+    assert not any(k.endswith("num_batches_tracked") for k in dxo.data)
+
+
 def test_validate_and_submit_model_serve_cross_site_evaluation(client):
     executor, fl_ctx = client
     model = build_model("tiny", 2)

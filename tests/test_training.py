@@ -19,6 +19,7 @@ from fedxvit.training import (
     evaluate,
     make_optimizer,
     make_scheduler,
+    shared_state_keys,
     train_epoch,
     weight_diff,
 )
@@ -83,6 +84,22 @@ def test_freeze_policy_holds_through_adamw_steps_with_weight_decay(policy):
     bn_buffers = [k for k in after if k.endswith(("running_mean", "num_batches_tracked"))]
     changed_bn = [k for k in bn_buffers if not torch.equal(after[k], before[k])]
     assert bool(changed_bn) == (policy == "full")
+
+
+@pytest.mark.parametrize("policy", ["head", "last-k", "full"])
+def test_shared_state_carries_bn_statistics_only_where_bn_trains(policy):
+    model = build_model("tiny", num_classes=2)
+    trainable = apply_freeze_policy(model, policy, last_k=1)
+    shared = shared_state_keys(model, trainable)
+    assert shared[: len(trainable)] == trainable
+    stats = [k for k in shared if k.endswith(("running_mean", "running_var"))]
+    bn_layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if policy == "full":
+        assert sorted(stats) == sorted(f"{n}.{b}" for n in bn_layers for b in ("running_mean", "running_var"))
+    else:
+        assert stats == []
+    assert not any(k.endswith("num_batches_tracked") for k in shared)
+    assert set(shared) <= set(model.state_dict())
 
 
 def test_last_k_counts_blocks_from_the_end_and_rejects_out_of_range():

@@ -37,6 +37,7 @@ from fedxvit.training import (
     make_optimizer,
     resolve_device,
     seed_everything,
+    shared_state_keys,
     train_epoch,
     weight_diff,
 )
@@ -174,7 +175,7 @@ class FedXViTExecutor(Executor):
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, "?")
         initial_metrics = self._scores()
 
-        trainable = apply_freeze_policy(self.model, self.freeze_policy, self.last_k)
+        trainable = shared_state_keys(self.model, apply_freeze_policy(self.model, self.freeze_policy, self.last_k))
         optimizer = make_optimizer(self.model, self.learning_rate)
         steps, history = 0, []
         for epoch in range(self.local_epochs):

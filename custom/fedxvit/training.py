@@ -57,6 +57,24 @@ def apply_freeze_policy(model: nn.Module, policy: str, last_k: int = 1) -> list[
     return names
 
 
+def shared_state_keys(model: nn.Module, trainable: Iterable[str]) -> list[str]:
+    """State entries a site sends: the trainable parameters plus the running mean/var of every
+    BatchNorm layer that trains (only under `full`). Without them the global model would average
+    weights learned under local statistics while keeping the expert's stale ones. The integer
+    `num_batches_tracked` counter stays local: it is bookkeeping, not model."""
+    trainable = list(trainable)
+    training = set(trainable)
+    buffers = [
+        f"{prefix}.{buffer}" if prefix else buffer
+        for prefix, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and any(f"{prefix}.{name}" in training for name, _ in module.named_parameters(recurse=False))
+        for buffer in ("running_mean", "running_var")
+        if getattr(module, buffer, None) is not None
+    ]
+    return trainable + buffers
+
+
 def set_train_mode(model: nn.Module) -> nn.Module:
     """model.train(), except that frozen BatchNorm layers stay in eval (works for any nn.Module)."""
     model.train()
