@@ -37,3 +37,8 @@ clean-data:
 .PHONY: simulate
 simulate: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/nvflare simulator jobs/fedxvit -w workspace -c site1,site2,site3 -gpu 0 -t 3
+
+# The whole story, each phase timed (fedxvit.demo runs the targets above and prints the summary).
+.PHONY: demo
+demo: setup
+	$(PY) -m fedxvit.demo
