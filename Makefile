@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= data
 SEED ?= 0
+# extra expert options, e.g. make expert EXPERT_ARGS="--preset anchor --force"
+EXPERT_ARGS ?=
 
 .PHONY: setup data expert transfer test clean-data
 
@@ -21,7 +23,7 @@ data: setup
 	$(PY) -m data_preparation.benchmark --out $(DATA) --seed $(SEED)
 
 expert: data
-	$(PY) -m fedxvit.expert --data $(DATA)/public --out models
+	$(PY) -m fedxvit.expert --data $(DATA)/public --out models $(EXPERT_ARGS)
 
 transfer: expert
 	$(PY) -m fedxvit.transfer --expert models/expert.pt --out models/initial_global.pt
