@@ -28,9 +28,11 @@ from nvflare.private.fed.simulator.simulator_const import SimulatorConstants
 from fedxvit.checkpoint import load_checkpoint, save_checkpoint
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
+from fedxvit.datalist import read_dataset_info
 from fedxvit.errors import FedXViTError
 from fedxvit.model import build_model
 from fedxvit.sites import site_data_dir
+from fedxvit.tracking import site_epoch_metrics, site_round_metrics
 from fedxvit.training import (
     apply_freeze_policy,
     evaluate,
@@ -94,7 +96,7 @@ class FedXViTExecutor(Executor):
                  freeze_policy: str = "last-k", last_k: int = 1, torch_threads: str | int = "auto", seed: int = 0,
                  num_workers: int = 0, train_task_name: str = AppConstants.TASK_TRAIN,
                  validate_task_name: str = AppConstants.TASK_VALIDATION,
-                 submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL):
+                 submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL, analytic_sender_id: str = "log_writer"):
         super().__init__()
         self.preset = preset
         self.local_epochs = int(local_epochs)
@@ -112,6 +114,8 @@ class FedXViTExecutor(Executor):
         self.best_local_accuracy = -1.0
         self.best_model_path: Path | None = None
         self.site_name = "?"
+        self.analytic_sender_id = analytic_sender_id
+        self.writer = None  # NVFlare's MLflowWriter: metrics travel to the server's receivers as analytics events
 
     # ---- setup, once per run, lazily so a data problem fails the first task cleanly
     def _setup(self, fl_ctx: FLContext) -> None:
@@ -131,6 +135,12 @@ class FedXViTExecutor(Executor):
         self.val_loader = make_loader(data_dir, "validation", size, self.batch_size, train=False,
                                       num_workers=self.num_workers)
         self.model = model.to(self.device)
+        self.writer = fl_ctx.get_engine().get_component(self.analytic_sender_id) if self.analytic_sender_id else None
+        if self.writer is not None:  # the run's settings and the data's content hash, never paths or images
+            self.writer.log_params({"preset": self.preset, "freeze_policy": self.freeze_policy, "last_k": self.last_k,
+                                    "local_epochs": self.local_epochs, "learning_rate": self.learning_rate,
+                                    "batch_size": self.batch_size, "seed": self.seed,
+                                    "data_hash": read_dataset_info(data_dir).get("data_hash", "unknown")})
         app_dir = fl_ctx.get_prop(FLContextKey.APP_ROOT) or workspace.get_app_dir(fl_ctx.get_job_id())
         self.best_model_path = Path(app_dir) / BEST_LOCAL_MODEL
         self.log_info(fl_ctx, f"fedxvit {self.site_name}: data {data_dir} ({len(self.train_loader.dataset)} train, "
@@ -162,6 +172,12 @@ class FedXViTExecutor(Executor):
             self.log_error(fl_ctx, f"fedxvit: {exc}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
 
+    def _track(self, metrics: dict, step) -> None:
+        """Metrics to the server's TensorBoard/MLflow receivers as NVFlare analytics events (no-op without a writer)."""
+        if self.writer is not None and isinstance(step, int):
+            for tag, value in metrics.items():
+                self.writer.log_metric(tag, value, step=step)
+
     def _scores(self) -> dict:
         result = evaluate(self.model, self.val_loader, self.device)
         return {"val_accuracy": result["accuracy"], "val_loss": result["loss"], "val_count": result["count"]}
@@ -186,6 +202,8 @@ class FedXViTExecutor(Executor):
                 return make_reply(ReturnCode.TASK_ABORTED)
             steps += epoch_metrics["steps"]
             history.append(epoch_metrics)
+            if isinstance(current_round, int):
+                self._track(site_epoch_metrics(epoch_metrics), current_round * self.local_epochs + epoch)
 
         local_metrics = self._scores()
         if local_metrics["val_accuracy"] > self.best_local_accuracy:
@@ -199,6 +217,7 @@ class FedXViTExecutor(Executor):
         last = history[-1] if history else {"loss": float("nan"), "accuracy": float("nan")}
         train_metrics = {"train_loss": last["loss"], "train_accuracy": last["accuracy"], "steps": steps,
                          "local_val_accuracy": local_metrics["val_accuracy"], "local_val_loss": local_metrics["val_loss"]}
+        self._track(site_round_metrics(initial_metrics, train_metrics), current_round)
         self.log_info(fl_ctx, f"fedxvit {self.site_name} round {current_round}: global val_acc="
                               f"{initial_metrics['val_accuracy']:.4f} -> local val_acc={local_metrics['val_accuracy']:.4f}, "
                               f"train_loss={last['loss']:.4f}, {steps} steps, {len(diff)} tensors sent")

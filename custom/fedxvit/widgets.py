@@ -4,9 +4,10 @@ Every site scores the global model it receives before training on it (the INITIA
 of its train result), so round r's numbers describe the global model produced by round
 r-1 (round 0: the initial model). Pooling them by validation count gives the accuracy the
 global model would have on all sites' validation images together, without any images
-moving. Each round is logged as one line and the whole table is rewritten to
-`<server run folder>/global_val.json` for the result scripts; subclasses (TensorBoard,
-MLflow) override `publish`.
+moving. Each round is logged as one line, the whole table is rewritten to
+`<server run folder>/global_val.json` for the result scripts, and the round's
+global_val_accuracy, global_val_loss and clients_per_round go out as NVFlare analytics
+events on the server, where the TensorBoard and MLflow receivers write them like the sites' metrics.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import json
 import os
 from pathlib import Path
 
+from nvflare.apis.analytix import AnalyticsDataType, LogWriterName
 from nvflare.apis.dxo import MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.widgets.streaming import AnalyticsSender
 from nvflare.widgets.widget import Widget
+
+from fedxvit.tracking import server_round_metrics
 
 GLOBAL_VAL_FILE = "global_val.json"
 
@@ -51,10 +56,12 @@ class GlobalValidationTracker(Widget):
         self.file_name = file_name
         self.rows: list[dict] = []
         self._site_metrics: dict = {}
+        self._sender = AnalyticsSender(writer_name=LogWriterName.MLFLOW)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
             self.rows, self._site_metrics = [], {}
+            self._sender.engine = fl_ctx.get_engine()
         elif event_type == AppEventType.ROUND_STARTED:
             self._site_metrics = {}
         elif event_type == AppEventType.AFTER_CONTRIBUTION_ACCEPT:
@@ -88,8 +95,10 @@ class GlobalValidationTracker(Widget):
         self.publish(row, fl_ctx)
 
     def publish(self, row: dict, fl_ctx: FLContext) -> None:
-        """Log the round and rewrite the JSON table; extend here for TensorBoard/MLflow."""
+        """Log the round, send its metrics to the receivers (step = round) and rewrite the JSON table."""
         self.log_info(fl_ctx, format_round(row))
+        for tag, value in server_round_metrics(row).items():
+            self._sender.add(tag, value, AnalyticsDataType.METRIC, global_step=int(row["round"]))
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
         path = Path(run_dir) / self.file_name
         tmp = path.with_name(path.name + ".tmp")
