@@ -51,6 +51,18 @@ def test_azure_tracking_uri_from_a_workspace_config(tmp_path, no_tracking_env):
     assert tracking.tracking_uri(environ={}) == f"sqlite:///{tmp_path / 'checkout' / 'mlruns' / 'mlflow.db'}"
 
 
+def test_a_workspace_config_in_the_checkout_is_found_but_an_unrelated_config_json_is_ignored(tmp_path, no_tracking_env):
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    no_tracking_env.setattr(tracking, "project_root", lambda: checkout)
+    (checkout / "config.json").write_text(json.dumps({"theme": "dark"}))
+    assert tracking.find_azure_config(environ={}) is None
+    assert tracking.tracking_uri(environ={}).startswith("sqlite:///")
+    write_config(checkout, location="westeurope")
+    assert tracking.find_azure_config(environ={}) == checkout / "config.json"
+    assert tracking.tracking_uri(environ={}).startswith("azureml://westeurope.")
+
+
 def test_a_broken_workspace_config_is_one_line_naming_the_file(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"subscription_id": "s", "workspace_name": "w"}))

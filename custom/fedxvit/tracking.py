@@ -74,7 +74,17 @@ def find_azure_config(environ: dict | None = None) -> Path | None:
             raise FedXViTError(f"{AZURE_CONFIG_ENV}={path}: no such Azure ML workspace config file")
         return path
     root = project_root()
-    return next((root / name for name in AZURE_CONFIG_FILES if (root / name).is_file()), None)
+    return next((root / name for name in AZURE_CONFIG_FILES if _looks_like_azure_config(root / name)), None)
+
+
+def _looks_like_azure_config(path: Path) -> bool:
+    """A found-by-convention file counts only if it names a subscription: an unrelated
+    `config.json` in the checkout must not switch tracking to Azure (an explicit
+    $FEDXVIT_AZUREML_CONFIG is always read, and complains when it is malformed)."""
+    try:
+        return path.is_file() and "subscription_id" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def read_azure_config(path: os.PathLike) -> dict:
