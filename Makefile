@@ -40,6 +40,11 @@ clean-data:
 simulate: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/nvflare simulator jobs/fedxvit -w workspace -c site1,site2,site3 -gpu 0 -t 3
 
+# Test report, baselines, cross-site table, TensorBoard curves, Grad-CAM into results/ (result_stat.run_all).
+.PHONY: results
+results: setup
+	$(PY) -m result_stat.run_all --out results
+
 # The whole story, each phase timed (fedxvit.demo runs the targets above and prints the summary).
 .PHONY: demo
 demo: setup

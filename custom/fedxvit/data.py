@@ -7,6 +7,7 @@ CacheDataset, so CPU epochs only pay for the light random augmentation.
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import torch
 from monai.data import CacheDataset, DataLoader, PILReader, get_track_meta, set_track_meta
@@ -87,15 +88,18 @@ class PlainTensorCacheDataset(CacheDataset):
             set_track_meta(previous)
 
 
-def make_dataset(site_dir: os.PathLike, split: str, image_size: int, train: bool, seed: int | None = None,
-                 progress: bool = False, cache_workers: int | None = 1) -> CacheDataset:
-    """A CacheDataset over one split; only `image` and `label` keys are kept per item."""
-    items = [{"image": e["image"], "label": int(e["label"])} for e in load_split(site_dir, split)]
+def make_dataset(site_dir: os.PathLike | Sequence[os.PathLike], split: str, image_size: int, train: bool,
+                 seed: int | None = None, progress: bool = False, cache_workers: int | None = 1) -> CacheDataset:
+    """A CacheDataset over one split; only `image` and `label` keys are kept per item.
+
+    Several site folders give their split pooled (the centralized baseline of result_stat)."""
+    site_dirs = [site_dir] if isinstance(site_dir, (str, os.PathLike)) else list(site_dir)
+    items = [{"image": e["image"], "label": int(e["label"])} for d in site_dirs for e in load_split(d, split)]
     return PlainTensorCacheDataset(items, transform=make_transforms(image_size, train, seed), cache_rate=1.0,
                         num_workers=cache_workers, progress=progress)
 
 
-def make_loader(site_dir: os.PathLike, split: str, image_size: int, batch_size: int, train: bool,
+def make_loader(site_dir: os.PathLike | Sequence[os.PathLike], split: str, image_size: int, batch_size: int, train: bool,
                 num_workers: int = 0, seed: int | None = None, progress: bool = False) -> DataLoader:
     """Batches of {"image": (B, 1, S, S) float, "label": (B,) long}; shuffled and augmented when train."""
     dataset = make_dataset(site_dir, split, image_size, train, seed=seed, progress=progress)

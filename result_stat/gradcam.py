@@ -1,0 +1,326 @@
+"""Grad-CAM (Captum) on the CNN's last stage, scored against the tumor masks.
+
+    python -m result_stat.gradcam [--run-dir workspace/server/simulate_job] [--n 25] [--out results]
+
+Captum's LayerGradCam on `HybridViT.cam_layer` (the stride-16 EfficientNetV2 stage that feeds
+the ViT tokens) attributes the Tumor logit; LayerAttribution.interpolate upsamples the map to
+the image. For each site, N tumor test images (seeded choice) get an overlay PNG and one
+contact sheet. Looking at heatmaps proves little, so they are also scored where masks exist:
+
+- pointing game: the heatmap's maximum lies inside the tumor mask dilated by a few pixels;
+- energy in mask: the share of the positive heatmap that lies inside the (undilated) mask;
+
+per site and overall, next to the same scores of a random map and of a centered map (what a
+model that looks nowhere in particular, or at the middle of the brain, would get).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import Compose
+
+from fedxvit.classes import TASK_CLASSES
+from fedxvit.data import deterministic_transforms
+from fedxvit.datalist import load_split
+from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.training import resolve_device
+
+TUMOR = TASK_CLASSES.index("Tumor")
+DEFAULT_DILATION = 0.03  # of the image side: 4 px at 128 px, about a quarter of a CAM cell
+
+
+def gradcam_maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR,
+                 layer: torch.nn.Module | None = None) -> np.ndarray:
+    """(N, H, W) Grad-CAM maps in [0, 1] for `target`, upsampled to the images' size.
+
+    Negative evidence is cut (ReLU, as in Grad-CAM); each map is divided by its maximum, so a map
+    with no positive evidence stays all zero.
+    """
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    model.eval()
+    layer = layer if layer is not None else model.cam_layer
+    attributions = LayerGradCam(model, layer).attribute(images, target=target, relu_attributions=True)
+    upsampled = LayerAttribution.interpolate(attributions, tuple(images.shape[-2:]), interpolate_mode="bilinear")
+    maps = upsampled.detach().clamp_min(0)[:, 0].cpu().numpy().astype(np.float64)
+    peaks = maps.reshape(len(maps), -1).max(1)
+    return maps / np.where(peaks > 0, peaks, 1.0)[:, None, None]
+
+
+def occlusion_maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR, window: int | None = None,
+                   stride: int | None = None) -> np.ndarray:
+    """(N, H, W) occlusion maps in [0, 1]: how much the target logit drops when a window is filled
+    with the image's mean intensity.
+
+    The perturbation check beside Grad-CAM: it needs no gradients, so it is immune to the
+    scale invariance of the ViT's LayerNorms that can blind gradient maps taken before them.
+    Default window: one CAM cell (16 px), stride half of it.
+    """
+    from captum.attr import Occlusion
+
+    model.eval()
+    window = window or min(16, images.shape[-1] // 2)
+    stride = stride or max(1, window // 2)
+    fill = images.mean(dim=(1, 2, 3), keepdim=True).expand_as(images).contiguous()  # each image's mean grey
+    with torch.no_grad():
+        attributions = Occlusion(model).attribute(images, sliding_window_shapes=(images.shape[1], window, window),
+                                                  strides=(images.shape[1], stride, stride), target=target,
+                                                  baselines=fill, perturbations_per_eval=32)
+    maps = attributions.sum(1).clamp_min(0).cpu().numpy().astype(np.float64)
+    peaks = maps.reshape(len(maps), -1).max(1)
+    return maps / np.where(peaks > 0, peaks, 1.0)[:, None, None]
+
+
+METHODS = {"gradcam": gradcam_maps, "occlusion": occlusion_maps}
+METHOD_TITLES = {"gradcam": "Grad-CAM (Captum LayerGradCam on HybridViT.cam_layer, the last CNN stage, stride 16)",
+                 "occlusion": "occlusion (Captum Occlusion, one-cell window filled with the image mean, half-cell stride)"}
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    from scipy.ndimage import binary_dilation
+
+    mask = np.asarray(mask, dtype=bool)
+    return binary_dilation(mask, iterations=int(pixels)) if pixels > 0 else mask
+
+
+def peak_location(heatmap: np.ndarray) -> tuple[int, int]:
+    """(row, col) of the maximum. Upsampling a coarse map leaves flat maxima (a whole corner block
+    at the border); then the maximal pixel nearest to their centroid, not the first in memory order."""
+    heatmap = np.asarray(heatmap)
+    rows, cols = np.nonzero(heatmap >= heatmap.max() - 1e-9 * max(1.0, abs(float(heatmap.max()))))
+    nearest = np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2)
+    return int(rows[nearest]), int(cols[nearest])
+
+
+def pointing_hit(heatmap: np.ndarray, mask: np.ndarray, dilation_px: int = 0) -> bool:
+    """True when the heatmap's (first) maximum lies in the dilated mask; a map with no positive value misses."""
+    heatmap = np.asarray(heatmap)
+    if not np.isfinite(heatmap).all() or heatmap.max() <= 0:
+        return False
+    row, col = peak_location(heatmap)
+    return bool(dilate(mask, dilation_px)[row, col])
+
+
+def energy_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the positive heatmap inside the mask (0 for a map with no positive value)."""
+    positive = np.clip(np.asarray(heatmap, dtype=np.float64), 0, None)
+    total = positive.sum()
+    return float(positive[np.asarray(mask, dtype=bool)].sum() / total) if total > 0 else 0.0
+
+
+def baseline_maps(shape: tuple[int, int], rng: np.random.Generator) -> dict:
+    """Reference maps: uniform noise, and a Gaussian on the image centre (sigma = side / 6)."""
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    sigma = max(shape) / 6
+    centered = np.exp(-(((rows - (shape[0] - 1) / 2) ** 2 + (cols - (shape[1] - 1) / 2) ** 2) / (2 * sigma**2)))
+    return {"random": rng.random(shape), "centered": centered}
+
+
+def score_maps(heatmaps, masks, dilation_px: int) -> dict:
+    """Pointing-game hit rate and mean energy in mask over paired maps and masks."""
+    hits = [pointing_hit(h, m, dilation_px) for h, m in zip(heatmaps, masks)]
+    energy = [energy_in_mask(h, m) for h, m in zip(heatmaps, masks)]
+    return {"pointing_game": float(np.mean(hits)) if hits else None,
+            "energy_in_mask": float(np.mean(energy)) if energy else None, "n": len(hits)}
+
+
+def dilation_pixels(image_size: int, fraction: float = DEFAULT_DILATION) -> int:
+    return max(1, round(image_size * fraction)) if fraction > 0 else 0
+
+
+def load_tumor_cases(site_dir: os.PathLike, image_size: int, n: int = 25, seed: int = 0,
+                     split: str = "testing") -> list[dict]:
+    """Up to n tumor images with masks of a site's split (seeded choice, in file order):
+    [{"name", "image": (1, S, S) tensor as the model sees it, "mask": (S, S) bool}]."""
+    site_dir = Path(site_dir)
+    entries = [e for e in load_split(site_dir, split) if int(e["label"]) == TUMOR and e.get("mask")]
+    if not entries:
+        raise FedXViTError(f"{site_dir}: no tumor images with a mask in the {split} split, nothing to score Grad-CAM on")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(entries), size=min(n, len(entries)), replace=False).tolist())
+    load = Compose(deterministic_transforms(image_size))
+    cases = []
+    for i in chosen:
+        entry = entries[i]
+        mask_path = Path(entry["mask"]) if Path(entry["mask"]).is_absolute() else site_dir / entry["mask"]
+        if not mask_path.is_file():
+            raise FedXViTError(f"{site_dir}: mask {entry['mask']} of {entry['image']} is missing")
+        image = load({"image": entry["image"]})["image"]
+        mask = load({"image": str(mask_path)})["image"][0].numpy() >= 0.5  # area-resized binary mask: majority
+        cases.append({"name": Path(entry["image"]).stem, "image": torch.as_tensor(image), "mask": mask})
+    return cases
+
+
+def _overlay(ax, image: np.ndarray, heatmap: np.ndarray, mask: np.ndarray, title: str) -> None:
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+    ax.imshow(heatmap, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    if mask.any():
+        ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=0.8)
+    if heatmap.max() > 0:
+        row, col = peak_location(heatmap)
+        ax.plot(col, row, marker="x", color="magenta", markersize=7, mew=2)
+    ax.set_title(title, fontsize=7)
+    ax.axis("off")
+
+
+def save_panels(site: str, cases: list[dict], out: os.PathLike, columns: int = 5, method: str = "gradcam") -> dict:
+    """One overlay PNG per case under <out>/<method>/<site>/ and a contact sheet <out>/<method>_<site>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    folder = out / method / site
+    folder.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        fig, ax = plt.subplots(figsize=(2.6, 2.8))
+        _overlay(ax, case["image"][0].numpy(), case["heatmap"], case["mask"], case["title"])
+        fig.tight_layout()
+        fig.savefig(folder / f"{case['name']}.png", dpi=100)
+        plt.close(fig)
+    rows = max(1, -(-len(cases) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, case in zip(axes.flat, cases):
+        _overlay(ax, case["image"][0].numpy(), case["heatmap"], case["mask"], case["title"])
+    fig.suptitle(f"{site}: {method} of the Tumor logit (white: tumor mask, x: heatmap max)", fontsize=9)
+    fig.tight_layout()
+    sheet = out / f"{method}_{site}.png"
+    fig.savefig(sheet, dpi=100)
+    plt.close(fig)
+    return {"folder": folder, "sheet": sheet}
+
+
+def explain_sites(model: torch.nn.Module, site_dirs: dict, out: os.PathLike | None, n: int = 25, seed: int = 0,
+                  dilation: float = DEFAULT_DILATION, device: str | torch.device | None = None,
+                  progress: bool = True, panels: bool = True, method: str = "gradcam",
+                  image_size: int | None = None) -> dict:
+    """Heatmaps (Grad-CAM, or occlusion) for up to n tumor test images per site, scored against the
+    masks; writes <out>/<method>.json/.md and the panels, returns the JSON dict."""
+    from tqdm.auto import tqdm
+
+    if method not in METHODS:
+        raise FedXViTError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
+
+    torch_device = resolve_device(device) if not isinstance(device, torch.device) else device
+    model = model.to(torch_device).eval()
+    size = image_size or model.preset.image_size  # another size only for toy models (tests)
+    dilation_px = dilation_pixels(size, dilation)
+    rng = np.random.default_rng(seed)
+    result = {"method": method, "description": METHOD_TITLES[method], "target": TASK_CLASSES[TUMOR],
+              "dilation_px": dilation_px, "image_size": size, "per_site": {}}
+    all_maps, all_masks, all_base = [], [], {"random": [], "centered": []}
+    for site, site_dir in site_dirs.items():
+        cases = load_tumor_cases(site_dir, size, n, seed)
+        for case in tqdm(cases, desc=f"{method} {site}", unit="img", disable=not progress):
+            image = case["image"][None].to(torch_device)
+            with torch.no_grad():
+                case["p_tumor"] = float(model(image).softmax(1)[0, TUMOR])
+            case["heatmap"] = METHODS[method](model, image)[0]
+            case["hit"] = pointing_hit(case["heatmap"], case["mask"], dilation_px)
+            case["energy"] = energy_in_mask(case["heatmap"], case["mask"])
+            case["title"] = f"{case['name']}  p={case['p_tumor']:.2f}  {'hit' if case['hit'] else 'miss'}"
+        maps, masks = [c["heatmap"] for c in cases], [c["mask"] for c in cases]
+        base = [baseline_maps(m.shape, rng) for m in masks]
+        site_result = {
+            "gradcam": score_maps(maps, masks, dilation_px),
+            "baselines": {name: score_maps([b[name] for b in base], masks, dilation_px) for name in all_base},
+            "mask_fraction": float(np.mean([m.mean() for m in masks])),
+            "images": [{"image": c["name"], "p_tumor": c["p_tumor"], "hit": c["hit"], "energy_in_mask": c["energy"]}
+                       for c in cases],
+        }
+        if panels and out is not None:
+            files = save_panels(site, cases, out, method=method)
+            site_result["contact_sheet"] = str(files["sheet"])
+        result["per_site"][site] = site_result
+        all_maps += maps
+        all_masks += masks
+        for name in all_base:
+            all_base[name] += [b[name] for b in base]
+    overall = score_maps(all_maps, all_masks, dilation_px)
+    result.update(pointing_game=overall["pointing_game"], energy_in_mask=overall["energy_in_mask"], n=overall["n"],
+                  baselines={name: score_maps(maps, all_masks, dilation_px) for name, maps in all_base.items()})
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"{method}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (Path(out) / f"{method}.md").write_text(gradcam_markdown(result))
+    return result
+
+
+def gradcam_markdown(result: dict) -> str:
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+    lines = [f"## {result['method']} heatmaps against the tumor masks\n",
+             f"{result['description']}, target {result['target']}; pointing game with the mask "
+             f"dilated by {result['dilation_px']} px at {result['image_size']} px.\n",
+             "| site | images | pointing game | energy in mask | random map: PG / energy | centered map: PG / energy | mask area |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [(site, r["gradcam"], r["baselines"], r["mask_fraction"]) for site, r in result["per_site"].items()]
+    rows.append(("**all**", {"n": result["n"], "pointing_game": result["pointing_game"],
+                             "energy_in_mask": result["energy_in_mask"]}, result["baselines"], None))
+    for site, g, b, area in rows:
+        lines.append(f"| {site} | {g['n']} | {pct(g['pointing_game'])} | {pct(g['energy_in_mask'])} | "
+                     f"{pct(b['random']['pointing_game'])} / {pct(b['random']['energy_in_mask'])} | "
+                     f"{pct(b['centered']['pointing_game'])} / {pct(b['centered']['energy_in_mask'])} | "
+                     f"{'' if area is None else pct(area)} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m result_stat.gradcam", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--run-dir", default=None, help="server run folder (default <project>/workspace/server/simulate_job)")
+    parser.add_argument("--model", default="final", help="'final' or 'best' global model of the run, or a path to a "
+                        "global model file / fedxvit checkpoint")
+    parser.add_argument("--sites", nargs="+", default=None, help="sites (default: the run's sites)")
+    parser.add_argument("--n", type=int, default=25, help="tumor test images per site")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the image choice and the random baseline")
+    parser.add_argument("--dilation", type=float, default=DEFAULT_DILATION, help="mask dilation for the pointing game, "
+                        "as a fraction of the image side")
+    parser.add_argument("--method", default="gradcam", choices=sorted(METHODS), help="attribution method")
+    parser.add_argument("--out", default="results", help="output folder")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    return parser.parse_args(argv)
+
+
+def load_run_model(run_dir: os.PathLike | None, which: str = "final", device=None) -> torch.nn.Module:
+    """The run's final/best global model, or any fedxvit checkpoint / persistor file given by path."""
+    from fedxvit.baselines import job_training_settings
+    from fedxvit.checkpoint import build_model_from_checkpoint, sidecar_path
+    from result_stat.report import GLOBAL_MODELS, default_run_dir, load_global_model, run_config_dir
+
+    run_dir = Path(run_dir) if run_dir else default_run_dir()
+    if which in GLOBAL_MODELS:
+        preset = job_training_settings(run_config_dir(run_dir))["preset"]
+        return load_global_model(run_dir / "app_server" / GLOBAL_MODELS[which], preset, device=device or "cpu")
+    if sidecar_path(which).is_file():
+        return build_model_from_checkpoint(which, num_classes=len(TASK_CLASSES), device=device or "cpu")[0].eval()
+    preset = job_training_settings(run_config_dir(run_dir))["preset"]
+    return load_global_model(which, preset, device=device or "cpu")
+
+
+def main(argv=None) -> dict:
+    from fedxvit.sites import site_data_dir
+    from result_stat.report import default_run_dir, run_sites
+
+    args = parse_args(argv)
+    if args.n < 1:
+        raise FedXViTError(f"--n {args.n}: ask for at least one image per site")
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
+    model = load_run_model(run_dir, args.model, args.device)
+    sites = args.sites or run_sites(run_dir)
+    result = explain_sites(model, {s: site_data_dir(s) for s in sites}, args.out, n=args.n, seed=args.seed,
+                           dilation=args.dilation, device=args.device, method=args.method)
+    print(gradcam_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

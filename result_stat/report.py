@@ -1,0 +1,248 @@
+"""Test report of a finished federated run, plus the "is federation worth it" comparison.
+
+    python -m result_stat.report [--run-dir workspace/server/simulate_job] [--out results]
+
+Scores the final and the best global model (NVFlare's PTFileModelPersistor files in
+<run dir>/app_server/) on every site's test split and on all of them pooled: accuracy, loss,
+scikit-learn per-class report, confusion matrix (PNG), ROC-AUC. Then scores, on the same
+pooled test set, the transplanted start (models/initial_global.pt), a centralized model
+trained on the pooled site training data and one local-only model per site, both trained
+by fedxvit.baselines with the run's own settings (epochs = rounds x local epochs).
+Writes test_report.json and test_report.md (+ PNGs) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedxvit.checkpoint import build_model_from_checkpoint
+from fedxvit.classes import TASK_CLASSES
+from fedxvit.data import make_loader
+from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.model import build_model
+from fedxvit.paths import project_root
+from fedxvit.sites import site_data_dir
+from fedxvit.training import evaluate, resolve_device
+from result_stat.metrics import (
+    classification_metrics,
+    confusion_markdown,
+    per_class_markdown,
+    save_confusion_png,
+    save_roc_png,
+)
+
+DEFAULT_RUN_DIR = Path("workspace") / "server" / "simulate_job"
+GLOBAL_MODELS = {"final": "FL_global_model.pt", "best": "best_FL_global_model.pt"}
+COMBINED = "combined"
+
+
+def default_run_dir() -> Path:
+    return project_root() / DEFAULT_RUN_DIR
+
+
+def run_config_dir(run_dir: os.PathLike) -> Path | None:
+    """The job config the run really used (the simulator copies it into app_server/config)."""
+    config = Path(run_dir) / "app_server" / "config"
+    return config if (config / "config_fed_server.json").is_file() else None
+
+
+def run_sites(run_dir: os.PathLike) -> list[str]:
+    """Site names of a run, from its global_val.json (else its cross-site results)."""
+    run_dir = Path(run_dir)
+    global_val = run_dir / "global_val.json"
+    if global_val.is_file():
+        rounds = json.loads(global_val.read_text()).get("rounds") or []
+        names = sorted({site for row in rounds for site in row.get("sites", {})})
+        if names:
+            return names
+    cross = run_dir / "cross_site_val" / "cross_val_results.json"
+    if cross.is_file():
+        return sorted(json.loads(cross.read_text()))
+    raise FedXViTError(f"cannot tell the sites of run {run_dir} (no global_val.json or cross-site results): pass --sites")
+
+
+def load_global_model(path: os.PathLike, preset: str, num_classes: int = len(TASK_CLASSES),
+                      device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A global model saved by NVFlare's PTFileModelPersistor ({"model": state_dict, ...}), or a plain state_dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedXViTError(f"global model {path} does not exist: run `make simulate` first (or pass --run-dir)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FedXViTError(f"cannot read global model {path}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+    state = saved.get("model", saved) if isinstance(saved, dict) else None
+    if not isinstance(state, dict):
+        raise FedXViTError(f"global model {path} holds no state_dict")
+    model = build_model(preset, num_classes=num_classes)
+    try:
+        missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+    except RuntimeError as exc:  # tensors of another shape: a model of another preset
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "shapes differ")
+        raise FedXViTError(f"global model {path} does not fit preset '{preset}': {detail}") from None
+    if missing or unexpected:
+        what = f"{len(missing)} missing (first: {missing[0]})" if missing else f"{len(unexpected)} unexpected (first: {unexpected[0]})"
+        raise FedXViTError(f"global model {path} does not fit preset '{preset}': {what} tensors")
+    return model.to(device).eval()
+
+
+def test_loaders(site_dirs: dict, image_size: int, batch_size: int = 32) -> dict:
+    """site -> test DataLoader (cached once, reused for every model scored)."""
+    return {site: make_loader(d, "testing", image_size, batch_size, train=False) for site, d in site_dirs.items()}
+
+
+def score_model(model: torch.nn.Module, loaders: dict, device: torch.device, class_names=TASK_CLASSES) -> dict:
+    """{site: metrics, ..., "combined": metrics} with labels/probs kept under "_raw" for plots."""
+    results, labels_all, probs_all = {}, [], []
+    for site, loader in loaders.items():
+        out = evaluate(model, loader, device)
+        results[site] = classification_metrics(out["labels"], out["probs"], class_names)
+        labels_all += out["labels"]
+        probs_all += out["probs"]
+    results[COMBINED] = classification_metrics(labels_all, probs_all, class_names)
+    results["_raw"] = {"labels": labels_all, "probs": probs_all}
+    return results
+
+
+def _summary_row(name: str, scores: dict, **extra) -> dict:
+    combined = scores[COMBINED]
+    per_site = {s: m["accuracy"] for s, m in scores.items() if s not in (COMBINED, "_raw")}
+    return {"model": name, "test_accuracy": combined["accuracy"], "test_loss": combined["loss"],
+            "roc_auc": combined["roc_auc"], "per_site_accuracy": per_site, **extra}
+
+
+def build_report(run_dir: os.PathLike | None = None, sites: list[str] | None = None,
+                 initial: os.PathLike | None = None, baselines: bool = True, device: str | None = None,
+                 progress: bool = True) -> dict:
+    """Everything the report shows, as one JSON-able dict (plus "_raw" predictions for the plots)."""
+    from fedxvit.baselines import job_training_settings, train_on_sites
+
+    run_dir = Path(run_dir) if run_dir else default_run_dir()
+    if not run_dir.is_dir():
+        raise FedXViTError(f"run folder {run_dir} does not exist: run `make simulate` first (or pass --run-dir)")
+    settings = job_training_settings(run_config_dir(run_dir))
+    preset = settings["preset"]
+    torch_device = resolve_device(device)
+    sites = sites or run_sites(run_dir)
+    dirs = {site: site_data_dir(site) for site in sites}
+    probe = build_model(preset, num_classes=len(TASK_CLASSES))
+    loaders = test_loaders(dirs, probe.preset.image_size)
+
+    report = {"run_dir": str(run_dir), "sites": sites, "class_names": list(TASK_CLASSES), "settings": settings,
+              "models": {}, "comparison": []}
+    for key, file_name in GLOBAL_MODELS.items():
+        model = load_global_model(run_dir / "app_server" / file_name, preset, device=torch_device)
+        report["models"][key] = score_model(model, loaders, torch_device)
+
+    if not initial:
+        from fedxvit.persistor import resolve_initial_model  # the job's own lookup: $FEDXVIT_INITIAL_MODEL, else models/
+
+        initial = resolve_initial_model()
+    initial = Path(initial)
+    initial_model, _ = build_model_from_checkpoint(initial, preset=preset, num_classes=len(TASK_CLASSES), device=torch_device)
+    rows = [_summary_row(f"transplanted start ({initial.stem})", score_model(initial_model, loaders, torch_device)),
+            _summary_row("federated, final global model", report["models"]["final"], train_images=None),
+            _summary_row("federated, best global model", report["models"]["best"], train_images=None)]
+    if baselines:
+        train_args = {k: v for k, v in settings.items()}
+        groups = {"centralized (all sites pooled)": list(dirs.values())}
+        groups.update({f"local-only {site}": [d] for site, d in dirs.items()})
+        for name, group in groups.items():
+            trained = train_on_sites(group, initial, device=device, progress=progress, **train_args)
+            rows.append(_summary_row(name, score_model(trained["model"], loaders, torch_device),
+                                     train_images=trained["train_images"], train_wall_s=round(trained["wall_s"], 1),
+                                     epochs=settings["epochs"]))
+    report["comparison"] = rows
+    return report
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def report_markdown(report: dict) -> str:
+    """The human face of test_report.json."""
+    names = report["class_names"]
+    lines = [f"# Test report\n", f"Run: `{report['run_dir']}`; settings: " +
+             ", ".join(f"{k}={v}" for k, v in report["settings"].items()) + "\n"]
+    for key, scores in report["models"].items():
+        combined = scores[COMBINED]
+        lines += [f"## {key.capitalize()} global model\n",
+                  f"Combined test set ({combined['count']} images): accuracy **{_pct(combined['accuracy'])}**, "
+                  f"loss {combined['loss']:.4f}, ROC-AUC {combined['roc_auc'] if combined['roc_auc'] is None else round(combined['roc_auc'], 4)}\n",
+                  per_class_markdown(combined["per_class"], names), confusion_markdown(combined["confusion_matrix"], names),
+                  "| site | test images | accuracy | loss | ROC-AUC |", "|---|---:|---:|---:|---:|"]
+        for site, m in scores.items():
+            if site not in (COMBINED, "_raw"):
+                auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
+                lines.append(f"| {site} | {m['count']} | {_pct(m['accuracy'])} | {m['loss']:.4f} | {auc} |")
+        lines.append("")
+    lines += comparison_markdown(report["comparison"], report["sites"]).splitlines()
+    return "\n".join(lines) + "\n"
+
+
+def comparison_markdown(rows: list[dict], sites: list[str]) -> str:
+    """Is federation worth it? Every model on the same pooled test set."""
+    lines = ["## Is federation worth it?\n", "Every model scored on the same pooled test set of all sites.\n",
+             "| model | test accuracy | test loss | ROC-AUC | " + " | ".join(sites) + " | training images |",
+             "|---|---:|---:|---:|" + "---:|" * len(sites) + "---:|"]
+    for row in rows:
+        auc = "n/a" if row.get("roc_auc") is None else f"{row['roc_auc']:.4f}"
+        per_site = " | ".join(_pct(row["per_site_accuracy"].get(s)) for s in sites)
+        images = row.get("train_images")
+        lines.append(f"| {row['model']} | {_pct(row['test_accuracy'])} | {row['test_loss']:.4f} | {auc} | {per_site} | "
+                     f"{'—' if images is None else images} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: os.PathLike) -> dict:
+    """test_report.json/.md, a confusion matrix PNG per global model and one ROC PNG; returns the file paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = report["class_names"]
+    files = {}
+    curves = {}
+    for key, scores in report["models"].items():
+        files[f"confusion_{key}"] = save_confusion_png(scores[COMBINED]["confusion_matrix"], names,
+                                                       out / f"confusion_matrix_{key}.png",
+                                                       f"{key} global model, all sites' test data")
+        raw = scores["_raw"]
+        curves[f"{key} global"] = (raw["labels"], np.asarray(raw["probs"])[:, 1])
+    files["roc"] = save_roc_png(curves, out / "roc_curve.png", "Tumor vs Healthy, pooled test set")
+    clean = {**report, "models": {k: {s: m for s, m in v.items() if s != "_raw"} for k, v in report["models"].items()}}
+    (out / "test_report.json").write_text(json.dumps(clean, indent=2) + "\n")
+    (out / "test_report.md").write_text(report_markdown(report))
+    files.update(json=out / "test_report.json", markdown=out / "test_report.md")
+    return files
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m result_stat.report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--run-dir", default=None, help=f"server run folder of the job (default <project>/{DEFAULT_RUN_DIR})")
+    parser.add_argument("--sites", nargs="+", default=None, help="sites to score (default: the run's sites)")
+    parser.add_argument("--initial", default=None, help="transplanted start checkpoint (default: the job's, "
+                        "$FEDXVIT_INITIAL_MODEL else <project>/models/initial_global.pt)")
+    parser.add_argument("--out", default="results", help="output folder")
+    parser.add_argument("--no-baselines", action="store_true", help="skip training the centralized and local-only models")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    report = build_report(args.run_dir, args.sites, args.initial, baselines=not args.no_baselines, device=args.device)
+    files = write_report(report, args.out)
+    print(comparison_markdown(report["comparison"], report["sites"]))
+    print(f"wrote {files['markdown']} and {files['json']}")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

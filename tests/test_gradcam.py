@@ -1,0 +1,170 @@
+"""Heatmaps and their scores: Grad-CAM maps' shape/range/determinism, the pointing game and
+energy-in-mask on hand-made maps, and positive/negative controls on tiny trained toy models."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedxvit.datalist import write_site
+from fedxvit.model import build_model
+from fedxvit.training import evaluate, make_optimizer, seed_everything, train_epoch
+from result_stat.gradcam import (
+    baseline_maps,
+    energy_in_mask,
+    explain_sites,
+    gradcam_maps,
+    occlusion_maps,
+    peak_location,
+    pointing_hit,
+    score_maps,
+)
+
+SIZE, PATCH = 64, 16  # the tiny preset at 64 px: a 4 x 4 CAM grid, one patch = one cell
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def toy_images(n, seed, shortcut=False):
+    """Noise images. Patch task: class 1 holds a bright 16 px 'tumor' at a random place (its mask).
+    Shortcut task: every image holds such a patch, and class 1 is told apart only by a marker in the
+    bottom-right corner -- the model's evidence is never the masked patch."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 1, SIZE, SIZE, generator=g) * 0.3
+    labels = torch.arange(n) % 2
+    masks = np.zeros((n, SIZE, SIZE), bool)
+    for i in range(n):
+        if labels[i] == 1 or shortcut:
+            r, c = torch.randint(0, SIZE - PATCH - 8, (2,), generator=g).tolist()
+            images[i, :, r:r + PATCH, c:c + PATCH] = 0.9
+            masks[i, r:r + PATCH, c:c + PATCH] = True
+        if shortcut and labels[i] == 1:
+            images[i, :, -8:, -8:] = 1.0
+    return images, labels, masks
+
+
+def batches(images, labels, size=16):
+    return [{"image": images[i:i + size], "label": labels[i:i + size]} for i in range(0, len(images), size)]
+
+
+def train_toy(shortcut=False, epochs=20):
+    seed_everything(0)
+    model = build_model("tiny", num_classes=2)
+    optimizer = make_optimizer(model, 1e-3)
+    images, labels, _ = toy_images(128, seed=0, shortcut=shortcut)
+    for _ in range(epochs):
+        train_epoch(model, batches(images, labels), optimizer, CPU)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def patch_model():
+    return train_toy()
+
+
+@pytest.fixture(scope="module")
+def shortcut_model():
+    return train_toy(shortcut=True)
+
+
+def tumor_cases(shortcut=False, n=32):
+    images, labels, masks = toy_images(n, seed=1, shortcut=shortcut)
+    keep = (labels == 1).numpy()
+    return images, labels, images[labels == 1], list(masks[keep])
+
+
+# ---- scores on hand-made maps (known answers)
+def test_pointing_hit_and_energy_on_known_maps():
+    mask = np.zeros((10, 10), bool)
+    mask[2:4, 2:4] = True
+    inside, outside, near = (np.zeros((10, 10)) for _ in range(3))
+    inside[3, 3], outside[8, 8], near[5, 3] = 1.0, 1.0, 1.0
+    assert pointing_hit(inside, mask) and not pointing_hit(outside, mask)
+    assert not pointing_hit(near, mask, dilation_px=1) and pointing_hit(near, mask, dilation_px=2)
+    assert not pointing_hit(np.zeros((10, 10)), mask), "a map with no positive evidence never hits"
+    half = np.zeros((10, 10))
+    half[2, 2], half[9, 9] = 1.0, 1.0
+    assert energy_in_mask(half, mask) == pytest.approx(0.5)
+    assert energy_in_mask(-inside, mask) == 0.0
+    assert score_maps([inside, outside], [mask, mask], 0) == {"pointing_game": 0.5, "energy_in_mask": 0.5, "n": 2}
+
+
+def test_peak_of_a_flat_maximum_is_its_middle():
+    heat = np.zeros((12, 12))
+    heat[0:6, 0:6] = 1.0  # bilinear upsampling clamps borders: flat corner blocks
+    assert peak_location(heat) in {(2, 2), (2, 3), (3, 2), (3, 3)}
+
+
+def test_baseline_maps_score_like_chance():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((32, 32), bool)
+    mask[12:20, 12:20] = True  # centred: the centred map hits, a corner mask it misses
+    maps = baseline_maps(mask.shape, rng)
+    assert pointing_hit(maps["centered"], mask)
+    assert not pointing_hit(maps["centered"], np.roll(mask, 12, axis=(0, 1)))
+    assert energy_in_mask(maps["random"], mask) == pytest.approx(mask.mean(), abs=0.03)
+
+
+# ---- Grad-CAM maps
+def test_gradcam_maps_shape_range_and_determinism(patch_model):
+    _, _, images, _ = tumor_cases()
+    first = gradcam_maps(patch_model, images[:4])
+    second = gradcam_maps(patch_model, images[:4])
+    assert first.shape == (4, SIZE, SIZE)
+    assert first.min() >= 0 and first.max() <= 1
+    for heat in first:
+        assert heat.max() in (0.0, pytest.approx(1.0))
+    np.testing.assert_array_equal(first, second)
+
+
+# ---- controls: a model whose evidence is the patch, and one whose evidence is elsewhere
+def test_positive_control_heatmap_points_at_the_patch(patch_model):
+    images, labels, tumors, masks = tumor_cases()
+    assert evaluate(patch_model, batches(images, labels), CPU)["accuracy"] == 1.0
+    scores = score_maps(occlusion_maps(patch_model, tumors, window=PATCH, stride=4), masks, dilation_px=2)
+    chance = np.mean([m.mean() for m in masks])
+    assert scores["pointing_game"] >= 0.9
+    assert scores["energy_in_mask"] > 3 * chance
+
+
+def test_negative_control_shortcut_model_misses_the_patch(shortcut_model):
+    images, labels, tumors, masks = tumor_cases(shortcut=True)
+    assert evaluate(shortcut_model, batches(images, labels), CPU)["accuracy"] == 1.0
+    maps = occlusion_maps(shortcut_model, tumors, window=PATCH, stride=4)
+    scores = score_maps(maps, masks, dilation_px=2)
+    assert scores["pointing_game"] <= 0.2
+    corner = np.zeros((SIZE, SIZE), bool)
+    corner[-8:, -8:] = True  # where its evidence really is
+    assert score_maps(maps, [corner] * len(masks), 2)["pointing_game"] >= 0.9
+
+
+# ---- the per-site driver on a site folder with masks
+def test_explain_sites_writes_scores_and_panels(tmp_path, patch_model):
+    site = tmp_path / "site1"
+    (site / "images").mkdir(parents=True)
+    (site / "masks").mkdir()
+    images, labels, masks = toy_images(12, seed=2)
+    entries = {"training": [], "validation": [], "testing": []}
+    for i, (image, label, mask) in enumerate(zip(images, labels, masks)):
+        Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(site / "images" / f"{i}.png")
+        entry = {"image": f"images/{i}.png", "label": int(label)}
+        if label == 1:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(site / "masks" / f"{i}.png")
+            entry["mask"] = f"masks/{i}.png"
+        entries["testing"].append(entry)
+    entries["training"] = entries["validation"] = entries["testing"][:2]
+    write_site(site, entries, ["Healthy", "Tumor"], {"generator": "tests"})
+    out = tmp_path / "out"
+    result = explain_sites(patch_model, {"site1": site}, out, n=4, seed=0, progress=False, image_size=SIZE)
+    assert result["per_site"]["site1"]["gradcam"]["n"] == 4
+    assert 0 <= result["pointing_game"] <= 1 and set(result["baselines"]) == {"random", "centered"}
+    assert json.loads((out / "gradcam.json").read_text())["n"] == 4
+    assert (out / "gradcam_site1.png").is_file() and len(list((out / "gradcam" / "site1").glob("*.png"))) == 4
+    again = explain_sites(patch_model, {"site1": site}, None, n=4, seed=0, progress=False, image_size=SIZE)
+    assert again["per_site"]["site1"]["images"] == result["per_site"]["site1"]["images"]
