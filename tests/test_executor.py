@@ -9,10 +9,8 @@ import torch
 from PIL import Image
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
-from nvflare.apis.fl_context import FLContext
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.signal import Signal
-from nvflare.apis.workspace import Workspace
 from nvflare.app_common.app_constant import AppConstants
 
 from fedxvit.classes import TASK_CLASSES
@@ -21,6 +19,7 @@ from fedxvit.errors import FedXViTError
 from fedxvit.executor import FedXViTExecutor, resolve_torch_threads, to_numpy_state
 from fedxvit.model import build_model
 from fedxvit.sites import DATA_ROOT_ENV, SITE_CONFIG_FILE, site_data_dir, site_env_var
+from fedxvit.standalone import make_fl_ctx, serialized_size
 from fedxvit.training import apply_freeze_policy
 
 
@@ -48,36 +47,6 @@ def write_tiny_site(root: Path, per_class: int = 3, size: int = 32, seed: int = 
                 entries[split].append({"image": rel, "label": label})
     write_site(root, entries, TASK_CLASSES, {"generator": "tests"})
     return root
-
-
-class FakeEngine:
-    """Just what the executor touches: the workspace and event firing."""
-
-    def __init__(self, workspace: Workspace):
-        self.workspace = workspace
-
-    def get_workspace(self):
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx):
-        pass
-
-    def get_component(self, component_id):
-        return None
-
-
-def make_fl_ctx(client_root: Path, site: str = "site1", job_id: str = "job1") -> FLContext:
-    for folder in ("startup", "local"):  # what NVFlare checks a workspace has
-        (client_root / folder).mkdir(parents=True, exist_ok=True)
-    workspace = Workspace(root_dir=str(client_root), site_name=site)
-    app_dir = Path(workspace.get_app_dir(job_id))
-    app_dir.mkdir(parents=True, exist_ok=True)
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.ENGINE, FakeEngine(workspace), private=True, sticky=False)
-    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
-    fl_ctx.set_prop(ReservedKey.RUN_NUM, job_id, private=False, sticky=False)
-    fl_ctx.set_prop(FLContextKey.APP_ROOT, str(app_dir), private=True, sticky=False)
-    return fl_ctx
 
 
 def global_task(model, round_number: int = 0):
@@ -233,3 +202,14 @@ def test_initial_model_is_checked_before_the_server_starts(tmp_path):
     assert check_initial_model(path, "tiny", 2)["preset"] == "tiny"
     with pytest.raises(FedXViTError, match=r"is preset 'tiny' with 2 classes, but the job asks for preset 'cpu'"):
         check_initial_model(path, "cpu", 2)
+
+
+def test_head_policy_update_is_a_small_fraction_of_the_model_on_the_wire(client):
+    executor, fl_ctx = client
+    executor.freeze_policy = "head"
+    global_model = build_model("tiny", len(TASK_CLASSES))
+    result = executor.execute("train", global_task(global_model), fl_ctx, Signal())
+    assert set(from_shareable(result).data) == {"head.weight", "head.bias"}
+    full_model_bytes = serialized_size(global_task(global_model))
+    assert full_model_bytes > 4 * global_model.param_count  # float32 weights plus BN buffers and framing
+    assert serialized_size(result) < full_model_bytes / 10
