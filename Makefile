@@ -49,3 +49,8 @@ results: setup
 .PHONY: demo
 demo: setup
 	$(PY) -m fedxvit.demo
+
+# Benchmarks in one run: federation cost ratios, model throughput, the last demo's timings -> bench/results.json.
+.PHONY: bench
+bench: setup
+	$(PY) bench/run.py

@@ -230,3 +230,14 @@ def test_expert_then_transfer_cli_end_to_end(tmp_path, capsys):
 def test_expert_cli_reports_a_missing_data_folder_in_one_line(tmp_path):
     with pytest.raises(FedXViTError, match="no dataset.json"):
         expert.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m"), "--no-mlflow"])
+
+
+def test_max_grad_norm_bounds_every_step():
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=2)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # plain SGD: the step is the clipped gradient
+    stats = train_epoch(model, random_batches(n_batches=2), optimizer, CPU, max_grad_norm=1e-3)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert stats["steps"] == 2
+    assert 0 < (after - before).norm() <= 2 * 1e-3 + 1e-7

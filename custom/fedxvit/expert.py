@@ -44,11 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", default="data/public", help="public 4-class site folder (datalist.json + dataset.json)")
     parser.add_argument("--out", default="models", help="folder for expert.pt, its sidecar, the report and TensorBoard events")
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset")
-    parser.add_argument("--epochs", type=int, default=14, help="maximum epochs")
+    parser.add_argument("--epochs", type=int, default=24, help="maximum epochs (early stopping usually ends sooner)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up before the cosine decay")
     parser.add_argument("--label-smoothing", type=float, default=0.05)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better validation score")
     parser.add_argument("--seed", type=int, default=0)
@@ -146,7 +147,8 @@ def train_expert(args: argparse.Namespace) -> dict:
                 bar.set_postfix(loss=f"{step['loss']:.3f}")
 
             train = train_epoch(model, loaders["training"], optimizer, device, scheduler=scheduler,
-                                label_smoothing=args.label_smoothing, progress=advance)
+                                label_smoothing=args.label_smoothing, progress=advance,
+                                max_grad_norm=args.max_grad_norm or None)
             bar.close()
             val = evaluate(model, loaders["validation"], device)
             metrics = {"train_loss": train["loss"], "train_accuracy": train["accuracy"], "val_loss": val["loss"],

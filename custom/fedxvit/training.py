@@ -112,8 +112,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
 
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device,
                 scheduler=None, should_abort: Callable[[], bool] | None = None,
-                label_smoothing: float = 0.0, progress: Callable[[dict], None] | None = None) -> dict:
+                label_smoothing: float = 0.0, progress: Callable[[dict], None] | None = None,
+                max_grad_norm: float | None = None) -> dict:
     """One pass over loader; stops between batches as soon as should_abort() is true.
+
+    `max_grad_norm` clips the global gradient norm: training a ViT from scratch at a high
+    learning rate otherwise has loss spikes that undo epochs of progress.
 
     The scheduler (if any) is stepped per batch. Returns loss/accuracy means over the images
     seen, the number of optimizer steps and images, and whether it was aborted.
@@ -129,6 +133,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

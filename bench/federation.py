@@ -1,0 +1,208 @@
+"""What federation costs, each as a ratio measured in one run on this machine.
+
+    python bench/federation.py [--data data] [--initial models/initial_global.pt] [--out bench/federation.json]
+
+1. Wall time: the real job in NVFlare's simulator (design-card command, 3 sites, -t 3, the
+   job's own rounds/epochs/preset) vs the same model trained centrally on the pooled site data
+   for the same epochs (`fedxvit.baselines.train_on_sites`). Reported for the whole simulator
+   process (start-up, rounds, cross-site evaluation, shutdown) and for its training phase alone
+   (ScatterAndGather's first to last log line), since start-up is a fixed cost.
+2. Bytes on the wire: a site's `head`-mode train result vs the full global model, both as the
+   Shareables NVFlare serializes with FOBS (`fedxvit.standalone.serialized_size`).
+3. Training throughput: the executor's `train` task vs a bare PyTorch loop over the same model,
+   data, optimizer and epochs (the task also scores the global and the local model on the
+   validation split; the "training only" ratio removes those two timed passes).
+Needs `make data transfer` first. Timings on a shared CPU are noisy: the load average is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from fedxvit.baselines import job_training_settings, train_on_sites
+from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.paths import project_root
+
+SITES = ("site1", "site2", "site3")
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+PHASE_START, PHASE_END = "Beginning ScatterAndGather training phase", "Finished ScatterAndGather Training"
+
+
+def _log_time(line: str) -> float:
+    return datetime.strptime(LOG_TIME.match(line).group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def training_phase_seconds(server_log: Path) -> float:
+    """Seconds between ScatterAndGather's start and finish lines in the server log."""
+    lines = server_log.read_text(errors="replace").splitlines()
+    start = next((line for line in lines if PHASE_START in line), None)
+    end = next((line for line in lines if PHASE_END in line), None)
+    if not (start and end):
+        raise FedXViTError(f"{server_log}: no complete ScatterAndGather phase (did the run fail?)")
+    return _log_time(end) - _log_time(start)
+
+
+def time_simulator(job: Path, data: Path, initial: Path, scratch: Path) -> dict:
+    """Run the design-card simulator command on the job; wall seconds, total and training phase."""
+    env = {**os.environ, "FEDXVIT_DATA_ROOT": str(data.resolve()), "FEDXVIT_INITIAL_MODEL": str(initial.resolve()),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}"}
+    for site in SITES:
+        env.pop(f"FEDXVIT_DATA_{site.upper()}", None)
+    nvflare = Path(sys.executable).with_name("nvflare")
+    env["PATH"] = f"{nvflare.parent}{os.pathsep}{env.get('PATH', '')}"
+    workspace = scratch / "workspace"
+    command = [str(nvflare), "simulator", str(job), "-w", str(workspace), "-c", ",".join(SITES), "-gpu", "0", "-t", "3"]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise FedXViTError(f"simulator failed (exit {done.returncode}); see {workspace / 'server' / 'log.txt'}")
+    return {"wall_s": wall, "training_phase_s": training_phase_seconds(workspace / "server" / "log.txt")}
+
+
+def time_bare_loop(model, loader, lr: float, epochs: int, device) -> float:
+    """Seconds for `epochs` plain forward/backward/AdamW passes: the yardstick for the executor."""
+    from fedxvit.training import make_optimizer
+
+    optimizer = make_optimizer(model, lr)
+    model.train()
+    started = time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            loss = torch.nn.functional.cross_entropy(model(batch["image"].to(device)), batch["label"].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return time.perf_counter() - started
+
+
+def executor_measurements(site_dir: Path, initial: Path, settings: dict, scratch: Path, epochs: int) -> dict:
+    """Wire bytes (head vs full) and executor vs bare-loop throughput on one site, in process."""
+    from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.apis.signal import Signal
+    from nvflare.app_common.app_constant import AppConstants
+
+    from fedxvit.checkpoint import build_model_from_checkpoint
+    from fedxvit.classes import TASK_CLASSES
+    from fedxvit.data import make_loader
+    from fedxvit.executor import FedXViTExecutor, to_numpy_state
+    from fedxvit.sites import site_env_var
+    from fedxvit.standalone import make_fl_ctx, serialized_size
+    from fedxvit.training import apply_freeze_policy, evaluate
+
+    os.environ[site_env_var(site_dir.name)] = str(site_dir.resolve())
+    threads = torch.get_num_threads()
+    model, _ = build_model_from_checkpoint(initial, preset=settings["preset"], num_classes=len(TASK_CLASSES))
+
+    def task():
+        shareable = DXO(DataKind.WEIGHTS, to_numpy_state(model.state_dict())).to_shareable()
+        shareable.set_header(AppConstants.CURRENT_ROUND, 0)
+        return shareable
+
+    def executor(policy: str, local_epochs: int, name: str):
+        ex = FedXViTExecutor(preset=settings["preset"], local_epochs=local_epochs, learning_rate=settings["lr"],
+                             batch_size=settings["batch_size"], freeze_policy=policy, last_k=settings["last_k"],
+                             torch_threads=threads, seed=settings["seed"], analytic_sender_id="")
+        return ex, make_fl_ctx(scratch / name, site=site_dir.name)
+
+    head, ctx = executor("head", 1, "head")
+    head_result = head.execute("train", task(), ctx, Signal())
+    wire = {"full_model_bytes": serialized_size(task()), "head_update_bytes": serialized_size(head_result)}
+    default, ctx = executor(settings["freeze_policy"], 1, "default")
+    wire[f"{settings['freeze_policy']}_update_bytes"] = serialized_size(default.execute("train", task(), ctx, Signal()))
+
+    timed, ctx = executor(settings["freeze_policy"], epochs, "timed")
+    timed.execute("validate", task(), ctx, Signal())  # set-up (data caching) outside the timing
+    started = time.perf_counter()
+    timed.execute("train", task(), ctx, Signal())
+    executor_s = time.perf_counter() - started
+    started = time.perf_counter()
+    evaluate(timed.model, timed.val_loader, timed.device)
+    validation_pass_s = time.perf_counter() - started
+
+    bare, _ = build_model_from_checkpoint(initial, preset=settings["preset"], num_classes=len(TASK_CLASSES))
+    apply_freeze_policy(bare, settings["freeze_policy"], settings["last_k"])
+    loader = make_loader(site_dir, "training", bare.preset.image_size, settings["batch_size"], train=True,
+                         seed=settings["seed"])
+    bare_s = time_bare_loop(bare, loader, settings["lr"], epochs, torch.device("cpu"))
+    images = len(loader.dataset) * epochs
+    return {
+        "wire": {**wire, "head_over_full": wire["head_update_bytes"] / wire["full_model_bytes"]},
+        "throughput": {
+            "site": site_dir.name, "epochs": epochs, "train_images": images, "torch_threads": threads,
+            "executor_task_s": executor_s, "validation_pass_s": validation_pass_s, "bare_loop_s": bare_s,
+            "executor_img_s": images / executor_s, "bare_loop_img_s": images / bare_s,
+            "executor_over_bare": bare_s / executor_s,
+            "executor_training_only_over_bare": bare_s / max(1e-9, executor_s - 2 * validation_pass_s),
+        },
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default="data", help="folder holding site1..site3")
+    parser.add_argument("--initial", default="models/initial_global.pt", help="the transplanted initial global model")
+    parser.add_argument("--job", default="jobs/fedxvit", help="the NVFlare job (its config gives rounds, epochs, preset)")
+    parser.add_argument("--throughput-epochs", type=int, default=3, help="local epochs of the executor-vs-bare run")
+    parser.add_argument("--out", default="bench/federation.json")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    root = project_root()
+    data, initial, job = (root / p if not Path(p).is_absolute() else Path(p) for p in (args.data, args.initial, args.job))
+    for site in SITES:
+        if not (data / site / "datalist.json").is_file():
+            raise FedXViTError(f"{data / site}: no site data (run `make data`)")
+    if not initial.is_file():
+        raise FedXViTError(f"{initial}: no initial global model (run `make transfer`)")
+    settings = job_training_settings(job / "app" / "config")
+    with tempfile.TemporaryDirectory(prefix="fedxvit-bench-") as tmp:
+        scratch = Path(tmp)
+        print(f"federated: nvflare simulator {job.name} -c {','.join(SITES)} -gpu 0 -t 3 ...", flush=True)
+        federated = time_simulator(job, data, initial, scratch)
+        print("centralized: same model, pooled site data, same epochs ...", flush=True)
+        central = train_on_sites([data / s for s in SITES], initial, **settings)
+        print("executor: wire bytes and throughput ...", flush=True)
+        measured = executor_measurements(data / SITES[-1], initial, settings, scratch, args.throughput_epochs)
+        shutil.rmtree(scratch / "workspace", ignore_errors=True)
+    result = {
+        "settings": settings,
+        "federated_s": federated, "centralized_s": central["wall_s"],
+        "federated_over_centralized": federated["wall_s"] / central["wall_s"],
+        "federated_training_phase_over_centralized": federated["training_phase_s"] / central["wall_s"],
+        **measured,
+        "machine": {"cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "torch": torch.__version__},
+    }
+    rows = [
+        ("federated ÷ centralized wall (whole simulator run)", result["federated_over_centralized"], "≤ 1.10"),
+        ("federated ÷ centralized wall (training phase only)", result["federated_training_phase_over_centralized"], "≤ 1.10"),
+        ("head-mode update bytes ÷ full model bytes", measured["wire"]["head_over_full"], "≤ 0.001"),
+        ("executor ÷ bare loop, train task images/s", measured["throughput"]["executor_over_bare"], "≥ 0.90"),
+        ("executor ÷ bare loop, training part only", measured["throughput"]["executor_training_only_over_bare"], "≥ 0.90"),
+    ]
+    for name, value, target in rows:
+        print(f"  {name:<52} {value:>10.4g}   target {target}")
+    out = root / args.out if not Path(args.out).is_absolute() else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)
