@@ -26,7 +26,10 @@ PHASES = ("data", "expert", "transfer", "simulate", "results")
 
 
 def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants right now (0 once it is gone)."""
+    """Memory of a process and all its descendants right now (0 once it is gone).
+
+    Proportional set size where the OS reports it: the simulator's processes share the torch
+    libraries, and plain RSS would count those pages once per process."""
     import psutil
 
     try:
@@ -37,7 +40,8 @@ def tree_rss_bytes(pid: int) -> int:
     total = 0
     for proc in procs:
         try:
-            total += proc.memory_info().rss
+            info = proc.memory_full_info()
+            total += getattr(info, "pss", info.rss)
         except psutil.Error:
             pass
     return total
