@@ -54,3 +54,8 @@ demo: setup
 .PHONY: bench
 bench: setup
 	$(PY) bench/run.py
+
+# The same job in NVFlare's POC deployment (real server and client processes), then stopped.
+.PHONY: poc
+poc: setup
+	$(PY) -m fedxvit.poc
