@@ -5,20 +5,11 @@ import os
 import subprocess
 import sys
 
-import torch
-
-from fedxvit.checkpoint import save_checkpoint
-from fedxvit.classes import TASK_CLASSES
-from fedxvit.model import build_model
-from test_simulator import SITES, tiny_job, write_site_images
+from test_simulator import tiny_job, tiny_sites_and_initial_model
 
 
 def test_poc_run_survives_a_site_killed_after_round_one(tmp_path):
-    for i, site in enumerate(SITES):
-        write_site_images(tmp_path / "data" / site, train_per_class=3 + i, seed=i)
-    torch.manual_seed(0)
-    initial = tmp_path / "initial_global.pt"
-    save_checkpoint(initial, build_model("tiny", len(TASK_CLASSES)), meta={"class_names": list(TASK_CLASSES)})
+    initial = tiny_sites_and_initial_model(tmp_path)
     job = tiny_job(tmp_path, num_rounds=3, wait_time_after_min_received=5, submit_model_timeout=20,
                    validation_timeout=60)
     env = dict(os.environ, FEDXVIT_INITIAL_MODEL=str(initial), FEDXVIT_DATA_ROOT=str(tmp_path / "data"),

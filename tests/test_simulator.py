@@ -55,12 +55,18 @@ def tiny_job(tmp: Path, **server_changes) -> Path:
     return job
 
 
-def test_three_sites_two_rounds_in_the_simulator(tmp_path):
+def tiny_sites_and_initial_model(tmp: Path, train_per_class=lambda i: 3 + i) -> Path:
+    """tmp/data/site1..3 of tiny images and tmp/initial_global.pt (a seeded tiny model); the model's path."""
     for i, site in enumerate(SITES):
-        write_site_images(tmp_path / "data" / site, train_per_class=3 + i, seed=i)
+        write_site_images(tmp / "data" / site, train_per_class=train_per_class(i), seed=i)
     torch.manual_seed(0)
-    initial = tmp_path / "initial_global.pt"
+    initial = tmp / "initial_global.pt"
     save_checkpoint(initial, build_model("tiny", len(TASK_CLASSES)), meta={"class_names": list(TASK_CLASSES)})
+    return initial
+
+
+def test_three_sites_two_rounds_in_the_simulator(tmp_path):
+    initial = tiny_sites_and_initial_model(tmp_path)
     workspace = tmp_path / "workspace"
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
 

@@ -12,13 +12,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 
-from fedxvit.checkpoint import save_checkpoint
-from fedxvit.classes import TASK_CLASSES
-from fedxvit.model import build_model
 from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SERVER_ROUND_METRICS, SITE_ROUND_METRICS, SITE_TAG
-from test_simulator import SITES, tiny_job, write_site_images
+from test_simulator import SITES, tiny_job, tiny_sites_and_initial_model
 from test_tracking import closed_port
 
 BIN = Path(sys.executable).parent
@@ -53,11 +49,7 @@ def mlflow_server(tmp_path):
 
 
 def test_a_job_tracks_into_a_real_mlflow_server(tmp_path, mlflow_server):
-    for i, site in enumerate(SITES):
-        write_site_images(tmp_path / "data" / site, train_per_class=2, seed=i)
-    torch.manual_seed(0)
-    initial = tmp_path / "initial_global.pt"
-    save_checkpoint(initial, build_model("tiny", len(TASK_CLASSES)), meta={"class_names": list(TASK_CLASSES)})
+    initial = tiny_sites_and_initial_model(tmp_path, train_per_class=lambda i: 2)
     job = tiny_job(tmp_path, num_rounds=1, tracking_uri=mlflow_server)
     server_config = job / "app" / "config" / "config_fed_server.json"  # one round, no cross-site evaluation
     config = json.loads(server_config.read_text())
