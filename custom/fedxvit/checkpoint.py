@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fedxvit.classes import TASK_CLASSES
 from fedxvit.errors import FedXViTError
 from fedxvit.model import HybridViT, build_model
 
@@ -84,3 +85,29 @@ def build_model_from_checkpoint(path: os.PathLike, preset: str | None = None, nu
         what = f"{len(missing)} missing (first: {missing[0]})" if missing else f"{len(unexpected)} unexpected (first: {unexpected[0]})"
         raise FedXViTError(f"checkpoint {path} does not match preset '{meta['preset']}': {what} tensors")
     return model.to(device), meta
+
+
+def load_global_model(path: os.PathLike, preset: str, num_classes: int = len(TASK_CLASSES),
+                      device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A global model saved by NVFlare's PTFileModelPersistor ({"model": state_dict, ...}, no sidecar), or a plain
+    state_dict, as a `preset` model in eval mode; one line when it is missing or of another shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedXViTError(f"global model {path} does not exist: run `make simulate` first (or pass --run-dir)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FedXViTError(f"cannot read global model {path}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+    state = saved.get("model", saved) if isinstance(saved, dict) else None
+    if not isinstance(state, dict):
+        raise FedXViTError(f"global model {path} holds no state_dict")
+    model = build_model(preset, num_classes=num_classes)
+    try:
+        missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+    except RuntimeError as exc:  # tensors of another shape: a model of another preset
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "shapes differ")
+        raise FedXViTError(f"global model {path} does not fit preset '{preset}': {detail}") from None
+    if missing or unexpected:
+        what = f"{len(missing)} missing (first: {missing[0]})" if missing else f"{len(unexpected)} unexpected (first: {unexpected[0]})"
+        raise FedXViTError(f"global model {path} does not fit preset '{preset}': {what} tensors")
+    return model.to(device).eval()
