@@ -10,8 +10,11 @@ contact sheet. Looking at heatmaps proves little, so they are also scored where 
 - pointing game: the heatmap's maximum lies inside the tumor mask dilated by a few pixels;
 - energy in mask: the share of the positive heatmap that lies inside the (undilated) mask;
 
-per site and overall, next to the same scores of a random map and of a centered map (what a
-model that looks nowhere in particular, or at the middle of the brain, would get).
+per site and overall, next to the same scores of a random map, a centered map and the image's
+own intensity (what a model that looks nowhere in particular, at the middle of the brain, or at
+the brightest pixel would get), and of the mask itself coarsened to the 16-px CAM cells (the
+ceiling of any map read off the stride-16 stage). `--method occlusion` and `--method integrated_gradients` score
+the same images with perturbation and pixel-gradient maps (run_all reports all three).
 """
 
 from __future__ import annotations
@@ -29,26 +32,81 @@ from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import deterministic_transforms
 from fedxvit.datalist import load_split
 from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.model import PATCH_STRIDE
 from fedxvit.training import resolve_device
 
 TUMOR = TASK_CLASSES.index("Tumor")
 DEFAULT_DILATION = 0.03  # of the image side: 4 px at 128 px, about a quarter of a CAM cell
 
 
+def cell_centre_offset(model: torch.nn.Module, layer: torch.nn.Module, image_size: int) -> float:
+    """Pixels by which `layer`'s cells are centred lower-right of where bilinear upsampling puts them.
+
+    Upsampling (LayerAttribution.interpolate) puts cell i of a stride-S map at S*i + (S-1)/2. The
+    `tf_` EfficientNets pad like TensorFlow's 'SAME' (the extra pixel of a stride-2 conv at the
+    bottom/right), so at stride 16 a cell's receptive field is centred 7.5 px lower-right: a map
+    drawn without this correction points half a cell up-left of the evidence. Computed from the
+    convolutions and poolings run before `layer` (kernel, stride, dilation, padding actually
+    applied); 0 when their strides do not compose to the map's stride (branching geometry).
+    """
+    from timm.layers import Conv2dSame, get_same_padding
+
+    windows, done = [], []  # (module, input side) of every sliding window run before `layer` ends
+
+    def record(module, inputs, output):
+        if not done and isinstance(module, (torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.AvgPool2d)):
+            windows.append((module, inputs[0].shape[-2]))
+
+    def finish(module, inputs, output):
+        done.append(output.shape[-2])
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()]
+    hooks.append(layer.register_forward_hook(finish))  # after `record`, so a conv layer counts itself
+    param = next(model.parameters())
+    channels = model.preset.in_chans if hasattr(model, "preset") else 1
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, image_size, image_size, device=param.device, dtype=param.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    first = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # square images: rows suffice
+    scale, centre = 1, 0.0  # input row = scale * row of the current map + centre
+    for module, size in windows:
+        kernel, stride, dilation = first(module.kernel_size), first(module.stride), first(getattr(module, "dilation", 1))
+        padding = module.padding
+        if isinstance(module, Conv2dSame):  # padded at run time, the odd pixel after
+            before = int(get_same_padding(size, kernel, stride, dilation)) // 2
+        elif padding == "same":
+            before = dilation * (kernel - 1) // 2
+        else:
+            before = 0 if padding == "valid" else first(padding)
+        centre += scale * ((kernel - 1) * dilation / 2 - before)
+        scale *= stride
+    if not done or scale * done[0] != image_size:
+        return 0.0
+    return centre - (scale - 1) / 2
+
+
 def gradcam_maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR,
-                 layer: torch.nn.Module | None = None) -> np.ndarray:
+                 layer: torch.nn.Module | None = None, align: bool = True) -> np.ndarray:
     """(N, H, W) Grad-CAM maps in [0, 1] for `target`, upsampled to the images' size.
 
     Negative evidence is cut (ReLU, as in Grad-CAM); each map is divided by its maximum, so a map
-    with no positive evidence stays all zero.
+    with no positive evidence stays all zero. `align` moves the upsampled map onto the cells'
+    receptive-field centres (see cell_centre_offset).
     """
     from captum.attr import LayerAttribution, LayerGradCam
+    from scipy.ndimage import shift
 
     model.eval()
     layer = layer if layer is not None else model.cam_layer
     attributions = LayerGradCam(model, layer).attribute(images, target=target, relu_attributions=True)
     upsampled = LayerAttribution.interpolate(attributions, tuple(images.shape[-2:]), interpolate_mode="bilinear")
     maps = upsampled.detach().clamp_min(0)[:, 0].cpu().numpy().astype(np.float64)
+    offset = cell_centre_offset(model, layer, images.shape[-1]) if align else 0.0
+    if offset:
+        maps = np.stack([shift(m, (offset, offset), order=1, mode="nearest") for m in maps])
     peaks = maps.reshape(len(maps), -1).max(1)
     return maps / np.where(peaks > 0, peaks, 1.0)[:, None, None]
 
@@ -77,9 +135,30 @@ def occlusion_maps(model: torch.nn.Module, images: torch.Tensor, target: int = T
     return maps / np.where(peaks > 0, peaks, 1.0)[:, None, None]
 
 
-METHODS = {"gradcam": gradcam_maps, "occlusion": occlusion_maps}
-METHOD_TITLES = {"gradcam": "Grad-CAM (Captum LayerGradCam on HybridViT.cam_layer, the last CNN stage, stride 16)",
-                 "occlusion": "occlusion (Captum Occlusion, one-cell window filled with the image mean, half-cell stride)"}
+def integrated_gradients_maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR,
+                              steps: int = 32) -> np.ndarray:
+    """(N, H, W) Integrated Gradients maps in [0, 1]: per-pixel evidence for `target` along the
+    straight path from a black image (the scans' background) to the scan; positive part.
+
+    The pixel-level check beside Grad-CAM: it needs no feature map, so it is not blurred by the
+    receptive field of a stride-16 cell (which at this depth spans most of the slice).
+    """
+    from captum.attr import IntegratedGradients
+
+    model.eval()
+    attributions = IntegratedGradients(model).attribute(images, target=target, n_steps=steps,
+                                                        internal_batch_size=max(steps, len(images)))
+    maps = attributions.detach().sum(1).clamp_min(0).cpu().numpy().astype(np.float64)
+    peaks = maps.reshape(len(maps), -1).max(1)
+    return maps / np.where(peaks > 0, peaks, 1.0)[:, None, None]
+
+
+METHODS = {"gradcam": gradcam_maps, "occlusion": occlusion_maps, "integrated_gradients": integrated_gradients_maps}
+METHOD_TITLES = {"gradcam": "Grad-CAM (Captum LayerGradCam on HybridViT.cam_layer, the last CNN stage, stride 16, "
+                            "aligned to the cells' receptive-field centres)",
+                 "occlusion": "occlusion (Captum Occlusion, one-cell window filled with the image mean, half-cell stride)",
+                 "integrated_gradients": "Integrated Gradients (Captum, 32 steps from a black image, positive part)"}
+BASELINES = ("random", "centered", "intensity", "mask_cells")
 
 
 def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
@@ -114,12 +193,27 @@ def energy_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> float:
     return float(positive[np.asarray(mask, dtype=bool)].sum() / total) if total > 0 else 0.0
 
 
-def baseline_maps(shape: tuple[int, int], rng: np.random.Generator) -> dict:
-    """Reference maps: uniform noise, and a Gaussian on the image centre (sigma = side / 6)."""
+def baseline_maps(shape: tuple[int, int], rng: np.random.Generator, image: np.ndarray | None = None,
+                  mask: np.ndarray | None = None, cell: int = PATCH_STRIDE) -> dict:
+    """Reference maps: uniform noise, a Gaussian on the image centre (sigma = side / 6); given the
+    image, the image itself ("intensity": what pointing at the brightest pixel scores; on the
+    synthetic benchmark the lesions are bright, so this is the bar a model's map must clear); given
+    the mask, the mask itself averaged over the CAM's `cell`-pixel grid and upsampled like Grad-CAM
+    ("mask_cells": the ceiling of any map read off that grid, since a cell's centre may miss a small
+    lesion that only grazes it)."""
+    from captum.attr import LayerAttribution
+
     rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
     sigma = max(shape) / 6
     centered = np.exp(-(((rows - (shape[0] - 1) / 2) ** 2 + (cols - (shape[1] - 1) / 2) ** 2) / (2 * sigma**2)))
-    return {"random": rng.random(shape), "centered": centered}
+    maps = {"random": rng.random(shape), "centered": centered}
+    if image is not None:
+        maps["intensity"] = np.asarray(image, dtype=np.float64)
+    if mask is not None:
+        grid = tuple(max(1, side // cell) for side in shape)
+        cells = torch.nn.functional.adaptive_avg_pool2d(torch.as_tensor(mask, dtype=torch.float64)[None, None], grid)
+        maps["mask_cells"] = LayerAttribution.interpolate(cells, tuple(shape), interpolate_mode="bilinear")[0, 0].numpy()
+    return maps
 
 
 def score_maps(heatmaps, masks, dilation_px: int) -> dict:
@@ -217,7 +311,7 @@ def explain_sites(model: torch.nn.Module, site_dirs: dict, out: os.PathLike | No
     rng = np.random.default_rng(seed)
     result = {"method": method, "description": METHOD_TITLES[method], "target": TASK_CLASSES[TUMOR],
               "dilation_px": dilation_px, "image_size": size, "per_site": {}}
-    all_maps, all_masks, all_base = [], [], {"random": [], "centered": []}
+    all_maps, all_masks, all_base = [], [], {name: [] for name in BASELINES}
     for site, site_dir in site_dirs.items():
         cases = load_tumor_cases(site_dir, size, n, seed)
         for case in tqdm(cases, desc=f"{method} {site}", unit="img", disable=not progress):
@@ -229,7 +323,7 @@ def explain_sites(model: torch.nn.Module, site_dirs: dict, out: os.PathLike | No
             case["energy"] = energy_in_mask(case["heatmap"], case["mask"])
             case["title"] = f"{case['name']}  p={case['p_tumor']:.2f}  {'hit' if case['hit'] else 'miss'}"
         maps, masks = [c["heatmap"] for c in cases], [c["mask"] for c in cases]
-        base = [baseline_maps(m.shape, rng) for m in masks]
+        base = [baseline_maps(c["mask"].shape, rng, image=c["image"][0].numpy(), mask=c["mask"]) for c in cases]
         site_result = {
             "gradcam": score_maps(maps, masks, dilation_px),
             "baselines": {name: score_maps([b[name] for b in base], masks, dilation_px) for name in all_base},
@@ -260,8 +354,9 @@ def gradcam_markdown(result: dict) -> str:
     lines = [f"## {result['method']} heatmaps against the tumor masks\n",
              f"{result['description']}, target {result['target']}; pointing game with the mask "
              f"dilated by {result['dilation_px']} px at {result['image_size']} px.\n",
-             "| site | images | pointing game | energy in mask | random map: PG / energy | centered map: PG / energy | mask area |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| site | images | pointing game | energy in mask | random map: PG / energy | centered map: PG / energy "
+             "| image intensity: PG / energy | mask on the 16-px cells (ceiling): PG / energy | mask area |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = [(site, r["gradcam"], r["baselines"], r["mask_fraction"]) for site, r in result["per_site"].items()]
     rows.append(("**all**", {"n": result["n"], "pointing_game": result["pointing_game"],
                              "energy_in_mask": result["energy_in_mask"]}, result["baselines"], None))
@@ -269,6 +364,8 @@ def gradcam_markdown(result: dict) -> str:
         lines.append(f"| {site} | {g['n']} | {pct(g['pointing_game'])} | {pct(g['energy_in_mask'])} | "
                      f"{pct(b['random']['pointing_game'])} / {pct(b['random']['energy_in_mask'])} | "
                      f"{pct(b['centered']['pointing_game'])} / {pct(b['centered']['energy_in_mask'])} | "
+                     f"{pct(b['intensity']['pointing_game'])} / {pct(b['intensity']['energy_in_mask'])} | "
+                     f"{pct(b['mask_cells']['pointing_game'])} / {pct(b['mask_cells']['energy_in_mask'])} | "
                      f"{'' if area is None else pct(area)} |")
     return "\n".join(lines) + "\n"
 

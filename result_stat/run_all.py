@@ -7,7 +7,7 @@
 2. cross-site table (result_stat.cross_site);
 3. TensorBoard curves (result_stat.plot_tensorboard_events), when the run wrote events;
 4. Grad-CAM panels and their scores against the masks (result_stat.gradcam), plus the
-   occlusion check beside them;
+   occlusion and Integrated Gradients checks beside them;
 5. summary.json (keys of ../shared/DESIGN.md) and report.md; keys others add (timing_s) are kept;
 6. when the job tracked to MLflow, the results folder is attached to the job's server run.
 """
@@ -61,16 +61,17 @@ def federated_summary(report: dict, rounds: list[dict]) -> dict:
             "per_site": per_site}
 
 
-def xai_summary(gradcam: dict, occlusion: dict | None) -> dict:
+def xai_summary(gradcam: dict, checks: dict) -> dict:
+    """Grad-CAM's scores at the top level (DESIGN.md keys), each check (occlusion, ...) under its name."""
     per_site = {site: {**r["gradcam"], "baselines": r["baselines"], "mask_fraction": r["mask_fraction"]}
                 for site, r in gradcam["per_site"].items()}
     summary = {"method": gradcam["description"], "pointing_game": gradcam["pointing_game"],
                "energy_in_mask": gradcam["energy_in_mask"], "n": gradcam["n"], "dilation_px": gradcam["dilation_px"],
                "baselines": gradcam["baselines"], "per_site": per_site}
-    if occlusion is not None:
-        summary["occlusion"] = {"method": occlusion["description"], "pointing_game": occlusion["pointing_game"],
-                                "energy_in_mask": occlusion["energy_in_mask"], "n": occlusion["n"],
-                                "per_site": {s: r["gradcam"] for s, r in occlusion["per_site"].items()}}
+    for name, check in checks.items():
+        summary[name] = {"method": check["description"], "pointing_game": check["pointing_game"],
+                         "energy_in_mask": check["energy_in_mask"], "n": check["n"],
+                         "per_site": {s: r["gradcam"] for s, r in check["per_site"].items()}}
     return summary
 
 
@@ -167,6 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smooth", type=float, default=0.8, help="TensorBoard curves: EMA weight (0 = raw)")
     parser.add_argument("--no-baselines", action="store_true", help="skip training the centralized and local-only models")
     parser.add_argument("--no-occlusion", action="store_true", help="skip the occlusion check beside Grad-CAM")
+    parser.add_argument("--no-ig", action="store_true", help="skip the Integrated Gradients check beside Grad-CAM")
     parser.add_argument("--mlflow", choices=("auto", "off"), default="auto",
                         help="auto: attach the results to the job's MLflow run when one is found")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -209,16 +211,18 @@ def main(argv=None) -> dict:
     sites = {s: site_data_dir(s) for s in test_report["sites"]}
     cams = gradcam.explain_sites(model, sites, out, n=args.n, seed=args.seed, device=args.device)
     parts_md.append(gradcam.gradcam_markdown(cams))
-    occlusion = None
-    if not args.no_occlusion:
-        occlusion = gradcam.explain_sites(model, sites, out, n=args.n, seed=args.seed, device=args.device, method="occlusion")
-        parts_md.append(gradcam.gradcam_markdown(occlusion))
+    checks = {}
+    for method, skip in (("occlusion", args.no_occlusion), ("integrated_gradients", args.no_ig)):
+        if not skip:
+            checks[method] = gradcam.explain_sites(model, sites, out, n=args.n, seed=args.seed, device=args.device,
+                                                   method=method)
+            parts_md.append(gradcam.gradcam_markdown(checks[method]))
 
     rounds = round_rows(run_dir)
     summary = write_summary(out, {
         "expert": expert_summary(project_root() / EXPERT_REPORT),
         "federated": federated_summary(test_report, rounds),
-        "xai": xai_summary(cams, occlusion),
+        "xai": xai_summary(cams, checks),
         "comparison": test_report["comparison"],
         "cross_site": cross,
     })
@@ -226,8 +230,10 @@ def main(argv=None) -> dict:
     if args.mlflow == "auto":
         print(attach_to_mlflow(out, run_dir))
     print(report.comparison_markdown(test_report["comparison"], test_report["sites"]))
-    print(f"Grad-CAM pointing game {_pct(cams['pointing_game'])} (random map {_pct(cams['baselines']['random']['pointing_game'])})"
-          + ("" if occlusion is None else f"; occlusion {_pct(occlusion['pointing_game'])}"))
+    print(f"Grad-CAM pointing game {_pct(cams['pointing_game'])} (random map {_pct(cams['baselines']['random']['pointing_game'])}, "
+          f"image intensity {_pct(cams['baselines']['intensity']['pointing_game'])}, "
+          f"ideal 16-px cell map {_pct(cams['baselines']['mask_cells']['pointing_game'])})"
+          + "".join(f"; {name} {_pct(check['pointing_game'])}" for name, check in checks.items()))
     print(f"wrote {out}/summary.json and {out}/report.md in {time.perf_counter() - started:.0f} s")
     return summary
 

@@ -39,13 +39,16 @@ def test_summary_text_reports_every_phase():
                       "final_test_accuracy": 0.99, "final_test_loss": 0.05,
                       "per_class": {"Healthy": {"precision": 1.0, "recall": 0.98, "f1-score": 0.99, "support": 50}}},
         "comparison": [{"model": "centralized (pooled sites)", "test_accuracy": 0.995}],
-        "xai": {"pointing_game": 0.92, "energy_in_mask": 0.6},
+        "xai": {"pointing_game": 0.92, "energy_in_mask": 0.6,
+                "baselines": {"intensity": {"pointing_game": 0.97}, "mask_cells": {"pointing_game": 0.938}},
+                "integrated_gradients": {"pointing_game": 1.0}},
         "timing_s": {"data": 10.0, "total": 10.0},
         "peak_rss_mb": {"max": 2048},
     }
     text = format_summary(summary, "results")
     for expected in ("97.5%", "0.9000", "99.0%", "Healthy", "centralized (pooled sites)", "99.5%",
-                     "pointing game 92.0%", "peak memory 2.0 GB", "tensorboard --logdir", "mlflow ui"):
+                     "pointing game 92.0%", "image intensity 97.0%", "ideal 16-px cell map 93.8%",
+                     "Integrated Gradients 100.0%", "peak memory 2.0 GB", "tensorboard --logdir", "mlflow ui"):
         assert expected in text, expected
 
 

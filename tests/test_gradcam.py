@@ -1,6 +1,7 @@
 """Heatmaps and their scores: Grad-CAM maps' shape/range/determinism, the pointing game and
 energy-in-mask on hand-made maps, and positive/negative controls on tiny trained toy models."""
 
+import copy
 import json
 
 import numpy as np
@@ -13,9 +14,11 @@ from fedxvit.model import build_model
 from fedxvit.training import evaluate, make_optimizer, seed_everything, train_epoch
 from result_stat.gradcam import (
     baseline_maps,
+    cell_centre_offset,
     energy_in_mask,
     explain_sites,
     gradcam_maps,
+    integrated_gradients_maps,
     occlusion_maps,
     peak_location,
     pointing_hit,
@@ -109,7 +112,24 @@ def test_baseline_maps_score_like_chance():
     assert pointing_hit(maps["centered"], mask)
     assert not pointing_hit(maps["centered"], np.roll(mask, 12, axis=(0, 1)))
     assert energy_in_mask(maps["random"], mask) == pytest.approx(mask.mean(), abs=0.03)
+    assert "intensity" not in maps
+    image = np.random.default_rng(1).random((32, 32)) * 0.5
+    image[15, 16] = 1.0  # the brightest pixel, inside the mask: the intensity map points at it
+    maps = baseline_maps(mask.shape, rng, image=image)
+    assert pointing_hit(maps["intensity"], mask) and not pointing_hit(maps["intensity"], np.roll(mask, 12, axis=(0, 1)))
 
+
+
+def test_mask_cells_ceiling_is_the_mask_seen_through_16px_cells():
+    rng = np.random.default_rng(0)
+    lesion = np.zeros((64, 64), bool)
+    lesion[36:44, 20:28] = True  # inside cell (2, 1), around its centre: the coarse map still finds it
+    coarse = baseline_maps(lesion.shape, rng, mask=lesion)["mask_cells"]
+    assert 0.2 < coarse.max() <= 64 / 256 and pointing_hit(coarse, lesion)  # a cell 1/4 lesion
+    assert "mask_cells" not in baseline_maps(lesion.shape, rng)
+    grazing = np.zeros((64, 64), bool)
+    grazing[13:16, 13:16] = True  # the far corner of cell (0, 0): even the ideal stride-16 map misses it
+    assert not pointing_hit(baseline_maps(grazing.shape, rng, mask=grazing)["mask_cells"], grazing)
 
 # ---- Grad-CAM maps
 def test_gradcam_maps_shape_range_and_determinism(patch_model):
@@ -123,6 +143,44 @@ def test_gradcam_maps_shape_range_and_determinism(patch_model):
     np.testing.assert_array_equal(first, second)
 
 
+def receptive_field_centre(model, layer, size, cell):
+    """Centre of the input pixels that reach one cell of `layer` (nonzero gradient): with no global
+    pooling in the way, that support is exactly the cell's receptive field, whatever the weights."""
+    images = torch.rand(1, 1, size, size, dtype=torch.float64, requires_grad=True)
+    captured = {}
+    hook = layer.register_forward_hook(lambda m, i, o: captured.setdefault("map", o))
+    model(images)
+    hook.remove()
+    (grad,) = torch.autograd.grad(captured["map"][0, :, cell, cell].sum(), images)
+    rows = np.nonzero(grad[0, 0].abs().sum(1).numpy() > 0)[0]
+    cols = np.nonzero(grad[0, 0].abs().sum(0).numpy() > 0)[0]
+    assert rows[0] > 0 and rows[-1] < size - 1, "the receptive field must not touch the border"
+    return (rows[0] + rows[-1]) / 2, (cols[0] + cols[-1]) / 2
+
+
+def test_gradcam_alignment_is_the_receptive_field_centre():
+    """The upsampled cell must sit on its receptive field (measured, not computed): half a cell
+    lower-right for the TensorFlow-'SAME' EfficientNet, half a cell upper-left for a conv stack
+    padded symmetrically as PyTorch does."""
+    model = build_model("tiny", num_classes=2).double().eval()
+    size, cell = 256, 8
+    upsampled_centre = 16 * cell + 7.5  # where LayerAttribution.interpolate puts the cell
+    offset = cell_centre_offset(model, model.cam_layer, size)
+    assert offset == pytest.approx(7.5)
+    probe = copy.deepcopy(model)  # squeeze-excite pools globally (reaches every pixel): out for the measurement
+    for name, _ in list(probe.named_modules()):
+        if name.endswith(".se"):
+            setattr(probe.get_submodule(name.rsplit(".", 1)[0]), "se", torch.nn.Identity())
+    centre = receptive_field_centre(probe, probe.cam_layer, size, cell)
+    assert centre == (pytest.approx(upsampled_centre + offset), pytest.approx(upsampled_centre + offset))
+
+    plain = torch.nn.Sequential(*(torch.nn.Conv2d(1, 1, 3, stride=2, padding=1) for _ in range(4))).double()
+    offset = cell_centre_offset(plain, plain[-1], size)
+    assert offset == pytest.approx(-7.5)
+    centre = receptive_field_centre(plain, plain[-1], size, cell)
+    assert centre == (pytest.approx(upsampled_centre + offset), pytest.approx(upsampled_centre + offset))
+
+
 # ---- controls: a model whose evidence is the patch, and one whose evidence is elsewhere
 def test_positive_control_heatmap_points_at_the_patch(patch_model):
     images, labels, tumors, masks = tumor_cases()
@@ -131,6 +189,10 @@ def test_positive_control_heatmap_points_at_the_patch(patch_model):
     chance = np.mean([m.mean() for m in masks])
     assert scores["pointing_game"] >= 0.9
     assert scores["energy_in_mask"] > 3 * chance
+    ig = score_maps(integrated_gradients_maps(patch_model, tumors), masks, dilation_px=2)
+    brightness = score_maps([image[0].numpy() for image in tumors], masks, dilation_px=2)
+    assert ig["pointing_game"] >= 0.9
+    assert ig["energy_in_mask"] > 2 * brightness["energy_in_mask"], "more than the patch's brightness alone"
 
 
 def test_negative_control_shortcut_model_misses_the_patch(shortcut_model):
@@ -142,6 +204,9 @@ def test_negative_control_shortcut_model_misses_the_patch(shortcut_model):
     corner = np.zeros((SIZE, SIZE), bool)
     corner[-8:, -8:] = True  # where its evidence really is
     assert score_maps(maps, [corner] * len(masks), 2)["pointing_game"] >= 0.9
+    ig = integrated_gradients_maps(shortcut_model, tumors)
+    assert score_maps(ig, masks, 2)["pointing_game"] <= 0.2
+    assert score_maps(ig, [corner] * len(masks), 2)["pointing_game"] >= 0.9
 
 
 # ---- the per-site driver on a site folder with masks
@@ -163,7 +228,7 @@ def test_explain_sites_writes_scores_and_panels(tmp_path, patch_model):
     out = tmp_path / "out"
     result = explain_sites(patch_model, {"site1": site}, out, n=4, seed=0, progress=False, image_size=SIZE)
     assert result["per_site"]["site1"]["gradcam"]["n"] == 4
-    assert 0 <= result["pointing_game"] <= 1 and set(result["baselines"]) == {"random", "centered"}
+    assert 0 <= result["pointing_game"] <= 1 and set(result["baselines"]) == {"random", "centered", "intensity", "mask_cells"}
     assert json.loads((out / "gradcam.json").read_text())["n"] == 4
     assert (out / "gradcam_site1.png").is_file() and len(list((out / "gradcam" / "site1").glob("*.png"))) == 4
     again = explain_sites(patch_model, {"site1": site}, None, n=4, seed=0, progress=False, image_size=SIZE)

@@ -151,7 +151,10 @@ def test_run_all_writes_summary_with_the_design_keys(site_data, tmp_path):
     assert [r["round"] for r in federated["rounds"]] == [0, 1]
     assert set(federated) >= {"final_test_accuracy", "final_test_loss", "per_class", "per_site"}
     assert set(federated["per_site"]) == {"site1", "site2"}
-    assert set(saved["xai"]) >= {"pointing_game", "energy_in_mask", "per_site"}
+    assert set(saved["xai"]) >= {"pointing_game", "energy_in_mask", "per_site", "integrated_gradients"}
+    assert "occlusion" not in saved["xai"]  # --no-occlusion
+    assert set(saved["xai"]["baselines"]) == {"random", "centered", "intensity", "mask_cells"}
+    assert 0 <= saved["xai"]["integrated_gradients"]["pointing_game"] <= 1
     assert all({"model", "test_accuracy", "test_loss"} <= row.keys() for row in saved["comparison"])
     text = (out / "report.md").read_text()
     assert "Is federation worth it?" in text and "pointing game" in text

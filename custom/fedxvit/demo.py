@@ -110,6 +110,12 @@ def format_summary(summary: dict, results_dir: Path) -> str:
     if xai:
         lines.append(f"\nPhase 3 Grad-CAM vs tumor masks: pointing game {_pct(xai.get('pointing_game'))}, "
                      f"heatmap energy inside the mask {_pct(xai.get('energy_in_mask'))}")
+        baselines = xai.get("baselines") or {}  # what the pointing game means on this data
+        references = {"image intensity": baselines.get("intensity"), "ideal 16-px cell map": baselines.get("mask_cells"),
+                      "occlusion": xai.get("occlusion"), "Integrated Gradients": xai.get("integrated_gradients")}
+        shown = [f"{label} {_pct(ref.get('pointing_game'))}" for label, ref in references.items() if ref]
+        if shown:
+            lines.append("  pointing game for reference: " + ", ".join(shown))
     timing = summary.get("timing_s") or {}
     if timing:
         lines.append("\nWall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items())
