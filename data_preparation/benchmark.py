@@ -30,7 +30,7 @@ from fedxvit.datalist import pixel_hash, write_counts, write_site
 from fedxvit.errors import FedXViTError, run_cli
 
 GENERATOR = "embedded-benchmark"
-FORMAT_VERSION = 2  # 2: more conspicuous gliomas and meningiomas (expert 81% -> 98.7%)
+FORMAT_VERSION = 3  # 2: more conspicuous gliomas and meningiomas (expert 81% -> 98.7%); 3: hospital scanners unseen in public
 PARAMS_FILE = "benchmark.json"
 PUBLIC = "public"
 PUBLIC_PRODUCT_ID = 0
@@ -64,7 +64,12 @@ WINDOW_GAIN = (0.9, 1.3)  # export window relative to the brain's 99.5th percent
 DEFORM = {"rotate_rad": 0.26, "shear": 0.06, "scale": 0.10, "translate_frac": 0.04,
           "elastic_spacing_frac": 0.2, "elastic_magnitude": (1.0, 2.5)}
 
-# Hospital scanner profiles, each built from MONAI transforms in `scanner_transforms`.
+# Scanner profiles, each built from MONAI transforms in `scanner_transforms`. The public archive
+# was acquired elsewhere: its images mix the first three profiles, while each hospital has one
+# profile of its own that the public set never shows (format 3). So the expert's features meet
+# unfamiliar contrasts at the sites, a model fitted to one hospital's contrast fails on another's,
+# and pooling hospitals (centrally or federated) is what covers them all.
+PUBLIC_SCANNERS = 3
 SCANNER_PROFILES = (
     {"name": "scanner-A-1.5T", "gamma": 1.25, "bias_coeff": (0.15, 0.3), "noise": "rician",
      "noise_std": (0.02, 0.05), "lowres_zoom": (0.45, 0.65), "gibbs_alpha": 0.35, "spike_prob": 0.0},
@@ -72,7 +77,15 @@ SCANNER_PROFILES = (
      "noise_std": (0.01, 0.03), "lowres_zoom": (0.85, 1.0), "gibbs_alpha": 0.1, "spike_prob": 0.0},
     {"name": "scanner-C-legacy", "gamma": 1.0, "bias_coeff": (0.2, 0.4), "noise": "rician",
      "noise_std": (0.03, 0.06), "lowres_zoom": (0.6, 0.8), "gibbs_alpha": 0.2, "spike_prob": 0.15},
+    # the hospitals' own: a bright protocol, a dark one, and a blurry, ringing older scanner
+    {"name": "hospital-bright-3T", "gamma": 0.6, "bias_coeff": (0.1, 0.2), "noise": "gaussian",
+     "noise_std": (0.01, 0.03), "lowres_zoom": (0.8, 1.0), "gibbs_alpha": 0.1, "spike_prob": 0.0},
+    {"name": "hospital-dark-1.5T", "gamma": 1.6, "bias_coeff": (0.1, 0.2), "noise": "gaussian",
+     "noise_std": (0.01, 0.03), "lowres_zoom": (0.8, 1.0), "gibbs_alpha": 0.1, "spike_prob": 0.0},
+    {"name": "hospital-legacy-1T", "gamma": 1.3, "bias_coeff": (0.15, 0.3), "noise": "rician",
+     "noise_std": (0.02, 0.04), "lowres_zoom": (0.55, 0.7), "gibbs_alpha": 0.3, "spike_prob": 0.0},
 )
+SITE_SCANNERS = len(SCANNER_PROFILES) - PUBLIC_SCANNERS
 
 
 # ----------------------------------------------------------------------------- anatomy
@@ -371,8 +384,8 @@ def product_jobs(args, out: Path) -> list:
     for name, product_id, plan in products:
         for index, (expert_class, label) in enumerate(plan):
             profile_rng = image_rng(args.seed, product_id, index, purpose=3)
-            profile_index = (int(profile_rng.integers(len(SCANNER_PROFILES))) if name == PUBLIC
-                             else (product_id - 1) % len(SCANNER_PROFILES))
+            profile_index = (int(profile_rng.integers(PUBLIC_SCANNERS)) if name == PUBLIC
+                             else PUBLIC_SCANNERS + (product_id - 1) % SITE_SCANNERS)
             jobs.append({"seed": args.seed, "product_id": product_id, "index": index, "label": label,
                          "expert_class": expert_class, "size": args.image_size, "profile_index": profile_index,
                          "site_dir": str(out / name), "name": f"{name}-{index:05d}"})

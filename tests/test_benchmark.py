@@ -96,7 +96,7 @@ def test_mask_present_exactly_for_tumors_and_inside_the_head(data):
             if "mask" in item:
                 mask = load_pixels(item["mask"])
                 assert set(np.unique(mask)) <= {0, 255} and (mask == 255).sum() >= 3
-                head = binary_fill_holes(load_pixels(item["image"]) > 40)
+                head = binary_fill_holes(load_pixels(item["image"]) > 15)  # low: the dark protocol site
                 assert head[mask == 255].mean() > 0.9, item["mask"]
 
 
@@ -141,6 +141,24 @@ def test_site_sizes_differ_and_nothing_is_shared(data):
             for h in hashes:
                 assert owner.setdefault(h, (product, split)) == (product, split), f"{product}/{split} repeats {owner[h]}"
         assert sum(map(len, split_sets)) == len(set().union(*split_sets))
+
+
+def test_each_hospital_has_a_scanner_the_public_set_never_shows(data):
+    jobs = benchmark.product_jobs(benchmark.parse_args(["--out", str(data), *TINY]), data)
+    profiles = {}
+    for job in jobs:
+        profiles.setdefault(Path(job["site_dir"]).name, set()).add(job["profile_index"])
+    public = profiles.pop("public")
+    assert public == set(range(benchmark.PUBLIC_SCANNERS))
+    assert [len(p) for p in profiles.values()] == [1, 1, 1] and len(set.union(*profiles.values())) == 3
+    assert not public & set.union(*profiles.values())
+    names = [read_dataset_info(data / f"site{k}")["provenance"]["scanner_profile"] for k in (1, 2, 3)]
+    assert names == [p["name"] for p in benchmark.SCANNER_PROFILES[benchmark.PUBLIC_SCANNERS:]]
+
+    def median_tissue(site):  # grey level of the head's pixels, all images of the site
+        return np.median(np.concatenate([p[p > 10] for p in (load_pixels(e["image"]) for e in entries(data / site))]))
+
+    assert median_tissue("site1") > 1.5 * median_tissue("site2")  # the bright protocol vs the dark one
 
 
 def test_site_healthy_share_follows_the_option(data):
