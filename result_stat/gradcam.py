@@ -39,6 +39,12 @@ TUMOR = TASK_CLASSES.index("Tumor")
 DEFAULT_DILATION = 0.03  # of the image side: 4 px at 128 px, about a quarter of a CAM cell
 
 
+def unit_peak(maps: np.ndarray) -> np.ndarray:
+    """Each (H, W) map divided by its maximum, so maps compare across images; all-zero maps stay zero."""
+    peaks = maps.reshape(len(maps), -1).max(1)
+    return maps / np.where(peaks > 0, peaks, 1.0)[:, None, None]
+
+
 def cell_centre_offset(model: torch.nn.Module, layer: torch.nn.Module, image_size: int) -> float:
     """Pixels by which `layer`'s cells are centred lower-right of where bilinear upsampling puts them.
 
@@ -107,8 +113,7 @@ def gradcam_maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUM
     offset = cell_centre_offset(model, layer, images.shape[-1]) if align else 0.0
     if offset:
         maps = np.stack([shift(m, (offset, offset), order=1, mode="nearest") for m in maps])
-    peaks = maps.reshape(len(maps), -1).max(1)
-    return maps / np.where(peaks > 0, peaks, 1.0)[:, None, None]
+    return unit_peak(maps)
 
 
 def occlusion_maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR, window: int | None = None,
@@ -131,8 +136,7 @@ def occlusion_maps(model: torch.nn.Module, images: torch.Tensor, target: int = T
                                                   strides=(images.shape[1], stride, stride), target=target,
                                                   baselines=fill, perturbations_per_eval=32)
     maps = attributions.sum(1).clamp_min(0).cpu().numpy().astype(np.float64)
-    peaks = maps.reshape(len(maps), -1).max(1)
-    return maps / np.where(peaks > 0, peaks, 1.0)[:, None, None]
+    return unit_peak(maps)
 
 
 def integrated_gradients_maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR,
@@ -149,8 +153,7 @@ def integrated_gradients_maps(model: torch.nn.Module, images: torch.Tensor, targ
     attributions = IntegratedGradients(model).attribute(images, target=target, n_steps=steps,
                                                         internal_batch_size=max(steps, len(images)))
     maps = attributions.detach().sum(1).clamp_min(0).cpu().numpy().astype(np.float64)
-    peaks = maps.reshape(len(maps), -1).max(1)
-    return maps / np.where(peaks > 0, peaks, 1.0)[:, None, None]
+    return unit_peak(maps)
 
 
 METHODS = {"gradcam": gradcam_maps, "occlusion": occlusion_maps, "integrated_gradients": integrated_gradients_maps}
