@@ -24,10 +24,10 @@ JOB = REPO / "jobs" / "fedxvit"
 SITES = ("site1", "site2", "site3")
 
 
-def write_site_images(root: Path, train_per_class: int, seed: int) -> None:
+def write_site_images(root: Path, train_per_class: int, seed: int, validation_per_class: int = 2) -> None:
     rng = np.random.default_rng(seed)
     entries = {}
-    for split, count in (("training", train_per_class), ("validation", 2), ("testing", 1)):
+    for split, count in (("training", train_per_class), ("validation", validation_per_class), ("testing", 1)):
         (root / split).mkdir(parents=True, exist_ok=True)
         entries[split] = []
         for label in range(len(TASK_CLASSES)):

@@ -2,9 +2,9 @@
 
 One NaN in one site's update would make the FedAvg sum, and so the global model, NaN for
 everyone. The filter checks every tensor (finite, known name, same shape as the global
-model) and, on the first problem, replaces the result with an error reply; ScatterAndGather
-then drops that site's contribution for the round (or stops the job when too few sites are
-left, per its ignore_result_error policy) and the aggregate stays finite.
+model) and, on the first problem, replaces the result with an error reply carrying the reason;
+ScatterAndGather then drops that site's contribution for the round (the job goes on while at
+least `min_clients` sites remain) and the aggregate stays finite.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
 CHECKED_KINDS = (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS)
+REJECT_REASON_HEADER = "fedxvit_reject_reason"  # on the error reply, for the round's log and tracking
 
 
 def _as_array(value) -> np.ndarray:
@@ -75,4 +76,6 @@ class RejectBadUpdates(Filter):
         peer = fl_ctx.get_peer_context()
         site = peer.get_identity_name(default="?") if peer else "?"
         self.log_error(fl_ctx, f"fedxvit: rejected {dxo.data_kind} update from {site}: {problem}")
-        return make_reply(self.reject_return_code)
+        reply = make_reply(self.reject_return_code)
+        reply.set_header(REJECT_REASON_HEADER, f"rejected by the update filter: {problem}")
+        return reply

@@ -47,6 +47,7 @@ SITE_ROUND_METRICS = ("train_loss", "train_accuracy", "local_val_accuracy", "loc
                       "global_model_val_accuracy", "global_model_val_loss")
 SITE_EPOCH_METRICS = ("epoch_train_loss", "epoch_train_accuracy")  # step = round x local_epochs + epoch
 SERVER_ROUND_METRICS = ("global_val_accuracy", "global_val_loss", "clients_per_round")
+AGGREGATED_METRIC_PREFIX = "aggregated."  # server metric aggregated.<site>: 1 = in the round's model, 0 = dropped
 SITE_TAG, ROLE_TAG = "site", "role"  # MLflow run tags: which site a run is, and "site" or "server"
 FEDERATED_EXPERIMENT = "fedxvit-federated"
 
@@ -280,9 +281,13 @@ def site_epoch_metrics(epoch_metrics: dict) -> dict:
 
 
 def server_round_metrics(row: dict) -> dict:
-    """The server's metrics for one round from a GlobalValidationTracker row."""
+    """The server's metrics for one round from a GlobalValidationTracker row; `aggregated.<site>` is 1
+    when that site's update went into the round's model, 0 when it was dropped."""
+    taking_part = {**{site: 0.0 for site in row.get("dropped_sites", {})},
+                   **{site: 1.0 for site in row.get("aggregated_sites", [])}}
     return {"global_val_accuracy": row["global_val_accuracy"], "global_val_loss": row["global_val_loss"],
-            "clients_per_round": row["num_sites"]}
+            "clients_per_round": row["num_sites"],
+            **{f"{AGGREGATED_METRIC_PREFIX}{site}": flag for site, flag in sorted(taking_part.items())}}
 
 
 def merge_site_params(site_params: dict, base: dict | None = None) -> dict:

@@ -1,0 +1,127 @@
+"""A bad hospital never takes the federation down (real NVFlare simulator, tiny preset and data).
+
+Three good sites train alone (the reference run) and again beside three bad ones: one whose
+update is NaN every round (the update filter rejects it), one whose train task raises in round 2,
+and one whose update is multiplied by 10^6 (finite, so only the norm screening catches it). A
+third run sends the x10^6 site with screening off and the coordinate-wise median aggregator.
+Every run must finish every round with a finite global model that scores within 2 points of the
+reference on the good sites' validation images.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedxvit.checkpoint import save_checkpoint
+from fedxvit.classes import TASK_CLASSES
+from fedxvit.data import make_loader
+from fedxvit.model import build_model
+from fedxvit.training import apply_freeze_policy, evaluate, make_optimizer, seed_everything, train_epoch
+from test_simulator import tiny_job, write_site_images
+
+TESTS = Path(__file__).resolve().parent
+GOOD = ("site1", "site2", "site3")
+FAULTS = {"site4": "nan", "site5": "raise_in_round_2", "site6": "scale:1e6"}
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """The sites' data (good and bad) and one initial model shared by all runs: like the real expert,
+    trained beforehand on public images, so the sites fine-tune a model that already works (a random
+    tiny model's BatchNorm statistics need more steps than three tiny rounds give)."""
+    root = tmp_path_factory.mktemp("faults")
+    for i, site in enumerate([*GOOD, *FAULTS]):
+        write_site_images(root / "data" / site, train_per_class=4, seed=i, validation_per_class=10)
+    write_site_images(root / "public", train_per_class=16, seed=99)
+    seed_everything(0)
+    model = build_model("tiny", len(TASK_CLASSES))
+    apply_freeze_policy(model, "full")
+    optimizer = make_optimizer(model, 3e-3)
+    loader = make_loader(root / "public", "training", 32, 8, train=True, seed=0)
+    for _ in range(12):
+        train_epoch(model, loader, optimizer, torch.device("cpu"))
+    save_checkpoint(root / "initial_global.pt", model, meta={"class_names": list(TASK_CLASSES)})
+    return root
+
+
+def simulate(root: Path, name: str, sites, faults: dict, **server_changes) -> Path:
+    """Run the real job (its executor swapped for FaultyExecutor) in the simulator; the server's run folder."""
+    job = tiny_job(root / name, num_rounds=ROUNDS, **server_changes)
+    client_config = job / "app" / "config" / "config_fed_client.json"
+    config = json.loads(client_config.read_text())
+    executor = config["executors"][0]["executor"]
+    executor["path"] = "faulty_executor.FaultyExecutor"
+    executor["args"]["faults"] = faults
+    client_config.write_text(json.dumps(config))
+    workspace = root / name / "workspace"
+    env = dict(os.environ, FEDXVIT_INITIAL_MODEL=str(root / "initial_global.pt"), FEDXVIT_DATA_ROOT=str(root / "data"),
+               MLFLOW_TRACKING_URI=f"sqlite:///{root / name / 'mlflow.db'}",
+               PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    command = [str(Path(sys.executable).parent / "nvflare"), "simulator", str(job), "-w", str(workspace),
+               "-c", ",".join(sites), "-t", str(len(sites))]  # one process per site: none waits for a turn
+    run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    for r in range(ROUNDS):
+        assert f"Round {r} finished." in log, log[-4000:]
+    return workspace / "server" / "simulate_job"
+
+
+def final_global_model(run_dir: Path) -> dict:
+    state = torch.load(run_dir / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in state.values()), f"{run_dir}: global model not finite"
+    return state
+
+
+def good_sites_accuracy(root: Path, state: dict) -> float:
+    """Accuracy of a model state on the good sites' validation images, pooled."""
+    model = build_model("tiny", len(TASK_CLASSES))
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    loader = make_loader([root / "data" / s for s in GOOD], "validation", 32, 8, train=False)
+    return evaluate(model, loader, torch.device("cpu"))["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def reference(federation):
+    run_dir = simulate(federation, "reference", GOOD, {})
+    return good_sites_accuracy(federation, final_global_model(run_dir))
+
+
+def rounds_of(run_dir: Path) -> list:
+    return json.loads((run_dir / "global_val.json").read_text())["rounds"]
+
+
+def test_nan_crashing_and_absurd_sites_are_dropped_and_every_round_finishes(federation, reference):
+    run_dir = simulate(federation, "faulty", [*GOOD, *FAULTS], FAULTS, min_clients=3, wait_time_after_min_received=60)
+    accuracy = good_sites_accuracy(federation, final_global_model(run_dir))
+    assert abs(accuracy - reference) <= 0.02, (accuracy, reference)
+
+    rows = rounds_of(run_dir)
+    assert [r["round"] for r in rows] == list(range(ROUNDS))
+    for row in rows:
+        dropped = row["dropped_sites"]
+        assert dropped["site4"].startswith("rejected by the update filter") and "NaN" in dropped["site4"]
+        assert "median of the other sites'" in dropped["site6"], dropped
+        assert set(row["sites"]) == set(row["aggregated_sites"]) and "site6" not in row["aggregated_sites"]
+    assert "site5" in rows[0]["aggregated_sites"] and "site5" in rows[1]["aggregated_sites"]
+    assert rows[2]["dropped_sites"]["site5"] == "the site returned EXECUTION_RESULT_ERROR"  # NVFlare's code for a RuntimeError
+    assert sorted(rows[2]["aggregated_sites"]) == list(GOOD)
+    log = (run_dir.parent / "log.txt").read_text()  # the server log: one line per round names who was aggregated and who was dropped
+    assert "dropped site5: the site returned EXECUTION_RESULT_ERROR" in log
+    assert "dropped the update of site6: update norm" in log
+
+
+def test_median_aggregation_outvotes_an_absurd_site_without_screening(federation, reference):
+    sites = [*GOOD, "site6"]
+    run_dir = simulate(federation, "median", sites, {"site6": FAULTS["site6"]}, aggregation="median", norm_k=0)
+    rows = rounds_of(run_dir)
+    assert all(sorted(r["aggregated_sites"]) == sorted(sites) for r in rows), "screening was off: site6 was aggregated"
+    accuracy = good_sites_accuracy(federation, final_global_model(run_dir))
+    assert abs(accuracy - reference) <= 0.02, (accuracy, reference)
