@@ -125,6 +125,22 @@ def test_should_abort_stops_between_batches():
     assert stats["steps"] == 2 and stats["images"] == 8 and stats["aborted"]
 
 
+def test_evaluate_stops_between_batches_and_scores_what_it_saw():
+    model = build_model("tiny", num_classes=2)
+    batches = random_batches(n_batches=5)
+    reads = []
+
+    def abort_after_two():
+        reads.append(1)
+        return len(reads) > 2
+
+    partial = evaluate(model, batches, CPU, should_abort=abort_after_two)
+    first_two = evaluate(model, batches[:2], CPU)
+    assert partial["aborted"] and not first_two["aborted"] and len(reads) == 3
+    assert partial["count"] == 8 and partial["labels"] == first_two["labels"]
+    assert partial["loss"] == pytest.approx(first_two["loss"]) and partial["accuracy"] == first_two["accuracy"]
+
+
 def test_scheduler_warms_up_then_decays():
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = make_scheduler(optimizer, total_steps=10, warmup_steps=3)
