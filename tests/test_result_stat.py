@@ -177,6 +177,9 @@ def test_run_all_writes_summary_with_the_design_keys(site_data, tmp_path):
     assert [r["round"] for r in federated["rounds"]] == [0, 1]
     assert set(federated) >= {"final_test_accuracy", "final_test_loss", "per_class", "per_site"}
     assert set(federated["per_site"]) == {"site1", "site2"}
+    start = saved["comparison"][0]  # the final global model is the start's opposite, the best one the start
+    assert federated["final_test_accuracy"] == pytest.approx(1 - start["test_accuracy"])
+    assert federated["best_test_accuracy"] == start["test_accuracy"]
     assert set(saved["xai"]) >= {"pointing_game", "energy_in_mask", "per_site", "integrated_gradients"}
     assert "occlusion" not in saved["xai"]  # --no-occlusion
     assert set(saved["xai"]["baselines"]) == {"random", "centered", "intensity", "mask_cells"}
