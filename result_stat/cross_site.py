@@ -7,6 +7,11 @@ NVFlare's CrossSiteModelEval sends every site's best local model and the server'
 split; the server keeps the results in <run dir>/cross_site_val/cross_val_results.json as
 {data site: {model: {val_accuracy, val_loss, val_count}}}. This turns that file into a
 Markdown table and a heatmap PNG (rows: models, columns: data sites).
+
+A site that died or hung never answers: NVFlare gives up on it after the job's
+`submit_model_timeout` / `validation_timeout` and the file simply lacks its scores. The run's
+sites (from its global_val.json) still get their row and column, and every score nobody
+delivered is marked "missing" in the table and listed under "missing" in cross_site.json.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from fedxvit.errors import FedXViTError, run_cli
-from result_stat.report import default_run_dir
+from result_stat.report import default_run_dir, run_sites
 
 CROSS_VAL_FILE = Path("cross_site_val") / "cross_val_results.json"
 SERVER_PREFIX = "SRV_"
+MISSING = "missing"
 
 
 def load_cross_site(path: os.PathLike) -> dict:
@@ -46,25 +52,37 @@ def model_label(name: str) -> str:
     return f"{name} (best local)"
 
 
-def cross_site_matrix(results: dict, metric: str = "val_accuracy") -> dict:
-    """{"models": [...], "data_sites": [...], "values": rows x cols (None where missing), "counts": {site: n}}."""
-    data_sites = sorted(results)
-    names = sorted({m for per_model in results.values() for m in per_model},
+def cross_site_matrix(results: dict, metric: str = "val_accuracy", sites=()) -> dict:
+    """{"models", "labels", "data_sites", "values": rows x cols (None where missing), "counts": {site: n},
+    "missing": [{"model", "data_site"}, ...]}.
+
+    `sites` are the run's sites: each is a data site and owns a best local model, so a site that
+    never answered still gets its column and row, with its cells missing.
+    """
+    data_sites = sorted(set(results) | set(sites))
+    names = sorted({m for per_model in results.values() for m in per_model} | set(sites),
                    key=lambda n: (not n.startswith(SERVER_PREFIX), n))
-    values = [[results[site].get(name, {}).get(metric) for site in data_sites] for name in names]
-    counts = {site: next((m.get("val_count") for m in results[site].values() if "val_count" in m), None)
+    values = [[results.get(site, {}).get(name, {}).get(metric) for site in data_sites] for name in names]
+    counts = {site: next((m.get("val_count") for m in results.get(site, {}).values() if "val_count" in m), None)
               for site in data_sites}
+    missing = [{"model": name, "data_site": site} for name, row in zip(names, values)
+               for site, value in zip(data_sites, row) if value is None]
     return {"metric": metric, "models": names, "labels": [model_label(n) for n in names], "data_sites": data_sites,
-            "values": values, "counts": counts}
+            "values": values, "counts": counts, "missing": missing}
 
 
 def matrix_markdown(matrix: dict) -> str:
     sites = matrix["data_sites"]
-    head = " | ".join(f"{s} (n={matrix['counts'][s]})" for s in sites)
+    head = " | ".join(f"{s} (n={'?' if matrix['counts'][s] is None else matrix['counts'][s]})" for s in sites)
     lines = [f"| model \\ data ({matrix['metric']}) | {head} |", "|---|" + "---:|" * len(sites)]
     for label, row in zip(matrix["labels"], matrix["values"]):
-        cells = ["—" if v is None else (f"{100 * v:.1f}%" if "accuracy" in matrix["metric"] else f"{v:.4f}") for v in row]
+        cells = [MISSING if v is None else (f"{100 * v:.1f}%" if "accuracy" in matrix["metric"] else f"{v:.4f}")
+                 for v in row]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if matrix["missing"]:
+        lines += ["", f"{MISSING}: the score never arrived -- the model's owner never submitted it or the data site "
+                      "never validated it (a dead or hung site, given up on after the job's submit_model_timeout / "
+                      "validation_timeout)."]
     return "\n".join(lines) + "\n"
 
 
@@ -86,6 +104,8 @@ def save_heatmap(matrix: dict, path: os.PathLike, title: str = "") -> Path:
     for (r, c), v in np.ndenumerate(data):
         if np.isfinite(v):
             ax.text(c, r, f"{v:.3f}", ha="center", va="center", color="w" if v < np.nanmean(data) else "k", fontsize=8)
+        else:
+            ax.text(c, r, MISSING, ha="center", va="center", color="r", fontsize=8)
     fig.colorbar(image, ax=ax, label=matrix["metric"])
     ax.set_title(title or f"cross-site {matrix['metric']}")
     fig.tight_layout()
@@ -98,11 +118,13 @@ def write_cross_site(run_dir: os.PathLike | None, out: os.PathLike) -> dict:
     """cross_site.md/.json and cross_site_accuracy.png; returns the accuracy matrix."""
     run_dir = Path(run_dir) if run_dir else default_run_dir()
     results = load_cross_site(run_dir / CROSS_VAL_FILE)
+    sites = run_sites(run_dir)  # every site of the run, also one that never answered the cross-site tasks
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    accuracy, loss = cross_site_matrix(results, "val_accuracy"), cross_site_matrix(results, "val_loss")
+    accuracy, loss = cross_site_matrix(results, "val_accuracy", sites), cross_site_matrix(results, "val_loss", sites)
     save_heatmap(accuracy, out / "cross_site_accuracy.png")
-    (out / "cross_site.json").write_text(json.dumps({"val_accuracy": accuracy, "val_loss": loss}, indent=2) + "\n")
+    (out / "cross_site.json").write_text(json.dumps({"val_accuracy": accuracy, "val_loss": loss,
+                                                     "missing": accuracy["missing"]}, indent=2) + "\n")
     (out / "cross_site.md").write_text("## Cross-site evaluation\n\nEvery model on every site's validation split "
                                        "(NVFlare CrossSiteModelEval).\n\n" + matrix_markdown(accuracy) + "\n"
                                        + matrix_markdown(loss))

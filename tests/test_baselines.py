@@ -6,23 +6,15 @@ import torch
 from fedxvit.baselines import job_training_settings, train_on_sites
 from fedxvit.checkpoint import load_checkpoint
 from fedxvit.errors import FedXViTError
-from result_helpers import write_job_config, write_tiny_run
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    return write_tiny_run(tmp_path_factory.mktemp("baselines"))
+from fedxvit.model import build_model
+from fedxvit.training import apply_freeze_policy
+from tiny import write_tiny_config
 
 
 def test_settings_come_from_the_job_config(tmp_path):
-    settings = job_training_settings(write_job_config(tmp_path, num_rounds=3, local_epochs=2))
-    assert settings["epochs"] == 6 and settings["preset"] == "tiny"
-    assert settings["freeze_policy"] == "last-k" and settings["batch_size"] > 0
+    settings = job_training_settings(write_tiny_config(tmp_path, {"num_rounds": 3}, {"local_epochs": 2}))
+    assert settings == {"preset": "tiny", "epochs": 6, "lr": 3e-4, "batch_size": 4, "freeze_policy": "last-k",
+                        "last_k": 1, "seed": 0}
     with pytest.raises(FedXViTError, match="config_fed_server.json"):
         job_training_settings(tmp_path / "nowhere")
 
@@ -33,11 +25,15 @@ def test_pooled_and_local_training_start_from_the_initial_model_under_the_freeze
     kwargs = dict(preset="tiny", epochs=2, batch_size=4, freeze_policy="last-k", last_k=1, seed=0)
     pooled = train_on_sites(dirs, tiny_run["initial"], **kwargs)
     local = train_on_sites(dirs[:1], tiny_run["initial"], **kwargs)
-    assert pooled["train_images"] == 16 and local["train_images"] == 8
-    assert len(pooled["history"]) == 2 and pooled["history"][0]["images"] == 16 and pooled["wall_s"] > 0
+    for run, images in ((pooled, 16), (local, 8)):  # 4 + 4 training images per site
+        assert run["train_images"] == images
+        assert [(h["images"], h["steps"], h["aborted"]) for h in run["history"]] == [(images, images // 4, False)] * 2
     state = pooled["model"].state_dict()
-    assert torch.equal(state["backbone.conv_stem.weight"], initial["backbone.conv_stem.weight"]), "frozen CNN must not move"
-    assert not torch.equal(state["head.weight"], initial["head.weight"]), "the head trains"
+    trainable = apply_freeze_policy(build_model("tiny", 2), "last-k", 1)
+    assert [name for name in trainable if torch.equal(state[name], initial[name])] == [], "every trainable tensor trains"
+    frozen = set(state) - set(trainable)
+    assert all(torch.equal(state[name], initial[name]) for name in frozen), "frozen tensors must not move"
+    assert not torch.equal(local["model"].state_dict()["head.weight"], state["head.weight"]), "other data, other model"
     again = train_on_sites(dirs, tiny_run["initial"], **kwargs)
     assert torch.equal(again["model"].state_dict()["head.weight"], state["head.weight"]), "same seed, same model"
 

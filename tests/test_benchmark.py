@@ -1,7 +1,7 @@
 """The embedded benchmark generator: determinism, lesion anatomy, site layout, reruns, CLI errors.
 
 Everything runs at 64 px with a handful of images so the module stays fast on 2 CPU cores; the
-benchmark is generated once per module and reused.
+benchmark is generated once per module and reused. Every test that generates one is marked slow.
 """
 
 import hashlib
@@ -18,8 +18,8 @@ from scipy.ndimage import binary_fill_holes, distance_transform_edt
 from data_preparation import benchmark
 from fedxvit.datalist import load_split, pixel_hash, read_dataset_info
 from fedxvit.errors import FedXViTError
+from tiny import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "64", "--public-per-class", "12", "--site-sizes", "20,30,40",
         "--healthy-fraction", "0.4", "--val-frac", "0.2", "--test-frac", "0.2", "--workers", "1"]
 SPLITS = ("training", "validation", "testing")
@@ -66,6 +66,7 @@ def public_lesions(data) -> dict:
     return {name: np.array(rows) for name, rows in found.items()}
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(data, tmp_path):
     generate(tmp_path / "again")
     assert tree_hashes(tmp_path / "again") == tree_hashes(data)
@@ -75,6 +76,7 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(data, tmp_path):
     assert images and all(other[k] != same[k] for k in images)
 
 
+@pytest.mark.slow
 def test_images_do_not_depend_on_generation_order(data, tmp_path):
     """Each image has its own RNG stream, so workers (or any order) give the same files."""
     args = benchmark.parse_args(["--out", str(tmp_path), *TINY])
@@ -89,6 +91,7 @@ def test_images_do_not_depend_on_generation_order(data, tmp_path):
     assert rendered == {k: v for k, v in tree_hashes(data).items() if k in rendered}
 
 
+@pytest.mark.slow
 def test_mask_present_exactly_for_tumors_and_inside_the_head(data):
     for site, healthy in [("public", benchmark.EXPERT_CLASSES.index("notumor")), ("site1", 0), ("site2", 0)]:
         for item in entries(data / site):
@@ -100,18 +103,21 @@ def test_mask_present_exactly_for_tumors_and_inside_the_head(data):
                 assert head[mask == 255].mean() > 0.9, item["mask"]
 
 
+@pytest.mark.slow
 def test_images_are_8bit_grayscale_of_the_requested_size(data):
     for item in entries(data / "site1"):
         image = Image.open(item["image"])
         assert image.mode == "L" and image.size == (64, 64)
 
 
+@pytest.mark.slow
 def test_meningioma_sits_nearer_the_brain_edge_than_glioma(public_lesions):
     meningioma_depth = np.median(public_lesions["meningioma"][:, 2])
     glioma_depth = np.median(public_lesions["glioma"][:, 2])
     assert meningioma_depth < glioma_depth
 
 
+@pytest.mark.slow
 def test_pituitary_lesions_are_midline_and_small(public_lesions):
     pituitary, glioma = public_lesions["pituitary"], public_lesions["glioma"]
     off_midline = np.abs(pituitary[:, 1] - pituitary[:, 3])
@@ -119,6 +125,7 @@ def test_pituitary_lesions_are_midline_and_small(public_lesions):
     assert np.median(off_midline) < np.median(np.abs(glioma[:, 1] - glioma[:, 3]))
 
 
+@pytest.mark.slow
 def test_public_has_four_classes_and_sites_two(data):
     assert read_dataset_info(data / "public")["class_names"] == list(benchmark.EXPERT_CLASSES)
     for k in (1, 2, 3):
@@ -129,6 +136,7 @@ def test_public_has_four_classes_and_sites_two(data):
             assert all(info["counts"][split][name] >= 1 for name in benchmark.TASK_CLASSES), (k, split)
 
 
+@pytest.mark.slow
 def test_site_sizes_differ_and_nothing_is_shared(data):
     sizes = [read_dataset_info(data / f"site{k}")["num_images"] for k in (1, 2, 3)]
     assert sizes == [20, 30, 40]
@@ -143,6 +151,7 @@ def test_site_sizes_differ_and_nothing_is_shared(data):
         assert sum(map(len, split_sets)) == len(set().union(*split_sets))
 
 
+@pytest.mark.slow
 def test_each_hospital_has_a_scanner_the_public_set_never_shows(data):
     jobs = benchmark.product_jobs(benchmark.parse_args(["--out", str(data), *TINY]), data)
     profiles = {}
@@ -161,12 +170,14 @@ def test_each_hospital_has_a_scanner_the_public_set_never_shows(data):
     assert median_tissue("site1") > 1.25 * median_tissue("site2")  # the bright protocol vs the dark one
 
 
+@pytest.mark.slow
 def test_site_healthy_share_follows_the_option(data):
     info = read_dataset_info(data / "site3")
     healthy = sum(info["counts"][s]["Healthy"] for s in SPLITS)
     assert healthy == round(40 * 0.4)
 
 
+@pytest.mark.slow
 def test_rerun_with_same_parameters_is_reused(data, capsys):
     before = tree_hashes(data)
     generate(data)
@@ -174,6 +185,7 @@ def test_rerun_with_same_parameters_is_reused(data, capsys):
     assert tree_hashes(data) == before
 
 
+@pytest.mark.slow
 def test_rerun_with_other_parameters_refused_without_force(tmp_path):
     out = tmp_path / "data"
     generate(out)

@@ -1,12 +1,12 @@
 """FedXViTExecutor against NVFlare's Shareable/DXO API, with a hand-built FLContext (no server)."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
@@ -14,39 +14,20 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from fedxvit.classes import TASK_CLASSES
-from fedxvit.datalist import write_site
 from fedxvit.errors import FedXViTError
-from fedxvit.executor import FedXViTExecutor, resolve_torch_threads, to_numpy_state
+from fedxvit.executor import BEST_LOCAL_MODEL, FedXViTExecutor, resolve_torch_threads, to_numpy_state
 from fedxvit.model import build_model
 from fedxvit.sites import DATA_ROOT_ENV, SITE_CONFIG_FILE, site_data_dir, site_env_var
 from fedxvit.standalone import make_fl_ctx, serialized_size
 from fedxvit.training import apply_freeze_policy
+from tiny import write_tiny_site
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    torch.set_num_threads(1)
+def no_site_data_env(monkeypatch):
+    """The tests choose each site's data folder themselves; a developer's own settings must not leak in."""
     for var in (DATA_ROOT_ENV, site_env_var("site1"), site_env_var("site-a")):
         monkeypatch.delenv(var, raising=False)
-
-
-def write_tiny_site(root: Path, per_class: int = 3, size: int = 32, seed: int = 0) -> Path:
-    """A 2-class site of noise images, tumors as a bright square; enough for a few optimizer steps."""
-    rng = np.random.default_rng(seed)
-    entries = {}
-    for split, count in (("training", per_class), ("validation", 2), ("testing", 1)):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        entries[split] = []
-        for label in range(len(TASK_CLASSES)):
-            for i in range(count):
-                pixels = (rng.random((size, size)) * 60).astype(np.uint8)
-                if label:
-                    pixels[4:14, 4:14] = 230
-                rel = f"{split}/{label}_{i}.png"
-                Image.fromarray(pixels).save(root / rel)
-                entries[split].append({"image": rel, "label": label})
-    write_site(root, entries, TASK_CLASSES, {"generator": "tests"})
-    return root
 
 
 def global_task(model, round_number: int = 0):
@@ -55,14 +36,10 @@ def global_task(model, round_number: int = 0):
     return shareable
 
 
-@pytest.fixture(scope="module")
-def site_dir(tmp_path_factory):
-    return write_tiny_site(tmp_path_factory.mktemp("data") / "site1")
-
-
 @pytest.fixture
-def client(tmp_path, site_dir, monkeypatch):
-    monkeypatch.setenv(site_env_var("site1"), str(site_dir))
+def client(tmp_path, tiny_site_dir, monkeypatch):
+    """An executor on the tiny site: 3 + 3 training and 2 + 2 validation images, batch 2, 2 local epochs."""
+    monkeypatch.setenv(site_env_var("site1"), str(tiny_site_dir))
     executor = FedXViTExecutor(preset="tiny", local_epochs=2, learning_rate=1e-2, batch_size=2,
                                freeze_policy="last-k", last_k=1, torch_threads=1)
     return executor, make_fl_ctx(tmp_path / "site1")
@@ -126,28 +103,73 @@ def test_validate_and_submit_model_serve_cross_site_evaluation(client):
     assert (Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / "best_local_model.pt").is_file()
 
 
-def test_abort_between_batches_returns_task_aborted(client):
+class TriggeredAfterChecks(Signal):
+    """A real NVFlare Signal that gets triggered while the task runs: once it has been read `checks` times."""
+
+    def __init__(self, checks: int):
+        super().__init__()
+        self.checks, self.reads = checks, 0
+
+    @property
+    def triggered(self):
+        self.reads += 1
+        if self.reads > self.checks:
+            self.trigger("abort")
+        return super().triggered
+
+
+# Reads of the abort signal in one train task of the `client` fixture: 1 before the task starts, then one
+# before every batch -- 2 scoring the global model (4 validation images), 6 training (2 epochs x 3 batches),
+# 2 scoring the local model.
+TRAIN_TASK_READS = 1 + 2 + 6 + 2
+
+
+def test_a_train_task_reads_the_abort_signal_before_every_batch(client):
     executor, fl_ctx = client
-    signal = Signal()
-    model = build_model("tiny", 2)
-    executor.execute("train", global_task(model), fl_ctx, Signal())  # set up loaders first
-    signal.trigger("stop")
-    assert executor.execute("train", global_task(model), fl_ctx, signal).get_return_code() == ReturnCode.TASK_ABORTED
+    signal = TriggeredAfterChecks(checks=TRAIN_TASK_READS)  # triggered only after the last read
+    result = executor.execute("train", global_task(build_model("tiny", 2)), fl_ctx, signal)
+    assert result.get_return_code(ReturnCode.OK) == ReturnCode.OK
+    assert signal.reads == TRAIN_TASK_READS
 
 
-def test_abort_raised_mid_epoch_stops_training(client):
+@pytest.mark.parametrize("checks, phase", [(2, "scoring the global model"), (5, "training"),
+                                           (10, "scoring the local model")])
+def test_abort_during_a_train_task_stops_at_the_next_batch(client, caplog, checks, phase):
     executor, fl_ctx = client
-    calls = {"n": 0}
-
-    class CountingSignal(Signal):
-        @property
-        def triggered(self):
-            calls["n"] += 1
-            return calls["n"] > 2  # a couple of batches, then stop
-
-    result = executor.execute("train", global_task(build_model("tiny", 2)), fl_ctx, CountingSignal())
+    caplog.set_level(logging.INFO)
+    global_model = build_model("tiny", 2)
+    signal = TriggeredAfterChecks(checks)
+    result = executor.execute("train", global_task(global_model), fl_ctx, signal)
     assert result.get_return_code() == ReturnCode.TASK_ABORTED
-    assert calls["n"] == 3  # checked between batches, not only at the task's start
+    assert signal.reads == checks + 1, "it went on after the signal was triggered"
+    assert any(f"task aborted while {phase}" in r.getMessage() for r in caplog.records)
+    local = executor.model.state_dict()
+    trained = any(not torch.equal(local[k], v) for k, v in global_model.state_dict().items())
+    assert trained == (phase != "scoring the global model")
+    assert not (Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / BEST_LOCAL_MODEL).exists(), \
+        "a half-scored model must not become the best local model"
+
+
+def test_abort_during_a_validate_task_stops_at_the_next_batch(client, caplog):
+    executor, fl_ctx = client
+    caplog.set_level(logging.INFO)
+    signal = TriggeredAfterChecks(checks=2)  # the check before the task, then the first of 2 validation batches
+    result = executor.execute("validate", global_task(build_model("tiny", 2)), fl_ctx, signal)
+    assert result.get_return_code() == ReturnCode.TASK_ABORTED
+    assert signal.reads == 3
+    assert any("task aborted while validating the model of" in r.getMessage() for r in caplog.records)
+
+
+def test_a_signal_triggered_before_the_task_starts_does_no_work(client):
+    executor, fl_ctx = client
+    executor.execute("train", global_task(build_model("tiny", 2)), fl_ctx, Signal())  # set up loaders first
+    before = {k: v.clone() for k, v in executor.model.state_dict().items()}
+    torch.manual_seed(1)
+    other_model = build_model("tiny", 2)  # loading it would change the executor's weights
+    signal = Signal()
+    signal.trigger("stop")
+    assert executor.execute("train", global_task(other_model), fl_ctx, signal).get_return_code() == ReturnCode.TASK_ABORTED
+    assert all(torch.equal(v, before[k]) for k, v in executor.model.state_dict().items())
 
 
 def test_missing_site_data_fails_the_task_with_a_clear_message(tmp_path, monkeypatch, caplog):
@@ -163,9 +185,9 @@ def test_missing_site_data_fails_the_task_with_a_clear_message(tmp_path, monkeyp
 
 
 def test_site_data_override_precedence(tmp_path, monkeypatch):
-    root_site = write_tiny_site(tmp_path / "root" / "site-a", per_class=1)
-    json_site = write_tiny_site(tmp_path / "from_json", per_class=1)
-    env_site = write_tiny_site(tmp_path / "from_env", per_class=1)
+    root_site = write_tiny_site(tmp_path / "root" / "site-a", train_per_class=1)
+    json_site = write_tiny_site(tmp_path / "from_json", train_per_class=1)
+    env_site = write_tiny_site(tmp_path / "from_env", train_per_class=1)
     local = tmp_path / "client" / "local"
     local.mkdir(parents=True)
 
@@ -184,10 +206,12 @@ def test_site_without_datalist_names_site_and_path(tmp_path):
         site_data_dir("site1", environ={site_env_var("site1"): str(tmp_path / "site1")})
 
 
-def test_auto_threads_share_the_cores_between_simulated_clients():
-    assert resolve_torch_threads(3) == 3
-    assert resolve_torch_threads("auto", parallel_clients=10_000) == 1
-    assert resolve_torch_threads("auto", parallel_clients=1) >= 1
+def test_auto_threads_share_the_cores_between_simulated_clients(monkeypatch):
+    monkeypatch.setattr("fedxvit.executor.os.sched_getaffinity", lambda pid: set(range(8)))  # an 8-core machine
+    assert resolve_torch_threads("auto", parallel_clients=1) == 8
+    assert resolve_torch_threads("auto", parallel_clients=3) == 2
+    assert resolve_torch_threads("auto", parallel_clients=10_000) == 1  # never zero
+    assert resolve_torch_threads(3, parallel_clients=3) == 3 and resolve_torch_threads("5") == 5  # explicit wins
 
 
 def test_initial_model_is_checked_before_the_server_starts(tmp_path):

@@ -22,8 +22,9 @@ from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
 from fedxvit.model import build_model
 from fedxvit.training import apply_freeze_policy, evaluate, make_optimizer, seed_everything, train_epoch
-from test_simulator import tiny_job, write_site_images
+from tiny import tiny_job, write_tiny_site
 
+pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
 GOOD = ("site1", "site2", "site3")
 FAULTS = {"site4": "nan", "site5": "raise_in_round_2", "site6": "scale:1e6"}
@@ -37,8 +38,8 @@ def federation(tmp_path_factory):
     tiny model's BatchNorm statistics need more steps than three tiny rounds give)."""
     root = tmp_path_factory.mktemp("faults")
     for i, site in enumerate([*GOOD, *FAULTS]):
-        write_site_images(root / "data" / site, train_per_class=4, seed=i, validation_per_class=10)
-    write_site_images(root / "public", train_per_class=16, seed=99)
+        write_tiny_site(root / "data" / site, train_per_class=4, val_per_class=10, seed=i)
+    write_tiny_site(root / "public", train_per_class=16, seed=99)
     seed_everything(0)
     model = build_model("tiny", len(TASK_CLASSES))
     apply_freeze_policy(model, "full")

@@ -29,11 +29,6 @@ SIZE, PATCH = 64, 16  # the tiny preset at 64 px: a 4 x 4 CAM grid, one patch = 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 def toy_images(n, seed, shortcut=False):
     """Noise images. Patch task: class 1 holds a bright 16 px 'tumor' at a random place (its mask).
     Shortcut task: every image holds such a patch, and class 1 is told apart only by a marker in the
@@ -228,7 +223,10 @@ def test_explain_sites_writes_scores_and_panels(tmp_path, patch_model):
     out = tmp_path / "out"
     result = explain_sites(patch_model, {"site1": site}, out, n=4, seed=0, progress=False, image_size=SIZE)
     assert result["per_site"]["site1"]["gradcam"]["n"] == 4
-    assert 0 <= result["pointing_game"] <= 1 and set(result["baselines"]) == {"random", "centered", "intensity", "mask_cells"}
+    images = result["per_site"]["site1"]["images"]
+    assert result["pointing_game"] == pytest.approx(np.mean([image["hit"] for image in images]))
+    assert result["energy_in_mask"] == pytest.approx(np.mean([image["energy_in_mask"] for image in images]))
+    assert set(result["baselines"]) == {"random", "centered", "intensity", "mask_cells"}
     assert json.loads((out / "gradcam.json").read_text())["n"] == 4
     assert (out / "gradcam_site1.png").is_file() and len(list((out / "gradcam" / "site1").glob("*.png"))) == 4
     again = explain_sites(patch_model, {"site1": site}, None, n=4, seed=0, progress=False, image_size=SIZE)

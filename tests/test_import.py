@@ -15,8 +15,8 @@ from data_preparation.import_folders import main
 from fedxvit.classes import EXPERT_CLASSES, TASK_CLASSES
 from fedxvit.datalist import SPLITS, read_dataset_info
 from fedxvit.errors import FedXViTError
+from tiny import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
 
 

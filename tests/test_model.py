@@ -9,11 +9,6 @@ from fedxvit.model import PRESETS, build_model, get_preset
 from fedxvit.transfer import transplant
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # see tests/test_training.py
-
-
 @pytest.mark.parametrize("preset", ["tiny", "cpu"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_small_presets_give_one_logit_row_per_image(preset, batch):

@@ -1,13 +1,10 @@
 """One anchor for default data, models and the MLflow store, wherever NVFlare's workers run."""
 
-from pathlib import Path
-
 from fedxvit.paths import project_root
 from fedxvit.persistor import resolve_initial_model
 from fedxvit.sites import locate_site_data
 from fedxvit.tracking import local_store
-
-REPO = Path(__file__).resolve().parents[1]
+from tiny import REPO
 
 
 def test_root_found_from_a_subfolder_and_from_outside_the_checkout(tmp_path, monkeypatch):

@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
-from test_simulator import tiny_job, tiny_sites_and_initial_model
+import pytest
+
+from tiny import tiny_job, tiny_sites_and_initial_model
+
+pytestmark = pytest.mark.slow
 
 
 def test_poc_run_survives_a_site_killed_after_round_one(tmp_path):

@@ -13,16 +13,10 @@ from sklearn.metrics import classification_report, confusion_matrix, roc_auc_sco
 
 from fedxvit.errors import FedXViTError
 from fedxvit.training import evaluate
-from result_helpers import write_tiny_run
 from result_stat import cross_site, plot_tensorboard_events, report, run_all
 from result_stat.metrics import classification_metrics
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 class MeanLogit(torch.nn.Module):
@@ -55,11 +49,6 @@ def test_metrics_on_a_model_with_known_outputs_agree_with_sklearn():
     assert classification_metrics([1, 1], [[0.2, 0.8], [0.6, 0.4]], ["Healthy", "Tumor"])["roc_auc"] is None
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    return write_tiny_run(tmp_path_factory.mktemp("results"))
-
-
 @pytest.fixture
 def site_data(tiny_run, monkeypatch):
     monkeypatch.setenv("FEDXVIT_DATA_ROOT", str(tiny_run["data"]))
@@ -71,17 +60,27 @@ def test_report_scores_global_models_and_baselines_on_every_site(site_data, tmp_
     assert rep["sites"] == ["site1", "site2"] and rep["settings"]["epochs"] == 2
     final = rep["models"]["final"]
     assert final["combined"]["count"] == final["site1"]["count"] + final["site2"]["count"] == 8
-    names = [row["model"] for row in rep["comparison"]]
-    assert names[0].startswith("transplanted start") and "centralized (all sites pooled)" in names
-    assert {"local-only site1", "local-only site2"} <= set(names)
-    start = rep["comparison"][0]
-    # the run's global model is the initial model itself here, so both must score alike
-    assert start["test_accuracy"] == rep["comparison"][1]["test_accuracy"]
+    rows = {row["model"]: row for row in rep["comparison"]}
+    assert list(rows)[0] == "transplanted start (initial_global)"
+    start, final_row, best_row = (rows[name] for name in (list(rows)[0], "federated, final global model",
+                                                           "federated, best global model"))
+    # tiny.write_tiny_run: the final global model predicts the opposite of the start, the best one is the start
+    assert final_row["test_accuracy"] == pytest.approx(1 - start["test_accuracy"])
+    assert (best_row["test_accuracy"], best_row["test_loss"]) == (start["test_accuracy"], pytest.approx(start["test_loss"]))
+    best_matrix = rep["models"]["best"]["combined"]["confusion_matrix"]
+    assert final["combined"]["confusion_matrix"] == [row[::-1] for row in best_matrix] != best_matrix
+    assert final_row["test_loss"] != pytest.approx(start["test_loss"])
+    # the baselines trained on the sites' 8 training images each, for the run's 2 rounds x 1 local epoch
+    assert [(rows[n]["train_images"], rows[n]["epochs"]) for n in ("centralized (all sites pooled)",
+            "local-only site1", "local-only site2")] == [(16, 2), (8, 2), (8, 2)]
+    assert rows["centralized (all sites pooled)"]["test_loss"] != pytest.approx(start["test_loss"])
     files = report.write_report(rep, tmp_path)
     saved = json.loads(files["json"].read_text())
     assert saved["models"]["final"]["combined"]["confusion_matrix"] == final["combined"]["confusion_matrix"]
     assert (tmp_path / "confusion_matrix_final.png").stat().st_size > 0 and (tmp_path / "roc_curve.png").is_file()
-    assert "Is federation worth it?" in files["markdown"].read_text()
+    markdown = files["markdown"].read_text()
+    assert "Is federation worth it?" in markdown
+    assert f"| federated, final global model | {100 * final_row['test_accuracy']:.1f}% | {final_row['test_loss']:.4f} |" in markdown
 
 
 def test_report_refuses_missing_or_foreign_models(site_data, tmp_path):
@@ -98,10 +97,37 @@ def test_cross_site_table_and_heatmap(tiny_run, tmp_path):
     assert matrix["data_sites"] == ["site1", "site2"]
     assert matrix["labels"][0] == "server: FL_global_model"
     assert matrix["values"][0] == [0.5, 0.5] and matrix["values"][2] == [pytest.approx(0.7)] * 2
-    assert "| site2 (best local) | 70.0% | 70.0% |" in (tmp_path / "cross_site.md").read_text()
+    assert matrix["missing"] == []
+    table = (tmp_path / "cross_site.md").read_text()
+    assert "| site2 (best local) | 70.0% | 70.0% |" in table and "missing" not in table
     assert (tmp_path / "cross_site_accuracy.png").stat().st_size > 0
     with pytest.raises(FedXViTError, match="cross-site"):
         cross_site.write_cross_site(tmp_path, tmp_path)
+
+
+def test_cross_site_marks_the_scores_a_dead_site_never_delivered(tmp_path):
+    run = tmp_path / "run"
+    (run / "cross_site_val").mkdir(parents=True)
+    scores = {"val_accuracy": 0.75, "val_loss": 0.5, "val_count": 4}
+    models = ["SRV_FL_global_model.pt", "site1", "site2"]
+    # site3 trained in round 0 and died: it neither submitted its model nor validated anyone's
+    (run / "global_val.json").write_text(json.dumps({"rounds": [
+        {"round": 0, "sites": {s: scores for s in ("site1", "site2", "site3")}}]}))
+    (run / "cross_site_val" / "cross_val_results.json").write_text(
+        json.dumps({site: {m: scores for m in models} for site in ("site1", "site2")}))
+    matrix = cross_site.write_cross_site(run, tmp_path / "out")
+
+    assert matrix["data_sites"] == ["site1", "site2", "site3"] and matrix["models"] == [*models, "site3"]
+    never_validated = [{"model": m, "data_site": "site3"} for m in models]
+    never_submitted = [{"model": "site3", "data_site": s} for s in ("site1", "site2", "site3")]
+    expected = never_validated + never_submitted
+    assert sorted(matrix["missing"], key=json.dumps) == sorted(expected, key=json.dumps)
+    assert json.loads((tmp_path / "out" / "cross_site.json").read_text())["missing"] == matrix["missing"]
+    table = (tmp_path / "out" / "cross_site.md").read_text()
+    assert "| site1 (n=4) | site2 (n=4) | site3 (n=?) |" in table
+    assert "| site1 (best local) | 75.0% | 75.0% | missing |" in table
+    assert "| site3 (best local) | missing | missing | missing |" in table
+    assert "validation_timeout" in table
 
 
 def test_plot_script_reads_events_written_by_tensorboard(tmp_path):
@@ -151,10 +177,16 @@ def test_run_all_writes_summary_with_the_design_keys(site_data, tmp_path):
     assert [r["round"] for r in federated["rounds"]] == [0, 1]
     assert set(federated) >= {"final_test_accuracy", "final_test_loss", "per_class", "per_site"}
     assert set(federated["per_site"]) == {"site1", "site2"}
+    start = saved["comparison"][0]  # the final global model is the start's opposite, the best one the start
+    assert federated["final_test_accuracy"] == pytest.approx(1 - start["test_accuracy"])
+    assert federated["best_test_accuracy"] == start["test_accuracy"]
     assert set(saved["xai"]) >= {"pointing_game", "energy_in_mask", "per_site", "integrated_gradients"}
     assert "occlusion" not in saved["xai"]  # --no-occlusion
     assert set(saved["xai"]["baselines"]) == {"random", "centered", "intensity", "mask_cells"}
-    assert 0 <= saved["xai"]["integrated_gradients"]["pointing_game"] <= 1
+    ig = saved["xai"]["integrated_gradients"]
+    per_site = ig["per_site"].values()
+    assert ig["n"] == sum(s["n"] for s in per_site) == 4  # 2 tumor test images per site
+    assert ig["pointing_game"] == pytest.approx(sum(s["pointing_game"] * s["n"] for s in per_site) / ig["n"])
     assert all({"model", "test_accuracy", "test_loss"} <= row.keys() for row in saved["comparison"])
     text = (out / "report.md").read_text()
     assert "Is federation worth it?" in text and "pointing game" in text

@@ -3,66 +3,20 @@ tracked into a local MLflow store (via $MLFLOW_TRACKING_URI) and TensorBoard eve
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+import pytest
 import torch
-from PIL import Image
 
-from fedxvit.checkpoint import save_checkpoint
 from fedxvit.classes import TASK_CLASSES
-from fedxvit.datalist import read_dataset_info, write_site
-from fedxvit.model import build_model
+from fedxvit.datalist import read_dataset_info
 from fedxvit.tracking import (FEDERATED_EXPERIMENT, ROLE_TAG, SERVER_ROUND_METRICS, SITE_ROUND_METRICS, SITE_TAG,
                               tracking_uri)
+from tiny import SITES, tiny_job, tiny_sites_and_initial_model
 
-REPO = Path(__file__).resolve().parents[1]
-JOB = REPO / "jobs" / "fedxvit"
-SITES = ("site1", "site2", "site3")
-
-
-def write_site_images(root: Path, train_per_class: int, seed: int, validation_per_class: int = 2) -> None:
-    rng = np.random.default_rng(seed)
-    entries = {}
-    for split, count in (("training", train_per_class), ("validation", validation_per_class), ("testing", 1)):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        entries[split] = []
-        for label in range(len(TASK_CLASSES)):
-            for i in range(count):
-                pixels = (rng.random((32, 32)) * 60).astype(np.uint8)
-                if label:
-                    pixels[6:16, 6:16] = 230
-                rel = f"{split}/{label}_{i}.png"
-                Image.fromarray(pixels).save(root / rel)
-                entries[split].append({"image": rel, "label": label})
-    write_site(root, entries, TASK_CLASSES, {"generator": "tests", "seed": seed})
-
-
-def tiny_job(tmp: Path, **server_changes) -> Path:
-    """The real job with its arguments overridden the way a user would: edit the top-level variables."""
-    job = tmp / "job"
-    shutil.copytree(JOB, job)
-    for name, changes in (("config_fed_server.json", {"num_rounds": 2, "preset": "tiny", **server_changes}),
-                          ("config_fed_client.json", {"preset": "tiny", "batch_size": 4, "torch_threads": 1})):
-        path = job / "app" / "config" / name
-        config = json.loads(path.read_text())
-        assert set(changes) <= set(config), f"{name} lost a job argument"
-        config.update(changes)
-        path.write_text(json.dumps(config))
-    return job
-
-
-def tiny_sites_and_initial_model(tmp: Path, train_per_class=lambda i: 3 + i) -> Path:
-    """tmp/data/site1..3 of tiny images and tmp/initial_global.pt (a seeded tiny model); the model's path."""
-    for i, site in enumerate(SITES):
-        write_site_images(tmp / "data" / site, train_per_class=train_per_class(i), seed=i)
-    torch.manual_seed(0)
-    initial = tmp / "initial_global.pt"
-    save_checkpoint(initial, build_model("tiny", len(TASK_CLASSES)), meta={"class_names": list(TASK_CLASSES)})
-    return initial
+pytestmark = pytest.mark.slow
 
 
 def test_three_sites_two_rounds_in_the_simulator(tmp_path):
@@ -99,7 +53,7 @@ def test_three_sites_two_rounds_in_the_simulator(tmp_path):
         assert (workspace / site / "simulate_job" / f"app_{site}" / "best_local_model.pt").is_file()
 
     hashes = {site: read_dataset_info(tmp_path / "data" / site)["data_hash"] for site in SITES}
-    check_tracking(store, job_dir, rounds, hashes)
+    check_tracking(store, job_dir, rounds, hashes, cross_site)
 
 
 def tb_scalars(folder: Path) -> dict:
@@ -111,7 +65,7 @@ def tb_scalars(folder: Path) -> dict:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def check_tracking(store: str, job_dir: Path, rounds: list, hashes: dict) -> None:
+def check_tracking(store: str, job_dir: Path, rounds: list, hashes: dict, cross_site: dict) -> None:
     """Every site and the server tracked per round in MLflow and TensorBoard; params once; models registered."""
     import mlflow
 
@@ -141,12 +95,16 @@ def check_tracking(store: str, job_dir: Path, rounds: list, hashes: dict) -> Non
     assert (params["num_rounds"], params["preset"], params["sites"]) == ("2", "tiny", ",".join(SITES))
     assert (params["freeze_policy"], params["local_epochs"], params["learning_rate"]) == ("last-k", "1", "0.0003")
 
-    for name, kind in (("fedxvit-global", "final"), ("fedxvit-global-best", "best")):
+    for name, kind, file_name in (("fedxvit-global", "final", "FL_global_model.pt"),
+                                  ("fedxvit-global-best", "best", "best_FL_global_model.pt")):
         (version,) = client.search_model_versions(f"name='{name}'")
         assert version.run_id == server_run.info.run_id
         assert version.tags["model"] == kind and version.tags["job_id"] == job_id
         assert {version.tags[f"data_hash.{site}"] for site in SITES} == set(hashes.values())
-        assert 0.0 <= float(version.tags["cross_site_val_accuracy"]) <= 1.0
+        scores = [cross_site[site][f"SRV_{file_name}"] for site in SITES]  # the model pooled over all sites
+        count = sum(s["val_count"] for s in scores)
+        for tag, metric in (("cross_site_val_accuracy", "val_accuracy"), ("cross_site_val_loss", "val_loss")):
+            assert float(version.tags[tag]) == pytest.approx(sum(s[metric] * s["val_count"] for s in scores) / count)
     mlflow.set_tracking_uri(store)
     inputs = json.loads(mlflow.models.get_model_info("models:/fedxvit-global/1").signature.to_dict()["inputs"])
     assert inputs[0]["tensor-spec"]["shape"] == [-1, 1, 32, 32]

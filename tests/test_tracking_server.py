@@ -14,10 +14,11 @@ import mlflow
 import pytest
 
 from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SERVER_ROUND_METRICS, SITE_ROUND_METRICS, SITE_TAG
-from test_simulator import SITES, tiny_job, tiny_sites_and_initial_model
 from test_tracking import closed_port
+from tiny import SITES, tiny_job, tiny_sites_and_initial_model
 
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

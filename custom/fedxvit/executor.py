@@ -178,9 +178,16 @@ class FedXViTExecutor(Executor):
             for tag, value in metrics.items():
                 self.writer.log_metric(tag, value, step=step)
 
-    def _scores(self) -> dict:
-        result = evaluate(self.model, self.val_loader, self.device)
+    def _scores(self, abort_signal: Signal) -> dict | None:
+        """The model's local validation scores; None when the task was aborted while scoring."""
+        result = evaluate(self.model, self.val_loader, self.device, should_abort=lambda: abort_signal.triggered)
+        if result["aborted"]:
+            return None
         return {"val_accuracy": result["accuracy"], "val_loss": result["loss"], "val_count": result["count"]}
+
+    def _aborted(self, fl_ctx: FLContext, while_doing: str) -> Shareable:
+        self.log_info(fl_ctx, f"fedxvit {self.site_name}: task aborted {while_doing}")
+        return make_reply(ReturnCode.TASK_ABORTED)
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         dxo = from_shareable(shareable)
@@ -189,7 +196,9 @@ class FedXViTExecutor(Executor):
         self._load_weights(dxo.data)
         global_state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, "?")
-        initial_metrics = self._scores()
+        initial_metrics = self._scores(abort_signal)
+        if initial_metrics is None:
+            return self._aborted(fl_ctx, f"while scoring the global model of round {current_round}")
 
         trainable = shared_state_keys(self.model, apply_freeze_policy(self.model, self.freeze_policy, self.last_k))
         optimizer = make_optimizer(self.model, self.learning_rate)
@@ -198,14 +207,15 @@ class FedXViTExecutor(Executor):
             epoch_metrics = train_epoch(self.model, self.train_loader, optimizer, self.device,
                                         should_abort=lambda: abort_signal.triggered)
             if epoch_metrics["aborted"]:
-                self.log_info(fl_ctx, f"fedxvit {self.site_name}: training aborted in round {current_round}")
-                return make_reply(ReturnCode.TASK_ABORTED)
+                return self._aborted(fl_ctx, f"while training in round {current_round}")
             steps += epoch_metrics["steps"]
             history.append(epoch_metrics)
             if isinstance(current_round, int):
                 self._track(site_epoch_metrics(epoch_metrics), current_round * self.local_epochs + epoch)
 
-        local_metrics = self._scores()
+        local_metrics = self._scores(abort_signal)
+        if local_metrics is None:
+            return self._aborted(fl_ctx, f"while scoring the local model of round {current_round}")
         if local_metrics["val_accuracy"] > self.best_local_accuracy:
             self.best_local_accuracy = local_metrics["val_accuracy"]
             save_checkpoint(self.best_model_path, self.model,
@@ -231,8 +241,10 @@ class FedXViTExecutor(Executor):
         if dxo.data_kind != DataKind.WEIGHTS:
             raise FedXViTError(f"validate task expects WEIGHTS, got {dxo.data_kind}")
         self._load_weights(dxo.data)
-        metrics = self._scores()
         owner = shareable.get_header(AppConstants.MODEL_OWNER, "global")
+        metrics = self._scores(abort_signal)
+        if metrics is None:
+            return self._aborted(fl_ctx, f"while validating the model of {owner}")
         self.log_info(fl_ctx, f"fedxvit {self.site_name}: model of {owner} val_acc={metrics['val_accuracy']:.4f} "
                               f"val_loss={metrics['val_loss']:.4f} (n={metrics['val_count']})")
         return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()

@@ -154,11 +154,20 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> dict:
-    """Mean loss and accuracy plus per-image labels and class probabilities (for reports and ROC)."""
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
+             should_abort: Callable[[], bool] | None = None) -> dict:
+    """Mean loss and accuracy plus per-image labels and class probabilities (for reports and ROC).
+
+    Stops between batches as soon as should_abort() is true, so a site told to stop is not held
+    up by scoring a large validation split; the scores then cover only the images seen and
+    "aborted" is True.
+    """
     model.eval()
-    total_loss, labels_all, probs_all = 0.0, [], []
+    total_loss, labels_all, probs_all, aborted = 0.0, [], [], False
     for batch in loader:
+        if should_abort is not None and should_abort():
+            aborted = True
+            break
         inputs, labels = batch["image"].to(device), batch["label"].to(device).long()
         logits = model(inputs)
         total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
@@ -172,6 +181,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> dict:
         "count": count,
         "labels": labels_all,
         "probs": probs_all,
+        "aborted": aborted,
     }
 
 

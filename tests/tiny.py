@@ -1,0 +1,120 @@
+"""Tiny sites, jobs and finished runs on disk, shared by the tests (plain helpers; the fixtures
+built on them are in conftest.py). Everything uses the `tiny` preset at 32 px, so a site is a
+few dozen PNGs and a training step takes milliseconds."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fedxvit.checkpoint import save_checkpoint
+from fedxvit.classes import TASK_CLASSES
+from fedxvit.datalist import write_site
+from fedxvit.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "fedxvit"
+SITES = ("site1", "site2", "site3")
+SQUARE = 10  # side of the bright "tumor" square, px
+TINY_SERVER = {"num_rounds": 2, "preset": "tiny"}
+TINY_CLIENT = {"preset": "tiny", "batch_size": 4, "torch_threads": 1}
+
+
+def write_tiny_site(root: Path, train_per_class: int = 3, val_per_class: int = 2, test_per_class: int = 1,
+                    size: int = 32, seed: int = 0, masks: bool = False) -> Path:
+    """A 2-class site of noise images in which a Tumor image holds a bright square: at a fixed place,
+    or with `masks` at a random place with its mask (for the heatmap scores). Returns root."""
+    rng = np.random.default_rng(seed)
+    for folder in ("images", "masks") if masks else ("images",):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for split, count in (("training", train_per_class), ("validation", val_per_class), ("testing", test_per_class)):
+        entries[split] = []
+        for label in range(len(TASK_CLASSES)):
+            for i in range(count):
+                pixels = (rng.random((size, size)) * 60).astype(np.uint8)
+                entry = {"image": f"images/{split}_{label}_{i}.png", "label": label}
+                if label:
+                    r, c = rng.integers(0, size - SQUARE, 2) if masks else (4, 4)
+                    pixels[r:r + SQUARE, c:c + SQUARE] = 230
+                    if masks:
+                        mask = np.zeros((size, size), np.uint8)
+                        mask[r:r + SQUARE, c:c + SQUARE] = 255
+                        entry["mask"] = f"masks/{split}_{label}_{i}.png"
+                        Image.fromarray(mask).save(root / entry["mask"])
+                Image.fromarray(pixels).save(root / entry["image"])
+                entries[split].append(entry)
+    write_site(root, entries, TASK_CLASSES, {"generator": "tests", "seed": seed})
+    return root
+
+
+def write_tiny_config(config_dir: Path, server_changes: dict | None = None, client_changes: dict | None = None) -> Path:
+    """The repository job's two config files with the tiny preset, 2 rounds, batch 4 and one thread, plus
+    the changes, edited the way a user would: the variables at the top of each file."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    for name, changes in (("config_fed_server.json", {**TINY_SERVER, **(server_changes or {})}),
+                          ("config_fed_client.json", {**TINY_CLIENT, **(client_changes or {})})):
+        config = json.loads((JOB / "app" / "config" / name).read_text())
+        assert set(changes) <= set(config), f"{name} lost a job argument"
+        config.update(changes)
+        (config_dir / name).write_text(json.dumps(config, indent=2))
+    return config_dir
+
+
+def tiny_job(tmp: Path, **server_changes) -> Path:
+    """A copy of the real job in tmp/job with the tiny settings (write_tiny_config) and server_changes."""
+    job = tmp / "job"
+    shutil.copytree(JOB, job)
+    write_tiny_config(job / "app" / "config", server_changes)
+    return job
+
+
+def write_initial_model(path: Path) -> Path:
+    """A seeded tiny 2-class model, saved as `make transfer` saves initial_global.pt."""
+    torch.manual_seed(0)
+    save_checkpoint(path, build_model("tiny", len(TASK_CLASSES)), meta={"class_names": list(TASK_CLASSES)})
+    return path
+
+
+def tiny_sites_and_initial_model(tmp: Path, train_per_class=lambda i: 3 + i) -> Path:
+    """tmp/data/site1..3 of tiny images and tmp/initial_global.pt (a seeded tiny model); the model's path."""
+    for i, site in enumerate(SITES):
+        write_tiny_site(tmp / "data" / site, train_per_class=train_per_class(i), seed=i)
+    return write_initial_model(tmp / "initial_global.pt")
+
+
+def opposite_model(state: dict) -> dict:
+    """The same weights with the two classes' head rows swapped: every prediction turns into the other
+    class with the same confidence, so its accuracy is exactly 1 - the original's."""
+    swapped = {k: v.clone() for k, v in state.items()}
+    for name in ("head.weight", "head.bias"):
+        swapped[name] = state[name].flip(0).clone()
+    return swapped
+
+
+def write_tiny_run(tmp: Path, sites=("site1", "site2")) -> dict:
+    """A finished-run folder as NVFlare's simulator leaves it (tiny preset, 2 rounds), its sites with
+    masks and the initial model. The final global model is the opposite of the start (opposite_model),
+    the best one is the start itself (as when round 0 scored best), so a report that scored the wrong
+    file shows it."""
+    data = tmp / "data"
+    for i, site in enumerate(sites):
+        write_tiny_site(data / site, train_per_class=4, test_per_class=2, seed=i, masks=True)
+    initial = write_initial_model(tmp / "initial_global.pt")
+    run = tmp / "run" / "simulate_job"
+    write_tiny_config(run / "app_server" / "config")
+    start = torch.load(initial, weights_only=True)
+    torch.save({"model": opposite_model(start)}, run / "app_server" / "FL_global_model.pt")  # PTFileModelPersistor's layout
+    torch.save({"model": start}, run / "app_server" / "best_FL_global_model.pt")
+    rounds = [{"round": r, "global_val_accuracy": 0.5 + 0.1 * r, "global_val_loss": 1.0 - 0.1 * r, "val_count": 8,
+               "num_sites": len(sites), "sites": {s: {"val_accuracy": 0.5, "val_loss": 1.0, "val_count": 4} for s in sites}}
+              for r in range(2)]
+    (run / "global_val.json").write_text(json.dumps({"rounds": rounds}))
+    cross = {s: {m: {"val_accuracy": 0.5 + 0.1 * i, "val_loss": 0.7, "val_count": 4}
+                 for i, m in enumerate(["SRV_FL_global_model.pt", *sites])} for s in sites}
+    (run / "cross_site_val").mkdir()
+    (run / "cross_site_val" / "cross_val_results.json").write_text(json.dumps(cross))
+    return {"run_dir": run, "data": data, "initial": initial, "sites": list(sites)}
