@@ -152,6 +152,18 @@ def test_site_parameters_on_the_server_run():
     assert run_record.merge_site_params({"site1": {"preset": "tiny"}}, base={"preset": "cpu"}) == {"preset.site1": "tiny"}
 
 
+def test_the_post_run_step_names_what_it_cannot_use(tmp_path):
+    with pytest.raises(FedXViTError, match=f"run folder {tmp_path / 'nowhere'} does not exist"):
+        run_record.main([str(tmp_path / "nowhere")])
+    run_dir = tmp_path / "simulate_job"  # a simulator run folder's name says nothing about its runs: it needs its record
+    run_dir.mkdir()
+    with pytest.raises(FedXViTError, match="has no mlflow_runs.json: the job did not track to MLflow"):
+        run_record.main([str(run_dir)])
+    (run_dir / run_record.RUN_RECORD).write_text("[]")
+    with pytest.raises(FedXViTError, match=r"simulate_job/mlflow_runs\.json is not a run record"):
+        run_record.main([str(run_dir)])
+
+
 def test_metric_names_have_one_home():
     """The executor's and the server widget's metric dicts carry exactly the declared names."""
     row = {"global_val_accuracy": 0.9, "global_val_loss": 0.3, "num_sites": 3, "val_count": 12}

@@ -35,10 +35,10 @@ CROSS_SITE_RESULTS = Path("cross_site_val") / "cross_val_results.json"
 REGISTERED_MODEL = "fedxvit-global"
 
 
-def job_tag(job_id: str, now=time.time) -> str:
+def job_tag(job_id: str) -> str:
     """The `job_id` tag of a job's runs: its id, or for the simulator (which calls every job
     'simulate_job') its start time, as NVFlare's MLflowReceiver does."""
-    return str(int(now())) if job_id == SIMULATOR_JOB_ID else job_id
+    return str(int(time.time())) if job_id == SIMULATOR_JOB_ID else job_id
 
 
 def write_run_record(run_dir: os.PathLike, uri: str, experiment: str, job: str, server: str, runs: dict) -> Path:
@@ -156,8 +156,8 @@ def locate_runs(run_dir: Path, tracking_uri: str | None = None, job_id: str | No
         return {"uri": uri, "job_id": record.get("job_id"), "server": record["server"], "runs": record["runs"]}
     job_id = job_id or run_dir.name
     if job_id == SIMULATOR_JOB_ID:
-        raise FedXViTError(f"{run_dir} has no {RUN_RECORD}: the job did not track to MLflow (or pass --job-id, the "
-                           f"runs' job_id tag)")
+        raise FedXViTError(f"{run_dir} has no {RUN_RECORD}: the job did not track to MLflow (`python -m "
+                           f"fedxvit.run_record --job-id` finds a job's runs by their job_id tag)")
     from mlflow import MlflowClient
 
     uri = tracking_uri or tracking.tracking_uri()
@@ -226,7 +226,12 @@ def main(argv=None) -> list[str]:
     args = parser.parse_args(argv)
     if not Path(args.run_dir).is_dir():
         raise FedXViTError(f"run folder {args.run_dir} does not exist")
-    done = record_run(args.run_dir, args.tracking_uri, args.job_id, args.results)
+    try:
+        done = record_run(args.run_dir, args.tracking_uri, args.job_id, args.results)
+    except FedXViTError:
+        raise
+    except Exception as exc:  # the store's own errors are many lines long
+        raise FedXViTError(f"{args.run_dir}: recording in MLflow failed: {tracking.one_line(exc)}") from None
     print("\n".join(done) or "nothing to add: the run is fully recorded")
     return done
 
