@@ -83,7 +83,6 @@ class FederatedMLflowTracking(Widget):
 
     def open_runs(self, fl_ctx: FLContext) -> MLflowReceiver:
         from mlflow import MlflowClient
-        from mlflow.entities import Param
 
         self.uri = tracking.resolve_tracking(self.tracking_uri or None, self.local_fallback or None, self.timeout_s,
                                              warn=lambda msg: self.log_warning(fl_ctx, msg, fire_event=False))
@@ -111,22 +110,28 @@ class FederatedMLflowTracking(Widget):
             for key, value in ((tracking.SITE_TAG, site), (tracking.ROLE_TAG, SITE_ROLE), (tracking.JOB_TAG, job)):
                 client.set_tag(receiver.get_run_id(site), key, value)
 
-        server_run = earlier.get(server)
-        if server_run is None:
-            self.server_run_id = client.create_run(experiment_id, run_name=f"{server}-{job}", tags={
-                tracking.SITE_TAG: server, tracking.ROLE_TAG: SERVER_ROLE, tracking.JOB_TAG: job}).info.run_id
-        else:
-            self.server_run_id = server_run.info.run_id
-            client.update_run(self.server_run_id, status="RUNNING")
-        logged = server_run.data.params if server_run else {}
-        params = {**self.params, "sites": ",".join(sites)}
-        client.log_batch(self.server_run_id, params=[Param(k, str(v)) for k, v in params.items() if k not in logged])
+        self.server_run_id = self._open_server_run(experiment_id, server, job, earlier.get(server), sites)
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(job_id)
         write_run_record(run_dir, self.uri, self.experiment_name, job, server,
                          {**{site: receiver.get_run_id(site) for site in sites}, server: self.server_run_id})
         self.log_info(fl_ctx, f"fedxvit: MLflow runs go to {tracking.describe(self.uri)}, experiment "
                               f"'{self.experiment_name}'" + (f", continuing job {job}'s runs" if earlier else ""))
         return receiver
+
+    def _open_server_run(self, experiment_id: str, server: str, job: str, earlier, sites: list) -> str:
+        """The server's run (an earlier one of this job, continued), with the job's parameters once."""
+        from mlflow.entities import Param
+
+        if earlier is None:
+            run_id = self.client.create_run(experiment_id, run_name=f"{server}-{job}", tags={
+                tracking.SITE_TAG: server, tracking.ROLE_TAG: SERVER_ROLE, tracking.JOB_TAG: job}).info.run_id
+        else:
+            run_id = earlier.info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        logged = earlier.data.params if earlier else {}
+        params = {**self.params, "sites": ",".join(sites)}
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items() if k not in logged])
+        return run_id
 
     # ---- the server's own metrics (GlobalValidationTracker's analytics events)
     def log_server_event(self, fl_ctx: FLContext) -> None:
