@@ -87,49 +87,17 @@ def write_summary(out: Path, parts: dict) -> dict:
     return summary
 
 
-def find_job_run(run_dir: Path, uri: str | None = None):
-    """(client, run) of the job's server run in MLflow, or (None, reason).
-
-    fedxvit.receivers tags every run with `role` and NVFlare's `job_id`; a real job's id is its run
-    folder name, the simulator's a start timestamp, so a simulator run is the newest server run
-    that started before the run's final global model was saved.
-    """
-    from mlflow import MlflowClient
-
-    from fedxvit import tracking
-
-    config = _read_json(run_dir / "app_server" / "config" / "config_fed_server.json") or {}
-    if "mlflow" not in json.dumps(config.get("components", [])).lower():
-        return None, "the job has no MLflow receiver"
-    uri = uri or tracking.tracking_uri(config.get("tracking_uri") or None)
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(tracking.FEDERATED_EXPERIMENT)
-    if experiment is None:
-        return None, f"no experiment '{tracking.FEDERATED_EXPERIMENT}' in {tracking.describe(uri)}"
-    query = f"tags.{tracking.ROLE_TAG} = 'server'"
-    if run_dir.name != "simulate_job":
-        query += f" and tags.job_id = '{run_dir.name}'"
-    runs = client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=50)
-    model_file = run_dir / "app_server" / "FL_global_model.pt"
-    saved_ms = model_file.stat().st_mtime * 1000 if model_file.is_file() else float("inf")
-    for run in runs:
-        if run_dir.name != "simulate_job" or run.info.start_time <= saved_ms:
-            return client, run
-    return None, f"no server run of this job in {tracking.describe(uri)}"
-
-
 def attach_to_mlflow(out: Path, run_dir: Path, uri: str | None = None) -> str:
-    """Log the results folder as artifacts (under `results/`) of the job's server run; returns what happened."""
+    """Attach the results folder (under `results/`) to the job's server run, found through the run record
+    the job's tracking wrote into its run folder (fedxvit.run_record); returns what happened."""
+    from fedxvit.run_record import record_run
+
     try:
-        client, run = find_job_run(run_dir, uri)
+        return "; ".join(record_run(run_dir, uri, results=out))
     except FedXViTError as exc:
         return f"not attached to MLflow: {exc}"
     except Exception as exc:  # a store that cannot be read must not cost the results themselves
         return f"not attached to MLflow: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-    if client is None:
-        return f"not attached to MLflow: {run}"
-    client.log_artifacts(run.info.run_id, str(out), artifact_path="results")
-    return f"attached {out} to MLflow run {run.info.run_id} ({run.info.run_name})"
 
 
 def _pct(v) -> str:

@@ -3,8 +3,6 @@ table, the TensorBoard plots on events written by TensorBoard's own writer, and 
 
 import json
 import math
-import os
-import time
 
 import numpy as np
 import pytest
@@ -191,25 +189,3 @@ def test_run_all_writes_summary_with_the_design_keys(site_data, tmp_path):
     text = (out / "report.md").read_text()
     assert "Is federation worth it?" in text and "pointing game" in text
     assert (out / "gradcam_site1.png").is_file()
-
-
-def test_results_are_attached_to_the_jobs_mlflow_server_run(tiny_run, tmp_path):
-    from mlflow import MlflowClient
-
-    from fedxvit import tracking
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = tracking.ensure_experiment(client, tracking.FEDERATED_EXPERIMENT, uri)
-    site_run = client.create_run(experiment, tags={tracking.ROLE_TAG: "site"})
-    server_run = client.create_run(experiment, tags={tracking.ROLE_TAG: "server", "job_id": "123"})
-    model_file = tiny_run["run_dir"] / "app_server" / "FL_global_model.pt"
-    os.utime(model_file, (time.time() + 5, time.time() + 5))  # the job saves its model after its runs started
-    out = tmp_path / "results"
-    out.mkdir()
-    (out / "summary.json").write_text("{}")
-    message = run_all.attach_to_mlflow(out, tiny_run["run_dir"], uri)
-    assert server_run.info.run_id in message
-    assert [a.path for a in client.list_artifacts(server_run.info.run_id, "results")] == ["results/summary.json"]
-    assert client.list_artifacts(site_run.info.run_id) == []
-    assert "no experiment" in run_all.attach_to_mlflow(out, tiny_run["run_dir"], f"sqlite:///{tmp_path / 'empty.db'}")

@@ -1,9 +1,10 @@
-"""Where MLflow runs go, what the federated job tracks, and how models are versioned.
+"""Where MLflow runs go, and the names of what the federated job tracks.
 
 Where (first match wins): an explicit URI (a CLI option or the job's `tracking_uri`), then
 $MLFLOW_TRACKING_URI (a shared `mlflow server`, or an `azureml://` URI), then an Azure ML
 workspace `config.json` ($FEDXVIT_AZUREML_CONFIG, else `.azureml/config.json` or
-`config.json` in the checkout) turned into the workspace's `azureml://` tracking URI, else
+`config.json` in the checkout) turned into the workspace's `azureml://` tracking URI the way
+Microsoft documents it for azureml-mlflow (subscription, resource group, workspace, region), else
 the local store `sqlite:///<root>/mlruns/mlflow.db` with artifacts in `<root>/mlruns/artifacts`,
 where <root> is the fedxvit checkout (`fedxvit.paths.project_root`), so scripts and the
 NVFlare simulator's workspace folders share one store.
@@ -15,6 +16,7 @@ reads SQLite directly:
 A store that cannot be reached (or an Azure credential that does not work) is one
 FedXViTError within a bounded time, never a silent switch to another store; the local store
 is used instead only when the caller opts in (`local_fallback`, or FEDXVIT_MLFLOW_FALLBACK=local).
+After a federated run, `fedxvit.run_record` records parameters, model versions and results.
 """
 
 from __future__ import annotations
@@ -36,20 +38,26 @@ STORE_DIR = "mlruns"
 FALLBACK_ENV = "FEDXVIT_MLFLOW_FALLBACK"
 AZURE_CONFIG_ENV = "FEDXVIT_AZUREML_CONFIG"
 AZURE_CONFIG_FILES = (Path(".azureml") / "config.json", Path("config.json"))
-AZURE_KEYS = ("subscription_id", "resource_group", "workspace_name")
-ARM_URL = "https://management.azure.com"
-ARM_SCOPE = f"{ARM_URL}/.default"
-ARM_API_VERSION = "2024-04-01"
+AZURE_KEYS = ("subscription_id", "resource_group", "workspace_name", "location")
+AZURE_SCOPE = "https://management.azure.com/.default"  # the scope azureml-mlflow asks azure-identity for
 DEFAULT_TIMEOUT_S = 30.0
 
-# Metric names of the federated job (step = round number); result scripts read these.
-SITE_ROUND_METRICS = ("train_loss", "train_accuracy", "local_val_accuracy", "local_val_loss",
-                      "global_model_val_accuracy", "global_model_val_loss")
-SITE_EPOCH_METRICS = ("epoch_train_loss", "epoch_train_accuracy")  # step = round x local_epochs + epoch
-SERVER_ROUND_METRICS = ("global_val_accuracy", "global_val_loss", "clients_per_round")
-AGGREGATED_METRIC_PREFIX = "aggregated."  # server metric aggregated.<site>: 1 = in the round's model, 0 = dropped
-SITE_TAG, ROLE_TAG = "site", "role"  # MLflow run tags: which site a run is, and "site" or "server"
+SITE_TAG, ROLE_TAG, JOB_TAG = "site", "role", "job_id"  # MLflow run tags: which site, "site" or "server", which job
 FEDERATED_EXPERIMENT = "fedxvit-federated"
+
+# What the federated job tracks (step = round number), the one place these names are spelled:
+# tracked name -> (where the value comes from, its key there). Result scripts and tests read the tuples.
+_SITE_ROUND = {"train_loss": ("train", "train_loss"), "train_accuracy": ("train", "train_accuracy"),
+               "local_val_accuracy": ("train", "local_val_accuracy"), "local_val_loss": ("train", "local_val_loss"),
+               "global_model_val_accuracy": ("global", "val_accuracy"),
+               "global_model_val_loss": ("global", "val_loss")}
+_SITE_EPOCH = {"epoch_train_loss": "loss", "epoch_train_accuracy": "accuracy"}  # step = round x local_epochs + epoch
+_SERVER_ROUND = {"global_val_accuracy": "global_val_accuracy", "global_val_loss": "global_val_loss",
+                 "clients_per_round": "num_sites"}
+SITE_ROUND_METRICS = tuple(_SITE_ROUND)
+SITE_EPOCH_METRICS = tuple(_SITE_EPOCH)
+SERVER_ROUND_METRICS = tuple(_SERVER_ROUND)
+AGGREGATED_METRIC_PREFIX = "aggregated."  # server metric aggregated.<site>: 1 = in the round's model, 0 = dropped
 
 
 # ---- where runs go
@@ -89,7 +97,7 @@ def _looks_like_azure_config(path: Path) -> bool:
 
 
 def read_azure_config(path: os.PathLike) -> dict:
-    """The workspace config.json Azure ML gives (subscription_id, resource_group, workspace_name[, location])."""
+    """The workspace config.json Azure ML gives (subscription_id, resource_group, workspace_name) plus its region."""
     path = Path(path)
     try:
         config = json.loads(path.read_text())
@@ -97,8 +105,11 @@ def read_azure_config(path: os.PathLike) -> dict:
         raise FedXViTError(f"Azure ML config {path} cannot be read: {exc}") from None
     missing = [key for key in AZURE_KEYS if not (isinstance(config, dict) and config.get(key))]
     if missing:
-        raise FedXViTError(f"Azure ML config {path} lacks {', '.join(missing)} (download it from the workspace's "
-                           f"overview page in Azure ML studio, or remove it to use the local MLflow store)")
+        fix = ('add "location": "<region>", the workspace\'s region as the Azure portal or '
+               '`az ml workspace show --query location` shows it (e.g. westeurope)' if missing == ["location"] else
+               "download it from the workspace's overview page in Azure ML studio and add its \"location\"")
+        raise FedXViTError(f"Azure ML config {path} lacks {', '.join(missing)}: {fix}; or remove it to use the "
+                           f"local MLflow store")
     return config
 
 
@@ -107,13 +118,11 @@ def workspace_path(config: dict) -> str:
             f"/providers/Microsoft.MachineLearningServices/workspaces/{config['workspace_name']}")
 
 
-def azure_tracking_uri(config: dict, location: str | None = None) -> str:
-    """The workspace's MLflow tracking URI, `azureml://<region>.api.azureml.ms/mlflow/v1.0/<workspace path>`."""
-    location = location or config.get("location")
-    if not location:
-        raise FedXViTError(f"Azure ML workspace '{config.get('workspace_name')}': its region is unknown "
-                           f"(add \"location\" to config.json or let fedxvit look it up with Azure credentials)")
-    return f"azureml://{location}.api.azureml.ms/mlflow/v1.0{workspace_path(config)}"
+def azure_tracking_uri(config: dict) -> str:
+    """The workspace's MLflow tracking URI, built as Microsoft documents for azureml-mlflow:
+    `azureml://<region>.api.azureml.ms/mlflow/v1.0/<workspace path>`. (A private-link workspace has
+    another URI: set $MLFLOW_TRACKING_URI to `az ml workspace show --query mlflow_tracking_uri` instead.)"""
+    return f"azureml://{config['location']}.api.azureml.ms/mlflow/v1.0{workspace_path(config)}"
 
 
 def describe(uri: str) -> str:
@@ -153,11 +162,12 @@ def _bounded(fn, timeout_s: float, what: str):
 
 
 def azure_token(workspace: str, timeout_s: float = DEFAULT_TIMEOUT_S, credential=None) -> str:
-    """An Azure Resource Manager token from azure-identity's DefaultAzureCredential (az login, or a
-    service principal in AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET, or a managed identity)."""
+    """A token from azure-identity's DefaultAzureCredential, the credential azureml-mlflow itself uses (az login,
+    or a service principal in AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET, or a managed identity):
+    asked first so that a credential problem reads as one line instead of the store's retry errors."""
     def get():
         from azure.identity import DefaultAzureCredential
-        return (credential or DefaultAzureCredential()).get_token(ARM_SCOPE).token
+        return (credential or DefaultAzureCredential()).get_token(AZURE_SCOPE).token
     quiet = logging.getLogger("azure.identity")  # its multi-line warning would repeat our one line
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -171,37 +181,14 @@ def azure_token(workspace: str, timeout_s: float = DEFAULT_TIMEOUT_S, credential
         quiet.setLevel(level)
 
 
-def azure_workspace_tracking_uri(config: dict, timeout_s: float = DEFAULT_TIMEOUT_S, credential=None) -> str:
-    """The tracking URI of the workspace in config, asking Azure Resource Manager for its region if config lacks it."""
-    if config.get("location"):
-        return azure_tracking_uri(config)
-    import requests
-
-    name = config["workspace_name"]
-    token = azure_token(name, timeout_s, credential)
-    url = f"{ARM_URL}{workspace_path(config)}?api-version={ARM_API_VERSION}"
-    try:
-        response = requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s)
-    except requests.RequestException as exc:
-        raise FedXViTError(f"Azure ML workspace '{name}': Azure Resource Manager is unreachable ({one_line(exc)})") from None
-    if response.status_code in (401, 403, 404):
-        raise FedXViTError(f"Azure ML workspace '{name}' in resource group '{config['resource_group']}': "
-                           f"HTTP {response.status_code} - it does not exist or this credential may not read it")
-    if not response.ok:
-        raise FedXViTError(f"Azure ML workspace '{name}': Azure Resource Manager answered HTTP {response.status_code}")
-    body = response.json()
-    return body.get("properties", {}).get("mlFlowTrackingUri") or azure_tracking_uri(config, body.get("location"))
-
-
-def tracking_uri(explicit: str | None = None, environ: dict | None = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+def tracking_uri(explicit: str | None = None, environ: dict | None = None) -> str:
     """Explicit URI, else $MLFLOW_TRACKING_URI, else the Azure ML workspace config, else the local SQLite store."""
     environ = os.environ if environ is None else environ
     if explicit or environ.get(ENV_VAR):
         return explicit or environ[ENV_VAR]
     config_path = find_azure_config(environ)
     if config_path is not None:
-        return azure_workspace_tracking_uri(read_azure_config(config_path), timeout_s)
+        return azure_tracking_uri(read_azure_config(config_path))
     return local_store()[0]
 
 
@@ -229,7 +216,7 @@ def resolve_tracking(explicit: str | None = None, local_fallback: bool | None = 
     if local_fallback is None:
         local_fallback = os.environ.get(FALLBACK_ENV, "").lower() == "local"
     try:
-        uri = tracking_uri(explicit, timeout_s=timeout_s)
+        uri = tracking_uri(explicit)
         check_tracking_store(uri, timeout_s)
         return uri
     except FedXViTError as exc:
@@ -269,15 +256,13 @@ def mlflow_run(experiment: str, run_name: str | None = None, params: dict | None
 # ---- what the federated job tracks
 def site_round_metrics(global_scores: dict, train_metrics: dict) -> dict:
     """A site's metrics for one round: its score of the received global model, its training and local validation."""
-    return {"train_loss": train_metrics["train_loss"], "train_accuracy": train_metrics["train_accuracy"],
-            "local_val_accuracy": train_metrics["local_val_accuracy"], "local_val_loss": train_metrics["local_val_loss"],
-            "global_model_val_accuracy": global_scores["val_accuracy"],
-            "global_model_val_loss": global_scores["val_loss"]}
+    sources = {"train": train_metrics, "global": global_scores}
+    return {name: sources[source][key] for name, (source, key) in _SITE_ROUND.items()}
 
 
 def site_epoch_metrics(epoch_metrics: dict) -> dict:
     """A site's training loss/accuracy of one local epoch (fedxvit.training.train_epoch's result)."""
-    return {"epoch_train_loss": epoch_metrics["loss"], "epoch_train_accuracy": epoch_metrics["accuracy"]}
+    return {name: epoch_metrics[key] for name, key in _SITE_EPOCH.items()}
 
 
 def server_round_metrics(row: dict) -> dict:
@@ -285,50 +270,5 @@ def server_round_metrics(row: dict) -> dict:
     when that site's update went into the round's model, 0 when it was dropped."""
     taking_part = {**{site: 0.0 for site in row.get("dropped_sites", {})},
                    **{site: 1.0 for site in row.get("aggregated_sites", [])}}
-    return {"global_val_accuracy": row["global_val_accuracy"], "global_val_loss": row["global_val_loss"],
-            "clients_per_round": row["num_sites"],
+    return {**{name: row[key] for name, key in _SERVER_ROUND.items()},
             **{f"{AGGREGATED_METRIC_PREFIX}{site}": flag for site, flag in sorted(taking_part.items())}}
-
-
-def merge_site_params(site_params: dict, base: dict | None = None) -> dict:
-    """Sites' run parameters for the server's run: each site's `data_hash.<site>`, every other
-    parameter once when all sites agree (and `base` does not already say it), else `<name>.<site>`."""
-    base = {k: str(v) for k, v in (base or {}).items()}
-    merged = {}
-    for key in sorted({k for params in site_params.values() for k in params}):
-        values = {site: str(params[key]) for site, params in site_params.items() if key in params}
-        agreed = key != "data_hash" and len(values) == len(site_params) and len(set(values.values())) == 1
-        if agreed and base.get(key, next(iter(values.values()))) == next(iter(values.values())):
-            if key not in base:
-                merged[key] = next(iter(values.values()))
-        else:
-            merged.update({f"{key}.{site}": value for site, value in sorted(values.items())})
-    return merged
-
-
-# ---- versioning
-def log_registered_model(model, uri: str, run_id: str, artifact_name: str, registered_name: str,
-                         tags: dict | None = None) -> str:
-    """Log `model` into run `run_id` as an MLflow PyTorch model (torch.export "pt2" format, which loads
-    without unpickling code) with a tensor signature, register it as a new version of `registered_name`,
-    tag that version; returns the version."""
-    import mlflow
-    import numpy as np
-    import torch
-    from mlflow.models import infer_signature
-
-    size, channels = model.preset.image_size, model.preset.in_chans
-    example = np.zeros((2, channels, size, size), dtype=np.float32)
-    model = model.cpu().eval()
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(model, name=artifact_name, signature=infer_signature(example, output),
-                                        input_example=example, registered_model_name=registered_name,
-                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient(uri)
-    for key, value in (tags or {}).items():
-        client.set_model_version_tag(registered_name, version, key, str(value))
-    return version
