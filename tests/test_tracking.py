@@ -20,7 +20,7 @@ from nvflare.apis.workspace import Workspace
 from fedxvit import run_record, tracking
 from fedxvit.errors import FedXViTError
 from fedxvit.receivers import FederatedMLflowTracking
-from result_helpers import write_tiny_run
+from tiny import write_tiny_run
 
 WORKSPACE = {"subscription_id": "0b1f6471-1bf0-4dda-aec3-111122223333", "resource_group": "rg-hospitals",
              "workspace_name": "fedxvit-ws"}
