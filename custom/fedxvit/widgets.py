@@ -51,16 +51,19 @@ def format_round(row: dict) -> str:
 class GlobalValidationTracker(Widget):
     """Collects the accepted train results' INITIAL_METRICS per round and publishes the pooled scores."""
 
-    def __init__(self, file_name: str = GLOBAL_VAL_FILE):
+    def __init__(self, file_name: str = GLOBAL_VAL_FILE, earlier_rounds: list | None = None):
+        """earlier_rounds: rows of rounds a killed run already finished, for a job that resumes it
+        (fedxvit.poc's server-crash drill); they are kept in the table but not sent again."""
         super().__init__()
         self.file_name = file_name
+        self.earlier_rounds = list(earlier_rounds or [])
         self.rows: list[dict] = []
         self._site_metrics: dict = {}
         self._sender = AnalyticsSender(writer_name=LogWriterName.MLFLOW)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
-            self.rows, self._site_metrics = [], {}
+            self.rows, self._site_metrics = list(self.earlier_rounds), {}
             self._sender.engine = fl_ctx.get_engine()
         elif event_type == AppEventType.ROUND_STARTED:
             self._site_metrics = {}
