@@ -15,7 +15,8 @@ POC system is stopped at the end, also on failure.
 The server-crash drill kills the server's process tree once round K has finished and restarts it
 with its own startup script. NVFlare 2.9.0 does not restore a running job after a server restart
 (its ServerEngine.persist_components is a no-op, so the POC's snapshot storage stays empty, and the
-job stays RUNNING in the job store with no process behind it); the drill checks that, says so, and
+job stays RUNNING in the job store with no process behind it, which abort_job refuses, so `nvflare
+poc stop` fails and the leftover processes are killed); the drill checks that, says so, and
 resumes the training itself: it submits a continuation job that starts at round K+1 from the
 round-K global model the dead run saved, carrying the finished rounds' global-validation rows.
 """
@@ -52,7 +53,7 @@ def poc_env(workspace: Path) -> dict:
 
 
 def nvflare(args: list[str], workspace: Path, timeout: float = 120, home: Path | None = None) -> str:
-    """Run one `nvflare` CLI command (with HOME=`home` if given); its output, or one line naming the command that failed."""
+    """Run one `nvflare` CLI command (HOME=`home` if given); its output, or one line naming the command that failed."""
     command = [str(Path(sys.executable).with_name("nvflare")), *args]
     env = poc_env(workspace) if home is None else {**poc_env(workspace), "HOME": str(home)}
     try:
@@ -68,10 +69,10 @@ def nvflare(args: list[str], workspace: Path, timeout: float = 120, home: Path |
 
 
 def prepare(workspace: Path, sites=DEFAULT_SITES, port: int = DEFAULT_PORT) -> None:
-    """`nvflare poc prepare`, for another port than NVFlare's 8002 (e.g. two POC systems on one machine)
-    prepared again from the project.yml it wrote, with the server's port changed. It runs with a HOME of
-    its own (<workspace>-nvflare/) because it makes the new kits the default of ~/.nvflare/config.conf,
-    where any `nvflare job submit` of this user would then send its jobs; this run uses its kits explicitly."""
+    """`nvflare poc prepare`. Another port than NVFlare's 8002 (two POC systems on one machine) is set in
+    the project.yml it wrote, and the workspace prepared again from that. It runs with a HOME of its own
+    (<workspace>-nvflare/): it would otherwise make these kits the default in ~/.nvflare/config.conf,
+    where every `nvflare job submit` of this user would then send its jobs (this run names its kit itself)."""
     setup = workspace.with_name(f"{workspace.name}-nvflare")  # outside the workspace, which prepare replaces
     setup.mkdir(parents=True, exist_ok=True)
     nvflare(["poc", "prepare", "-c", *sites, "--force"], workspace, home=setup)
@@ -249,15 +250,19 @@ def restart_server(workspace: Path) -> None:
     """Start the server again with its own startup script, as an operator would (console output
     appended to its poc_console.log, like `nvflare poc start`)."""
     server = site_dir(workspace, "server")
+    script = server / "startup" / "start.sh"
     with open(server / "poc_console.log", "a") as console:
         console.write(f"\n--- fedxvit.poc server restart {time.asctime()} ---\n")
         console.flush()
-        subprocess.run([str(server / "startup" / "start.sh")], env=poc_env(workspace), stdin=subprocess.DEVNULL,
-                       stdout=console, stderr=subprocess.STDOUT, timeout=60, check=True)
+        try:
+            subprocess.run([str(script)], env=poc_env(workspace), stdin=subprocess.DEVNULL, stdout=console,
+                           stderr=subprocess.STDOUT, timeout=60, check=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise FedXViTError(f"{script} could not restart the server: {exc}") from None
 
 
 def server_runs_job(workspace: Path, job_id: str) -> bool:
-    """Whether a server job process for `job_id` runs (its command line names the job and the server folder)."""
+    """Whether a server job process for `job_id` runs (its command line names the job and the server)."""
     import psutil
 
     server = str(site_dir(workspace, "server"))
@@ -278,7 +283,8 @@ def wait_for_restored_job(workspace: Path, job_id: str, wait_s: float) -> bool:
 
 
 def snapshot_files(workspace: Path) -> tuple[str, int]:
-    """Where the POC server's snapshot_persistor (local/resources.json) keeps run snapshots, and how many files it holds."""
+    """Where the POC server's snapshot_persistor (local/resources.json) keeps run snapshots, and how many
+    files it holds."""
     resources = json.loads((site_dir(workspace, "server") / "local" / "resources.json").read_text())
     try:
         root = Path(resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"])
@@ -341,8 +347,8 @@ def server_crash_drill(workspace: Path, job: Path, job_id: str, after_round: int
                   f"restart, its status stays {drill['stale_job_status']}, snapshot storage {storage} holds "
                   f"{snapshots} file(s)", flush=True)
             resumed_job = submit(session, continuation)
-            print(f"resuming as job {resumed_job}: rounds {after_round + 1}.. from the round-{after_round} global model",
-                  flush=True)
+            print(f"resuming as job {resumed_job}: rounds {after_round + 1}.. from the round-{after_round} "
+                  "global model", flush=True)
         drill["status"] = wait(session, resumed_job, timeout_s)
         drill["result_dir"] = str(download(session, resumed_job, out))
     drill["resumed_job_id"] = resumed_job
@@ -361,8 +367,9 @@ def validate(job: Path, sites, kill: str | None, kill_server_after_round: int | 
     if kill_server_after_round is not None:
         rounds = int(json.loads(server_config_path(job).read_text())["num_rounds"])
         if not 0 <= kill_server_after_round < rounds - 1:
-            raise FedXViTError(f"--kill-server-after-round {kill_server_after_round}: {job} trains rounds 0..{rounds - 1}, "
-                               f"so the server can only be killed after rounds 0..{rounds - 2} (one must be left to resume)")
+            raise FedXViTError(f"--kill-server-after-round {kill_server_after_round}: {job} trains rounds "
+                               f"0..{rounds - 1}, so the server can only be killed after rounds 0..{rounds - 2} "
+                               "(one must be left to resume)")
 
 
 def run(job: Path, workspace: Path, out: Path, sites=DEFAULT_SITES, min_clients: int | None = None,
@@ -384,7 +391,8 @@ def run(job: Path, workspace: Path, out: Path, sites=DEFAULT_SITES, min_clients:
                 job_id = submit(session, job)
             print(f"submitted {job.name} as job {job_id}", flush=True)
             if kill:
-                status, result_dir, killed = kill_site_drill(workspace, job_id, kill, kill_after_round, out, timeout_s)
+                status, result_dir, killed = kill_site_drill(workspace, job_id, kill, kill_after_round, out,
+                                                             timeout_s)
             elif kill_server_after_round is not None:
                 server_crash = server_crash_drill(workspace, job, job_id, kill_server_after_round, Path(tmp), out,
                                                   restore_wait_s, timeout_s)
@@ -433,7 +441,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     summary = run(Path(args.job), Path(args.workspace), Path(args.out), tuple(args.sites), args.min_clients,
-                  args.kill_site, args.kill_after_round, args.timeout, args.kill_server_after_round, args.restore_wait, args.port)
+                  args.kill_site, args.kill_after_round, args.timeout, args.kill_server_after_round,
+                  args.restore_wait, args.port)
     if summary["status"] not in ("FINISHED:COMPLETED", "SERVER_FINISHED"):
         raise FedXViTError(f"job {summary['job_id']} ended {summary['status']}; logs under {summary['result_dir']}")
     return summary
