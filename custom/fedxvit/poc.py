@@ -88,8 +88,9 @@ def prepare(workspace: Path, sites=DEFAULT_SITES, port: int = DEFAULT_PORT) -> N
 
 
 def start(workspace: Path) -> None:
-    """Server and clients in the background (their logs: <workspace>/example_project/prod_00/<site>/)."""
-    nvflare(["poc", "start", "-ex", ADMIN], workspace, timeout=180)
+    """Server and clients in the background (their logs: <workspace>/example_project/prod_00/<site>/).
+    They get 150 s to come up instead of NVFlare's 30 s, which a busy machine can miss."""
+    nvflare(["poc", "start", "-ex", ADMIN, "--timeout", "150"], workspace, timeout=210)
 
 
 def stop(workspace: Path) -> None:
