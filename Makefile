@@ -56,6 +56,8 @@ bench: setup
 	$(PY) bench/run.py
 
 # The same job in NVFlare's POC deployment (real server and client processes), then stopped.
+# Fault drills: make poc POC_ARGS="--kill-server-after-round 1" (or "--min-clients 2 --kill-site site3").
+POC_ARGS ?=
 .PHONY: poc
 poc: setup
-	$(PY) -m fedxvit.poc
+	$(PY) -m fedxvit.poc $(POC_ARGS)

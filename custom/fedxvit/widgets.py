@@ -81,9 +81,13 @@ def format_round(row: dict) -> str:
 class GlobalValidationTracker(Widget):
     """Follows each round's train results (accepted, failed, screened out) and publishes the pooled scores."""
 
-    def __init__(self, file_name: str = GLOBAL_VAL_FILE, train_task_name: str = AppConstants.TASK_TRAIN):
+    def __init__(self, file_name: str = GLOBAL_VAL_FILE, earlier_rounds: list | None = None,
+                 train_task_name: str = AppConstants.TASK_TRAIN):
+        """earlier_rounds: rows of rounds a killed run already finished, for a job that resumes it
+        (fedxvit.poc's server-crash drill); they are kept in the table but not sent again."""
         super().__init__()
         self.file_name = file_name
+        self.earlier_rounds = list(earlier_rounds or [])
         self.train_task_name = train_task_name
         self.rows: list[dict] = []
         self._reset_round()
@@ -94,7 +98,7 @@ class GlobalValidationTracker(Widget):
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
-            self.rows = []
+            self.rows = list(self.earlier_rounds)
             self._reset_round()
             self._sender.engine = fl_ctx.get_engine()
         elif event_type == AppEventType.ROUND_STARTED:
