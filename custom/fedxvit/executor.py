@@ -272,7 +272,8 @@ class FedXViTExecutor(Executor):
                          "local_val_accuracy": local_metrics["val_accuracy"], "local_val_loss": local_metrics["val_loss"]}
         self._track(site_round_metrics(initial_metrics, train_metrics), current_round)
         self.log_info(fl_ctx, f"fedxvit {self.site_name} round {current_round}: global val_acc="
-                              f"{initial_metrics['val_accuracy']:.4f} -> local val_acc={local_metrics['val_accuracy']:.4f}, "
+                              f"{initial_metrics['val_accuracy']:.4f} val_loss={initial_metrics['val_loss']:.6f} -> "
+                              f"local val_acc={local_metrics['val_accuracy']:.4f}, "
                               f"train_loss={last['loss']:.4f}, {steps} steps, {len(diff)} tensors sent; "
                               f"{self.strategy.summary()}")
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: steps, MetaKey.INITIAL_METRICS: initial_metrics,

@@ -75,8 +75,9 @@ def fedopt(server: dict, client: dict) -> None:
     set_variables(server, server_lr=1.0, server_momentum=0.6)
     generator = find(server, "components", "shareable_generator")
     generator["path"] = f"{NVFLARE_PT}.fedopt.PTFedOptModelShareableGenerator"
-    generator["args"] = {"source_model": "server_model", "optimizer_args": {
-        "path": "torch.optim.SGD", "args": {"lr": "{server_lr}", "momentum": "{server_momentum}"}}}
+    generator["args"] = {"source_model": "server_model", "optimizer_args": {  # a dict the generator builds at START_RUN
+        "path": "torch.optim.SGD", "args": {"lr": "{server_lr}", "momentum": "{server_momentum}"},
+        "config_type": "dict"}}
     at = server["components"].index(generator)
     server["components"][at:at] = [
         {"id": "server_model", "path": "fedxvit.model.HybridViT",
