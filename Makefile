@@ -59,3 +59,8 @@ bench: setup
 .PHONY: poc
 poc: setup
 	$(PY) -m fedxvit.poc
+
+# The algorithm jobs (jobs/fedxvit_fedprox, _fedopt, _scaffold, _cyclic), generated from jobs/fedxvit by fedxvit.jobs.
+.PHONY: jobs
+jobs: setup
+	$(PY) -m fedxvit.jobs
