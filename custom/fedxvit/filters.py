@@ -91,8 +91,9 @@ class RejectBadUpdates(Filter):
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         code = shareable.get_return_code(ReturnCode.OK)
         if code != ReturnCode.OK:  # already a failure; nothing to aggregate
-            return self._empty_update(f"the site returned {code}", fl_ctx) if self.on_bad_result == "empty_update" \
-                else shareable
+            if self.on_bad_result == "empty_update":
+                return self._empty_update(f"the site returned {code}", fl_ctx)
+            return shareable
         try:
             dxo = from_shareable(shareable)
         except ValueError:
