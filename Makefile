@@ -61,3 +61,8 @@ POC_ARGS ?=
 .PHONY: poc
 poc: setup
 	$(PY) -m fedxvit.poc $(POC_ARGS)
+
+# The algorithm jobs (jobs/fedxvit_fedprox, _fedopt, _scaffold, _cyclic), generated from jobs/fedxvit by fedxvit.jobs.
+.PHONY: jobs
+jobs: setup
+	$(PY) -m fedxvit.jobs

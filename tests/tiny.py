@@ -51,24 +51,26 @@ def write_tiny_site(root: Path, train_per_class: int = 3, val_per_class: int = 2
     return root
 
 
-def write_tiny_config(config_dir: Path, server_changes: dict | None = None, client_changes: dict | None = None) -> Path:
-    """The repository job's two config files with the tiny preset, 2 rounds, batch 4 and one thread, plus
-    the changes, edited the way a user would: the variables at the top of each file."""
+def write_tiny_config(config_dir: Path, server_changes: dict | None = None, client_changes: dict | None = None,
+                      job_dir: Path = JOB) -> Path:
+    """A repository job's two config files (default jobs/fedxvit) with the tiny preset, 2 rounds, batch 4 and
+    one thread, plus the changes, edited the way a user would: the variables at the top of each file."""
     config_dir.mkdir(parents=True, exist_ok=True)
     for name, changes in (("config_fed_server.json", {**TINY_SERVER, **(server_changes or {})}),
                           ("config_fed_client.json", {**TINY_CLIENT, **(client_changes or {})})):
-        config = json.loads((JOB / "app" / "config" / name).read_text())
+        config = json.loads((job_dir / "app" / "config" / name).read_text())
         assert set(changes) <= set(config), f"{name} lost a job argument"
         config.update(changes)
         (config_dir / name).write_text(json.dumps(config, indent=2))
     return config_dir
 
 
-def tiny_job(tmp: Path, **server_changes) -> Path:
-    """A copy of the real job in tmp/job with the tiny settings (write_tiny_config) and server_changes."""
+def tiny_job(tmp: Path, job_dir: Path = JOB, **server_changes) -> Path:
+    """A copy of a repository job (default jobs/fedxvit) in tmp/job with the tiny settings (write_tiny_config)
+    and server_changes."""
     job = tmp / "job"
-    shutil.copytree(JOB, job)
-    write_tiny_config(job / "app" / "config", server_changes)
+    shutil.copytree(job_dir, job)
+    write_tiny_config(job / "app" / "config", server_changes, job_dir=job_dir)
     return job
 
 

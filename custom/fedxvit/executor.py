@@ -6,6 +6,11 @@ configured epochs under the freeze policy, and send back only the trainable tens
 differences as float32 numpy arrays -- the same array type NVFlare's PT persistor hands out
 (allow_numpy_conversion), so FullModelShareableGenerator adds like to like. Images never
 leave the site. `validate` and `submit_model` serve NVFlare's cross-site evaluation.
+
+The federated algorithm is a strategy (fedxvit.algorithms, job option `algorithm`): FedProx adds
+its proximal term to the loss; SCAFFOLD reads the global control variates from the task (a DXO
+COLLECTION from NVFlare's ScatterAndGatherScaffold), corrects each step and returns its
+control-variate change in a COLLECTION beside the weight difference.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
-from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 from nvflare.private.fed.simulator.simulator_const import SimulatorConstants
 
+from fedxvit.algorithms import make_strategy
 from fedxvit.checkpoint import load_checkpoint, save_checkpoint
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
@@ -89,12 +95,41 @@ def trainable_weight_diff(new_state: dict, old_state: dict, trainable: list[str]
     return {name: diff.float().numpy() for name, diff in weight_diff(new_state, old_state, trainable).items()}
 
 
+def read_train_task(dxo: DXO) -> tuple[dict, dict | None]:
+    """(global weights, global SCAFFOLD control variates or None) of a `train` task: a WEIGHTS DXO, or
+    ScatterAndGatherScaffold's COLLECTION of the weights and the controls."""
+    controls = None
+    if dxo.data_kind == DataKind.COLLECTION:
+        parts = dxo.data or {}
+        weights_dxo, controls_dxo = parts.get(AppConstants.MODEL_WEIGHTS), parts.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
+        if not isinstance(weights_dxo, DXO) or not isinstance(controls_dxo, DXO):
+            raise FedXViTError(f"train task COLLECTION holds {sorted(parts)}, expected "
+                               f"{AppConstants.MODEL_WEIGHTS} and {AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL}")
+        dxo, controls = weights_dxo, controls_dxo.data
+    if dxo.data_kind != DataKind.WEIGHTS:
+        raise FedXViTError(f"train task expects WEIGHTS, got {dxo.data_kind}")
+    return dxo.data, controls
+
+
+def train_result(diff: dict, meta: dict, control_deltas: dict | None = None) -> DXO:
+    """The WEIGHT_DIFF DXO a site sends; with SCAFFOLD's control-variate change, a COLLECTION of both as
+    ScatterAndGatherScaffold expects. The meta (steps, scores) sits on the outer DXO, where the model
+    selector and the global-validation widget read it, and on the weights."""
+    update = DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff, meta=dict(meta))
+    if not control_deltas:
+        return update
+    controls = DXO(data_kind=DataKind.WEIGHT_DIFF, data=control_deltas)
+    return DXO(data_kind=DataKind.COLLECTION, meta=dict(meta),
+               data={AppConstants.MODEL_WEIGHTS: update, AlgorithmConstants.SCAFFOLD_CTRL_DIFF: controls})
+
+
 class FedXViTExecutor(Executor):
     """train / validate / submit_model for one hospital; every knob is a job argument."""
 
     def __init__(self, preset: str = "cpu", local_epochs: int = 1, learning_rate: float = 3e-4, batch_size: int = 16,
                  freeze_policy: str = "last-k", last_k: int = 1, torch_threads: str | int = "auto", seed: int = 0,
-                 num_workers: int = 0, train_task_name: str = AppConstants.TASK_TRAIN,
+                 algorithm: str = "fedavg", mu: float = 0.01, num_workers: int = 0,
+                 train_task_name: str = AppConstants.TASK_TRAIN,
                  validate_task_name: str = AppConstants.TASK_VALIDATION,
                  submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL, analytic_sender_id: str = "log_writer"):
         super().__init__()
@@ -106,6 +141,8 @@ class FedXViTExecutor(Executor):
         self.last_k = int(last_k)
         self.torch_threads = torch_threads
         self.seed = int(seed)
+        self.algorithm = algorithm
+        self.strategy = make_strategy(algorithm, mu)  # an unknown algorithm or a negative mu fails the job at start
         self.num_workers = int(num_workers)
         self.task_names = {"train": train_task_name, "validate": validate_task_name, "submit": submit_model_task_name}
         self.model = None
@@ -137,14 +174,16 @@ class FedXViTExecutor(Executor):
         self.model = model.to(self.device)
         self.writer = fl_ctx.get_engine().get_component(self.analytic_sender_id) if self.analytic_sender_id else None
         if self.writer is not None:  # the run's settings and the data's content hash, never paths or images
-            self.writer.log_params({"preset": self.preset, "freeze_policy": self.freeze_policy, "last_k": self.last_k,
+            self.writer.log_params({"preset": self.preset, **self.strategy.params(),
+                                    "freeze_policy": self.freeze_policy, "last_k": self.last_k,
                                     "local_epochs": self.local_epochs, "learning_rate": self.learning_rate,
                                     "batch_size": self.batch_size, "seed": self.seed,
                                     "data_hash": read_dataset_info(data_dir).get("data_hash", "unknown")})
         app_dir = fl_ctx.get_prop(FLContextKey.APP_ROOT) or workspace.get_app_dir(fl_ctx.get_job_id())
         self.best_model_path = Path(app_dir) / BEST_LOCAL_MODEL
         self.log_info(fl_ctx, f"fedxvit {self.site_name}: data {data_dir} ({len(self.train_loader.dataset)} train, "
-                              f"{len(self.val_loader.dataset)} val), preset {self.preset}, device {self.device}, "
+                              f"{len(self.val_loader.dataset)} val), preset {self.preset}, algorithm "
+                              f"{self.algorithm}, device {self.device}, "
                               f"{threads} torch thread(s)")
 
     def _load_weights(self, weights: dict) -> None:
@@ -190,10 +229,11 @@ class FedXViTExecutor(Executor):
         return make_reply(ReturnCode.TASK_ABORTED)
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        dxo = from_shareable(shareable)
-        if dxo.data_kind != DataKind.WEIGHTS:
-            raise FedXViTError(f"train task expects WEIGHTS, got {dxo.data_kind}")
-        self._load_weights(dxo.data)
+        weights, global_controls = read_train_task(from_shareable(shareable))
+        if global_controls is not None and not self.strategy.needs_global_controls:
+            raise FedXViTError(f"the server sent SCAFFOLD control variates but this site runs algorithm "
+                               f"'{self.algorithm}': use the same job's client config (algorithm 'scaffold')")
+        self._load_weights(weights)
         global_state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, "?")
         initial_metrics = self._scores(abort_signal)
@@ -202,10 +242,12 @@ class FedXViTExecutor(Executor):
 
         trainable = shared_state_keys(self.model, apply_freeze_policy(self.model, self.freeze_policy, self.last_k))
         optimizer = make_optimizer(self.model, self.learning_rate)
+        self.strategy.start_round(self.model, optimizer, global_controls)
         steps, history = 0, []
         for epoch in range(self.local_epochs):
             epoch_metrics = train_epoch(self.model, self.train_loader, optimizer, self.device,
-                                        should_abort=lambda: abort_signal.triggered)
+                                        should_abort=lambda: abort_signal.triggered,
+                                        extra_loss=self.strategy.extra_loss, after_step=self.strategy.after_step)
             if epoch_metrics["aborted"]:
                 return self._aborted(fl_ctx, f"while training in round {current_round}")
             steps += epoch_metrics["steps"]
@@ -222,6 +264,7 @@ class FedXViTExecutor(Executor):
                             meta={"class_names": list(TASK_CLASSES), "site": self.site_name, "round": current_round,
                                   "val_accuracy": local_metrics["val_accuracy"], "val_loss": local_metrics["val_loss"]})
 
+        control_deltas = self.strategy.finish_round()
         new_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         diff = trainable_weight_diff(new_state, global_state, trainable)
         last = history[-1] if history else {"loss": float("nan"), "accuracy": float("nan")}
@@ -229,12 +272,13 @@ class FedXViTExecutor(Executor):
                          "local_val_accuracy": local_metrics["val_accuracy"], "local_val_loss": local_metrics["val_loss"]}
         self._track(site_round_metrics(initial_metrics, train_metrics), current_round)
         self.log_info(fl_ctx, f"fedxvit {self.site_name} round {current_round}: global val_acc="
-                              f"{initial_metrics['val_accuracy']:.4f} -> local val_acc={local_metrics['val_accuracy']:.4f}, "
-                              f"train_loss={last['loss']:.4f}, {steps} steps, {len(diff)} tensors sent")
-        out = DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff,
-                  meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps, MetaKey.INITIAL_METRICS: initial_metrics,
-                        "train_metrics": train_metrics})
-        return out.to_shareable()
+                              f"{initial_metrics['val_accuracy']:.4f} val_loss={initial_metrics['val_loss']:.6f} -> "
+                              f"local val_acc={local_metrics['val_accuracy']:.4f}, "
+                              f"train_loss={last['loss']:.4f}, {steps} steps, {len(diff)} tensors sent; "
+                              f"{self.strategy.summary()}")
+        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: steps, MetaKey.INITIAL_METRICS: initial_metrics,
+                "train_metrics": train_metrics}
+        return train_result(diff, meta, control_deltas).to_shareable()
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         dxo = from_shareable(shareable)

@@ -5,13 +5,20 @@ everyone. The filter checks every tensor (finite, known name, same shape as the 
 model) and, on the first problem, replaces the result with an error reply carrying the reason;
 ScatterAndGather then drops that site's contribution for the round (the job goes on while at
 least `min_clients` sites remain) and the aggregate stays finite.
+
+A SCAFFOLD result is a DXO COLLECTION (the weight difference and the control-variate change);
+every DXO in it is checked the same way, so a NaN control variate is caught like a NaN weight.
+
+NVFlare's CyclicController stops the whole relay on the first error result, so the cyclic job sets
+`on_bad_result: "empty_update"`: a bad update, or a site's failed turn, becomes an empty
+WEIGHT_DIFF instead, and the model passes on unchanged to the next site.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from nvflare.apis.dxo import DataKind, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -21,6 +28,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 CHECKED_KINDS = (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS)
 REJECT_REASON_HEADER = "fedxvit_reject_reason"  # on the error reply, for the round's log and tracking
+ON_BAD_RESULT = ("error", "empty_update")
 
 
 def _as_array(value) -> np.ndarray:
@@ -50,32 +58,68 @@ def find_bad_tensor(update: dict, reference: dict | None = None) -> str | None:
     return None
 
 
-class RejectBadUpdates(Filter):
-    """task_result_filter for `train`: passes good updates unchanged, turns bad ones into an error reply."""
+def updates_in(dxo: DXO, label: str = "") -> list[tuple[str, dict]]:
+    """(label, tensors) of every update a result carries: the DXO itself, or each DXO of a COLLECTION
+    (SCAFFOLD's weights and control variates), labelled '<key>/' so a problem names which one."""
+    if dxo.data_kind == DataKind.COLLECTION:
+        return [found for key, part in (dxo.data or {}).items() if isinstance(part, DXO)
+                for found in updates_in(part, f"{label}{key}/")]
+    return [(label, dxo.data)] if dxo.data_kind in CHECKED_KINDS and dxo.data else []
 
-    def __init__(self, reject_return_code: str = ReturnCode.EXECUTION_RESULT_ERROR):
+
+def find_bad_update(dxo: DXO, reference: dict | None = None) -> str | None:
+    """find_bad_tensor over every update in the DXO (control variates share the global model's names and shapes)."""
+    for label, update in updates_in(dxo):
+        problem = find_bad_tensor(update, reference)
+        if problem is not None:
+            return label + problem
+    return None
+
+
+class RejectBadUpdates(Filter):
+    """task_result_filter for `train`: passes good updates unchanged, turns bad ones into an error reply
+    (`on_bad_result: "error"`) or, for the cyclic relay, into an empty update (`"empty_update"`)."""
+
+    def __init__(self, reject_return_code: str = ReturnCode.EXECUTION_RESULT_ERROR, on_bad_result: str = "error"):
         super().__init__()
+        if on_bad_result not in ON_BAD_RESULT:
+            raise ValueError(f"RejectBadUpdates option on_bad_result='{on_bad_result}' is unknown; choose one of "
+                             f"{', '.join(ON_BAD_RESULT)}")
         self.reject_return_code = reject_return_code
+        self.on_bad_result = on_bad_result
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-            return shareable  # already a failure; nothing to aggregate
+        code = shareable.get_return_code(ReturnCode.OK)
+        if code != ReturnCode.OK:  # already a failure; nothing to aggregate
+            if self.on_bad_result == "empty_update":
+                return self._empty_update(f"the site returned {code}", fl_ctx)
+            return shareable
         try:
             dxo = from_shareable(shareable)
         except ValueError:
             return shareable  # not a DXO: not ours to judge
-        if dxo.data_kind not in CHECKED_KINDS or not dxo.data:
-            return shareable
         reference = None
         global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
         if global_model:
             reference = global_model.get(ModelLearnableKey.WEIGHTS)
-        problem = find_bad_tensor(dxo.data, reference)
+        problem = find_bad_update(dxo, reference)
         if problem is None:
             return shareable
-        peer = fl_ctx.get_peer_context()
-        site = peer.get_identity_name(default="?") if peer else "?"
-        self.log_error(fl_ctx, f"fedxvit: rejected {dxo.data_kind} update from {site}: {problem}")
+        self.log_error(fl_ctx, f"fedxvit: rejected {dxo.data_kind} update from {_site(fl_ctx)}: {problem}")
+        if self.on_bad_result == "empty_update":
+            return self._empty_update(f"rejected by the update filter: {problem}", fl_ctx)
         reply = make_reply(self.reject_return_code)
         reply.set_header(REJECT_REASON_HEADER, f"rejected by the update filter: {problem}")
         return reply
+
+    def _empty_update(self, reason: str, fl_ctx: FLContext) -> Shareable:
+        """An OK reply that changes nothing: the cyclic relay goes on with the model as it was."""
+        self.log_warning(fl_ctx, f"fedxvit: {_site(fl_ctx)}'s turn changes nothing: {reason}")
+        reply = DXO(data_kind=DataKind.WEIGHT_DIFF, data={}).to_shareable()
+        reply.set_header(REJECT_REASON_HEADER, reason)
+        return reply
+
+
+def _site(fl_ctx: FLContext) -> str:
+    peer = fl_ctx.get_peer_context()
+    return peer.get_identity_name(default="?") if peer else "?"

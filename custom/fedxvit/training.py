@@ -113,11 +113,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device,
                 scheduler=None, should_abort: Callable[[], bool] | None = None,
                 label_smoothing: float = 0.0, progress: Callable[[dict], None] | None = None,
-                max_grad_norm: float | None = None) -> dict:
+                max_grad_norm: float | None = None, extra_loss: Callable[[], torch.Tensor | None] | None = None,
+                after_step: Callable[[], None] | None = None) -> dict:
     """One pass over loader; stops between batches as soon as should_abort() is true.
 
     `max_grad_norm` clips the global gradient norm: training a ViT from scratch at a high
     learning rate otherwise has loss spikes that undo epochs of progress.
+
+    The federated algorithms hook in here instead of copying the loop (fedxvit.algorithms):
+    `extra_loss()` is added to each batch's loss before backward (FedProx's proximal term; None
+    adds nothing) and `after_step()` runs after each optimizer step (SCAFFOLD's correction). The
+    reported loss is the cross-entropy alone, so runs of different algorithms compare.
 
     The scheduler (if any) is stepped per batch. Returns loss/accuracy means over the images
     seen, the number of optimizer steps and images, and whether it was aborted.
@@ -131,11 +137,14 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         inputs, labels = batch["image"].to(device), batch["label"].to(device).long()
         logits = model(inputs)
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        term = extra_loss() if extra_loss is not None else None
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if term is None else loss + term).backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
         optimizer.step()
+        if after_step is not None:
+            after_step()
         if scheduler is not None:
             scheduler.step()
         steps += 1

@@ -1,0 +1,208 @@
+"""One source for every algorithm's job: jobs/fedxvit plus a small per-algorithm change.
+
+`python -m fedxvit.jobs` (`make jobs`) writes jobs/fedxvit_fedprox, _fedopt, _scaffold and
+_cyclic from jobs/fedxvit, so a common setting (a default, a component, a timeout) is changed
+once, in jobs/fedxvit, and the generated folders follow. They are committed, so each is a plain
+NVFlare job (`nvflare simulator jobs/<job> ...`); `--check` (and a test) fails when a committed
+folder differs from what this writes. jobs/fedxvit itself, FedAvg, is never rewritten.
+
+Each change below is the whole difference from FedAvg, built from NVFlare's stock components:
+FedProx and SCAFFOLD switch the sites' strategy (fedxvit.algorithms); FedOpt swaps the
+shareable generator for PTFedOptModelShareableGenerator; SCAFFOLD runs ScatterAndGatherScaffold;
+cyclic replaces ScatterAndGather with CyclicController.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.paths import project_root
+
+BASE_JOB = "fedxvit"
+META, SERVER, CLIENT = "meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"
+NVFLARE_PT = "nvflare.app_opt.pt"
+NVFLARE_WORKFLOWS = "nvflare.app_common.workflows"
+
+
+def set_variables(config: dict, **variables) -> None:
+    """Add or change job variables, kept at the top of the file with the others (before the lists)."""
+    scalars = {k: v for k, v in config.items() if not isinstance(v, (list, dict))}
+    rest = {k: v for k, v in config.items() if k not in scalars}
+    config.clear()
+    config.update({**scalars, **variables, **rest})
+
+
+def drop_variables(config: dict, *names: str) -> None:
+    for name in names:
+        del config[name]
+
+
+def find(config: dict, section: str, entry_id: str) -> dict:
+    """The entry `entry_id` of a config's `components` or `workflows` list."""
+    for entry in config[section]:
+        if entry.get("id") == entry_id:
+            return entry
+    raise FedXViTError(f"jobs/{BASE_JOB}: no {section} entry '{entry_id}' (the per-algorithm changes need it)")
+
+
+def drop(config: dict, section: str, *entry_ids: str) -> None:
+    for entry_id in entry_ids:
+        config[section].remove(find(config, section, entry_id))
+
+
+def tracked_params(server: dict) -> dict:
+    """The server run's parameters in MLflow (the mlflow_receiver's `params`)."""
+    return find(server, "components", "mlflow_receiver")["args"]["params"]
+
+
+def site_algorithm(client: dict, algorithm: str, **options) -> None:
+    """The sites' strategy (fedxvit.algorithms), fixed by the job, and its options as client job variables."""
+    set_variables(client, **options)
+    args = client["executors"][0]["executor"]["args"]
+    args.update({"algorithm": algorithm, **{name: "{" + name + "}" for name in options}})
+
+
+def fedprox(server: dict, client: dict) -> None:
+    site_algorithm(client, "fedprox", mu=0.01)
+    tracked_params(server)["algorithm"] = "fedprox"
+
+
+def fedopt(server: dict, client: dict) -> None:
+    set_variables(server, server_lr=1.0, server_momentum=0.6)
+    generator = find(server, "components", "shareable_generator")
+    generator["path"] = f"{NVFLARE_PT}.fedopt.PTFedOptModelShareableGenerator"
+    generator["args"] = {"source_model": "server_model", "optimizer_args": {  # a dict the generator builds at START_RUN
+        "path": "torch.optim.SGD", "args": {"lr": "{server_lr}", "momentum": "{server_momentum}"},
+        "config_type": "dict"}}
+    at = server["components"].index(generator)
+    server["components"][at:at] = [
+        {"id": "server_model", "path": "fedxvit.model.HybridViT",
+         "args": {"preset": "{preset}", "num_classes": "{num_classes}"}},
+        {"id": "server_model_sync", "path": "fedxvit.server_algorithms.ServerModelSync",
+         "args": {"model_id": "server_model"}},
+    ]
+    tracked_params(server).update(algorithm="fedopt", server_lr="{server_lr}", server_momentum="{server_momentum}")
+
+
+def scaffold(server: dict, client: dict) -> None:
+    site_algorithm(client, "scaffold")
+    find(server, "workflows", "scatter_and_gather")["path"] = \
+        f"{NVFLARE_WORKFLOWS}.scatter_and_gather_scaffold.ScatterAndGatherScaffold"
+    find(server, "components", "assembler")["path"] = "fedxvit.server_algorithms.ScaffoldScreenedAssembler"
+    tracked_params(server)["algorithm"] = "scaffold"
+
+
+def cyclic(server: dict, client: dict) -> None:
+    # no rounds of collected updates: no aggregator, screening, round table or best-model selection
+    drop_variables(server, "min_clients", "aggregation", "norm_k", "trim_fraction", "key_metric",
+                   "wait_time_after_min_received", "train_timeout")
+    set_variables(server, order="FIXED", task_assignment_timeout=60)
+    drop(server, "components", "assembler", "aggregator", "model_selector", "global_validation")
+    workflow = find(server, "workflows", "scatter_and_gather")
+    workflow.update(id="cyclic", path=f"{NVFLARE_WORKFLOWS}.cyclic_ctl.CyclicController", args={
+        "num_rounds": "{num_rounds}", "task_assignment_timeout": "{task_assignment_timeout}",
+        "persistor_id": "persistor", "shareable_generator_id": "shareable_generator", "task_name": "train",
+        "order": "{order}"})
+    (update_filter,) = server["task_result_filters"][0]["filters"]
+    update_filter["args"]["on_bad_result"] = "empty_update"  # CyclicController stops on any error result
+    params = tracked_params(server)
+    del params["min_clients"]
+    params["algorithm"] = "cyclic"
+
+
+ALGORITHM_JOBS = {
+    "fedxvit_fedprox": (fedprox, "FedProx: every site adds NVFlare's PTFedProxLoss (job variable `mu`, client "
+                                 "config) over its trainable tensors; the server is the FedAvg job's."),
+    "fedxvit_fedopt": (fedopt, "FedOpt: the server applies the averaged update with SGD and momentum "
+                               "(NVFlare's PTFedOptModelShareableGenerator; job variables `server_lr`, "
+                               "`server_momentum`, server config); the sites run FedAvg."),
+    "fedxvit_scaffold": (scaffold, "SCAFFOLD: NVFlare's ScatterAndGatherScaffold and PTScaffoldHelper; each "
+                                   "site's control-variate change travels with its update and is checked by the "
+                                   "same update filter and norm screening."),
+    "fedxvit_cyclic": (cyclic, "Cyclic weight transfer: NVFlare's CyclicController hands the model from site to "
+                               "site (job variables `order`, `task_assignment_timeout`, server config); a bad "
+                               "site's turn changes nothing instead of stopping the relay."),
+}
+
+
+def readme(name: str, description: str) -> str:
+    return (f"# {name}\n\nGenerated by `python -m fedxvit.jobs` (`make jobs`) from `jobs/{BASE_JOB}` and the "
+            f"`{ALGORITHM_JOBS[name][0].__name__}` change in `custom/fedxvit/jobs.py`: edit those, then regenerate; "
+            f"do not edit this folder.\n\n{description}\n\n```bash\n"
+            f"nvflare simulator jobs/{name} -w workspace -c site1,site2,site3 -gpu 0 -t 3\n```\n\n"
+            f"See docs/federated-jobs.md#algorithms.\n")
+
+
+def dump(config: dict) -> str:
+    return json.dumps(config, indent=2) + "\n"
+
+
+def render_jobs(jobs_dir: Path) -> dict[Path, str]:
+    """{path under jobs_dir: text} of every generated job folder, from jobs_dir/fedxvit."""
+    base = Path(jobs_dir) / BASE_JOB
+    configs = {}
+    for name in (META, SERVER, CLIENT):
+        try:
+            configs[name] = json.loads((base / name).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FedXViTError(f"{base / name}: cannot read the base job ({exc})") from None
+    copied = {path.relative_to(base): path.read_text() for path in sorted(base.rglob("*"))
+              if path.is_file() and path.relative_to(base).as_posix() not in (META, SERVER, CLIENT)}
+    files = {}
+    for name, (change, description) in ALGORITHM_JOBS.items():
+        job = copy.deepcopy(configs)
+        change(job[SERVER], job[CLIENT])
+        job[META]["name"] = name
+        files.update({Path(name) / path: dump(config) for path, config in job.items()})
+        files.update({Path(name) / path: text for path, text in copied.items()})
+        files[Path(name) / "README.md"] = readme(name, description)
+    return files
+
+
+def differences(jobs_dir: Path) -> list[str]:
+    """What differs between the committed job folders and what render_jobs writes (empty: up to date)."""
+    jobs_dir = Path(jobs_dir)
+    expected = render_jobs(jobs_dir)
+    found = {path.relative_to(jobs_dir) for name in ALGORITHM_JOBS for path in (jobs_dir / name).rglob("*")
+             if path.is_file()}
+    problems = [f"{path}: missing" for path in sorted(set(expected) - found)]
+    problems += [f"{path}: not generated (stale?)" for path in sorted(found - set(expected))]
+    problems += [f"{path}: differs" for path in sorted(set(expected) & found)
+                 if (jobs_dir / path).read_text() != expected[path]]
+    return problems
+
+
+def write_jobs(jobs_dir: Path) -> list[Path]:
+    jobs_dir = Path(jobs_dir)
+    written = []
+    for path, text in render_jobs(jobs_dir).items():
+        target = jobs_dir / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.is_file() or target.read_text() != text:
+            target.write_text(text)
+            written.append(target)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedxvit.jobs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs-dir", default=str(project_root() / "jobs"), help="the folder holding jobs/fedxvit")
+    parser.add_argument("--check", action="store_true", help="only report generated folders that are out of date")
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = differences(Path(args.jobs_dir))
+        if problems:
+            raise FedXViTError(f"generated jobs are out of date (run `make jobs`): {'; '.join(problems)}")
+        print(f"{len(ALGORITHM_JOBS)} generated jobs are up to date")
+        return 0
+    written = write_jobs(Path(args.jobs_dir))
+    print("\n".join(str(p) for p in written) or f"{len(ALGORITHM_JOBS)} generated jobs were already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
