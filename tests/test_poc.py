@@ -101,6 +101,7 @@ def test_continuation_job_trains_the_remaining_rounds_from_the_saved_model(tmp_p
     model = Path(components["persistor"]["source_ckpt_file_full_name"])
     assert model.is_absolute() and model.read_bytes() == b"round model"
     assert [row["round"] for row in components["global_validation"]["earlier_rounds"]] == [0, 1]
+    assert components["mlflow_receiver"]["continue_job"] == "run"  # the killed job's id: its runs go on
     original = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
     assert original["workflows"][0]["args"]["start_round"] == 0  # the job itself is untouched
 

@@ -294,34 +294,42 @@ def test_a_job_tracked_through_nvflares_receiver_and_recorded_once(tmp_path, no_
     assert json.loads((run_dir / run_record.RUN_RECORD).read_text())["runs"][SERVER] != runs[SERVER].info.run_id
 
 
-def test_a_restarted_job_continues_its_runs(tmp_path, no_tracking_env):
-    """A server that starts the same job again (same job id) writes into the job's runs; no new ones appear."""
+def test_a_restarted_or_continued_job_goes_on_in_its_runs(tmp_path, no_tracking_env):
+    """A server that starts the same job again (same job id), or a continuation job told `continue_job`
+    (fedxvit.poc after a server crash), writes into the job's runs; no new ones appear. Each round's
+    site metrics are written when the round ends, so a server killed between rounds loses none."""
     from mlflow import MlflowClient
+    from nvflare.app_common.app_event_type import AppEventType
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     engine = ServerEngine(tmp_path / "server", SITES)
-    (tmp_path / "server" / "4f1c-job").mkdir()  # the job's run folder, as NVFlare makes it
+    for job_id in ("4f1c-job", "5a2b-job"):
+        (tmp_path / "server" / job_id).mkdir()  # the jobs' run folders, as NVFlare makes them
     first = FederatedMLflowTracking(tracking_uri=uri, params={"num_rounds": 3})
     first.handle_event(EventType.START_RUN, server_context(engine, "4f1c-job"))
     assert engine.events == []  # no panic
     send(first, server_context(engine, "4f1c-job"), "train_loss", 0.9, AnalyticsDataType.METRIC, step=0, site="site1")
-    first.receiver.handle_event(EventType.END_RUN, server_context(engine, "4f1c-job"))  # flush; then the server dies
+    first.handle_event(AppEventType.ROUND_DONE, server_context(engine, "4f1c-job"))  # then the server dies
     before = {site: r.info.run_id for site, r in job_runs(client, "4f1c-job").items()}
     assert set(before) == {*SITES, SERVER}
+    assert [(m.step, m.value) for m in client.get_metric_history(before["site1"], "train_loss")] == [(0, 0.9)]
 
-    again = FederatedMLflowTracking(tracking_uri=uri, params={"num_rounds": 3})
-    fl_ctx = server_context(engine, "4f1c-job")
-    again.handle_event(EventType.START_RUN, fl_ctx)
-    assert engine.events == []
-    send(again, fl_ctx, "train_loss", 0.7, AnalyticsDataType.METRIC, step=1, site="site1")
-    send(again, fl_ctx, "global_val_accuracy", 0.8, AnalyticsDataType.METRIC, step=1)
-    again.receiver.handle_event(EventType.END_RUN, fl_ctx)
+    for step, (job_id, continue_job) in enumerate((("4f1c-job", ""), ("5a2b-job", "4f1c-job")), start=1):
+        again = FederatedMLflowTracking(tracking_uri=uri, params={"num_rounds": 3}, continue_job=continue_job)
+        fl_ctx = server_context(engine, job_id)
+        again.handle_event(EventType.START_RUN, fl_ctx)
+        assert engine.events == []
+        send(again, fl_ctx, "train_loss", 0.7 - 0.1 * step, AnalyticsDataType.METRIC, step=step, site="site1")
+        send(again, fl_ctx, "global_val_accuracy", 0.8 + 0.1 * step, AnalyticsDataType.METRIC, step=step)
+        again.receiver.handle_event(EventType.END_RUN, fl_ctx)
 
     after = job_runs(client, "4f1c-job")
     assert {site: r.info.run_id for site, r in after.items()} == before
     history = client.get_metric_history(before["site1"], "train_loss")
-    assert sorted((m.step, m.value) for m in history) == [(0, 0.9), (1, 0.7)]
-    assert after[SERVER].data.metrics["global_val_accuracy"] == 0.8
+    assert sorted((m.step, round(m.value, 6)) for m in history) == [(0, 0.9), (1, 0.6), (2, 0.5)]
+    server_history = client.get_metric_history(before[SERVER], "global_val_accuracy")
+    assert sorted((m.step, round(m.value, 6)) for m in server_history) == [(1, 0.9), (2, 1.0)]
     assert len(client.search_runs([after[SERVER].info.experiment_id])) == 3
+    assert job_runs(client, "5a2b-job") == {}
     assert run_record.find_job_runs(client, after[SERVER].info.experiment_id, "other-job") == {}

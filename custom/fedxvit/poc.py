@@ -296,7 +296,8 @@ def snapshot_files(workspace: Path) -> tuple[str, int]:
 
 def continuation_job(job: Path, run_dir: Path, start_round: int, into: Path) -> Path:
     """A copy of the job that trains rounds start_round..num_rounds-1 from the global model the dead run
-    saved after round start_round-1, and carries that run's global-validation rows of the finished rounds."""
+    saved after round start_round-1, carries that run's global-validation rows of the finished rounds,
+    and tracks into the dead job's MLflow runs (run_dir is the server's folder of that job, named by its id)."""
     model = run_dir / "app_server" / "FL_global_model.pt"
     if not model.is_file():
         raise FedXViTError(f"the killed job left no global model at {model}: nothing to resume from")
@@ -315,6 +316,8 @@ def continuation_job(job: Path, run_dir: Path, start_round: int, into: Path) -> 
             entry["args"]["source_ckpt_file_full_name"] = str((copy.parent / RESUME_MODEL_FILE).resolve())
         elif entry["path"].endswith(".GlobalValidationTracker"):
             entry["args"]["earlier_rounds"] = [row for row in rows if row["round"] < start_round]
+        elif entry["path"].endswith(".FederatedMLflowTracking"):
+            entry["args"]["continue_job"] = run_dir.name  # the killed job's MLflow runs go on
     path.write_text(json.dumps(config, indent=2))
     return copy
 

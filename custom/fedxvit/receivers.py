@@ -11,8 +11,11 @@ widget builds one, unchanged, and adds what the job needs around it through publ
   job's parameters and the server's analytics events (global validation per round), which the
   receiver does not take: it keeps runs for clients only. The run ids go to
   <run dir>/mlflow_runs.json, where fedxvit.run_record and the result scripts find them;
-- a job that starts again under the same id (a restarted server) continues its runs instead of
-  opening new ones;
+- a job that starts again under the same id (a restarted server), or a job told to continue
+  another one (`continue_job`: fedxvit.poc's continuation after a server crash), continues that
+  job's runs instead of opening new ones;
+- the sites' buffered metrics are written at the end of every round, so a server that dies
+  between rounds loses none of the finished rounds;
 - at END_RUN, fedxvit.run_record puts the sites' parameters on the server run and registers the
   final and best global models. List this widget after NVFlare's ValidationJsonGenerator: that
   one writes the cross-site results at END_RUN, and the model versions are tagged with them.
@@ -28,6 +31,7 @@ from nvflare.apis.dxo import from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import EventScope, FLContextKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
 from nvflare.widgets.widget import Widget
 
@@ -46,8 +50,9 @@ class FederatedMLflowTracking(Widget):
     def __init__(self, tracking_uri: str = "", local_fallback: bool = False,
                  timeout_s: float = tracking.DEFAULT_TIMEOUT_S, experiment_name: str = tracking.FEDERATED_EXPERIMENT,
                  params: dict | None = None, registered_model_name: str = REGISTERED_MODEL,
-                 buffer_flush_time: float = 1):
+                 buffer_flush_time: float = 1, continue_job: str = ""):
         super().__init__()
+        self.continue_job = continue_job
         self.tracking_uri = tracking_uri
         self.local_fallback = str(local_fallback).lower() in ("true", "1", "yes")  # a job variable may arrive as text
         self.timeout_s = float(timeout_s)
@@ -69,8 +74,13 @@ class FederatedMLflowTracking(Widget):
             self.finish(fl_ctx)
         elif event_type == ANALYTIC_EVENT_TYPE and fl_ctx.get_prop(FLContextKey.EVENT_SCOPE) != EventScope.FEDERATION:
             self.log_server_event(fl_ctx)
+        elif event_type == AppEventType.ROUND_DONE:
+            with self._lock:
+                for site in list(self.receiver.run_ids):
+                    self.receiver.flush_buffers(site)
         else:
-            self.receiver.handle_event(event_type, fl_ctx)
+            with self._lock:
+                self.receiver.handle_event(event_type, fl_ctx)
 
     # ---- START_RUN: where, and whose runs
     def start(self, fl_ctx: FLContext) -> None:
@@ -90,8 +100,8 @@ class FederatedMLflowTracking(Widget):
         # created here so its artifacts go where the store keeps them, not into the job folder
         experiment_id = tracking.ensure_experiment(client, self.experiment_name, self.uri, EXPERIMENT_TAGS)
         job_id, server = fl_ctx.get_job_id(), fl_ctx.get_identity_name()
-        job = job_tag(job_id)
-        earlier = find_job_runs(client, experiment_id, job) if job_id != SIMULATOR_JOB_ID else {}
+        job = self.continue_job or job_tag(job_id)
+        earlier = find_job_runs(client, experiment_id, job) if self.continue_job or job_id != SIMULATOR_JOB_ID else {}
 
         receiver = MLflowReceiver(tracking_uri=self.uri, events=[f"fed.{ANALYTIC_EVENT_TYPE}"],
                                   kw_args={"experiment_name": self.experiment_name, "run_name": "federated",
