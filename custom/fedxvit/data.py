@@ -1,8 +1,8 @@
 """MONAI transforms and loaders for one site folder (read through fedxvit.datalist).
 
 The deterministic part (decode, grayscale, [0, 1] scaling, resize) is cached once in RAM by
-CacheDataset, so CPU epochs only pay for the light random augmentation, which runs on plain
-tensors (WithoutMetaTracking).
+CacheDataset, so CPU epochs only pay for the light random augmentation, whose random
+transforms run on plain tensors (WithoutMetaTracking).
 """
 
 from __future__ import annotations
@@ -68,39 +68,40 @@ def augmentation_transforms(image_size: int) -> list:
 
 
 class WithoutMetaTracking(Randomizable, Transform):
-    """Random transforms run on plain tensors instead of MetaTensors.
+    """One random transform run on plain tensors instead of MetaTensors.
 
     MONAI's metadata tracking roughly doubles the CPU cost of the per-epoch augmentation and
     nothing downstream reads the metadata. The switch (`set_track_meta`) is global, so it is off
-    only while these transforms run. Being a Randomizable Transform, CacheDataset caches every
-    transform before it (and none from it on), and Compose seeds it like any random transform.
+    only while the transform runs. Being a Randomizable Transform, CacheDataset caches every
+    transform before it (and none from it on), and Compose or MONAI's DataLoader seed it exactly
+    as they would seed the wrapped transform: same seed, same augmentation as without the wrapper.
     """
 
-    def __init__(self, transforms: list):
-        self.transforms = Compose(transforms)
+    def __init__(self, transform: Randomizable):
+        self.transform = transform
 
     def set_random_state(self, seed: int | None = None, state=None) -> "WithoutMetaTracking":
-        self.transforms.set_random_state(seed=seed, state=state)
+        self.transform.set_random_state(seed=seed, state=state)
         return self
 
     def randomize(self, data=None) -> None:
-        self.transforms.randomize(data)
+        self.transform.randomize(data)
 
     def __call__(self, data):
         previous = get_track_meta()
         set_track_meta(False)
         try:
-            return self.transforms(data)
+            return self.transform(data)
         finally:
             set_track_meta(previous)
 
 
 def make_transforms(image_size: int, train: bool, seed: int | None = None) -> Compose:
-    transforms = deterministic_transforms(image_size)
-    augment = WithoutMetaTracking(augmentation_transforms(image_size)) if train else None
-    compose = Compose(transforms + ([augment] if augment is not None else []))
-    if augment is not None and seed is not None:
-        augment.set_random_state(seed=seed)  # the random stream of these transforms seeded with `seed` directly
+    augmentation = [WithoutMetaTracking(t) if isinstance(t, Randomizable) else t
+                    for t in augmentation_transforms(image_size)] if train else []
+    compose = Compose(deterministic_transforms(image_size) + augmentation)
+    if seed is not None:
+        compose.set_random_state(seed=seed)
     return compose
 
 
