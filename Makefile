@@ -1,14 +1,21 @@
-# The contract of ../shared/DESIGN.md: every target sets up .venv itself when it is missing.
+# Every target sets up .venv itself when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA ?= data
 SEED ?= 0
+RESULTS ?= results
 # extra expert options, e.g. make expert EXPERT_ARGS="--preset anchor --force"
 EXPERT_ARGS ?=
+# Empty, so a phase run on its own is not timed. `make demo` sets it for its prerequisites (Make's
+# target-specific variables reach them): each phase's command then runs under bench/timed.py, which
+# records its wall time and peak memory in $(RESULTS)/timings.json for result_stat.summary.
+TIMED =
 
-.PHONY: setup data expert transfer test clean-data
+# The phases build on each other in the order they are listed; never reorder them with -j.
+.NOTPARALLEL:
+.PHONY: setup data expert transfer simulate baselines results demo bench poc jobs test clean-data
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,49 +27,48 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 data: setup
-	$(PY) -m data_preparation.benchmark --out $(DATA) --seed $(SEED)
+	$(TIMED) $(PY) -m data_preparation.benchmark --out $(DATA) --seed $(SEED)
 
 expert: data
-	$(PY) -m fedxvit.expert --data $(DATA)/public --out models $(EXPERT_ARGS)
+	$(TIMED) $(PY) -m fedxvit.expert --data $(DATA)/public --out models $(EXPERT_ARGS)
 
 transfer: expert
-	$(PY) -m fedxvit.transfer --expert models/expert.pt --out models/initial_global.pt
-
-test: setup
-	$(PY) -m pytest
-
-clean-data:
-	rm -rf $(DATA)
+	$(TIMED) $(PY) -m fedxvit.transfer --expert models/expert.pt --out models/initial_global.pt
 
 # NVFlare simulator: 3 hospitals as client processes (-t 3); -gpu 0 is ignored on CPU-only machines.
 # Outputs: workspace/server/simulate_job/ (global_val.json, cross_site_val/, app_server/*.pt).
-.PHONY: simulate
 simulate: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/nvflare simulator jobs/fedxvit -w workspace -c site1,site2,site3 -gpu 0 -t 3
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(TIMED) $(VENV)/bin/nvflare simulator jobs/fedxvit -w workspace -c site1,site2,site3 -gpu 0 -t 3
 
-# Test report, baselines, cross-site table, TensorBoard curves, Grad-CAM into results/ (result_stat.run_all).
-.PHONY: results
-results: setup
-	$(PY) -m result_stat.run_all --out results
+# Centralized and local-only models with the run's own settings -> models/baselines/ (fedxvit.baselines).
+baselines: setup
+	$(TIMED) $(PY) -m fedxvit.baselines
 
-# The whole story, each phase timed (fedxvit.demo runs the targets above and prints the summary).
-.PHONY: demo
-demo: setup
-	$(PY) -m fedxvit.demo
+# Test report, baselines' scores, cross-site table, TensorBoard curves, Grad-CAM -> results/ (result_stat.run_all).
+results: baselines
+	$(TIMED) $(PY) -m result_stat.run_all --out $(RESULTS)
+
+# The whole story, each phase timed; ends with the summary (summary.json rewritten with every phase's timing).
+demo: TIMED = $(PY) bench/timed.py --phase $@ --log $(RESULTS)/timings.json --
+demo: data expert transfer simulate baselines results
+	$(PY) -m result_stat.summary --results $(RESULTS) --print
 
 # Benchmarks in one run: federation cost ratios, model throughput, the last demo's timings -> bench/results.json.
-.PHONY: bench
 bench: setup
 	$(PY) bench/run.py
 
 # The same job in NVFlare's POC deployment (real server and client processes), then stopped.
 # Fault drills: make poc POC_ARGS="--kill-server-after-round 1" (or "--min-clients 2 --kill-site site3").
 POC_ARGS ?=
-.PHONY: poc
 poc: setup
 	$(PY) -m fedxvit.poc $(POC_ARGS)
 
 # The algorithm jobs (jobs/fedxvit_fedprox, _fedopt, _scaffold, _cyclic), generated from jobs/fedxvit by fedxvit.jobs.
-.PHONY: jobs
 jobs: setup
 	$(PY) -m fedxvit.jobs
+
+test: setup
+	$(PY) -m pytest
+
+clean-data:
+	rm -rf $(DATA)

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from fedxvit.baselines import job_training_settings, train_on_sites
+from fedxvit.baselines import train_on_sites
 from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.jobconfig import JobSettings, read_job_settings
 from fedxvit.paths import project_root
 
 SITES = ("site1", "site2", "site3")
@@ -88,7 +89,7 @@ def time_bare_loop(model, loader, lr: float, epochs: int, device) -> float:
     return time.perf_counter() - started
 
 
-def executor_measurements(site_dir: Path, initial: Path, settings: dict, scratch: Path, epochs: int) -> dict:
+def executor_measurements(site_dir: Path, initial: Path, settings: JobSettings, scratch: Path, epochs: int) -> dict:
     """Wire bytes (head vs full) and executor vs bare-loop throughput on one site, in process."""
     from nvflare.apis.dxo import DXO, DataKind
     from nvflare.apis.signal import Signal
@@ -104,7 +105,7 @@ def executor_measurements(site_dir: Path, initial: Path, settings: dict, scratch
 
     os.environ[site_env_var(site_dir.name)] = str(site_dir.resolve())
     threads = torch.get_num_threads()
-    model, _ = build_model_from_checkpoint(initial, preset=settings["preset"], num_classes=len(TASK_CLASSES))
+    model, _ = build_model_from_checkpoint(initial, preset=settings.preset, num_classes=len(TASK_CLASSES))
 
     def task():
         shareable = DXO(DataKind.WEIGHTS, to_numpy_state(model.state_dict())).to_shareable()
@@ -112,18 +113,18 @@ def executor_measurements(site_dir: Path, initial: Path, settings: dict, scratch
         return shareable
 
     def executor(policy: str, local_epochs: int, name: str):
-        ex = FedXViTExecutor(preset=settings["preset"], local_epochs=local_epochs, learning_rate=settings["lr"],
-                             batch_size=settings["batch_size"], freeze_policy=policy, last_k=settings["last_k"],
-                             torch_threads=threads, seed=settings["seed"], analytic_sender_id="")
+        ex = FedXViTExecutor(preset=settings.preset, local_epochs=local_epochs, learning_rate=settings.learning_rate,
+                             batch_size=settings.batch_size, freeze_policy=policy, last_k=settings.last_k,
+                             torch_threads=threads, seed=settings.seed, analytic_sender_id="")
         return ex, make_fl_ctx(scratch / name, site=site_dir.name)
 
     head, ctx = executor("head", 1, "head")
     head_result = head.execute("train", task(), ctx, Signal())
     wire = {"full_model_bytes": serialized_size(task()), "head_update_bytes": serialized_size(head_result)}
-    default, ctx = executor(settings["freeze_policy"], 1, "default")
-    wire[f"{settings['freeze_policy']}_update_bytes"] = serialized_size(default.execute("train", task(), ctx, Signal()))
+    default, ctx = executor(settings.freeze_policy, 1, "default")
+    wire[f"{settings.freeze_policy}_update_bytes"] = serialized_size(default.execute("train", task(), ctx, Signal()))
 
-    timed, ctx = executor(settings["freeze_policy"], epochs, "timed")
+    timed, ctx = executor(settings.freeze_policy, epochs, "timed")
     timed.execute("validate", task(), ctx, Signal())  # set-up (data caching) outside the timing
     started = time.perf_counter()
     timed.execute("train", task(), ctx, Signal())
@@ -132,11 +133,11 @@ def executor_measurements(site_dir: Path, initial: Path, settings: dict, scratch
     evaluate(timed.model, timed.val_loader, timed.device)
     validation_pass_s = time.perf_counter() - started
 
-    bare, _ = build_model_from_checkpoint(initial, preset=settings["preset"], num_classes=len(TASK_CLASSES))
-    apply_freeze_policy(bare, settings["freeze_policy"], settings["last_k"])
-    loader = make_loader(site_dir, "training", bare.preset.image_size, settings["batch_size"], train=True,
-                         seed=settings["seed"])
-    bare_s = time_bare_loop(bare, loader, settings["lr"], epochs, torch.device("cpu"))
+    bare, _ = build_model_from_checkpoint(initial, preset=settings.preset, num_classes=len(TASK_CLASSES))
+    apply_freeze_policy(bare, settings.freeze_policy, settings.last_k)
+    loader = make_loader(site_dir, "training", bare.preset.image_size, settings.batch_size, train=True,
+                         seed=settings.seed)
+    bare_s = time_bare_loop(bare, loader, settings.learning_rate, epochs, torch.device("cpu"))
     images = len(loader.dataset) * epochs
     return {
         "wire": {**wire, "head_over_full": wire["head_update_bytes"] / wire["full_model_bytes"]},
@@ -170,18 +171,18 @@ def main(argv=None) -> dict:
             raise FedXViTError(f"{data / site}: no site data (run `make data`)")
     if not initial.is_file():
         raise FedXViTError(f"{initial}: no initial global model (run `make transfer`)")
-    settings = job_training_settings(job / "app" / "config")
+    settings = read_job_settings(job)
     with tempfile.TemporaryDirectory(prefix="fedxvit-bench-") as tmp:
         scratch = Path(tmp)
         print(f"federated: nvflare simulator {job.name} -c {','.join(SITES)} -gpu 0 -t 3 ...", flush=True)
         federated = time_simulator(job, data, initial, scratch)
         print("centralized: same model, pooled site data, same epochs ...", flush=True)
-        central = train_on_sites([data / s for s in SITES], initial, **settings)
+        central = train_on_sites([data / s for s in SITES], initial, settings)
         print("executor: wire bytes and throughput ...", flush=True)
         measured = executor_measurements(data / SITES[-1], initial, settings, scratch, args.throughput_epochs)
         shutil.rmtree(scratch / "workspace", ignore_errors=True)
     result = {
-        "settings": settings,
+        "settings": settings.as_dict(),
         "federated_s": federated, "centralized_s": central["wall_s"],
         "federated_over_centralized": federated["wall_s"] / central["wall_s"],
         "federated_training_phase_over_centralized": federated["training_phase_s"] / central["wall_s"],

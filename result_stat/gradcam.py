@@ -392,23 +392,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_run_model(run_dir: os.PathLike | None, which: str = "final", device=None) -> torch.nn.Module:
     """The run's final/best global model, or any fedxvit checkpoint / persistor file given by path."""
-    from fedxvit.baselines import job_training_settings
-    from fedxvit.checkpoint import build_model_from_checkpoint, sidecar_path
-    from result_stat.report import GLOBAL_MODELS, default_run_dir, load_global_model, run_config_dir
+    from fedxvit.checkpoint import build_model_from_checkpoint, load_global_model, sidecar_path
+    from fedxvit.jobconfig import default_run_dir, read_job_settings
+    from result_stat.report import GLOBAL_MODELS
 
     run_dir = Path(run_dir) if run_dir else default_run_dir()
     if which in GLOBAL_MODELS:
-        preset = job_training_settings(run_config_dir(run_dir))["preset"]
+        preset = read_job_settings(run_dir).preset
         return load_global_model(run_dir / "app_server" / GLOBAL_MODELS[which], preset, device=device or "cpu")
     if sidecar_path(which).is_file():
         return build_model_from_checkpoint(which, num_classes=len(TASK_CLASSES), device=device or "cpu")[0].eval()
-    preset = job_training_settings(run_config_dir(run_dir))["preset"]
+    preset = read_job_settings(run_dir).preset
     return load_global_model(which, preset, device=device or "cpu")
 
 
 def main(argv=None) -> dict:
     from fedxvit.sites import site_data_dir
-    from result_stat.report import default_run_dir, run_sites
+    from fedxvit.jobconfig import default_run_dir, run_sites
 
     args = parse_args(argv)
     if args.n < 1:

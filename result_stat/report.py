@@ -5,9 +5,9 @@
 Scores the final and the best global model (NVFlare's PTFileModelPersistor files in
 <run dir>/app_server/) on every site's test split and on all of them pooled: accuracy, loss,
 scikit-learn per-class report, confusion matrix (PNG), ROC-AUC. Then scores, on the same
-pooled test set, the transplanted start (models/initial_global.pt), a centralized model
-trained on the pooled site training data and one local-only model per site, both trained
-by fedxvit.baselines with the run's own settings (epochs = rounds x local epochs).
+pooled test set, the transplanted start (models/initial_global.pt) and the baselines that
+`make baselines` (fedxvit.baselines) trained with the run's own settings: a centralized model
+on the pooled site training data and one local-only model per site. Nothing is trained here.
 Writes test_report.json and test_report.md (+ PNGs) into --out.
 """
 
@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedxvit.baselines import DEFAULT_OUT as DEFAULT_BASELINES, read_baselines
 from fedxvit.checkpoint import build_model_from_checkpoint, load_global_model
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
 from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.jobconfig import DEFAULT_RUN_DIR, default_run_dir, read_job_settings, run_sites
 from fedxvit.model import build_model
 from fedxvit.paths import project_root
 from fedxvit.sites import site_data_dir
@@ -37,34 +39,8 @@ from result_stat.metrics import (
     save_roc_png,
 )
 
-DEFAULT_RUN_DIR = Path("workspace") / "server" / "simulate_job"
 GLOBAL_MODELS = {"final": "FL_global_model.pt", "best": "best_FL_global_model.pt"}
 COMBINED = "combined"
-
-
-def default_run_dir() -> Path:
-    return project_root() / DEFAULT_RUN_DIR
-
-
-def run_config_dir(run_dir: os.PathLike) -> Path | None:
-    """The job config the run really used (the simulator copies it into app_server/config)."""
-    config = Path(run_dir) / "app_server" / "config"
-    return config if (config / "config_fed_server.json").is_file() else None
-
-
-def run_sites(run_dir: os.PathLike) -> list[str]:
-    """Site names of a run, from its global_val.json (else its cross-site results)."""
-    run_dir = Path(run_dir)
-    global_val = run_dir / "global_val.json"
-    if global_val.is_file():
-        rounds = json.loads(global_val.read_text()).get("rounds") or []
-        names = sorted({site for row in rounds for site in row.get("sites", {})})
-        if names:
-            return names
-    cross = run_dir / "cross_site_val" / "cross_val_results.json"
-    if cross.is_file():
-        return sorted(json.loads(cross.read_text()))
-    raise FedXViTError(f"cannot tell the sites of run {run_dir} (no global_val.json or cross-site results): pass --sites")
 
 
 def test_loaders(site_dirs: dict, image_size: int, batch_size: int = 32) -> dict:
@@ -92,16 +68,35 @@ def _summary_row(name: str, scores: dict, **extra) -> dict:
             "roc_auc": combined["roc_auc"], "per_site_accuracy": per_site, **extra}
 
 
-def build_report(run_dir: os.PathLike | None = None, sites: list[str] | None = None,
-                 initial: os.PathLike | None = None, baselines: bool = True, device: str | None = None,
-                 progress: bool = True) -> dict:
-    """Everything the report shows, as one JSON-able dict (plus "_raw" predictions for the plots)."""
-    from fedxvit.baselines import job_training_settings, train_on_sites
+def baseline_rows(baselines_dir: os.PathLike, settings: dict, sites: list[str], loaders: dict,
+                  device: torch.device) -> list[dict]:
+    """Comparison rows of the models `make baselines` trained, refusing ones trained for another run."""
+    baselines_dir = Path(baselines_dir)
+    record = read_baselines(baselines_dir)
+    trained_for = record.get("fingerprint", {}).get("settings")
+    if trained_for != settings or sorted(record.get("sites", [])) != sorted(sites):
+        raise FedXViTError(f"the baselines in {baselines_dir} were trained for other settings or sites than this run "
+                           f"(theirs: {trained_for}, sites {record.get('sites')}): run `make baselines` again")
+    rows = []
+    for entry in record["models"]:
+        model, _ = build_model_from_checkpoint(baselines_dir / entry["checkpoint"], preset=settings["preset"],
+                                               num_classes=len(TASK_CLASSES), device=device)
+        rows.append(_summary_row(entry["model"], score_model(model.eval(), loaders, device),
+                                 train_images=entry["train_images"], train_wall_s=entry["train_wall_s"],
+                                 epochs=entry["epochs"]))
+    return rows
 
+
+def build_report(run_dir: os.PathLike | None = None, sites: list[str] | None = None,
+                 initial: os.PathLike | None = None, baselines: os.PathLike | bool | None = None,
+                 device: str | None = None) -> dict:
+    """Everything the report shows, as one JSON-able dict (plus "_raw" predictions for the plots).
+
+    `baselines`: the folder `make baselines` wrote (default <project>/models/baselines); False skips them."""
     run_dir = Path(run_dir) if run_dir else default_run_dir()
     if not run_dir.is_dir():
         raise FedXViTError(f"run folder {run_dir} does not exist: run `make simulate` first (or pass --run-dir)")
-    settings = job_training_settings(run_config_dir(run_dir))
+    settings = read_job_settings(run_dir).as_dict()
     preset = settings["preset"]
     torch_device = resolve_device(device)
     sites = sites or run_sites(run_dir)
@@ -124,15 +119,9 @@ def build_report(run_dir: os.PathLike | None = None, sites: list[str] | None = N
     rows = [_summary_row(f"transplanted start ({initial.stem})", score_model(initial_model, loaders, torch_device)),
             _summary_row("federated, final global model", report["models"]["final"], train_images=None),
             _summary_row("federated, best global model", report["models"]["best"], train_images=None)]
-    if baselines:
-        train_args = {k: v for k, v in settings.items()}
-        groups = {"centralized (all sites pooled)": list(dirs.values())}
-        groups.update({f"local-only {site}": [d] for site, d in dirs.items()})
-        for name, group in groups.items():
-            trained = train_on_sites(group, initial, device=device, progress=progress, **train_args)
-            rows.append(_summary_row(name, score_model(trained["model"], loaders, torch_device),
-                                     train_images=trained["train_images"], train_wall_s=round(trained["wall_s"], 1),
-                                     epochs=settings["epochs"]))
+    if baselines is not False:
+        baselines_dir = Path(baselines) if baselines not in (None, True) else project_root() / DEFAULT_BASELINES
+        rows += baseline_rows(baselines_dir, settings, sites, loaders, torch_device)
     report["comparison"] = rows
     return report
 
@@ -144,7 +133,7 @@ def _pct(value) -> str:
 def report_markdown(report: dict) -> str:
     """The human face of test_report.json."""
     names = report["class_names"]
-    lines = [f"# Test report\n", f"Run: `{report['run_dir']}`; settings: " +
+    lines = ["# Test report\n", f"Run: `{report['run_dir']}`; settings: " +
              ", ".join(f"{k}={v}" for k, v in report["settings"].items()) + "\n"]
     for key, scores in report["models"].items():
         combined = scores[COMBINED]
@@ -205,14 +194,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--initial", default=None, help="transplanted start checkpoint (default: the job's, "
                         "$FEDXVIT_INITIAL_MODEL else <project>/models/initial_global.pt)")
     parser.add_argument("--out", default="results", help="output folder")
-    parser.add_argument("--no-baselines", action="store_true", help="skip training the centralized and local-only models")
+    parser.add_argument("--baselines", default=None, help="folder `make baselines` wrote "
+                        f"(default <project>/{DEFAULT_BASELINES.as_posix()})")
+    parser.add_argument("--no-baselines", action="store_true", help="leave the centralized and local-only models out")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    report = build_report(args.run_dir, args.sites, args.initial, baselines=not args.no_baselines, device=args.device)
+    report = build_report(args.run_dir, args.sites, args.initial, device=args.device,
+                          baselines=False if args.no_baselines else args.baselines)
     files = write_report(report, args.out)
     print(comparison_markdown(report["comparison"], report["sites"]))
     print(f"wrote {files['markdown']} and {files['json']}")

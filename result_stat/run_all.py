@@ -2,89 +2,26 @@
 
     python -m result_stat.run_all [--run-dir workspace/server/simulate_job] [--out results]
 
-1. test report + "is federation worth it" comparison (result_stat.report; trains the
-   centralized and local-only baselines, about as long as the federated run's training);
+Reads what the run and `make baselines` left; trains nothing.
+1. test report + "is federation worth it" comparison (result_stat.report; scores the
+   centralized and local-only models of `make baselines`);
 2. cross-site table (result_stat.cross_site);
 3. TensorBoard curves (result_stat.plot_tensorboard_events), when the run wrote events;
 4. Grad-CAM panels and their scores against the masks (result_stat.gradcam), plus the
    occlusion and Integrated Gradients checks beside them;
-5. summary.json (keys of ../shared/DESIGN.md) and report.md; keys others add (timing_s) are kept;
+5. summary.json (keys of ../shared/DESIGN.md, written by result_stat.summary from the files
+   above) and report.md;
 6. when the job tracked to MLflow, the results folder is attached to the job's server run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from fedxvit.errors import FedXViTError, run_cli
-from fedxvit.paths import project_root
-
-EXPERT_REPORT = Path("models") / "expert_report.json"
-OWN_KEYS = ("expert", "federated", "xai", "comparison", "cross_site")
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def expert_summary(path: Path) -> dict | None:
-    """test_accuracy, test_loss, per_class of the Phase-1 expert (models/expert_report.json)."""
-    report = _read_json(path)
-    if not isinstance(report, dict):
-        return None
-    per_class = {k: v for k, v in (report.get("per_class") or {}).items() if k != "confusion_matrix"}
-    return {"test_accuracy": report.get("test_accuracy"), "test_loss": report.get("test_loss"), "per_class": per_class,
-            "confusion_matrix": (report.get("per_class") or {}).get("confusion_matrix", report.get("confusion_matrix"))}
-
-
-def round_rows(run_dir: Path) -> list[dict]:
-    """Per-round global validation from <run dir>/global_val.json (fedxvit.widgets)."""
-    table = _read_json(run_dir / "global_val.json") or {}
-    return [{"round": r["round"], "global_val_accuracy": r["global_val_accuracy"], "global_val_loss": r["global_val_loss"]}
-            for r in table.get("rounds", []) if {"round", "global_val_accuracy", "global_val_loss"} <= r.keys()]
-
-
-def federated_summary(report: dict, rounds: list[dict]) -> dict:
-    final, best = report["models"]["final"], report["models"]["best"]
-    per_site = {site: {"test_accuracy": m["accuracy"], "test_loss": m["loss"], "roc_auc": m["roc_auc"], "count": m["count"]}
-                for site, m in final.items() if site not in ("combined", "_raw")}
-    return {"rounds": rounds, "final_test_accuracy": final["combined"]["accuracy"],
-            "final_test_loss": final["combined"]["loss"], "final_test_roc_auc": final["combined"]["roc_auc"],
-            "best_test_accuracy": best["combined"]["accuracy"], "best_test_loss": best["combined"]["loss"],
-            "per_class": final["combined"]["per_class"], "confusion_matrix": final["combined"]["confusion_matrix"],
-            "per_site": per_site}
-
-
-def xai_summary(gradcam: dict, checks: dict) -> dict:
-    """Grad-CAM's scores at the top level (DESIGN.md keys), each check (occlusion, ...) under its name."""
-    per_site = {site: {**r["gradcam"], "baselines": r["baselines"], "mask_fraction": r["mask_fraction"]}
-                for site, r in gradcam["per_site"].items()}
-    summary = {"method": gradcam["description"], "pointing_game": gradcam["pointing_game"],
-               "energy_in_mask": gradcam["energy_in_mask"], "n": gradcam["n"], "dilation_px": gradcam["dilation_px"],
-               "baselines": gradcam["baselines"], "per_site": per_site}
-    for name, check in checks.items():
-        summary[name] = {"method": check["description"], "pointing_game": check["pointing_game"],
-                         "energy_in_mask": check["energy_in_mask"], "n": check["n"],
-                         "per_site": {s: r["gradcam"] for s, r in check["per_site"].items()}}
-    return summary
-
-
-def write_summary(out: Path, parts: dict) -> dict:
-    """Merge our keys into summary.json, keeping keys written by others (timing_s, peak_rss_mb)."""
-    path = out / "summary.json"
-    summary = _read_json(path) if path.is_file() else None
-    summary = summary if isinstance(summary, dict) else {}
-    for key in OWN_KEYS:
-        summary.pop(key, None)
-    summary.update({k: v for k, v in parts.items() if v is not None})
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+from result_stat.summary import CHECKS, write_summary
 
 
 def attach_to_mlflow(out: Path, run_dir: Path, uri: str | None = None) -> str:
@@ -134,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=25, help="Grad-CAM: tumor test images per site")
     parser.add_argument("--seed", type=int, default=0, help="Grad-CAM image choice and random baseline")
     parser.add_argument("--smooth", type=float, default=0.8, help="TensorBoard curves: EMA weight (0 = raw)")
-    parser.add_argument("--no-baselines", action="store_true", help="skip training the centralized and local-only models")
+    parser.add_argument("--baselines", default=None, help="folder `make baselines` wrote (default <project>/models/baselines)")
+    parser.add_argument("--no-baselines", action="store_true", help="leave the centralized and local-only models out")
     parser.add_argument("--no-occlusion", action="store_true", help="skip the occlusion check beside Grad-CAM")
     parser.add_argument("--no-ig", action="store_true", help="skip the Integrated Gradients check beside Grad-CAM")
     parser.add_argument("--mlflow", choices=("auto", "off"), default="auto",
@@ -144,28 +82,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    from fedxvit.jobconfig import default_run_dir
     from fedxvit.sites import site_data_dir
     from result_stat import cross_site, gradcam, plot_tensorboard_events, report
 
     args = parse_args(argv)
     started = time.perf_counter()
-    run_dir = Path(args.run_dir) if args.run_dir else report.default_run_dir()
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    print("== test report and baselines", flush=True)
+    print("== test report and the baselines' scores", flush=True)
     test_report = report.build_report(run_dir, initial=args.initial, device=args.device,
-                                      baselines=not args.no_baselines)
+                                      baselines=False if args.no_baselines else args.baselines)
     report.write_report(test_report, out)
     parts_md = [(out / "test_report.md").read_text().replace("# Test report\n", "## Test report\n", 1)]
 
     print("== cross-site table", flush=True)
-    cross = None
     try:
-        cross = cross_site.write_cross_site(run_dir, out)
+        cross_site.write_cross_site(run_dir, out)
         parts_md.append((out / "cross_site.md").read_text())
     except FedXViTError as exc:
         print(f"skipped: {exc}")
+        (out / "cross_site.json").unlink(missing_ok=True)  # never summarized from an earlier run
 
     print("== TensorBoard curves", flush=True)
     tb_files = {}
@@ -180,20 +119,16 @@ def main(argv=None) -> dict:
     cams = gradcam.explain_sites(model, sites, out, n=args.n, seed=args.seed, device=args.device)
     parts_md.append(gradcam.gradcam_markdown(cams))
     checks = {}
-    for method, skip in (("occlusion", args.no_occlusion), ("integrated_gradients", args.no_ig)):
-        if not skip:
-            checks[method] = gradcam.explain_sites(model, sites, out, n=args.n, seed=args.seed, device=args.device,
-                                                   method=method)
-            parts_md.append(gradcam.gradcam_markdown(checks[method]))
+    for method, skip in zip(CHECKS, (args.no_occlusion, args.no_ig)):
+        if skip:  # a check skipped now must not be summarized from an earlier run's file
+            for stale in (out / f"{method}.json", out / f"{method}.md"):
+                stale.unlink(missing_ok=True)
+            continue
+        checks[method] = gradcam.explain_sites(model, sites, out, n=args.n, seed=args.seed, device=args.device,
+                                               method=method)
+        parts_md.append(gradcam.gradcam_markdown(checks[method]))
 
-    rounds = round_rows(run_dir)
-    summary = write_summary(out, {
-        "expert": expert_summary(project_root() / EXPERT_REPORT),
-        "federated": federated_summary(test_report, rounds),
-        "xai": xai_summary(cams, checks),
-        "comparison": test_report["comparison"],
-        "cross_site": cross,
-    })
+    summary = write_summary(out)
     (out / "report.md").write_text(report_markdown(summary, parts_md, tb_files))
     if args.mlflow == "auto":
         print(attach_to_mlflow(out, run_dir))

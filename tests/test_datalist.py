@@ -19,6 +19,7 @@ from fedxvit.datalist import (
     write_site,
 )
 from fedxvit.errors import FedXViTError
+from tiny import REPO
 
 
 def _site(tmp_path, name="site1", n=3):
@@ -89,9 +90,12 @@ def test_counts_table_and_cli(tmp_path):
     assert "| site2 | training | 2 | 2 | 4 |" in markdown
     assert json.loads((tmp_path / "counts.json").read_text()) == table
     assert format_counts(table) == markdown
-    run = subprocess.run([sys.executable, "-m", "data_preparation.counts", "--data", str(tmp_path)], capture_output=True, text=True)
+    # cwd=REPO: the tooling runs from the checkout (only fedxvit is an installed package)
+    run = subprocess.run([sys.executable, "-m", "data_preparation.counts", "--data", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True)
     assert run.returncode == 0 and "| site1 | testing | 1 | 1 | 2 |" in run.stdout
-    bad = subprocess.run([sys.executable, "-m", "data_preparation.counts", "--data", str(tmp_path / "none")], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "data_preparation.counts", "--data", str(tmp_path / "none")], cwd=REPO,
+                         capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
 
 

@@ -1,13 +1,20 @@
-"""The demo driver: phase timing, process-tree memory sampling, summary.json merge and printout."""
+"""`make demo`: a Make chain whose phases run under bench/timed.py (wall time, process-tree memory,
+exit code passed on), and the summary printed at the end from summary.json alone."""
 
 import json
+import re
+import shutil
+import subprocess
 import sys
 import time
 
 import pytest
 
-from fedxvit.demo import format_summary, main, record_timing, run_timed
-from fedxvit.errors import FedXViTError
+from result_stat.summary import PHASES, format_summary
+from tiny import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import timed  # noqa: E402  (bench/ holds scripts, not a package)
 
 ALLOCATE_IN_CHILD = (
     "import subprocess, sys; "
@@ -15,24 +22,49 @@ ALLOCATE_IN_CHILD = (
 )
 
 
-def test_run_timed_sees_the_memory_of_grandchildren(tmp_path):
+def test_run_timed_sees_the_memory_of_grandchildren():
     started = time.perf_counter()
-    result = run_timed([sys.executable, "-c", ALLOCATE_IN_CHILD], cwd=tmp_path, interval_s=0.1)
+    result = timed.run_timed([sys.executable, "-c", ALLOCATE_IN_CHILD], interval_s=0.1)
     elapsed = time.perf_counter() - started
     assert result["returncode"] == 0
     assert 1.5 <= result["wall_s"] <= elapsed, "seconds, up to the end of the grandchild's 1.5 s sleep"
     assert result["peak_rss_mb"] >= 300, result
 
 
-def test_record_timing_keeps_the_results_keys_and_adds_totals(tmp_path):
-    path = tmp_path / "summary.json"
-    path.write_text(json.dumps({"expert": {"test_accuracy": 0.9}}))
-    timings = {"data": {"wall_s": 10.0, "peak_rss_mb": 500}, "simulate": {"wall_s": 30.5, "peak_rss_mb": 1500}}
-    summary = record_timing(path, timings)
-    assert json.loads(path.read_text()) == summary
-    assert summary["expert"] == {"test_accuracy": 0.9}
-    assert summary["timing_s"] == {"data": 10.0, "simulate": 30.5, "total": 40.5}
-    assert summary["peak_rss_mb"]["max"] == 1500
+def test_a_phase_is_recorded_beside_the_others_and_a_failure_is_passed_on(tmp_path, capsys):
+    log = tmp_path / "results" / "timings.json"
+    log.parent.mkdir()
+    log.write_text(json.dumps({"data": {"wall_s": 10.0, "peak_rss_mb": 500.0}}))
+    assert timed.main(["--phase", "expert", "--log", str(log), "--", sys.executable, "-c", "import time; time.sleep(0.3)"]) == 0
+    timings = json.loads(log.read_text())
+    assert timings["data"] == {"wall_s": 10.0, "peak_rss_mb": 500.0} and timings["expert"]["wall_s"] >= 0.3
+    assert "=== expert:" in capsys.readouterr().out
+    assert timed.main(["--phase", "transfer", "--log", str(log), "--", sys.executable, "-c", "raise SystemExit(3)"]) == 3
+    assert "transfer" not in json.loads(log.read_text()), "a failed phase records no timing"
+    assert timed.main(["--phase", "x", "--log", str(log), "--", str(tmp_path / "no-such-program")]) == 127
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_demo_is_a_chain_of_timed_phases_then_the_summary():
+    # -n prints the recipes without running them; STAMP=Makefile: the venv counts as set up
+    plan = subprocess.run(["make", "-n", "demo", "STAMP=Makefile", "PY=py"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+    timed_phases = [re.search(r"py bench/timed.py --phase (\w+) --log results/timings.json -- ", line) for line in plan]
+    assert [m.group(1) for m in timed_phases if m] == list(PHASES), plan
+    assert all(timed_phases[:len(PHASES)]) and len(plan) == len(PHASES) + 1, "every phase is timed, nothing else runs"
+    assert plan[-1] == "py -m result_stat.summary --results results --print"
+    alone = subprocess.run(["make", "-n", "simulate", "STAMP=Makefile", "PY=py"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout
+    assert "timed.py" not in alone and "nvflare simulator jobs/fedxvit" in alone, "a phase run alone is not timed"
+    results = subprocess.run(["make", "-n", "results", "STAMP=Makefile", "PY=py"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+    assert results == ["py -m fedxvit.baselines", "py -m result_stat.run_all --out results"], "results needs baselines"
+
+
+def test_no_python_module_runs_make():
+    sources = [p for folder in ("custom", "result_stat", "bench", "data_preparation") for p in (REPO / folder).rglob("*.py")]
+    assert sources
+    assert [p.name for p in sources if re.search(r"""["']make["']""", p.read_text())] == []
 
 
 def test_summary_text_reports_every_phase():
@@ -53,11 +85,3 @@ def test_summary_text_reports_every_phase():
                      "pointing game 92.0%", "image intensity 97.0%", "ideal 16-px cell map 93.8%",
                      "Integrated Gradients 100.0%", "peak memory 2.0 GB", "tensorboard --logdir", "mlflow ui"):
         assert expected in text, expected
-
-
-def test_a_failing_phase_stops_the_demo_with_one_line(tmp_path, monkeypatch):
-    (tmp_path / "Makefile").write_text("data:\n\t@exit 3\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("fedxvit.demo.project_root", lambda: tmp_path)
-    with pytest.raises(FedXViTError, match=r"`make data` failed \(exit 2\)"):
-        main(["--phases", "data"])

@@ -15,7 +15,8 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.errors import FedXViTError
-from fedxvit.executor import BEST_LOCAL_MODEL, FedXViTExecutor, resolve_torch_threads, to_numpy_state
+from fedxvit.executor import (BEST_LOCAL_MODEL, TORCH_THREADS_ENV, FedXViTExecutor, resolve_torch_threads,
+                              simulator_parallel_clients, to_numpy_state)
 from fedxvit.model import build_model
 from fedxvit.sites import DATA_ROOT_ENV, SITE_CONFIG_FILE, site_data_dir, site_env_var
 from fedxvit.standalone import make_fl_ctx, serialized_size
@@ -208,10 +209,27 @@ def test_site_without_datalist_names_site_and_path(tmp_path):
 
 def test_auto_threads_share_the_cores_between_simulated_clients(monkeypatch):
     monkeypatch.setattr("fedxvit.executor.os.sched_getaffinity", lambda pid: set(range(8)))  # an 8-core machine
-    assert resolve_torch_threads("auto", parallel_clients=1) == 8
-    assert resolve_torch_threads("auto", parallel_clients=3) == 2
-    assert resolve_torch_threads("auto", parallel_clients=10_000) == 1  # never zero
+    assert resolve_torch_threads("auto", parallel_clients=1, environ={}) == 8
+    assert resolve_torch_threads("auto", parallel_clients=3, environ={}) == 2
+    assert resolve_torch_threads("auto", parallel_clients=10_000, environ={}) == 1  # never zero
     assert resolve_torch_threads(3, parallel_clients=3) == 3 and resolve_torch_threads("5") == 5  # explicit wins
+    site_choice = {TORCH_THREADS_ENV: "6"}
+    assert resolve_torch_threads("auto", parallel_clients=3, environ=site_choice) == 6  # a site's own setting
+    assert resolve_torch_threads(2, parallel_clients=3, environ=site_choice) == 2  # the job's number wins
+    with pytest.raises(FedXViTError, match=r"\$FEDXVIT_TORCH_THREADS='lots' is not a whole number"):
+        resolve_torch_threads("auto", environ={TORCH_THREADS_ENV: "lots"})
+
+
+def test_simulated_clients_are_counted_from_nvflares_public_context(tmp_path):
+    from nvflare.apis.job_def import JobMetaKey
+
+    fl_ctx = make_fl_ctx(tmp_path / "site1")
+    assert simulator_parallel_clients(fl_ctx) == 1  # a real deployment: one client process per machine
+    fl_ctx.set_prop(FLContextKey.JOB_META, {JobMetaKey.JOB_CLIENTS.value: [{"name": f"site{i}"} for i in range(3)]},
+                    private=True, sticky=False)
+    assert simulator_parallel_clients(fl_ctx) == 1, "job clients alone do not mean they share this machine"
+    fl_ctx.set_prop(FLContextKey.SIMULATE_MODE, True, private=True, sticky=False)  # what NVFlare's simulator sets
+    assert simulator_parallel_clients(fl_ctx) == 3
 
 
 def test_initial_model_is_checked_before_the_server_starts(tmp_path):

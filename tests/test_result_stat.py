@@ -3,6 +3,7 @@ table, the TensorBoard plots on events written by TensorBoard's own writer, and 
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from sklearn.metrics import classification_report, confusion_matrix, roc_auc_sco
 from fedxvit.errors import FedXViTError
 from fedxvit.training import evaluate
 from result_stat import cross_site, plot_tensorboard_events, report, run_all
+from result_stat import summary as summary_module
 from result_stat.metrics import classification_metrics
 
 CPU = torch.device("cpu")
@@ -53,9 +55,21 @@ def site_data(tiny_run, monkeypatch):
     return tiny_run
 
 
-def test_report_scores_global_models_and_baselines_on_every_site(site_data, tmp_path):
-    rep = report.build_report(site_data["run_dir"], initial=site_data["initial"], progress=False)
-    assert rep["sites"] == ["site1", "site2"] and rep["settings"]["epochs"] == 2
+@pytest.fixture(scope="module")
+def baselines_dir(tiny_run, tmp_path_factory):
+    """What `make baselines` writes for the tiny run (trained once for this module)."""
+    from fedxvit.baselines import train_baselines
+    from fedxvit.jobconfig import read_job_settings
+
+    out = tmp_path_factory.mktemp("baselines")
+    train_baselines(read_job_settings(tiny_run["run_dir"]), {s: tiny_run["data"] / s for s in tiny_run["sites"]},
+                    tiny_run["initial"], out, progress=False)
+    return out
+
+
+def test_report_scores_global_models_and_baselines_on_every_site(site_data, baselines_dir, tmp_path):
+    rep = report.build_report(site_data["run_dir"], initial=site_data["initial"], baselines=baselines_dir)
+    assert rep["sites"] == ["site1", "site2"] and rep["settings"]["equivalent_epochs"] == 2
     final = rep["models"]["final"]
     assert final["combined"]["count"] == final["site1"]["count"] + final["site2"]["count"] == 8
     rows = {row["model"]: row for row in rep["comparison"]}
@@ -68,9 +82,15 @@ def test_report_scores_global_models_and_baselines_on_every_site(site_data, tmp_
     best_matrix = rep["models"]["best"]["combined"]["confusion_matrix"]
     assert final["combined"]["confusion_matrix"] == [row[::-1] for row in best_matrix] != best_matrix
     assert final_row["test_loss"] != pytest.approx(start["test_loss"])
-    # the baselines trained on the sites' 8 training images each, for the run's 2 rounds x 1 local epoch
+    # the baselines of `make baselines`: the sites' 8 training images each, for the run's 2 rounds x 1 local epoch
     assert [(rows[n]["train_images"], rows[n]["epochs"]) for n in ("centralized (all sites pooled)",
             "local-only site1", "local-only site2")] == [(16, 2), (8, 2), (8, 2)]
+    from fedxvit.checkpoint import build_model_from_checkpoint
+
+    central, _ = build_model_from_checkpoint(baselines_dir / "centralized.pt")
+    scored = report.score_model(central.eval(), report.test_loaders(
+        {s: site_data["data"] / s for s in site_data["sites"]}, 32), CPU)
+    assert rows["centralized (all sites pooled)"]["test_loss"] == pytest.approx(scored["combined"]["loss"])
     assert rows["centralized (all sites pooled)"]["test_loss"] != pytest.approx(start["test_loss"])
     files = report.write_report(rep, tmp_path)
     saved = json.loads(files["json"].read_text())
@@ -81,13 +101,22 @@ def test_report_scores_global_models_and_baselines_on_every_site(site_data, tmp_
     assert f"| federated, final global model | {100 * final_row['test_accuracy']:.1f}% | {final_row['test_loss']:.4f} |" in markdown
 
 
-def test_report_refuses_missing_or_foreign_models(site_data, tmp_path):
+def test_report_refuses_missing_or_foreign_models(site_data, baselines_dir, tmp_path):
     with pytest.raises(FedXViTError, match="does not exist"):
         report.load_global_model(tmp_path / "none.pt", "tiny")
     with pytest.raises(FedXViTError, match="does not fit preset 'cpu'"):
         report.load_global_model(site_data["run_dir"] / "app_server" / "FL_global_model.pt", "cpu")
     with pytest.raises(FedXViTError, match="run folder"):
         report.build_report(tmp_path / "no-run")
+    with pytest.raises(FedXViTError, match=r"no baselines at .*: run `make baselines`"):
+        report.build_report(site_data["run_dir"], initial=site_data["initial"], baselines=tmp_path / "none")
+    stale = tmp_path / "stale"
+    shutil.copytree(baselines_dir, stale)
+    record = json.loads((stale / "baselines.json").read_text())
+    record["fingerprint"]["settings"]["learning_rate"] = 0.5  # trained for another run
+    (stale / "baselines.json").write_text(json.dumps(record))
+    with pytest.raises(FedXViTError, match=r"trained for other settings or sites than this run .*run `make baselines` again"):
+        report.build_report(site_data["run_dir"], initial=site_data["initial"], baselines=stale)
 
 
 def test_cross_site_table_and_heatmap(tiny_run, tmp_path):
@@ -164,13 +193,14 @@ def test_smoothing_is_tensorboards_debiased_ema():
 def test_run_all_writes_summary_with_the_design_keys(site_data, tmp_path):
     out = tmp_path / "results"
     out.mkdir()
-    (out / "summary.json").write_text(json.dumps({"timing_s": {"data": 1.0}}))  # the demo's key survives
+    (out / "timings.json").write_text(json.dumps({"data": {"wall_s": 1.0, "peak_rss_mb": 100.0}}))  # bench/timed.py's
+    (out / "occlusion.json").write_text("{}")  # an earlier run's check, skipped this time
     summary = run_all.main(["--run-dir", str(site_data["run_dir"]), "--out", str(out), "--no-baselines",
                             "--initial", str(site_data["initial"]),
                             "--no-occlusion", "--mlflow", "off", "--smooth", "0"])
     saved = json.loads((out / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
-    assert saved["timing_s"] == {"data": 1.0}
+    assert saved["timing_s"] == {"data": 1.0, "total": 1.0} and saved["peak_rss_mb"] == {"data": 100, "max": 100}
     federated = saved["federated"]
     assert [r["round"] for r in federated["rounds"]] == [0, 1]
     assert set(federated) >= {"final_test_accuracy", "final_test_loss", "per_class", "per_site"}
@@ -179,13 +209,22 @@ def test_run_all_writes_summary_with_the_design_keys(site_data, tmp_path):
     assert federated["final_test_accuracy"] == pytest.approx(1 - start["test_accuracy"])
     assert federated["best_test_accuracy"] == start["test_accuracy"]
     assert set(saved["xai"]) >= {"pointing_game", "energy_in_mask", "per_site", "integrated_gradients"}
-    assert "occlusion" not in saved["xai"]  # --no-occlusion
+    assert "occlusion" not in saved["xai"] and not (out / "occlusion.json").exists()  # --no-occlusion
     assert set(saved["xai"]["baselines"]) == {"random", "centered", "intensity", "mask_cells"}
     ig = saved["xai"]["integrated_gradients"]
     per_site = ig["per_site"].values()
     assert ig["n"] == sum(s["n"] for s in per_site) == 4  # 2 tumor test images per site
     assert ig["pointing_game"] == pytest.approx(sum(s["pointing_game"] * s["n"] for s in per_site) / ig["n"])
     assert all({"model", "test_accuracy", "test_loss"} <= row.keys() for row in saved["comparison"])
+    assert saved["cross_site"]["data_sites"] == ["site1", "site2"]
     text = (out / "report.md").read_text()
     assert "Is federation worth it?" in text and "pointing game" in text
     assert (out / "gradcam_site1.png").is_file()
+
+    # summary.json is a function of the files alone: a later phase's timing comes in on a rewrite
+    (out / "timings.json").write_text(json.dumps({"results": {"wall_s": 5.0, "peak_rss_mb": 300.0},
+                                                  "data": {"wall_s": 1.0, "peak_rss_mb": 100.0}}))
+    rewritten = summary_module.main(["--results", str(out)])
+    assert rewritten["timing_s"] == {"data": 1.0, "results": 5.0, "total": 6.0}  # the demo's phase order
+    assert {k: v for k, v in rewritten.items() if k not in ("timing_s", "peak_rss_mb")} == \
+        {k: v for k, v in saved.items() if k not in ("timing_s", "peak_rss_mb")}

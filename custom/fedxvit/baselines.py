@@ -1,72 +1,47 @@
 """The non-federated baselines federation is judged against: centralized and local-only training.
 
+    python -m fedxvit.baselines [--run-dir workspace/server/simulate_job] [--out models/baselines] [--force]
+
 "Is federation worth it?" is only a fair question when the alternatives start from the same
 transplanted initial global model, train the same tensors (freeze policy) with the same
 optimizer, batch size and learning rate, and see every image as often as the federated job
-does (epochs = rounds x local epochs). So this module reuses the executor's pieces
-(`fedxvit.training`) and reads those settings from the job's own config instead of
-repeating them. Pooled site folders = a centralized model; one folder = that site alone.
+does (epochs = rounds x local epochs). So this reuses the executor's pieces (`fedxvit.training`)
+and reads those settings from the config the run really used (`fedxvit.jobconfig`). Pooled
+site folders = a centralized model; one folder = that site alone.
+
+Its own step (`make baselines`), so result scripts only score what it wrote: one checkpoint per
+baseline (+ sidecar) and baselines.json (settings, sites, training images, wall time). Baselines
+already trained for the same settings, sites, data and initial model are reused unless --force.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import os
 import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from fedxvit.checkpoint import build_model_from_checkpoint
+from fedxvit.checkpoint import build_model_from_checkpoint, save_checkpoint
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
-from fedxvit.errors import FedXViTError
+from fedxvit.datalist import read_dataset_info
+from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.jobconfig import JobSettings, default_run_dir, read_job_settings, run_sites
 from fedxvit.paths import project_root
 from fedxvit.training import apply_freeze_policy, make_optimizer, resolve_device, seed_everything, train_epoch
 
-CLIENT_CONFIG = "config_fed_client.json"
-SERVER_CONFIG = "config_fed_server.json"
-DEFAULT_JOB_CONFIG = Path("jobs") / "fedxvit" / "app" / "config"
+DEFAULT_OUT = Path("models") / "baselines"
+BASELINES_FILE = "baselines.json"
+CENTRALIZED = "centralized (all sites pooled)"
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FedXViTError(f"job config {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FedXViTError(f"job config {path} is not valid JSON: {exc}") from None
-
-
-def job_training_settings(config_dir: os.PathLike | None = None) -> dict:
-    """train_on_sites keyword arguments matching a job: preset, epochs (= rounds x local epochs), lr,
-    batch size, freeze policy, last_k, seed, read from the job's variables.
-
-    `config_dir` holds config_fed_server.json and config_fed_client.json: a job's app/config, or
-    the copy a finished run keeps in <run dir>/app_server/config (what that run really used).
-    Default: the repository's jobs/fedxvit/app/config.
-    """
-    config_dir = Path(config_dir) if config_dir else project_root() / DEFAULT_JOB_CONFIG
-    server, client = _read_json(config_dir / SERVER_CONFIG), _read_json(config_dir / CLIENT_CONFIG)
-    try:
-        return {
-            "preset": str(client.get("preset", server.get("preset", "cpu"))),
-            "epochs": int(server["num_rounds"]) * int(client.get("local_epochs", 1)),
-            "lr": float(client.get("learning_rate", 3e-4)),
-            "batch_size": int(client.get("batch_size", 16)),
-            "freeze_policy": str(client.get("freeze_policy", "last-k")),
-            "last_k": int(client.get("last_k", 1)),
-            "seed": int(client.get("seed", 0)),
-        }
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FedXViTError(f"job config in {config_dir} lacks a usable setting: {type(exc).__name__}: {exc}") from None
-
-
-def train_on_sites(site_dirs: Sequence[os.PathLike], init_checkpoint: os.PathLike, preset: str = "cpu",
-                   epochs: int = 5, lr: float = 3e-4, batch_size: int = 16, freeze_policy: str = "last-k",
-                   last_k: int = 1, seed: int = 0, device: str | None = None, progress: bool = False) -> dict:
-    """Fine-tune the initial global model on the pooled training splits of `site_dirs`.
+def train_on_sites(site_dirs: Sequence[os.PathLike], init_checkpoint: os.PathLike, settings: JobSettings,
+                   device: str | None = None, progress: bool = False) -> dict:
+    """Fine-tune the initial global model on the pooled training splits of `site_dirs`, for the job's
+    equivalent epochs with its lr, batch size, freeze policy and seed.
 
     Several folders: the centralized baseline (all hospitals' images in one place); one folder:
     the local-only baseline of that hospital. Returns {"model", "history" (one train_epoch dict
@@ -77,25 +52,118 @@ def train_on_sites(site_dirs: Sequence[os.PathLike], init_checkpoint: os.PathLik
     site_dirs = [Path(d) for d in site_dirs]
     if not site_dirs:
         raise FedXViTError("train_on_sites needs at least one site folder")
-    if int(epochs) < 1:
-        raise FedXViTError(f"epochs={epochs}: train for at least one epoch")
+    if settings.equivalent_epochs < 1:
+        raise FedXViTError(f"{settings.num_rounds} rounds x {settings.local_epochs} local epochs: "
+                           "train for at least one epoch")
     started = time.perf_counter()
     torch_device = resolve_device(device)
-    seed_everything(seed)
-    model, _ = build_model_from_checkpoint(init_checkpoint, preset=preset, num_classes=len(TASK_CLASSES),
+    seed_everything(settings.seed)
+    model, _ = build_model_from_checkpoint(init_checkpoint, preset=settings.preset, num_classes=settings.num_classes,
                                            device=torch_device)
-    loader = make_loader(site_dirs, "training", model.preset.image_size, batch_size, train=True, seed=seed)
-    apply_freeze_policy(model, freeze_policy, last_k)
-    optimizer = make_optimizer(model, lr)
+    loader = make_loader(site_dirs, "training", model.preset.image_size, settings.batch_size, train=True,
+                         seed=settings.seed)
+    apply_freeze_policy(model, settings.freeze_policy, settings.last_k)
+    optimizer = make_optimizer(model, settings.learning_rate)
     history = []
-    epochs_iter = range(int(epochs))
+    epochs_iter = range(settings.equivalent_epochs)
     if progress:
         from tqdm.auto import tqdm
 
-        names = "+".join(d.name for d in site_dirs)
-        epochs_iter = tqdm(epochs_iter, desc=f"train {names}", unit="epoch")
+        epochs_iter = tqdm(epochs_iter, desc=f"train {'+'.join(d.name for d in site_dirs)}", unit="epoch")
     for _ in epochs_iter:
         history.append(train_epoch(model, loader, optimizer, torch_device))
     model.eval()
     return {"model": model, "history": history, "train_images": len(loader.dataset),
             "wall_s": time.perf_counter() - started}
+
+
+def baseline_groups(site_dirs: dict) -> dict:
+    """{baseline name: (checkpoint file name, site folders)}: the centralized one, then one per site."""
+    groups = {CENTRALIZED: ("centralized.pt", list(site_dirs.values()))}
+    groups.update({f"local-only {site}": (f"local-{site}.pt", [d]) for site, d in site_dirs.items()})
+    return groups
+
+
+def fingerprint(settings: JobSettings, site_dirs: dict, initial: Path) -> dict:
+    """What the baselines depend on: the job's settings, each site's data hash, the initial model's bytes."""
+    return {"settings": settings.as_dict(),
+            "data_hash": {site: read_dataset_info(d).get("data_hash") for site, d in site_dirs.items()},
+            "initial_sha256": hashlib.sha256(Path(initial).read_bytes()).hexdigest()}
+
+
+def read_baselines(out: os.PathLike) -> dict:
+    """baselines.json of `make baselines`, or one line naming the command that writes it."""
+    path = Path(out) / BASELINES_FILE
+    if not path.is_file():
+        raise FedXViTError(f"no baselines at {path}: run `make baselines` (python -m fedxvit.baselines) first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FedXViTError(f"{path} is not valid JSON: {exc}") from None
+
+
+def train_baselines(settings: JobSettings, site_dirs: dict, initial: os.PathLike, out: os.PathLike,
+                    device: str | None = None, force: bool = False, progress: bool = True) -> dict:
+    """Train (or reuse) the centralized and local-only models; writes their checkpoints and baselines.json."""
+    out, initial = Path(out), Path(initial)
+    if not initial.is_file():
+        raise FedXViTError(f"initial global model {initial} does not exist: run `make transfer` (or pass --initial)")
+    stamp = fingerprint(settings, site_dirs, initial)
+    if not force and (out / BASELINES_FILE).is_file():
+        previous = read_baselines(out)
+        if previous.get("fingerprint") == stamp and all((out / m["checkpoint"]).is_file() for m in previous["models"]):
+            print(f"reusing the baselines in {out} (same settings, data and initial model); pass --force to retrain")
+            return previous
+    models = []
+    for name, (file_name, dirs) in baseline_groups(site_dirs).items():
+        trained = train_on_sites(dirs, initial, settings, device=device, progress=progress)
+        last = trained["history"][-1]
+        save_checkpoint(out / file_name, trained["model"],
+                        meta={"class_names": list(TASK_CLASSES), "baseline": name, "initial": os.fspath(initial),
+                              "sites": [d.name for d in dirs], "epochs": settings.equivalent_epochs})
+        models.append({"model": name, "checkpoint": file_name, "sites": [d.name for d in dirs],
+                       "train_images": trained["train_images"], "epochs": settings.equivalent_epochs,
+                       "train_wall_s": round(trained["wall_s"], 1), "final_train_loss": last["loss"],
+                       "final_train_accuracy": last["accuracy"]})
+        print(f"{name}: {trained['train_images']} images x {settings.equivalent_epochs} epochs, "
+              f"train loss {last['loss']:.4f}, {trained['wall_s']:.0f} s", flush=True)
+    record = {"fingerprint": stamp, "initial": os.fspath(initial), "sites": list(site_dirs), "models": models}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BASELINES_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out / BASELINES_FILE} and {len(models)} checkpoints")
+    return record
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fedxvit.baselines", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--run-dir", default=None, help="finished run whose settings and sites to match "
+                        "(default <project>/workspace/server/simulate_job)")
+    parser.add_argument("--job", default=None, help="take the settings from this job folder instead of the run's")
+    parser.add_argument("--sites", nargs="+", default=None, help="sites (default: the run's sites)")
+    parser.add_argument("--initial", default=None, help="transplanted start checkpoint (default: the job's, "
+                        "$FEDXVIT_INITIAL_MODEL else <project>/models/initial_global.pt)")
+    parser.add_argument("--out", default=None, help=f"output folder (default <project>/{DEFAULT_OUT.as_posix()})")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--force", action="store_true", help="retrain even when matching baselines exist")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from fedxvit.persistor import resolve_initial_model  # the job's own lookup of the initial model
+    from fedxvit.sites import site_data_dir
+
+    args = parse_args(argv)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
+    if not (args.job and args.sites) and not run_dir.is_dir():
+        raise FedXViTError(f"run folder {run_dir} does not exist: run `make simulate` first "
+                           "(or pass --run-dir, or --job and --sites)")
+    settings = read_job_settings(args.job or run_dir)
+    sites = args.sites or run_sites(run_dir)
+    out = Path(args.out) if args.out else project_root() / DEFAULT_OUT
+    return train_baselines(settings, {site: site_data_dir(site) for site in sites},
+                           args.initial or resolve_initial_model(), out, device=args.device, force=args.force)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,7 +1,8 @@
 """MONAI transforms and loaders for one site folder (read through fedxvit.datalist).
 
 The deterministic part (decode, grayscale, [0, 1] scaling, resize) is cached once in RAM by
-CacheDataset, so CPU epochs only pay for the light random augmentation.
+CacheDataset, so CPU epochs only pay for the light random augmentation, whose random
+transforms run on plain tensors (WithoutMetaTracking).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     RandAffined,
+    Randomizable,
     RandFlipd,
     RandScaleIntensityd,
     RandShiftIntensityd,
     Resized,
     ScaleIntensityd,
+    Transform,
 )
 
 from fedxvit.datalist import load_split
@@ -64,28 +67,42 @@ def augmentation_transforms(image_size: int) -> list:
     ]
 
 
-def make_transforms(image_size: int, train: bool, seed: int | None = None) -> Compose:
-    transforms = deterministic_transforms(image_size) + (augmentation_transforms(image_size) if train else [])
-    compose = Compose(transforms)
-    if seed is not None:
-        compose.set_random_state(seed=seed)
-    return compose
-
-
-class PlainTensorCacheDataset(CacheDataset):
-    """CacheDataset whose random transforms run on plain tensors.
+class WithoutMetaTracking(Randomizable, Transform):
+    """One random transform run on plain tensors instead of MetaTensors.
 
     MONAI's metadata tracking roughly doubles the CPU cost of the per-epoch augmentation and
-    nothing downstream reads the metadata; the switch is global, so it is restored afterwards.
+    nothing downstream reads the metadata. The switch (`set_track_meta`) is global, so it is off
+    only while the transform runs. Being a Randomizable Transform, CacheDataset caches every
+    transform before it (and none from it on), and Compose or MONAI's DataLoader seed it exactly
+    as they would seed the wrapped transform: same seed, same augmentation as without the wrapper.
     """
 
-    def _transform(self, index):
+    def __init__(self, transform: Randomizable):
+        self.transform = transform
+
+    def set_random_state(self, seed: int | None = None, state=None) -> "WithoutMetaTracking":
+        self.transform.set_random_state(seed=seed, state=state)
+        return self
+
+    def randomize(self, data=None) -> None:
+        self.transform.randomize(data)
+
+    def __call__(self, data):
         previous = get_track_meta()
         set_track_meta(False)
         try:
-            return super()._transform(index)
+            return self.transform(data)
         finally:
             set_track_meta(previous)
+
+
+def make_transforms(image_size: int, train: bool, seed: int | None = None) -> Compose:
+    augmentation = [WithoutMetaTracking(t) if isinstance(t, Randomizable) else t
+                    for t in augmentation_transforms(image_size)] if train else []
+    compose = Compose(deterministic_transforms(image_size) + augmentation)
+    if seed is not None:
+        compose.set_random_state(seed=seed)
+    return compose
 
 
 def make_dataset(site_dir: os.PathLike | Sequence[os.PathLike], split: str, image_size: int, train: bool,
@@ -95,7 +112,7 @@ def make_dataset(site_dir: os.PathLike | Sequence[os.PathLike], split: str, imag
     Several site folders give their split pooled (the centralized baseline of result_stat)."""
     site_dirs = [site_dir] if isinstance(site_dir, (str, os.PathLike)) else list(site_dir)
     items = [{"image": e["image"], "label": int(e["label"])} for d in site_dirs for e in load_split(d, split)]
-    return PlainTensorCacheDataset(items, transform=make_transforms(image_size, train, seed), cache_rate=1.0,
+    return CacheDataset(items, transform=make_transforms(image_size, train, seed), cache_rate=1.0,
                         num_workers=cache_workers, progress=progress)
 
 

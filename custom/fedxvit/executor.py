@@ -25,10 +25,10 @@ from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.job_def import JobMetaKey
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
-from nvflare.private.fed.simulator.simulator_const import SimulatorConstants
 
 from fedxvit.algorithms import make_strategy
 from fedxvit.checkpoint import load_checkpoint, save_checkpoint
@@ -51,16 +51,21 @@ from fedxvit.training import (
 )
 
 BEST_LOCAL_MODEL = "best_local_model.pt"
+TORCH_THREADS_ENV = "FEDXVIT_TORCH_THREADS"
 
 
-def resolve_torch_threads(setting: str | int = "auto", parallel_clients: int = 1) -> int:
-    """CPU threads for this client's torch ops.
-
-    The simulator runs each client in its own worker process, up to `-t` of them at once, so
-    `auto` gives each its share of the usable cores instead of letting every process grab all.
-    """
+def resolve_torch_threads(setting: str | int = "auto", parallel_clients: int = 1, environ: dict | None = None) -> int:
+    """CPU threads for this client's torch ops: the job's number, else $FEDXVIT_TORCH_THREADS (a site's
+    own choice), else `auto`: the usable cores shared evenly by the client processes on this machine,
+    so that simulated clients do not each grab every core (oversubscribed OpenMP threads spin)."""
+    environ = os.environ if environ is None else environ
     if str(setting) != "auto":
         return max(1, int(setting))
+    if environ.get(TORCH_THREADS_ENV):
+        try:
+            return max(1, int(environ[TORCH_THREADS_ENV]))
+        except ValueError:
+            raise FedXViTError(f"${TORCH_THREADS_ENV}={environ[TORCH_THREADS_ENV]!r} is not a whole number") from None
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -68,16 +73,18 @@ def resolve_torch_threads(setting: str | int = "auto", parallel_clients: int = 1
     return max(1, cores // max(1, int(parallel_clients)))
 
 
-def simulator_parallel_clients(client_workspace: Path, job_id: str) -> int:
-    """How many client processes may run beside this one: 1 outside the simulator.
+def simulator_parallel_clients(fl_ctx: FLContext) -> int:
+    """How many client processes may share this machine: 1, except in NVFlare's simulator.
 
-    The simulator runs job `simulate_job` with one workspace folder per client next to
-    `server/`; `-t` may be lower than the client count, but the count is a safe upper bound.
+    NVFlare marks a simulated run publicly (FLContextKey.SIMULATE_MODE) and lists the job's
+    clients in the job meta (JobMetaKey.JOB_CLIENTS). The simulator's `-t` is not public; the
+    client count is its upper bound (-t never exceeds it), so `auto` never oversubscribes.
+    Set a number in the job or $FEDXVIT_TORCH_THREADS where -t is lower than the client count.
     """
-    parent = client_workspace.parent
-    if job_id != SimulatorConstants.JOB_NAME or not (parent / "server").is_dir():
+    if not fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False):
         return 1
-    return max(1, sum(1 for d in parent.iterdir() if d.is_dir() and d.name not in ("server", "startup", "local")))
+    meta = fl_ctx.get_prop(FLContextKey.JOB_META) or {}
+    return max(1, len(meta.get(JobMetaKey.JOB_CLIENTS.value) or []))
 
 
 def to_torch_state(weights: dict) -> dict:
@@ -161,7 +168,7 @@ class FedXViTExecutor(Executor):
         self.site_name = fl_ctx.get_identity_name()
         workspace = fl_ctx.get_engine().get_workspace()
         data_dir = site_data_dir(self.site_name, site_config_dir=workspace.get_site_config_dir())
-        threads = resolve_torch_threads(self.torch_threads, simulator_parallel_clients(Path(workspace.get_root_dir()), fl_ctx.get_job_id()))
+        threads = resolve_torch_threads(self.torch_threads, simulator_parallel_clients(fl_ctx))
         torch.set_num_threads(threads)
         self.device = resolve_device()
         seed_everything(self.seed)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fedxvit.checkpoint import build_model_from_checkpoint, read_meta, save_checkpoint, sidecar_path
 from fedxvit.datalist import read_dataset_info
 from fedxvit.errors import FedXViTError, run_cli
-from fedxvit.model import DEFAULT_PRESET, PRESETS, build_model, get_preset
+from fedxvit.model import DEFAULT_PRESET, PRESETS, build_model, get_preset, get_recipe
 from fedxvit.training import (
     evaluate,
     make_optimizer,
@@ -44,14 +44,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", default="data/public", help="public 4-class site folder (datalist.json + dataset.json)")
     parser.add_argument("--out", default="models", help="folder for expert.pt, its sidecar, the report and TensorBoard events")
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset")
-    parser.add_argument("--epochs", type=int, default=24, help="maximum epochs (early stopping usually ends sooner)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    # None: the preset's recipe (fedxvit.model.RECIPES), so a preset brings its own training defaults
+    parser.add_argument("--epochs", type=int, default=None, help="maximum epochs, early stopping usually ends sooner "
+                        "(default: the preset's recipe)")
+    parser.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: the preset's recipe)")
     parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up before the cosine decay")
+    parser.add_argument("--warmup-epochs", type=float, default=None,
+                        help="linear warm-up before the cosine decay (default: the preset's recipe)")
     parser.add_argument("--label-smoothing", type=float, default=0.05)
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a better validation score")
+    parser.add_argument("--batch-size", type=int, default=None, help="(default: the preset's recipe)")
+    parser.add_argument("--patience", type=int, default=None, help="stop after this many epochs without a better "
+                        "validation score (default: the preset's recipe)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrained", default=None,
                         help="backbone weights: 'timm' (downloads from the hub) or a local .pt/.pth file; default: none")
@@ -61,7 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite store in mlruns/)")
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
     parser.add_argument("--force", action="store_true", help="retrain even when a matching expert exists")
-    return parser.parse_args(argv)
+    return with_recipe_defaults(parser.parse_args(argv))
+
+
+def with_recipe_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset from the preset's expert recipe."""
+    recipe = get_recipe(args.preset).expert
+    for option in ("epochs", "lr", "batch_size", "warmup_epochs", "patience"):
+        if getattr(args, option) is None:
+            setattr(args, option, getattr(recipe, option))
+    return args
 
 
 def existing_expert(checkpoint: Path, data_hash: str, preset: str) -> dict | None:

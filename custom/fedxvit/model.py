@@ -94,6 +94,47 @@ PRESETS: dict[str, Preset] = {
 DEFAULT_PRESET = "cpu"
 
 
+@dataclass(frozen=True)
+class ExpertRecipe:
+    """Phase 1, centralized: AdamW peak lr with linear warm-up and cosine decay, early stopping."""
+
+    lr: float
+    batch_size: int
+    epochs: int
+    warmup_epochs: float
+    patience: int
+
+
+@dataclass(frozen=True)
+class SiteRecipe:
+    """Phase 2, at each hospital per round: the executor's AdamW lr, batch size and local epochs."""
+
+    learning_rate: float
+    batch_size: int
+    local_epochs: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a preset is trained; the one home of training defaults (expert CLI, executor, baselines)."""
+
+    expert: ExpertRecipe
+    site: SiteRecipe
+
+
+RECIPES: dict[str, Recipe] = {
+    # toy problems in milliseconds: tiny batches so a site of a dozen images still takes several steps
+    "tiny": Recipe(ExpertRecipe(lr=2e-3, batch_size=4, epochs=2, warmup_epochs=0.0, patience=1),
+                   SiteRecipe(learning_rate=3e-4, batch_size=4, local_epochs=1)),
+    # measured on the embedded benchmark (docs/model.md): clipping + 24 epochs keep the ViT stable on CPU
+    "cpu": Recipe(ExpertRecipe(lr=2e-3, batch_size=16, epochs=24, warmup_epochs=1.0, patience=5),
+                  SiteRecipe(learning_rate=3e-4, batch_size=16, local_epochs=1)),
+    # ViT-Base-sized: the usual fine-tuning lr and a longer warm-up; a starting point, not a tuned result
+    "anchor": Recipe(ExpertRecipe(lr=5e-4, batch_size=32, epochs=30, warmup_epochs=2.0, patience=6),
+                     SiteRecipe(learning_rate=1e-4, batch_size=32, local_epochs=1)),
+}
+
+
 def get_preset(name: str) -> Preset:
     """The preset of that name, or a one-line error listing the known ones."""
     if isinstance(name, Preset):
@@ -102,6 +143,11 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise FedXViTError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def get_recipe(preset: str | Preset = DEFAULT_PRESET) -> Recipe:
+    """The training recipe of a preset (every preset has one)."""
+    return RECIPES[get_preset(preset).name]
 
 
 def _is_frozen_batchnorm(module: nn.Module) -> bool:

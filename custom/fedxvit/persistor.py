@@ -18,6 +18,7 @@ from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from fedxvit.checkpoint import read_meta
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.errors import FedXViTError
+from fedxvit.model import DEFAULT_PRESET
 from fedxvit.paths import project_root
 
 INITIAL_MODEL_ENV = "FEDXVIT_INITIAL_MODEL"
@@ -49,7 +50,7 @@ def check_initial_model(path: Path, preset: str, num_classes: int) -> dict:
 class InitialModelPersistor(PTFileModelPersistor):
     """PTFileModelPersistor whose source checkpoint is the project's (checked) initial global model."""
 
-    def __init__(self, preset: str = "cpu", num_classes: int = len(TASK_CLASSES), **kwargs):
+    def __init__(self, preset: str = DEFAULT_PRESET, num_classes: int = len(TASK_CLASSES), **kwargs):
         super().__init__(**kwargs)
         self.preset = preset
         self.num_classes = int(num_classes)

@@ -1,0 +1,45 @@
+"""Import every component a job names, as one side of the federation would: a plain script, so that
+it runs in a bare environment (a hospital's install) as well as under pytest.
+
+    python tests/job_components.py client jobs/*/app/config/config_fed_client.json
+    python tests/job_components.py server jobs/*/app/config/config_fed_server.json
+
+Prints one JSON line: the class paths imported, where fedxvit came from, and which modules a side
+must never load (the server never imports the client-only code). Exit 1 with the first failure.
+"""
+
+import importlib
+import json
+import sys
+
+# modules only a hospital's client runs: the executor, its data loading and training loop
+CLIENT_ONLY = ("fedxvit.executor", "fedxvit.data", "fedxvit.training", "fedxvit.sites", "monai")
+
+
+def component_paths(config: dict) -> list[str]:
+    """Class paths of the executors, components, workflows and filters of one config file."""
+    paths = [e["executor"]["path"] for e in config.get("executors", [])]
+    paths += [c["path"] for section in ("components", "workflows") for c in config.get(section, [])]
+    paths += [f["path"] for section in ("task_data_filters", "task_result_filters")
+              for group in config.get(section, []) for f in group.get("filters", [])]
+    return paths
+
+
+def import_components(side: str, config_files: list[str]) -> dict:
+    paths = sorted({p for name in config_files for p in component_paths(json.load(open(name)))})
+    for path in paths:
+        module, _, name = path.rpartition(".")
+        getattr(importlib.import_module(module), name)
+    import fedxvit
+
+    loaded_client_only = [m for m in CLIENT_ONLY if m in sys.modules]
+    return {"side": side, "imported": paths, "fedxvit": fedxvit.__file__,
+            "client_only_loaded": loaded_client_only}
+
+
+if __name__ == "__main__":
+    side, files = sys.argv[1], sys.argv[2:]
+    result = import_components(side, files)
+    print(json.dumps(result))
+    if side == "server" and result["client_only_loaded"]:
+        sys.exit(f"the server imported client-only modules: {result['client_only_loaded']}")
