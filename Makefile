@@ -72,3 +72,16 @@ test: setup
 
 clean-data:
 	rm -rf $(DATA)
+
+# Choosing an algorithm: every method, centralized and local-only on the same data, initial model, rounds
+# and epochs, 3 seeds -> results/compare.json, compare.md, compare_curves.png (result_stat.compare; finished
+# runs in workspace/compare are reused). Needs the scenario's sites and models/initial_global.pt
+# (make data-skewed transfer). compare-quick: one seed, 2 rounds. Options: COMPARE_ARGS="--methods fedavg,fedprox".
+COMPARE_DATA ?= $(DATA)/skewed
+COMPARE_ARGS ?=
+.PHONY: compare compare-quick
+compare: setup
+	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results $(COMPARE_ARGS)
+
+compare-quick: setup
+	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results --quick $(COMPARE_ARGS)

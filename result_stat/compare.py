@@ -1,0 +1,567 @@
+"""Which algorithm should the hospitals use? Every method on the same data, initial model, rounds and epochs.
+
+    python -m result_stat.compare [--scenario-data data/skewed] [--methods fedavg,fedprox,...] [--seeds 0,1,2] [--quick]
+
+For each seed, every federated method (a job folder run in NVFlare's simulator over all sites),
+the centralized baseline (all sites' training splits pooled) and the local-only baseline (each
+hospital alone) start from the same initial model and see every training image equally often
+(baselines: epochs = rounds x local epochs, fedxvit.baselines). Each final model is scored on
+every site's TEST split; nothing is selected or tuned on it (the curves use validation splits).
+Writes compare.json, compare.md and compare_curves.png into --out. Every finished run keeps its
+result in <workspace>/runs/<method>-<options hash>/result.json, so a re-run reuses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from fedxvit.errors import FedXViTError, run_cli
+from result_stat.simulation import CLIENT_CONFIG, GLOBAL_MODEL, SERVER_CONFIG, job_copy, read_job_config, run_simulator
+
+METHOD_JOBS = {  # method -> job folder; a personalized method joins by adding its job here (or --methods name=folder)
+    "fedavg": "jobs/fedxvit",
+    "fedprox": "jobs/fedxvit_fedprox",
+    "fedopt": "jobs/fedxvit_fedopt",
+    "scaffold": "jobs/fedxvit_scaffold",
+    "cyclic": "jobs/fedxvit_cyclic",
+}
+REFERENCE, CENTRALIZED, LOCAL_ONLY, START = "fedavg", "centralized", "local-only", "start"
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
+GAP_METRIC = "balanced_accuracy"
+DONE_FILE = "result.json"
+QUICK_ROUNDS = 2
+SPLITS = {"test": "testing", "validation": "validation"}
+
+
+# ---- scoring and aggregation: plain functions on predictions ----
+
+def headline_metrics(labels, probs) -> dict:
+    """accuracy, balanced accuracy, macro-F1, ROC-AUC and count of one set of predictions.
+
+    Balanced accuracy and macro-F1 average over the classes present in `labels` (a hospital whose
+    test split holds one class is judged on that class, not punished for the absent one).
+    Accuracy and ROC-AUC come from result_stat.metrics, the project's one home for them."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    from fedxvit.classes import TASK_CLASSES
+    from result_stat.metrics import classification_metrics
+
+    full = classification_metrics(labels, probs, TASK_CLASSES)
+    if not full["count"]:
+        return {**{m: None for m in METRICS}, "count": 0}
+    labels = np.asarray(labels, dtype=int)
+    predictions = np.asarray(probs, dtype=float).argmax(1)
+    with warnings.catch_warnings():  # one class present: sklearn warns about the absent one, which we leave out
+        warnings.simplefilter("ignore")
+        balanced = float(balanced_accuracy_score(labels, predictions))
+    macro_f1 = float(f1_score(labels, predictions, labels=sorted(set(labels.tolist())), average="macro", zero_division=0))
+    return {"accuracy": full["accuracy"], "balanced_accuracy": balanced, "macro_f1": macro_f1,
+            "roc_auc": full["roc_auc"], "count": full["count"]}
+
+
+def score_sites(predictions: dict) -> dict:
+    """{site: {"labels", "probs"}} -> {"pooled": metrics, "sites": {site: metrics}, "worst_site": name}:
+    pooled = all sites' test images together; worst hospital = lowest balanced accuracy."""
+    sites = {site: headline_metrics(p["labels"], p["probs"]) for site, p in predictions.items()}
+    labels = [y for p in predictions.values() for y in p["labels"]]
+    probs = [q for p in predictions.values() for q in p["probs"]]
+    worst = min(sites, key=lambda s: sites[s]["balanced_accuracy"])
+    return {"pooled": headline_metrics(labels, probs), "sites": sites, "worst_site": worst}
+
+
+def mean_std(values) -> dict:
+    """Mean and sample standard deviation (ddof 1) of the values that are not None; std None for fewer than 2."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def versus_reference(method: dict, reference: dict) -> dict:
+    """method - reference per seed ({seed: value} each) with a verdict: "better" / "worse" only when the
+    mean difference exceeds the seeds' spread of it; one seed gives no verdict."""
+    seeds = sorted(set(method) & set(reference))
+    deltas = [method[s] - reference[s] for s in seeds]
+    summary = mean_std(deltas)
+    if summary["std"] is None:
+        verdict = "one seed: no verdict" if deltas else "no common seed"
+    elif summary["mean"] > summary["std"]:
+        verdict = "better"
+    elif -summary["mean"] > summary["std"]:
+        verdict = "worse"
+    else:
+        verdict = "no clear difference"
+    return {**summary, "per_seed": dict(zip(seeds, deltas)), "verdict": verdict}
+
+
+def gap_share(method: dict, fedavg: dict, centralized: dict) -> dict:
+    """Share of the FedAvg->centralized gap a method closes: (method - fedavg) / (centralized - fedavg)
+    per seed ({seed: value} each), then mean +- std. "n/a" when the mean gap is not larger than its
+    spread over seeds (std of the per-seed gaps): a share of noise would be noise."""
+    seeds = sorted(set(method) & set(fedavg) & set(centralized))
+    gaps = {s: centralized[s] - fedavg[s] for s in seeds}
+    gap = mean_std(gaps.values())
+    spread = gap["std"] or 0.0
+    if gap["mean"] is None or gap["mean"] <= spread:
+        what = "no common seed" if gap["mean"] is None else (
+            f"the FedAvg->centralized gap {gap['mean']:+.4f} is not above its spread over seeds {spread:.4f}")
+        return {"mean": None, "std": None, "n": 0, "per_seed": {}, "gap": gap, "status": "n/a", "why": what}
+    per_seed = {s: (method[s] - fedavg[s]) / gaps[s] if gaps[s] > 0 else None for s in seeds}
+    return {**mean_std(per_seed.values()), "per_seed": per_seed, "gap": gap, "status": "ok"}
+
+
+def summarize_method(per_seed: dict) -> dict:
+    """{seed: score_sites result} -> mean +- std over seeds of every pooled and per-site metric and of the worst site."""
+    scores = list(per_seed.values())
+    sites = list(scores[0]["sites"]) if scores else []
+    return {
+        "pooled": {m: mean_std(s["pooled"][m] for s in scores) for m in METRICS},
+        "sites": {site: {m: mean_std(s["sites"][site][m] for s in scores) for m in METRICS} for site in sites},
+        "worst_site": {"balanced_accuracy": mean_std(s["sites"][s["worst_site"]]["balanced_accuracy"] for s in scores),
+                       "sites": [s["worst_site"] for s in scores]},
+    }
+
+
+def curve_band(curves: list) -> dict:
+    """Per-seed curves (lists, None where a round has no value) -> mean, min and max per round."""
+    length = max((len(c) for c in curves), default=0)
+    columns = [[c[i] for c in curves if i < len(c) and c[i] is not None] for i in range(length)]
+    return {key: [float(f(col)) if col else None for col in columns]
+            for key, f in (("mean", np.mean), ("min", np.min), ("max", np.max))}
+
+
+# ---- runs: folder per option set, reused when finished ----
+
+def options_digest(options: dict) -> str:
+    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def files_digest(paths) -> str:
+    """Content hash of files (folders: every file under them, by relative path)."""
+    digest = hashlib.sha256()
+    for path in map(Path, paths):
+        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() else [path]
+        for file in files:
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_or_reuse(folder: Path, compute) -> tuple[dict, bool]:
+    """(result, reused): the result.json of a finished run in `folder`, else compute(folder), saved there.
+    The file is written last and atomically, so an interrupted run is redone, never half reused."""
+    done = folder / DONE_FILE
+    if done.is_file():
+        return json.loads(done.read_text()), True
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = compute(folder)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    tmp = done.with_name(DONE_FILE + ".tmp")
+    tmp.write_text(json.dumps(result) + "\n")
+    os.replace(tmp, done)
+    return result, False
+
+
+class Scenario:
+    """The fixed part of every run: data, sites, initial model, preset, device; loaders built once, on first use."""
+
+    def __init__(self, data: Path, sites: list, initial: Path, preset: str, image_size: int, device: str | None):
+        from fedxvit.training import resolve_device
+
+        self.data, self.sites, self.initial, self.preset = data, sites, initial, preset
+        self.image_size, self.device = image_size, resolve_device(device)
+        self._loaders = {}
+        self.fingerprint = {"data": files_digest(data / s / f for s in sites for f in ("datalist.json", "dataset.json")),
+                            "initial": files_digest([initial]), "sites": sites, "preset": preset}
+
+    def site_dir(self, site: str) -> Path:
+        return self.data / site
+
+    def loaders(self, split: str) -> dict:
+        from fedxvit.data import make_loader
+
+        if split not in self._loaders:
+            self._loaders[split] = {s: make_loader(self.site_dir(s), SPLITS[split], self.image_size, 32, train=False)
+                                    for s in self.sites}
+        return self._loaders[split]
+
+    def predict(self, model, split: str, sites=None) -> dict:
+        """{site: {"labels", "probs"}} of a model on a split of the given sites (default all)."""
+        from fedxvit.training import evaluate
+
+        loaders = self.loaders(split)
+        out = {}
+        for site in sites or self.sites:
+            result = evaluate(model, loaders[site], self.device)
+            out[site] = {"labels": result["labels"], "probs": [[round(p, 6) for p in row] for row in result["probs"]]}
+        return out
+
+
+def pooled_accuracy(predictions: dict) -> float:
+    labels = [y for p in predictions.values() for y in p["labels"]]
+    correct = [int(np.argmax(q) == y) for p in predictions.values() for q, y in zip(p["probs"], p["labels"])]
+    return sum(correct) / max(1, len(labels))
+
+
+def validation_curve(run_dir: Path, rounds: int) -> list:
+    """Pooled global validation accuracy after 0..rounds-1 rounds from global_val.json (round r scores the model
+    of round r-1, round 0 the start); [] when the job writes none (e.g. cyclic). A short table is a failed run."""
+    path = run_dir / "global_val.json"
+    if not path.is_file():
+        return []
+    rows = sorted(json.loads(path.read_text()).get("rounds", []), key=lambda r: r["round"])
+    if len(rows) < rounds:
+        raise FedXViTError(f"{path}: the run finished {len(rows)} of {rounds} rounds")
+    return [row.get("global_val_accuracy") for row in rows[:rounds]]
+
+
+def federated_run(scenario: Scenario, job: Path, rounds: int, local_epochs: int, seed: int, tracking_uri: str,
+                  timeout_s: int):
+    """compute() of one federated run: the job copy with this run's variables, the simulator, then scores."""
+    from fedxvit.checkpoint import load_global_model
+
+    def compute(folder: Path) -> dict:
+        copy = job_copy(job, folder / "job",
+                        server={"num_rounds": rounds, "min_clients": len(scenario.sites), "preset": scenario.preset,
+                                "tracking_uri": tracking_uri},
+                        client={"local_epochs": local_epochs, "seed": seed, "preset": scenario.preset},
+                        optional=("min_clients", "tracking_uri"))
+        run_dir = run_simulator(copy, folder / "simulator", scenario.data, scenario.sites, scenario.initial, timeout_s)
+        model = load_global_model(run_dir / GLOBAL_MODEL, scenario.preset, device=scenario.device)
+        final_val = pooled_accuracy(scenario.predict(model, "validation"))
+        curve = validation_curve(run_dir, rounds)
+        return {"run_dir": str(run_dir), "test": scenario.predict(model, "test"), "final_val_accuracy": final_val,
+                "val_curve": (curve or [None] * rounds) + [final_val]}
+    return compute
+
+
+def baseline_run(scenario: Scenario, settings: dict, sites: list):
+    """compute() of a centralized (all sites) or local-only (one site) model: fedxvit.baselines.train_on_sites."""
+    from fedxvit.baselines import train_on_sites
+
+    def compute(folder: Path) -> dict:
+        trained = train_on_sites([scenario.site_dir(s) for s in sites], scenario.initial,
+                                 device=str(scenario.device), **settings)
+        return {"test": scenario.predict(trained["model"], "test", sites), "train_images": trained["train_images"],
+                "final_val_accuracy": pooled_accuracy(scenario.predict(trained["model"], "validation", sites))}
+    return compute
+
+
+def start_run(scenario: Scenario):
+    """compute() scoring the untrained initial model: where every method starts."""
+    from fedxvit.checkpoint import build_model_from_checkpoint
+
+    def compute(folder: Path) -> dict:
+        model, _ = build_model_from_checkpoint(scenario.initial, preset=scenario.preset, device=scenario.device)
+        return {"test": scenario.predict(model, "test"),
+                "final_val_accuracy": pooled_accuracy(scenario.predict(model, "validation"))}
+    return compute
+
+
+# ---- the comparison ----
+
+def parse_methods(text: str | None, root: Path) -> dict:
+    """"fedavg,fedprox" or "name=job folder" entries -> {method: job folder}; the reference FedAvg must be one."""
+    methods = {}
+    for entry in [e.strip() for e in (text or ",".join(METHOD_JOBS)).split(",") if e.strip()]:
+        name, _, folder = entry.partition("=")
+        if not folder:
+            if name not in METHOD_JOBS:
+                raise FedXViTError(f"--methods: unknown method {name!r}; use one of {', '.join(METHOD_JOBS)} "
+                                   f"or name=<job folder>")
+            folder = root / METHOD_JOBS[name]
+        if name in (CENTRALIZED, LOCAL_ONLY, START):
+            raise FedXViTError(f"--methods: {name!r} is a baseline name, always run; pick another method name")
+        folder = Path(folder)
+        if not (folder / SERVER_CONFIG).is_file():
+            raise FedXViTError(f"--methods: job folder {folder} of method {name!r} has no {SERVER_CONFIG}")
+        methods[name] = folder
+    if REFERENCE not in methods:
+        raise FedXViTError(f"--methods must include {REFERENCE!r}: it is the reference of the gap and of every verdict")
+    return methods
+
+
+def check_scenario(data: Path, sites: list | None, initial: Path, preset: str | None) -> tuple[list, str, int]:
+    """(sites, preset, image size) after checking every input; one line naming the option otherwise."""
+    from fedxvit.checkpoint import read_meta
+    from fedxvit.datalist import load_split
+    from fedxvit.sites import DATA_ROOT_ENV, site_data_dir
+
+    if not data.is_dir():
+        raise FedXViTError(f"--scenario-data {data} does not exist: run `make data` (or `make data-skewed`) first")
+    if not sites:
+        sites = sorted((p.name for p in data.glob("site*") if p.is_dir() and p.name[4:].isdigit()),
+                       key=lambda name: int(name[4:]))
+        if len(sites) < 2:
+            raise FedXViTError(f"--scenario-data {data} holds {len(sites)} site folders (site1, site2, ...): a federation needs 2")
+    for site in sites:
+        site_data_dir(site, environ={DATA_ROOT_ENV: str(data)})
+        if not load_split(data / site, "testing"):
+            raise FedXViTError(f"site {site}: {data / site} has no testing images to score on")
+    if not initial.is_file():
+        raise FedXViTError(f"--initial {initial} does not exist: run `make transfer` first")
+    meta = read_meta(initial)
+    if preset and preset != meta.get("preset"):
+        raise FedXViTError(f"--preset {preset} does not match --initial {initial} (preset {meta.get('preset')!r})")
+    return list(sites), meta["preset"], int(meta["image_size"])
+
+
+def compare(data: Path, initial: Path, methods: dict, seeds: list, rounds: int | None = None,
+            local_epochs: int | None = None, sites: list | None = None, preset: str | None = None,
+            workspace: Path = Path("workspace/compare"), device: str | None = None, timeout_s: int = 3600,
+            log=print) -> dict:
+    """Run or reuse every run of the comparison and aggregate it (see the module doc); the report dict."""
+    from fedxvit.baselines import job_training_settings
+
+    started = time.perf_counter()
+    data, initial, workspace = Path(data).resolve(), Path(initial).resolve(), Path(workspace).resolve()
+    sites, preset, image_size = check_scenario(data, sites, initial, preset)
+    reference_server = read_job_config(methods[REFERENCE], SERVER_CONFIG)
+    reference_client = read_job_config(methods[REFERENCE], CLIENT_CONFIG)
+    rounds = int(reference_server["num_rounds"] if rounds is None else rounds)
+    local_epochs = int(reference_client.get("local_epochs", 1) if local_epochs is None else local_epochs)
+    if rounds < 1 or local_epochs < 1:
+        raise FedXViTError(f"--rounds {rounds} and --local-epochs {local_epochs} must be at least 1")
+    scenario = Scenario(data, sites, initial, preset, image_size, device)
+    tracking_uri = f"sqlite:///{workspace / 'mlflow.db'}"  # the comparison's runs stay out of the project's store
+
+    # the baselines train like the reference job: its settings with this comparison's rounds, epochs and seed
+    settings_job = job_copy(methods[REFERENCE], workspace / "reference_job",
+                            server={"num_rounds": rounds, "preset": preset},
+                            client={"local_epochs": local_epochs, "preset": preset})
+    base_settings = job_training_settings(settings_job / "app" / "config")
+
+    plan = [(START, None, {"kind": START}, start_run(scenario))]
+    for seed in seeds:
+        for name, job in methods.items():
+            options = {"kind": "federated", "job": files_digest([job]), "rounds": rounds, "local_epochs": local_epochs,
+                       "seed": seed}
+            plan.append((name, seed, options, federated_run(scenario, job, rounds, local_epochs, seed, tracking_uri,
+                                                            timeout_s)))
+        settings = {**base_settings, "seed": seed}
+        plan.append((CENTRALIZED, seed, {"kind": CENTRALIZED, "settings": settings},
+                     baseline_run(scenario, settings, sites)))
+        for site in sites:
+            plan.append((f"{LOCAL_ONLY} {site}", seed, {"kind": LOCAL_ONLY, "site": site, "settings": settings},
+                         baseline_run(scenario, settings, [site])))
+
+    results, runs, failures = {}, [], []
+    for index, (name, seed, options, compute) in enumerate(plan, 1):
+        folder = workspace / "runs" / f"{name.replace(' ', '-')}-{options_digest({**options, **scenario.fingerprint})}"
+        label = f"[{index}/{len(plan)}] {name}" + ("" if seed is None else f" seed {seed}")
+        clock = time.perf_counter()
+        try:
+            result, reused = run_or_reuse(folder, compute)
+        except FedXViTError as exc:
+            failures.append({"method": name, "seed": seed, "folder": str(folder), "error": str(exc)})
+            log(f"{label}: FAILED after {time.perf_counter() - clock:.0f} s: {exc}", flush=True)
+            continue
+        results[(name, seed)] = result
+        runs.append({"method": name, "seed": seed, "folder": str(folder), "reused": reused, "wall_s": result["wall_s"]})
+        score = score_sites(result["test"])["pooled"][GAP_METRIC]
+        log(f"{label}: {'reused' if reused else 'ran'} in {time.perf_counter() - clock:.0f} s "
+            f"(computed in {result['wall_s']:.0f} s); pooled test balanced accuracy {score:.3f}", flush=True)
+
+    report = aggregate(results, list(methods), seeds, sites)
+    report.update(settings={"data": str(data), "sites": sites, "initial": str(initial), "preset": preset,
+                            "rounds": rounds, "local_epochs": local_epochs, "seeds": seeds,
+                            "baseline_training": base_settings | {"seed": "per seed"},
+                            "methods": {name: str(job) for name, job in methods.items()}, "workspace": str(workspace)},
+                  runs=runs, failures=failures, wall_s=round(time.perf_counter() - started, 1),
+                  compute_s=round(sum(r["wall_s"] for r in runs), 1))
+    return report
+
+
+def aggregate(results: dict, methods: list, seeds: list, sites: list) -> dict:
+    """Per method: scores per seed, mean +- std, the gap share, the difference to FedAvg and the validation curves.
+
+    `results`: {(run name, seed): result.json}; the local-only row scores each hospital's own model on its own
+    test split (what a hospital alone would deploy), pooled over hospitals."""
+    predictions = {}  # method -> {seed: {site: predictions}}
+    for name in [*methods, CENTRALIZED]:
+        predictions[name] = {seed: results[(name, seed)]["test"] for seed in seeds if (name, seed) in results}
+    predictions[LOCAL_ONLY] = {seed: {site: results[(f"{LOCAL_ONLY} {site}", seed)]["test"][site] for site in sites}
+                               for seed in seeds if all((f"{LOCAL_ONLY} {site}", seed) in results for site in sites)}
+    if (START, None) in results:
+        predictions[START] = {"-": results[(START, None)]["test"]}
+    scores = {name: {seed: score_sites(p) for seed, p in per_seed.items()} for name, per_seed in predictions.items()}
+    pooled = {name: {seed: s["pooled"][GAP_METRIC] for seed, s in per_seed.items()} for name, per_seed in scores.items()}
+
+    table = {}
+    for name, per_seed in scores.items():
+        row = {"per_seed": {str(seed): s for seed, s in per_seed.items()}, **summarize_method(per_seed)} if per_seed else {}
+        if name != START and per_seed:
+            row["gap_share"] = gap_share(pooled[name], pooled.get(REFERENCE, {}), pooled.get(CENTRALIZED, {}))
+            row["vs_fedavg"] = versus_reference(pooled[name], pooled.get(REFERENCE, {}))
+            curves = [results[(name, seed)]["val_curve"] for seed in per_seed if "val_curve" in results.get((name, seed), {})]
+            if curves:
+                row["val_curve"] = {"per_seed": curves, **curve_band(curves)}
+            elif name == CENTRALIZED:
+                row["final_val_accuracy"] = mean_std(results[(name, seed)]["final_val_accuracy"] for seed in per_seed)
+        table[name] = row
+    if START in table and (START, None) in results:
+        table[START]["final_val_accuracy"] = results[(START, None)]["final_val_accuracy"]
+    return {"metric_of_gap": GAP_METRIC, "methods": table, "order": [START, *methods, CENTRALIZED, LOCAL_ONLY]}
+
+
+# ---- outputs ----
+
+def _cell(summary: dict | None) -> str:
+    """A fraction's mean +- std as percent points, e.g. "81.2 ± 1.3"; n/a when there is no value."""
+    if not summary or summary.get("mean") is None:
+        return "n/a"
+    text = f"{100 * summary['mean']:.1f}"
+    return text + (f" ± {100 * summary['std']:.1f}" if summary.get("std") is not None else "")
+
+
+def compare_markdown(report: dict) -> str:
+    s, table = report["settings"], report["methods"]
+    names = [n for n in report["order"] if table.get(n)]
+    seeds = ", ".join(map(str, s["seeds"]))
+    lines = [
+        "# Choosing an algorithm\n",
+        f"Scenario `{s['data']}` ({', '.join(s['sites'])}), initial model `{s['initial']}` (preset {s['preset']}), "
+        f"{s['rounds']} rounds x {s['local_epochs']} local epoch(s); baselines train {s['rounds'] * s['local_epochs']} "
+        f"epochs from the same start. Seeds {seeds}: every cell is mean ± std over seeds, in percent.\n",
+        "Scores: the final global model of each method on every hospital's **test** split, pooled and per hospital "
+        "(nothing was tuned or selected on test). Local-only: each hospital's own model on its own test split. "
+        "Start: the initial model, untrained (one value).\n",
+        "## Pooled test set\n",
+        "| method | accuracy | balanced accuracy | macro-F1 | ROC-AUC | worst hospital (balanced accuracy) | "
+        "FedAvg→centralized gap closed | vs FedAvg (balanced accuracy) |",
+        "|---|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for name in names:
+        row = table[name]
+        worst_sites = sorted(set(row["worst_site"]["sites"]))
+        share = row.get("gap_share")
+        share_text = "—" if share is None else ("n/a" if share["status"] == "n/a" else _cell(share))
+        versus = row.get("vs_fedavg")
+        versus_text = "—" if versus is None or name == REFERENCE else (
+            f"{100 * versus['mean']:+.1f} pts: {versus['verdict']}" if versus["mean"] is not None else versus["verdict"])
+        lines.append(f"| {name} | " + " | ".join(_cell(row["pooled"][m]) for m in METRICS) +
+                     f" | {_cell(row['worst_site']['balanced_accuracy'])} ({', '.join(worst_sites)}) | {share_text} | "
+                     f"{versus_text} |")
+    gap = next((table[n]["gap_share"]["gap"] for n in names if table[n].get("gap_share")), None)
+    if gap and gap["mean"] is not None:
+        lines.append(f"\nFedAvg→centralized gap (pooled balanced accuracy): {_cell(gap)} points. Gap closed = "
+                     "(method − FedAvg) / (centralized − FedAvg) per seed; n/a when the gap is not above its spread "
+                     "over seeds. \"better\"/\"worse\" only when the mean difference to FedAvg exceeds its spread.")
+    not_helping = [n for n in names if n not in (START, REFERENCE, CENTRALIZED) and
+                   table[n].get("vs_fedavg", {}).get("verdict") in ("worse", "no clear difference")]
+    if not_helping:
+        lines.append(f"\n**Does not help over FedAvg here:** {', '.join(not_helping)}.")
+    for metric in METRICS:
+        lines += [f"\n## Per hospital: {metric.replace('_', ' ')}\n",
+                  "| method | " + " | ".join(s["sites"]) + " |", "|---|" + "---:|" * len(s["sites"])]
+        lines += [f"| {n} | " + " | ".join(_cell(table[n]["sites"][site][metric]) for site in s["sites"]) + " |"
+                  for n in names]
+    lines.append("\n## Runs\n")
+    lines.append(f"{len(report['runs'])} runs, {report['compute_s']:.0f} s of compute when run from scratch; this call "
+                 f"took {report['wall_s']:.0f} s. Curves of pooled validation accuracy per round: compare_curves.png.")
+    for failure in report["failures"]:
+        lines.append(f"- FAILED {failure['method']} seed {failure['seed']}: {failure['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def save_curves_png(report: dict, path: Path) -> Path:
+    """Pooled global validation accuracy per round, one line per federated method (mean over seeds, band
+    min..max); the centralized baseline's final value as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name in report["order"]:
+        row = report["methods"].get(name) or {}
+        if "val_curve" in row:
+            band = row["val_curve"]
+            xs = [i for i, v in enumerate(band["mean"]) if v is not None]
+            line, = ax.plot(xs, [band["mean"][i] for i in xs], marker="o", label=name)
+            ax.fill_between(xs, [band["min"][i] for i in xs], [band["max"][i] for i in xs], color=line.get_color(),
+                            alpha=0.2)
+        elif name == CENTRALIZED and row.get("final_val_accuracy", {}).get("mean") is not None:
+            ax.axhline(row["final_val_accuracy"]["mean"], ls="--", color="black", label="centralized (final)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("rounds trained")
+    ax.set_ylabel("pooled validation accuracy")
+    ax.set_title(f"Global validation per round, seeds {', '.join(map(str, report['settings']['seeds']))} (band: min..max)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(report: dict, out: Path) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "compare.json", "markdown": out / "compare.md", "curves": out / "compare_curves.png"}
+    files["json"].write_text(json.dumps(report, indent=2) + "\n")
+    files["markdown"].write_text(compare_markdown(report))
+    save_curves_png(report, files["curves"])
+    return files
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m result_stat.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario-data", default="data/skewed", help="folder of site1..siteN (default: data/skewed)")
+    parser.add_argument("--sites", default=None, help="comma-separated sites (default: every siteN under --scenario-data)")
+    parser.add_argument("--methods", default=None, help=f"comma-separated methods, each a known name "
+                        f"({', '.join(METHOD_JOBS)}) or name=<job folder> (default: all known; {REFERENCE} is required)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of every method (default: the FedAvg job's num_rounds)")
+    parser.add_argument("--local-epochs", type=int, default=None, help="local epochs per round (default: the FedAvg job's)")
+    parser.add_argument("--quick", action="store_true", help=f"one seed (the first), {QUICK_ROUNDS} rounds")
+    parser.add_argument("--initial", default=None, help="initial global model (default: $FEDXVIT_INITIAL_MODEL, "
+                        "else models/initial_global.pt)")
+    parser.add_argument("--preset", default=None, help="model preset (default: the initial model's, from its sidecar)")
+    parser.add_argument("--out", default="results", help="output folder (default: results)")
+    parser.add_argument("--workspace", default="workspace/compare", help="runs, reused when finished (default: workspace/compare)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds one simulator run may take (default: 3600)")
+    parser.add_argument("--device", default=None, help="torch device for baselines and scoring (default: cuda if present)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from fedxvit.paths import project_root
+    from fedxvit.persistor import resolve_initial_model
+
+    args = parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise FedXViTError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise FedXViTError("--seeds: give at least one seed")
+    rounds = args.rounds
+    if args.quick:
+        seeds, rounds = seeds[:1], QUICK_ROUNDS
+    methods = parse_methods(args.methods, project_root())
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
+    initial = Path(args.initial) if args.initial else resolve_initial_model()
+    report = compare(Path(args.scenario_data), initial, methods, seeds, rounds, args.local_epochs, sites, args.preset,
+                     Path(args.workspace), args.device, args.timeout)
+    files = write_outputs(report, Path(args.out))
+    print(f"wrote {files['markdown']}, {files['json']} and {files['curves']} ({report['wall_s']:.0f} s)")
+    if report["failures"]:
+        raise FedXViTError(f"{len(report['failures'])} runs failed, first: {report['failures'][0]['error']}")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

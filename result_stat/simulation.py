@@ -1,0 +1,96 @@
+"""Run a job folder in NVFlare's simulator on a chosen set of sites: the one helper behind the
+comparison runner (result_stat.compare) and the benchmark's gap check.
+
+The job itself is never edited: a copy gets new values for its *variables* (the keys at the top
+of config_fed_server.json / config_fed_client.json), so any job folder that follows the
+repository's conventions can be run, whatever its components.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from fedxvit.errors import FedXViTError
+from fedxvit.persistor import INITIAL_MODEL_ENV
+from fedxvit.sites import DATA_ROOT_ENV, site_env_var
+
+SERVER_CONFIG = Path("app") / "config" / "config_fed_server.json"
+CLIENT_CONFIG = Path("app") / "config" / "config_fed_client.json"
+GLOBAL_MODEL = Path("app_server") / "FL_global_model.pt"
+SIMULATOR_LOG = "simulator_output.log"
+
+
+def read_job_config(job: Path, which: Path) -> dict:
+    path = Path(job) / which
+    if not path.is_file():
+        raise FedXViTError(f"job folder {job} has no {which}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FedXViTError(f"{path} is not valid JSON: {exc}") from None
+
+
+def job_copy(source: os.PathLike, dest: os.PathLike, server: dict | None = None, client: dict | None = None,
+             optional: tuple = ()) -> Path:
+    """A fresh copy of job `source` at `dest` with new values for its server and client variables.
+
+    A variable the job lacks is an error naming the file, unless it is listed in `optional`
+    (e.g. min_clients, which a cyclic job has no use for): then it is left out."""
+    source, dest = Path(source), Path(dest)
+    for which in (SERVER_CONFIG, CLIENT_CONFIG):
+        read_job_config(source, which)  # both files exist and parse before anything is copied
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(source, dest)
+    for which, changes in ((SERVER_CONFIG, server or {}), (CLIENT_CONFIG, client or {})):
+        config = read_job_config(dest, which)
+        for key, value in changes.items():
+            if key in config:
+                config[key] = value
+            elif key not in optional:
+                raise FedXViTError(f"{source / which} has no job variable {key!r}")
+        (dest / which).write_text(json.dumps(config, indent=2) + "\n")
+    return dest
+
+
+def simulator_env(data_root: Path, sites, initial: Path, environ: dict | None = None) -> dict:
+    """The environment of a simulator run: every site reads <data_root>/<site> (a per-site override
+    such as FEDXVIT_DATA_SITE1 in the caller's shell is dropped, it would silently swap the data),
+    the job starts from `initial`, and the simulator's workers find this interpreter's nvflare."""
+    env = dict(os.environ if environ is None else environ)
+    for site in sites:
+        env.pop(site_env_var(site), None)
+    bin_dir = Path(sys.executable).parent
+    env.update({DATA_ROOT_ENV: str(Path(data_root).resolve()), INITIAL_MODEL_ENV: str(Path(initial).resolve()),
+                "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"})
+    return env
+
+
+def run_simulator(job: os.PathLike, workspace: os.PathLike, data_root: os.PathLike, sites, initial: os.PathLike,
+                  timeout_s: int = 3600) -> Path:
+    """`nvflare simulator <job> -w <workspace> -c <sites> -t <n sites>` (one client process per site,
+    so none waits for a turn); the server's run folder, or one line saying why there is none."""
+    job, workspace, sites = Path(job), Path(workspace), list(sites)
+    if workspace.exists():
+        shutil.rmtree(workspace)
+    command = [str(Path(sys.executable).parent / "nvflare"), "simulator", str(job), "-w", str(workspace),
+               "-c", ",".join(sites), "-t", str(len(sites))]
+    try:
+        run = subprocess.run(command, env=simulator_env(Path(data_root), sites, Path(initial)),
+                             capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise FedXViTError(f"the simulator run of {job} did not finish within {timeout_s} s (workspace {workspace})") from None
+    workspace.mkdir(parents=True, exist_ok=True)
+    (workspace / SIMULATOR_LOG).write_text(run.stdout + run.stderr)
+    run_dir = workspace / "server" / "simulate_job"
+    if run.returncode != 0 or not (run_dir / GLOBAL_MODEL).is_file():
+        errors = [line for line in (run.stdout + run.stderr).splitlines() if "ERROR" in line or "Error" in line]
+        last = (errors or (run.stdout + run.stderr).strip().splitlines() or ["no output"])[-1].strip()
+        raise FedXViTError(f"the simulator run of {job} failed (exit {run.returncode}, log {workspace / SIMULATOR_LOG}): "
+                           f"{last[:300]}")
+    return run_dir
