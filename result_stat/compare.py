@@ -245,13 +245,13 @@ def federated_run(scenario: Scenario, job: Path, rounds: int, local_epochs: int,
     return compute
 
 
-def baseline_run(scenario: Scenario, settings: dict, sites: list):
+def baseline_run(scenario: Scenario, settings, sites: list):
     """compute() of a centralized (all sites) or local-only (one site) model: fedxvit.baselines.train_on_sites."""
     from fedxvit.baselines import train_on_sites
 
     def compute(folder: Path) -> dict:
-        trained = train_on_sites([scenario.site_dir(s) for s in sites], scenario.initial,
-                                 device=str(scenario.device), **settings)
+        trained = train_on_sites([scenario.site_dir(s) for s in sites], scenario.initial, settings,
+                                 device=str(scenario.device))
         return {"test": scenario.predict(trained["model"], "test", sites), "train_images": trained["train_images"],
                 "final_val_accuracy": pooled_accuracy(scenario.predict(trained["model"], "validation", sites))}
     return compute
@@ -321,7 +321,9 @@ def compare(data: Path, initial: Path, methods: dict, seeds: list, rounds: int |
             workspace: Path = Path("workspace/compare"), device: str | None = None, timeout_s: int = 3600,
             log=print) -> dict:
     """Run or reuse every run of the comparison and aggregate it (see the module doc); the report dict."""
-    from fedxvit.baselines import job_training_settings
+    from dataclasses import replace
+
+    from fedxvit.jobconfig import read_job_settings
 
     started = time.perf_counter()
     data, initial, workspace = Path(data).resolve(), Path(initial).resolve(), Path(workspace).resolve()
@@ -339,7 +341,7 @@ def compare(data: Path, initial: Path, methods: dict, seeds: list, rounds: int |
     settings_job = job_copy(methods[REFERENCE], workspace / "reference_job",
                             server={"num_rounds": rounds, "preset": preset},
                             client={"local_epochs": local_epochs, "preset": preset})
-    base_settings = job_training_settings(settings_job / "app" / "config")
+    base_settings = read_job_settings(settings_job)
 
     plan = [(START, None, {"kind": START}, start_run(scenario))]
     for seed in seeds:
@@ -348,11 +350,11 @@ def compare(data: Path, initial: Path, methods: dict, seeds: list, rounds: int |
                        "seed": seed}
             plan.append((name, seed, options, federated_run(scenario, job, rounds, local_epochs, seed, tracking_uri,
                                                             timeout_s)))
-        settings = {**base_settings, "seed": seed}
-        plan.append((CENTRALIZED, seed, {"kind": CENTRALIZED, "settings": settings},
+        settings = replace(base_settings, seed=seed)
+        plan.append((CENTRALIZED, seed, {"kind": CENTRALIZED, "settings": settings.as_dict()},
                      baseline_run(scenario, settings, sites)))
         for site in sites:
-            plan.append((f"{LOCAL_ONLY} {site}", seed, {"kind": LOCAL_ONLY, "site": site, "settings": settings},
+            plan.append((f"{LOCAL_ONLY} {site}", seed, {"kind": LOCAL_ONLY, "site": site, "settings": settings.as_dict()},
                          baseline_run(scenario, settings, [site])))
 
     results, runs, failures = {}, [], []
@@ -375,7 +377,7 @@ def compare(data: Path, initial: Path, methods: dict, seeds: list, rounds: int |
     report = aggregate(results, list(methods), seeds, sites)
     report.update(settings={"data": str(data), "sites": sites, "initial": str(initial), "preset": preset,
                             "rounds": rounds, "local_epochs": local_epochs, "seeds": seeds,
-                            "baseline_training": base_settings | {"seed": "per seed"},
+                            "baseline_training": base_settings.as_dict() | {"seed": "per seed"},
                             "methods": {name: str(job) for name, job in methods.items()}, "workspace": str(workspace)},
                   runs=runs, failures=failures, wall_s=round(time.perf_counter() - started, 1),
                   compute_s=round(sum(r["wall_s"] for r in runs), 1))
