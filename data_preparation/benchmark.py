@@ -5,8 +5,15 @@ the nilearn wheel. Each image is an axial slice of it, warped by a per-"patient"
 elastic deformation, with an inserted lesion (glioma, meningioma, pituitary or none) and a
 hospital "scanner profile" of MONAI intensity and MRI-artifact transforms.
 
+Two named scenarios (--scenario):
+  default  public/ + site1..site3 under --out (default: data), as `make data` writes them
+  skewed   site1..site6 under --out (default: data/skewed), where federation is hard: long-tailed
+           sizes (480 down to 40), each hospital's Tumor share drawn from a Dirichlet, a scanner of
+           its own per hospital, smaller and fainter lesions. No public set: the expert made on the
+           default scenario's data/public serves both.
+
 Products under --out:
-  public/        4-class set (glioma, meningioma, notumor, pituitary) for the Phase-1 expert
+  public/        4-class set (glioma, meningioma, notumor, pituitary) for the Phase-1 expert (default only)
   site1..siteN/  private 2-class sets (Healthy, Tumor) of different sizes and scanner profiles
   benchmark.json the generation parameters (a rerun with the same ones is a no-op)
   counts.json, counts.md
@@ -84,8 +91,44 @@ SCANNER_PROFILES = (
      "noise_std": (0.01, 0.03), "lowres_zoom": (0.8, 1.0), "gibbs_alpha": 0.1, "spike_prob": 0.0},
     {"name": "hospital-legacy-1T", "gamma": 1.3, "bias_coeff": (0.15, 0.3), "noise": "rician",
      "noise_std": (0.02, 0.04), "lowres_zoom": (0.55, 0.7), "gibbs_alpha": 0.3, "spike_prob": 0.0},
+    # three more hospitals for the skewed scenario: a noisy low-field magnet, a 3T with k-space
+    # spikes, and a strongly ringing scanner with a deep bias field
+    {"name": "hospital-lowfield-0.5T", "gamma": 1.1, "bias_coeff": (0.2, 0.35), "noise": "rician",
+     "noise_std": (0.04, 0.07), "lowres_zoom": (0.45, 0.6), "gibbs_alpha": 0.2, "spike_prob": 0.0},
+    {"name": "hospital-spikes-3T", "gamma": 0.9, "bias_coeff": (0.05, 0.1), "noise": "gaussian",
+     "noise_std": (0.01, 0.02), "lowres_zoom": (0.9, 1.0), "gibbs_alpha": 0.05, "spike_prob": 0.3},
+    {"name": "hospital-ringing-1.5T", "gamma": 1.2, "bias_coeff": (0.3, 0.45), "noise": "gaussian",
+     "noise_std": (0.02, 0.04), "lowres_zoom": (0.7, 0.85), "gibbs_alpha": 0.5, "spike_prob": 0.0},
 )
-SITE_SCANNERS = len(SCANNER_PROFILES) - PUBLIC_SCANNERS
+DEFAULT_SITE_SCANNERS = (3, 4, 5)  # indices into SCANNER_PROFILES: bright, dark, legacy
+
+# Skewed scenario lesions: smaller and closer to the surrounding tissue than LESION, so that no
+# single hospital learns them from its own few, label-skewed images (calibration: see
+# docs/measurements.md, "Skewed scenario").
+SKEWED_LESION = {
+    "glioma_radius_mm": (8.0, 14.0),
+    "glioma_edema_darkening": (0.1, 0.2),
+    "glioma_rim_gain": (1.05, 1.2),
+    "glioma_necrosis_level": (0.45, 0.6),
+    "meningioma_radius_mm": (7.0, 12.0),
+    "meningioma_level": (1.0, 1.12),
+    "pituitary_radius_mm": (5.0, 8.0),
+    "pituitary_level": (0.95, 1.1),
+    "min_radius_px": 2.0,
+}
+
+# Named scenarios, as data. `default` is what `make data` has always written (its options come
+# from the command line); `skewed` fixes its hospitals: sizes, the Dirichlet rule for their
+# Tumor shares (a seed of its own, so every --seed gives the same hospital mix), lesions and
+# scanners. --seed varies the images only.
+SCENARIOS = {
+    "default": {"out": "data", "public": True, "site_sizes": (150, 300, 450), "healthy_fraction": 0.37,
+                "lesion": LESION, "site_scanners": DEFAULT_SITE_SCANNERS},
+    "skewed": {"out": "data/skewed", "public": False, "site_sizes": (480, 300, 180, 120, 60, 40),
+               "tumor_share_dirichlet": {"alpha": 0.5, "seed": 2},
+               "lesion": SKEWED_LESION, "site_scanners": (3, 4, 5, 6, 7, 8)},
+}
+DEFAULT_SCENARIO = "default"
 
 
 # ----------------------------------------------------------------------------- anatomy
@@ -167,8 +210,8 @@ def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarr
     return field / (field.std() + 1e-6)
 
 
-def _radius_px(rng, radius_range_mm, size) -> float:
-    return max(rng.uniform(*radius_range_mm) * size / CANVAS_MM, LESION["min_radius_px"])
+def _radius_px(rng, radius_range_mm, size, min_radius_px) -> float:
+    return max(rng.uniform(*radius_range_mm) * size / CANVAS_MM, min_radius_px)
 
 
 def _distance_map(size: int, row: float, col: float, stretch=(1.0, 1.0)) -> np.ndarray:
@@ -182,12 +225,12 @@ def _pick_pixel(rng, candidates: np.ndarray) -> tuple:
     return float(rows[pick]), float(cols[pick])
 
 
-def insert_glioma(image, anatomy, rng):
+def insert_glioma(image, anatomy, rng, lesion=LESION):
     """Intra-axial, irregular, heterogeneous: enhancing rim, necrotic core, edema, in white matter."""
     from scipy.ndimage import distance_transform_edt
 
     size = image.shape[0]
-    radius = _radius_px(rng, LESION["glioma_radius_mm"], size)
+    radius = _radius_px(rng, lesion["glioma_radius_mm"], size, lesion["min_radius_px"])
     depth = distance_transform_edt(anatomy["brain"])
     candidates = anatomy["wm"] & (depth > radius * 0.9)
     if not candidates.any():
@@ -200,20 +243,20 @@ def insert_glioma(image, anatomy, rng):
     necrosis = distance < rng.uniform(0.2, 0.35)
     texture = 1.0 + 0.12 * _smooth_noise(rng, size, sigma=1.0)
     out = image.copy()
-    edema_gain = 1.0 - rng.uniform(*LESION["glioma_edema_darkening"])
+    edema_gain = 1.0 - rng.uniform(*lesion["glioma_edema_darkening"])
     out[whole] *= edema_gain
     bright_tissue = np.percentile(image[anatomy["brain"]], 95)
-    out[core & whole] = (rng.uniform(*LESION["glioma_rim_gain"]) * bright_tissue * texture)[core & whole]
-    out[necrosis & whole] = (rng.uniform(*LESION["glioma_necrosis_level"]) * texture)[necrosis & whole]
+    out[core & whole] = (rng.uniform(*lesion["glioma_rim_gain"]) * bright_tissue * texture)[core & whole]
+    out[necrosis & whole] = (rng.uniform(*lesion["glioma_necrosis_level"]) * texture)[necrosis & whole]
     return out, whole
 
 
-def insert_meningioma(image, anatomy, rng):
+def insert_meningioma(image, anatomy, rng, lesion=LESION):
     """Extra-axial, well-circumscribed, homogeneous, its flat side on the dura at the brain's edge."""
     from scipy.ndimage import binary_erosion
 
     size = image.shape[0]
-    radius = _radius_px(rng, LESION["meningioma_radius_mm"], size)
+    radius = _radius_px(rng, lesion["meningioma_radius_mm"], size, lesion["min_radius_px"])
     brain = anatomy["brain"]
     edge = brain & ~binary_erosion(brain)
     row, col = _pick_pixel(rng, edge)
@@ -223,24 +266,24 @@ def insert_meningioma(image, anatomy, rng):
     depth = rng.uniform(0.2, 0.5) * radius
     stretch = (1.0, rng.uniform(1.0, 1.4))
     distance = _distance_map(size, row + inward[0] * depth, col + inward[1] * depth, stretch) / radius
-    lesion = (distance < 1.0) & brain
+    inside = (distance < 1.0) & brain
     out = image.copy()
-    level = rng.uniform(*LESION["meningioma_level"])
-    out[lesion] = level * (1.0 + 0.03 * _smooth_noise(rng, size, sigma=1.5))[lesion]
-    return out, lesion
+    level = rng.uniform(*lesion["meningioma_level"])
+    out[inside] = level * (1.0 + 0.03 * _smooth_noise(rng, size, sigma=1.5))[inside]
+    return out, inside
 
 
-def insert_pituitary(image, anatomy, rng):
+def insert_pituitary(image, anatomy, rng, lesion=LESION):
     """Small, round, midline lesion in the sellar region of a low slice."""
     size = image.shape[0]
-    radius = _radius_px(rng, LESION["pituitary_radius_mm"], size)
+    radius = _radius_px(rng, lesion["pituitary_radius_mm"], size, lesion["min_radius_px"])
     row, col = mni_to_pixel(rng.uniform(-1.5, 1.5), SELLA_MNI_Y + rng.uniform(-3.0, 3.0), size)
     distance = _distance_map(size, row, col, stretch=(rng.uniform(0.8, 1.0), 1.0)) / radius
-    lesion = distance < 1.0
+    inside = distance < 1.0
     out = image.copy()
-    level = rng.uniform(*LESION["pituitary_level"])
-    out[lesion] = level * (1.0 + 0.05 * _smooth_noise(rng, size, sigma=1.0))[lesion]
-    return out, lesion
+    level = rng.uniform(*lesion["pituitary_level"])
+    out[inside] = level * (1.0 + 0.05 * _smooth_noise(rng, size, sigma=1.0))[inside]
+    return out, inside
 
 
 LESION_MAKERS = {"glioma": insert_glioma, "meningioma": insert_meningioma, "pituitary": insert_pituitary}
@@ -309,7 +352,8 @@ def image_rng(seed: int, product_id: int, index: int, purpose: int = 0) -> np.ra
     return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(product_id, purpose, index)))
 
 
-def synthesize(expert_class: str, size: int, profile_index: int, rng: np.random.Generator) -> tuple:
+def synthesize(expert_class: str, size: int, profile_index: int, rng: np.random.Generator,
+               lesion: dict = LESION) -> tuple:
     """One slice: anatomy -> lesion -> patient deformation -> scanner profile; (uint8 image, bool mask)."""
     import torch
 
@@ -317,7 +361,7 @@ def synthesize(expert_class: str, size: int, profile_index: int, rng: np.random.
     image = anatomy["t1"] * rng.uniform(0.92, 1.08)
     mask = np.zeros_like(anatomy["brain"])
     if expert_class in LESION_MAKERS:
-        image, mask = LESION_MAKERS[expert_class](image, anatomy, rng)
+        image, mask = LESION_MAKERS[expert_class](image, anatomy, rng, lesion)
     warp = patient_deformation(size)
     warp.set_random_state(seed=int(rng.integers(2**31)))
     warped = warp({"image": torch.from_numpy(np.ascontiguousarray(image, np.float32))[None],
@@ -336,7 +380,8 @@ def render(job: dict) -> dict:
 
     rng = image_rng(job["seed"], job["product_id"], job["index"])
     for _ in range(20):
-        pixels, mask = synthesize(job["expert_class"], job["size"], job["profile_index"], rng)
+        pixels, mask = synthesize(job["expert_class"], job["size"], job["profile_index"], rng,
+                                  SCENARIOS[job["scenario"]]["lesion"])
         if (job["expert_class"] == HEALTHY_NAME) or mask.sum() >= 3:
             break
     site_dir = Path(job["site_dir"])
@@ -359,11 +404,43 @@ def public_plan(args) -> list:
     return [(classes[i], EXPERT_CLASSES.index(classes[i])) for i in order]
 
 
-def site_plan(args, site_number: int, size: int) -> list:
-    """(expert class, task label) per site image: healthy share, tumors spread evenly over the
+def splits_possible(n: int, val_frac: float, test_frac: float) -> bool:
+    """Whether a class of n images gets at least one image in training, validation and testing."""
+    n_val, n_test = round(n * val_frac), round(n * test_frac)
+    return n_val >= 1 and n_test >= 1 and n - n_val - n_test >= 1
+
+
+def min_class_images(val_frac: float, test_frac: float) -> int:
+    """The fewest images of a class that still reach every split."""
+    return next(n for n in range(1, 10_000) if splits_possible(n, val_frac, test_frac))
+
+
+def tumor_shares(scenario: str, n_sites: int) -> list:
+    """Each hospital's target Tumor share, Dirichlet([alpha, alpha]) per hospital from the
+    scenario's own seed (the same for every --seed and for the first n of any longer list)."""
+    rule = SCENARIOS[scenario]["tumor_share_dirichlet"]
+    rng = np.random.default_rng(rule["seed"])
+    return [float(share) for share in rng.dirichlet([rule["alpha"], rule["alpha"]], size=n_sites)[:, 0]]
+
+
+def site_healthy_counts(args) -> list:
+    """Healthy images per site: the --healthy-fraction everywhere (default scenario), or each
+    hospital's Dirichlet Tumor share, kept far enough from 0% and 100% that both classes reach
+    every split."""
+    if "tumor_share_dirichlet" not in SCENARIOS[args.scenario]:
+        return [int(round(size * args.healthy_fraction)) for size in args.site_sizes]
+    floor = min_class_images(args.val_frac, args.test_frac)
+    counts = []
+    for size, share in zip(args.site_sizes, tumor_shares(args.scenario, len(args.site_sizes))):
+        n_tumor = min(max(int(round(size * share)), floor), size - floor)
+        counts.append(size - n_tumor)
+    return counts
+
+
+def site_plan(args, site_number: int, size: int, n_healthy: int) -> list:
+    """(expert class, task label) per site image: n_healthy healthy, tumors spread evenly over the
     three types, shuffled so the index says nothing about the class."""
     rng = image_rng(args.seed, site_number, 0, purpose=1)
-    n_healthy = int(round(size * args.healthy_fraction))
     classes = [HEALTHY_NAME] * n_healthy + [TUMOR_TYPES[i % len(TUMOR_TYPES)] for i in range(size - n_healthy)]
     return [(classes[i], task_label(classes[i])) for i in rng.permutation(len(classes))]
 
@@ -381,16 +458,19 @@ def split_entries(product_id: int, args, labels: list, entries: list) -> dict:
 def product_jobs(args, out: Path) -> list:
     """Every image to render, as picklable job dicts, with its product's folder and profile."""
     jobs = []
-    products = [(PUBLIC, PUBLIC_PRODUCT_ID, public_plan(args))]
-    products += [(f"site{k}", k, site_plan(args, k, size)) for k, size in enumerate(args.site_sizes, start=1)]
+    scenario = SCENARIOS[args.scenario]
+    site_scanners = scenario["site_scanners"]
+    products = [(PUBLIC, PUBLIC_PRODUCT_ID, public_plan(args))] if scenario["public"] else []
+    products += [(f"site{k}", k, site_plan(args, k, size, n_healthy))
+                 for k, (size, n_healthy) in enumerate(zip(args.site_sizes, site_healthy_counts(args)), start=1)]
     for name, product_id, plan in products:
         for index, (expert_class, label) in enumerate(plan):
             profile_rng = image_rng(args.seed, product_id, index, purpose=3)
             profile_index = (int(profile_rng.integers(PUBLIC_SCANNERS)) if name == PUBLIC
-                             else PUBLIC_SCANNERS + (product_id - 1) % SITE_SCANNERS)
+                             else site_scanners[(product_id - 1) % len(site_scanners)])
             jobs.append({"seed": args.seed, "product_id": product_id, "index": index, "label": label,
                          "expert_class": expert_class, "size": args.image_size, "profile_index": profile_index,
-                         "site_dir": str(out / name), "name": f"{name}-{index:05d}"})
+                         "scenario": args.scenario, "site_dir": str(out / name), "name": f"{name}-{index:05d}"})
     return jobs
 
 
@@ -436,6 +516,8 @@ def write_products(args, out: Path, jobs: list, results: list) -> None:
         provenance = {"generator": GENERATOR, "seed": args.seed, "product": name, **params,
                       "scanner_profile": "mixed" if is_public else SCANNER_PROFILES[job0["profile_index"]]["name"],
                       "anatomy": "MNI152 T1 1mm template (nilearn)"}
+        if "site_tumor_shares" in params and not is_public:
+            provenance["tumor_share"] = params["site_tumor_shares"][job0["product_id"] - 1]
         write_site(out / name, entries, EXPERT_CLASSES if is_public else TASK_CLASSES, provenance)
 
 
@@ -443,16 +525,28 @@ def write_products(args, out: Path, jobs: list, results: list) -> None:
 
 
 def generation_params(args) -> dict:
-    """Everything that determines the output bytes; compared on rerun."""
-    return {"format_version": FORMAT_VERSION, "seed": args.seed, "image_size": args.image_size,
-            "public_per_class": args.public_per_class, "site_sizes": list(args.site_sizes),
-            "healthy_fraction": args.healthy_fraction, "val_frac": args.val_frac, "test_frac": args.test_frac}
+    """Everything that determines the output bytes; compared on rerun. The default scenario's
+    dict is what it has always been (no "scenario" key), so its files stay byte-identical."""
+    if args.scenario == DEFAULT_SCENARIO:
+        return {"format_version": FORMAT_VERSION, "seed": args.seed, "image_size": args.image_size,
+                "public_per_class": args.public_per_class, "site_sizes": list(args.site_sizes),
+                "healthy_fraction": args.healthy_fraction, "val_frac": args.val_frac, "test_frac": args.test_frac}
+    scenario = SCENARIOS[args.scenario]
+    healthy = site_healthy_counts(args)
+    params = {"format_version": FORMAT_VERSION, "scenario": args.scenario, "seed": args.seed,
+              "image_size": args.image_size, "site_sizes": list(args.site_sizes),
+              "tumor_share_dirichlet": scenario["tumor_share_dirichlet"],
+              "site_tumor_shares": [round(1 - h / size, 4) for h, size in zip(healthy, args.site_sizes)],
+              "site_scanners": [SCANNER_PROFILES[scenario["site_scanners"][(k - 1) % len(scenario["site_scanners"])]]["name"]
+                                for k in range(1, len(args.site_sizes) + 1)],
+              "lesion": scenario["lesion"], "val_frac": args.val_frac, "test_frac": args.test_frac}
+    return json.loads(json.dumps(params))  # tuples as lists: equal to the copy read back from benchmark.json
 
 
 def owned_paths(out: Path, params: dict) -> list:
     """The paths a run with `params` writes under out (only these are ever deleted)."""
     names = [PUBLIC] + [f"site{k}" for k in range(1, len(params.get("site_sizes", [])) + 1)]
-    names += [PARAMS_FILE, "counts.json", "counts.md", "calibration.json"]
+    names += [PARAMS_FILE, "counts.json", "counts.md", "calibration.json", "federated_gap.json"]
     return [out / name for name in names]
 
 
@@ -496,30 +590,26 @@ def site_sizes(text: str) -> list:
     return sizes
 
 
-def smallest_class_share(n: int, fraction: float) -> int:
-    return min(int(round(n * fraction)), n - int(round(n * fraction)))
-
-
 def validate(args) -> None:
     """One-line errors naming the option, before anything is written."""
     if args.image_size < MIN_IMAGE_SIZE:
         raise FedXViTError(f"--image-size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
-    if not 0.0 < args.healthy_fraction < 1.0:
+    public = SCENARIOS[args.scenario]["public"]
+    if public and not 0.0 < args.healthy_fraction < 1.0:
         raise FedXViTError(f"--healthy-fraction must be between 0 and 1 (exclusive), got {args.healthy_fraction}")
     if not (0 < args.val_frac < 1 and 0 < args.test_frac < 1 and args.val_frac + args.test_frac < 1):
         raise FedXViTError(f"--val-frac {args.val_frac} and --test-frac {args.test_frac} must each be in (0, 1) "
                            f"and sum to less than 1")
     if args.workers < 1:
         raise FedXViTError(f"--workers must be at least 1, got {args.workers}")
-    smallest_frac = min(args.val_frac, args.test_frac)
-    if args.public_per_class < 1 or round(args.public_per_class * smallest_frac) < 1 \
-            or args.public_per_class - round(args.public_per_class * args.val_frac) - round(args.public_per_class * args.test_frac) < 1:
+    if public and not splits_possible(args.public_per_class, args.val_frac, args.test_frac):
         raise FedXViTError(f"--public-per-class {args.public_per_class} is too small to give every class "
                            f"images in training, validation and testing")
-    for k, size in enumerate(args.site_sizes, start=1):
-        per_class = smallest_class_share(size, args.healthy_fraction)
-        if size < 1 or round(per_class * smallest_frac) < 1 \
-                or per_class - round(per_class * args.val_frac) - round(per_class * args.test_frac) < 1:
+    if any(size < 1 for size in args.site_sizes):
+        raise FedXViTError(f"--site-sizes must all be at least 1, got {','.join(map(str, args.site_sizes))}")
+    for k, (size, n_healthy) in enumerate(zip(args.site_sizes, site_healthy_counts(args)), start=1):
+        if not (splits_possible(n_healthy, args.val_frac, args.test_frac)
+                and splits_possible(size - n_healthy, args.val_frac, args.test_frac)):
             raise FedXViTError(f"--site-sizes: site{k} size {size} is too small to give Healthy and Tumor images "
                                f"in training, validation and testing")
 
@@ -531,22 +621,44 @@ class OneLineErrorParser(argparse.ArgumentParser):
         raise FedXViTError(f"{message} (see --help)")
 
 
+SCENARIO_FIXED_OPTIONS = {"public_per_class": "--public-per-class", "healthy_fraction": "--healthy-fraction"}
+
+
+def apply_scenario(args) -> argparse.Namespace:
+    """Fill the options left unset from the scenario; refuse those the scenario decides itself."""
+    scenario = SCENARIOS[args.scenario]
+    args.out = args.out if args.out is not None else scenario["out"]
+    args.site_sizes = args.site_sizes if args.site_sizes is not None else list(scenario["site_sizes"])
+    if scenario["public"]:
+        args.public_per_class = 500 if args.public_per_class is None else args.public_per_class
+        args.healthy_fraction = scenario["healthy_fraction"] if args.healthy_fraction is None else args.healthy_fraction
+        return args
+    for attribute, option in SCENARIO_FIXED_OPTIONS.items():
+        if getattr(args, attribute) is not None:
+            raise FedXViTError(f"{option} does not apply to --scenario {args.scenario}, which sets it itself")
+    return args
+
+
 def parse_args(argv=None):
     parser = OneLineErrorParser(prog="python -m data_preparation.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="data", help="output folder (default: data)")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default=DEFAULT_SCENARIO,
+                        help="named benchmark layout (default: default; see above)")
+    parser.add_argument("--out", default=None, help="output folder (default: data; data/skewed for --scenario skewed)")
     parser.add_argument("--seed", type=int, default=0, help="master seed; same seed and options give identical files (default: 0)")
     parser.add_argument("--image-size", type=int, default=128, help=f"square image side in pixels, >= {MIN_IMAGE_SIZE} (default: 128)")
-    parser.add_argument("--public-per-class", type=int, default=500,
-                        help="public 4-class set: images per class, split like the sites (default: 500)")
-    parser.add_argument("--site-sizes", type=site_sizes, default=[150, 300, 450],
-                        help="comma-separated image count per private site; their number is the number of sites (default: 150,300,450)")
-    parser.add_argument("--healthy-fraction", type=float, default=0.37, help="share of Healthy images per site (default: 0.37)")
+    parser.add_argument("--public-per-class", type=int, default=None,
+                        help="public 4-class set: images per class, split like the sites (default: 500; default scenario only)")
+    parser.add_argument("--site-sizes", type=site_sizes, default=None,
+                        help="comma-separated image count per private site; their number is the number of sites "
+                             "(default: 150,300,450; skewed: 480,300,180,120,60,40)")
+    parser.add_argument("--healthy-fraction", type=float, default=None,
+                        help="share of Healthy images per site (default: 0.37; default scenario only)")
     parser.add_argument("--val-frac", type=float, default=0.15, help="validation share, stratified per class (default: 0.15)")
     parser.add_argument("--test-frac", type=float, default=0.15, help="testing share, stratified per class (default: 0.15)")
     parser.add_argument("--workers", type=int, default=2, help="rendering processes; does not change the output (default: 2)")
     parser.add_argument("--force", action="store_true", help="regenerate even if --out already holds a benchmark (same or other parameters)")
-    return parser.parse_args(argv)
+    return apply_scenario(parser.parse_args(argv))
 
 
 def main(argv=None) -> None:

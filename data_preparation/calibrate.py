@@ -3,9 +3,11 @@
 Two measurements, printed and saved to <data>/calibration.json:
 1. Data-size effect (the reason to federate): one small plain CNN, same seed and epochs,
    trained on the smallest site's training split alone vs on all sites' training splits
-   pooled, both scored on the pooled sites' test splits. Pooled should be clearly higher.
-2. No shortcut: logistic regression on each image's mean intensity alone (5-fold CV) should
-   score near the majority-class rate on the Healthy/Tumor sites and on the 4-class public set.
+   pooled, both scored on the pooled sites' validation splits (--split; the test splits stay
+   unseen while a benchmark is tuned). Pooled should be clearly higher.
+2. No shortcut: logistic regression on each image's mean intensity alone (5-fold CV over the
+   training and validation splits) should score near the majority-class rate on the
+   Healthy/Tumor sites and on the 4-class public set.
 """
 
 import argparse
@@ -19,6 +21,7 @@ from fedxvit.datalist import load_split, read_dataset_info
 from fedxvit.errors import FedXViTError, run_cli
 
 CALIBRATION_FILE = "calibration.json"
+EVAL_SPLITS = ("validation", "testing")
 
 
 def site_dirs(data: Path) -> list:
@@ -53,7 +56,7 @@ def small_cnn(num_classes: int):
 
 
 def train_and_score(train: tuple, test: tuple, num_classes: int, epochs: int, seed: int) -> float:
-    """Test accuracy after a fixed, seeded training run (Adam, batch 8, no augmentation)."""
+    """Accuracy on `test` (a held-out split) after a fixed, seeded training run (Adam, batch 8, no augmentation)."""
     import torch
 
     torch.manual_seed(seed)
@@ -89,12 +92,13 @@ def mean_intensity_accuracy(entries: list) -> dict:
             "majority_rate": round(float(np.bincount(labels).max() / len(labels)), 4), "n": int(len(labels))}
 
 
-def all_entries(site: Path) -> list:
-    return [e for split in ("training", "validation", "testing") for e in load_split(site, split)]
+def seen_entries(site: Path) -> list:
+    """Training and validation images: what calibration may look at (never the test split)."""
+    return [e for split in ("training", "validation") for e in load_split(site, split)]
 
 
-def calibrate(data: Path, epochs: int, seed: int, input_size: int) -> dict:
-    """Run both measurements and return the calibration report."""
+def calibrate(data: Path, epochs: int, seed: int, input_size: int, split: str = "validation") -> dict:
+    """Run both measurements, the CNN scored on the pooled `split`, and return the calibration report."""
     import torch
 
     torch.set_num_threads(1)
@@ -103,32 +107,34 @@ def calibrate(data: Path, epochs: int, seed: int, input_size: int) -> dict:
     smallest = min(sites, key=lambda s: (sizes[s.name], s.name))
     num_classes = read_dataset_info(smallest)["num_classes"]
     pooled_train = load_images([e for s in sites for e in load_split(s, "training")], input_size)
-    pooled_test = load_images([e for s in sites for e in load_split(s, "testing")], input_size)
+    pooled_eval = load_images([e for s in sites for e in load_split(s, split)], input_size)
     smallest_train = load_images(load_split(smallest, "training"), input_size)
     started = time.perf_counter()
     report = {
         "cnn": {
-            "input_size": input_size, "epochs": epochs, "seed": seed, "test_images": int(len(pooled_test[1])),
+            "input_size": input_size, "epochs": epochs, "seed": seed, "eval_split": split,
+            "eval_images": int(len(pooled_eval[1])),
             "smallest_site": smallest.name, "smallest_site_train_images": int(len(smallest_train[1])),
             "pooled_train_images": int(len(pooled_train[1])),
-            "smallest_site_accuracy": round(train_and_score(smallest_train, pooled_test, num_classes, epochs, seed), 4),
-            "pooled_accuracy": round(train_and_score(pooled_train, pooled_test, num_classes, epochs, seed), 4),
+            "smallest_site_accuracy": round(train_and_score(smallest_train, pooled_eval, num_classes, epochs, seed), 4),
+            "pooled_accuracy": round(train_and_score(pooled_train, pooled_eval, num_classes, epochs, seed), 4),
         },
-        "mean_intensity": {"sites_pooled": mean_intensity_accuracy([e for s in sites for e in all_entries(s)])},
+        "mean_intensity": {"sites_pooled": mean_intensity_accuracy([e for s in sites for e in seen_entries(s)])},
     }
     report["cnn"]["gap"] = round(report["cnn"]["pooled_accuracy"] - report["cnn"]["smallest_site_accuracy"], 4)
     report["cnn"]["train_seconds"] = round(time.perf_counter() - started, 1)
     for site in sites:
-        report["mean_intensity"][site.name] = mean_intensity_accuracy(all_entries(site))
+        report["mean_intensity"][site.name] = mean_intensity_accuracy(seen_entries(site))
     public = data / "public"
     if (public / "dataset.json").is_file():
-        report["mean_intensity"]["public_4class"] = mean_intensity_accuracy(all_entries(public))
+        report["mean_intensity"]["public_4class"] = mean_intensity_accuracy(seen_entries(public))
     return report
 
 
 def format_report(report: dict) -> str:
     cnn = report["cnn"]
-    lines = [f"small CNN ({cnn['epochs']} epochs, {cnn['input_size']}px), scored on {cnn['test_images']} pooled site test images:",
+    lines = [f"small CNN ({cnn['epochs']} epochs, {cnn['input_size']}px), scored on {cnn['eval_images']} pooled site "
+             f"{cnn['eval_split']} images:",
              f"  trained on {cnn['smallest_site']} only ({cnn['smallest_site_train_images']} images): {cnn['smallest_site_accuracy']:.3f}",
              f"  trained on all sites pooled ({cnn['pooled_train_images']} images): {cnn['pooled_accuracy']:.3f}"
              f"  (gap {cnn['gap']:+.3f})",
@@ -145,6 +151,9 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=30, help="training epochs for both CNN runs (default: 30)")
     parser.add_argument("--seed", type=int, default=0, help="torch seed for both CNN runs (default: 0)")
     parser.add_argument("--input-size", type=int, default=64, help="images are resized to this for a fast CPU run (default: 64)")
+    parser.add_argument("--split", choices=EVAL_SPLITS, default="validation",
+                        help="pooled split the CNN runs are scored on (default: validation; calibrate on it, "
+                             "keep testing for the final report)")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         raise FedXViTError(f"--epochs must be at least 1, got {args.epochs}")
@@ -153,7 +162,7 @@ def main(argv=None) -> None:
     data = Path(args.data)
     if not data.is_dir():
         raise FedXViTError(f"--data {data} does not exist: run `make data` first")
-    report = calibrate(data, args.epochs, args.seed, args.input_size)
+    report = calibrate(data, args.epochs, args.seed, args.input_size, args.split)
     (data / CALIBRATION_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     print(format_report(report))
     print(f"wrote {data / CALIBRATION_FILE}")

@@ -1,7 +1,8 @@
-"""The embedded benchmark generator: determinism, lesion anatomy, site layout, reruns, CLI errors.
+"""The embedded benchmark generator: determinism, lesion anatomy, site layout, reruns, CLI errors,
+and the skewed scenario (issue #12) beside the unchanged default one.
 
-Everything runs at 64 px with a handful of images so the module stays fast on 2 CPU cores; the
-benchmark is generated once per module and reused. Every test that generates one is marked slow.
+Everything runs at 64 px with a handful of images so the module stays fast on 2 CPU cores; each
+scenario is generated once per module and reused. Every test that generates one is marked slow.
 """
 
 import hashlib
@@ -22,7 +23,13 @@ from tiny import REPO
 
 TINY = ["--image-size", "64", "--public-per-class", "12", "--site-sizes", "20,30,40",
         "--healthy-fraction", "0.4", "--val-frac", "0.2", "--test-frac", "0.2", "--workers", "1"]
+TINY_SKEWED = ["--scenario", "skewed", "--image-size", "64", "--site-sizes", "64,40,24,16,10,8",
+               "--val-frac", "0.2", "--test-frac", "0.2", "--workers", "1"]
 SPLITS = ("training", "validation", "testing")
+# Digest of every file that TINY writes, recorded with the generator of commit 82be106 (before
+# the scenarios existed; library versions pinned in requirements.txt): the default scenario's
+# output must stay byte-identical.
+DEFAULT_TINY_DIGEST = "b5a45bb105c8bee21e222b3ed3e64114e58dc96032badf047f91f12b2dd64cf8"
 
 
 def generate(out: Path, *extra: str) -> None:
@@ -32,6 +39,10 @@ def generate(out: Path, *extra: str) -> None:
 def tree_hashes(root: Path) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def tree_digest(root: Path) -> str:
+    return hashlib.sha256(json.dumps(tree_hashes(root), sort_keys=True).encode()).hexdigest()
 
 
 def load_pixels(path) -> np.ndarray:
@@ -46,6 +57,13 @@ def entries(site: Path) -> list:
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "data"
     generate(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def skewed(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("skewed") / "skewed"
+    benchmark.main(["--out", str(out), *TINY_SKEWED])
     return out
 
 
@@ -162,7 +180,7 @@ def test_each_hospital_has_a_scanner_the_public_set_never_shows(data):
     assert [len(p) for p in profiles.values()] == [1, 1, 1] and len(set.union(*profiles.values())) == 3
     assert not public & set.union(*profiles.values())
     names = [read_dataset_info(data / f"site{k}")["provenance"]["scanner_profile"] for k in (1, 2, 3)]
-    assert names == [p["name"] for p in benchmark.SCANNER_PROFILES[benchmark.PUBLIC_SCANNERS:]]
+    assert names == [benchmark.SCANNER_PROFILES[i]["name"] for i in benchmark.DEFAULT_SITE_SCANNERS]
 
     def median_tissue(site):  # grey level of the head's pixels, all images of the site
         return np.median(np.concatenate([p[p > 10] for p in (load_pixels(e["image"]) for e in entries(data / site))]))
@@ -200,7 +218,9 @@ def test_rerun_with_other_parameters_refused_without_force(tmp_path):
 
 @pytest.mark.parametrize("bad", [["--image-size", "16"], ["--val-frac", "0.6", "--test-frac", "0.5"],
                                  ["--site-sizes", "150,4"], ["--healthy-fraction", "1.5"],
-                                 ["--site-sizes", "1,x"]])
+                                 ["--site-sizes", "1,x"], ["--scenario", "skewed", "--healthy-fraction", "0.3"],
+                                 ["--scenario", "skewed", "--public-per-class", "10"], ["--scenario", "unknown"],
+                                 ["--site-sizes", "80,4", "--scenario", "skewed"]])
 def test_bad_option_is_one_line_error(bad, tmp_path):
     run = subprocess.run([sys.executable, "-m", "data_preparation.benchmark", "--out", str(tmp_path / "d"), *bad],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -208,3 +228,118 @@ def test_bad_option_is_one_line_error(bad, tmp_path):
     assert run.stderr.startswith("error:") and len(run.stderr.strip().splitlines()) == 1
     assert "Traceback" not in run.stderr and bad[0] in run.stderr
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
+def test_default_scenario_is_byte_identical_to_before_scenarios(data):
+    assert tree_digest(data) == DEFAULT_TINY_DIGEST
+    assert "scenario" not in json.loads((data / "benchmark.json").read_text())["params"]
+
+
+# ----------------------------------------------------------------------------- skewed scenario
+
+
+def skewed_counts(root: Path) -> dict:
+    """site -> (images, Tumor images), from each site's dataset.json."""
+    counts = {}
+    for site in sorted(root.glob("site*")):
+        info = read_dataset_info(site)
+        counts[site.name] = (info["num_images"], sum(info["counts"][split]["Tumor"] for split in SPLITS))
+    return counts
+
+
+def test_skewed_scenario_has_long_tailed_hospitals_with_extreme_tumor_shares():
+    args = benchmark.parse_args(["--scenario", "skewed"])  # the real sizes: nothing is rendered
+    sizes = args.site_sizes
+    tumor_shares = [1 - healthy / size for healthy, size in zip(benchmark.site_healthy_counts(args), sizes)]
+    assert len(sizes) >= 5 and min(sizes) <= max(sizes) / 8
+    assert any(share <= 0.10 for share in tumor_shares) and any(share >= 0.85 for share in tumor_shares)
+    assert args.out == "data/skewed" and not benchmark.SCENARIOS["skewed"]["public"]
+
+
+def test_skewed_tumor_shares_follow_the_dirichlet_alpha(monkeypatch):
+    """Small alpha: hospitals near 0% or 100% Tumor; large alpha: all near 50%. --seed changes none."""
+    def shares(alpha):
+        monkeypatch.setitem(benchmark.SCENARIOS["skewed"], "tumor_share_dirichlet", {"alpha": alpha, "seed": 0})
+        return np.array(benchmark.tumor_shares("skewed", 40))
+
+    skewed_draw, even_draw = shares(0.3), shares(100.0)
+    assert np.mean(np.abs(skewed_draw - 0.5) > 0.35) > 0.3
+    assert np.all(np.abs(even_draw - 0.5) < 0.2)
+    monkeypatch.undo()
+    counts = [benchmark.site_healthy_counts(benchmark.parse_args(["--scenario", "skewed", "--seed", seed]))
+              for seed in ("0", "5")]
+    assert counts[0] == counts[1]
+
+
+@pytest.mark.slow
+def test_skewed_sites_hold_the_planned_shares_in_every_split(skewed):
+    args = benchmark.parse_args(["--out", str(skewed), *TINY_SKEWED])
+    planned = {f"site{k}": (size, size - healthy) for k, (size, healthy)
+               in enumerate(zip(args.site_sizes, benchmark.site_healthy_counts(args)), start=1)}
+    assert skewed_counts(skewed) == planned
+    assert len({tumor / size for size, tumor in planned.values()}) >= 4  # the shares really differ
+    for site in planned:
+        info = read_dataset_info(skewed / site)
+        assert all(info["counts"][split][name] >= 1 for split in SPLITS for name in benchmark.TASK_CLASSES), site
+        assert info["provenance"]["tumor_share"] == round(planned[site][1] / planned[site][0], 4)
+    params = json.loads((skewed / "benchmark.json").read_text())["params"]
+    assert params["scenario"] == "skewed" and params["site_sizes"] == args.site_sizes
+    assert not (skewed / "public").exists()
+
+
+@pytest.mark.slow
+def test_skewed_hospitals_each_have_a_scanner_of_their_own(skewed):
+    names = [read_dataset_info(skewed / f"site{k}")["provenance"]["scanner_profile"] for k in range(1, 7)]
+    public_names = {p["name"] for p in benchmark.SCANNER_PROFILES[:benchmark.PUBLIC_SCANNERS]}
+    assert len(set(names)) == 6 and not set(names) & public_names
+
+    def median_tissue(site):
+        return np.median(np.concatenate([p[p > 10] for p in (load_pixels(e["image"]) for e in entries(skewed / site))]))
+
+    assert len({round(float(median_tissue(f"site{k}")) / 8) for k in range(1, 7)}) >= 3  # visibly different contrasts
+
+
+def lesion_contrast(items: list) -> tuple:
+    """Median mask area (pixels) and median |lesion - surrounding tissue| grey level of tumor images."""
+    areas, contrasts = [], []
+    for item in items:
+        if "mask" in item:
+            mask, pixels = load_pixels(item["mask"]) > 127, load_pixels(item["image"]).astype(float)
+            tissue = (pixels > 15) & ~mask
+            areas.append(mask.sum())
+            contrasts.append(abs(pixels[mask].mean() - np.median(pixels[tissue])))
+    return np.median(areas), np.median(contrasts)
+
+
+@pytest.mark.slow
+def test_skewed_lesions_are_smaller_and_fainter(data, skewed):
+    default_area, default_contrast = lesion_contrast([e for k in (1, 2, 3) for e in entries(data / f"site{k}")])
+    skewed_area, skewed_contrast = lesion_contrast([e for k in range(1, 7) for e in entries(skewed / f"site{k}")])
+    assert skewed_area < 0.6 * default_area
+    assert skewed_contrast < 0.8 * default_contrast
+
+
+@pytest.mark.slow
+def test_skewed_is_deterministic_and_disjoint(skewed, tmp_path):
+    args = benchmark.parse_args(["--out", str(tmp_path), *TINY_SKEWED])
+    jobs = benchmark.product_jobs(args, tmp_path)[::7]
+    for job in jobs:
+        for folder in ("images", "masks"):
+            (Path(job["site_dir"]) / folder).mkdir(parents=True, exist_ok=True)
+    for job in reversed(jobs):
+        benchmark.render(job)
+    rendered = tree_hashes(tmp_path)
+    assert len(rendered) >= len(jobs)
+    assert rendered == {k: v for k, v in tree_hashes(skewed).items() if k in rendered}
+    owner = {}
+    for k in range(1, 7):
+        for split in SPLITS:
+            for item in load_split(skewed / f"site{k}", split):
+                h = pixel_hash(load_pixels(item["image"]))
+                assert owner.setdefault(h, (k, split)) == (k, split)
+
+
+def test_rerun_of_the_other_scenario_is_refused_without_force(skewed):
+    with pytest.raises(FedXViTError, match="scenario"):
+        generate(skewed)

@@ -1,0 +1,177 @@
+"""Is federation hard on a benchmark? FedAvg against centralized and local-only training.
+
+    python -m data_preparation.federated_gap --data data/skewed [--initial models/initial_global.pt]
+
+1. FedAvg: NVFlare's simulator runs a copy of jobs/fedxvit over every site under --data
+   (min_clients and -t set to the number of sites, FEDXVIT_DATA_ROOT=--data).
+2. Centralized (all sites' training splits pooled) and local-only (one site each):
+   fedxvit.baselines.train_on_sites with the same job's settings.
+Every model is scored on the sites' pooled *validation* splits with balanced accuracy (the
+sites' Tumor shares differ wildly, so plain accuracy rewards guessing the majority class). The
+test splits are never read: a benchmark tuned on them would have no unseen data left.
+Writes <data>/federated_gap.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedxvit.errors import FedXViTError, run_cli
+
+GAP_FILE = "federated_gap.json"
+CALIBRATION_SPLIT = "validation"
+TARGET_GAP = 0.03  # issue #12: FedAvg at least 3 points of balanced accuracy below centralized
+
+
+def federated_job(source: Path, dest: Path, min_clients: int) -> Path:
+    """A copy of the job whose only change is min_clients (the stock job waits for 3 sites)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(source, dest)
+    config_path = dest / "app" / "config" / "config_fed_server.json"
+    config = json.loads(config_path.read_text())
+    if "min_clients" not in config:
+        raise FedXViTError(f"job config {config_path} has no min_clients variable")
+    config["min_clients"] = int(min_clients)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return dest
+
+
+def run_simulator(job: Path, workspace: Path, data: Path, sites: list, initial: Path, timeout_s: int) -> Path:
+    """NVFlare's simulator with one client thread per site; the server's run folder."""
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, FEDXVIT_DATA_ROOT=str(data.resolve()), FEDXVIT_INITIAL_MODEL=str(initial.resolve()),
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    if workspace.exists():
+        shutil.rmtree(workspace)
+    command = [str(bin_dir / "nvflare"), "simulator", str(job), "-w", str(workspace),
+               "-c", ",".join(sites), "-t", str(len(sites))]
+    try:
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise FedXViTError(f"the simulator did not finish within --timeout {timeout_s} s (workspace {workspace})") from None
+    run_dir = workspace / "server" / "simulate_job"
+    if run.returncode != 0 or not (run_dir / "app_server" / "FL_global_model.pt").is_file():
+        tail = (run.stdout + run.stderr).strip().splitlines()[-1:] or ["no output"]
+        raise FedXViTError(f"the simulator run in {workspace} failed (exit {run.returncode}): {tail[0]}")
+    return run_dir
+
+
+def validation_loaders(site_dirs: dict, image_size: int) -> dict:
+    from fedxvit.data import make_loader
+
+    return {site: make_loader(d, CALIBRATION_SPLIT, image_size, 32, train=False) for site, d in site_dirs.items()}
+
+
+def score(model, loaders: dict, device) -> dict:
+    """Balanced accuracy and accuracy on each site's validation split and on all of them pooled."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from fedxvit.training import evaluate
+
+    result, labels_all, predictions_all = {"sites": {}}, [], []
+    for site, loader in loaders.items():
+        out = evaluate(model, loader, device)
+        predictions = [max(range(len(p)), key=p.__getitem__) for p in out["probs"]]
+        result["sites"][site] = {"accuracy": round(out["accuracy"], 4), "n": out["count"]}
+        labels_all += out["labels"]
+        predictions_all += predictions
+    result["balanced_accuracy"] = round(float(balanced_accuracy_score(labels_all, predictions_all)), 4)
+    result["accuracy"] = round(sum(int(p == y) for p, y in zip(predictions_all, labels_all)) / len(labels_all), 4)
+    result["n"] = len(labels_all)
+    return result
+
+
+def verdict(report: dict, target_gap: float = TARGET_GAP) -> dict:
+    """Whether the scenario is hard enough: FedAvg >= target_gap below centralized, and every
+    hospital alone below centralized (no single hospital solves the task)."""
+    central = report["models"]["centralized"]["balanced_accuracy"]
+    fedavg = report["models"]["fedavg_final"]["balanced_accuracy"]
+    local = {name: row["balanced_accuracy"] for name, row in report["models"].items() if name.startswith("local-only")}
+    return {"fedavg_gap": round(central - fedavg, 4), "fedavg_gap_met": central - fedavg >= target_gap,
+            "every_local_below_centralized": bool(local) and all(value < central for value in local.values())}
+
+
+def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, timeout_s: int) -> dict:
+    """Run FedAvg, centralized and every local-only model and score them all (see the module doc)."""
+    from data_preparation.calibrate import site_dirs
+    from fedxvit.baselines import job_training_settings, train_on_sites
+    from fedxvit.checkpoint import load_global_model
+    from fedxvit.model import build_model
+    from fedxvit.training import resolve_device
+
+    dirs = {d.name: d.resolve() for d in site_dirs(data)}
+    settings = job_training_settings(job_source / "app" / "config")
+    device = resolve_device()
+    loaders = validation_loaders(dirs, build_model(settings["preset"], num_classes=2).preset.image_size)
+    report = {"data": str(data), "split": CALIBRATION_SPLIT, "metric": "balanced_accuracy", "settings": settings,
+              "sites": list(dirs), "models": {}, "wall_s": {}}
+
+    started = time.perf_counter()
+    job = federated_job(job_source, workspace / "job", min_clients=len(dirs))
+    run_dir = run_simulator(job, workspace / "simulator", data, list(dirs), initial, timeout_s)
+    report["wall_s"]["fedavg"] = round(time.perf_counter() - started, 1)
+    for key, file_name in (("fedavg_final", "FL_global_model.pt"), ("fedavg_best", "best_FL_global_model.pt")):
+        report["models"][key] = score(load_global_model(run_dir / "app_server" / file_name, settings["preset"],
+                                                        device=device), loaders, device)
+
+    groups = {"centralized": list(dirs.values()), **{f"local-only {site}": [d] for site, d in dirs.items()}}
+    for name, group in groups.items():
+        started = time.perf_counter()
+        trained = train_on_sites(group, initial, device=str(device), **settings)
+        report["models"][name] = {**score(trained["model"], loaders, device), "train_images": trained["train_images"]}
+        report["wall_s"][name] = round(time.perf_counter() - started, 1)
+    report["verdict"] = verdict(report)
+    return report
+
+
+def format_report(report: dict) -> str:
+    sites = report["sites"]
+    lines = [f"pooled validation splits of {', '.join(sites)} ({report['models']['centralized']['n']} images), "
+             f"job settings: {report['settings']}",
+             "| model | balanced accuracy | accuracy | " + " | ".join(f"{s} acc" for s in sites) + " |",
+             "|---|---:|---:|" + "---:|" * len(sites)]
+    for name, row in report["models"].items():
+        per_site = " | ".join(f"{row['sites'][s]['accuracy']:.3f}" for s in sites)
+        lines.append(f"| {name} | {row['balanced_accuracy']:.3f} | {row['accuracy']:.3f} | {per_site} |")
+    v = report["verdict"]
+    lines.append(f"FedAvg (final) is {100 * v['fedavg_gap']:.1f} points below centralized "
+                 f"(target >= {100 * TARGET_GAP:.0f}: {'met' if v['fedavg_gap_met'] else 'NOT met'}); "
+                 f"every local-only below centralized: {v['every_local_below_centralized']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    from fedxvit.paths import project_root
+
+    parser = argparse.ArgumentParser(prog="python -m data_preparation.federated_gap", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/skewed", help="benchmark folder with site1..siteN (default: data/skewed)")
+    parser.add_argument("--initial", default="models/initial_global.pt", help="transplanted start (default: models/initial_global.pt)")
+    parser.add_argument("--job", default=None, help="job folder to copy (default: <project>/jobs/fedxvit)")
+    parser.add_argument("--workspace", default="workspace/federated_gap", help="simulator workspace (default: workspace/federated_gap)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds the simulator may take (default: 3600)")
+    args = parser.parse_args(argv)
+    data, initial = Path(args.data), Path(args.initial)
+    job = Path(args.job) if args.job else project_root() / "jobs" / "fedxvit"
+    if not data.is_dir():
+        raise FedXViTError(f"--data {data} does not exist: run `make data-skewed` first")
+    if not initial.is_file():
+        raise FedXViTError(f"--initial {initial} does not exist: run `make transfer` first")
+    if not (job / "app" / "config" / "config_fed_server.json").is_file():
+        raise FedXViTError(f"--job {job} has no app/config/config_fed_server.json")
+    report = federated_gap(data, initial, Path(args.workspace), job, args.timeout)
+    (data / GAP_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    print(f"wrote {data / GAP_FILE}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
