@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedxvit.errors import FedXViTError
+from fedxvit.errors import FedXViTError, read_json
 from fedxvit.persistor import INITIAL_MODEL_ENV
 from fedxvit.sites import DATA_ROOT_ENV, site_env_var
 
@@ -26,13 +26,7 @@ SIMULATOR_LOG = "simulator_output.log"
 
 
 def read_job_config(job: Path, which: Path) -> dict:
-    path = Path(job) / which
-    if not path.is_file():
-        raise FedXViTError(f"job folder {job} has no {which}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FedXViTError(f"{path} is not valid JSON: {exc}") from None
+    return read_json(Path(job) / which, f"job folder {job} has no {which}")
 
 
 def job_copy(source: os.PathLike, dest: os.PathLike, server: dict | None = None, client: dict | None = None,

@@ -94,16 +94,21 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(data, tmp_path):
     assert images and all(other[k] != same[k] for k in images)
 
 
-@pytest.mark.slow
-def test_images_do_not_depend_on_generation_order(data, tmp_path):
-    """Each image has its own RNG stream, so workers (or any order) give the same files."""
-    args = benchmark.parse_args(["--out", str(tmp_path), *TINY])
-    jobs = benchmark.product_jobs(args, tmp_path)
+def render_in_reverse(options: list, out: Path, every: int = 1) -> list:
+    """Render every `every`-th image job of a generation into `out`, last first; the jobs rendered."""
+    jobs = benchmark.product_jobs(benchmark.parse_args(["--out", str(out), *options]), out)[::every]
     for job in jobs:
         for folder in ("images", "masks"):
             (Path(job["site_dir"]) / folder).mkdir(parents=True, exist_ok=True)
     for job in reversed(jobs):
         benchmark.render(job)
+    return jobs
+
+
+@pytest.mark.slow
+def test_images_do_not_depend_on_generation_order(data, tmp_path):
+    """Each image has its own RNG stream, so workers (or any order) give the same files."""
+    render_in_reverse(TINY, tmp_path)
     rendered = tree_hashes(tmp_path)
     assert len(rendered) > 100
     assert rendered == {k: v for k, v in tree_hashes(data).items() if k in rendered}
@@ -322,13 +327,7 @@ def test_skewed_lesions_are_smaller_and_fainter(data, skewed):
 
 @pytest.mark.slow
 def test_skewed_is_deterministic_and_disjoint(skewed, tmp_path):
-    args = benchmark.parse_args(["--out", str(tmp_path), *TINY_SKEWED])
-    jobs = benchmark.product_jobs(args, tmp_path)[::7]
-    for job in jobs:
-        for folder in ("images", "masks"):
-            (Path(job["site_dir"]) / folder).mkdir(parents=True, exist_ok=True)
-    for job in reversed(jobs):
-        benchmark.render(job)
+    jobs = render_in_reverse(TINY_SKEWED, tmp_path, every=7)
     rendered = tree_hashes(tmp_path)
     assert len(rendered) >= len(jobs)
     assert rendered == {k: v for k, v in tree_hashes(skewed).items() if k in rendered}

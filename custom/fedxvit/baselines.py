@@ -28,7 +28,7 @@ from fedxvit.checkpoint import build_model_from_checkpoint, save_checkpoint
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
 from fedxvit.datalist import read_dataset_info
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import FedXViTError, read_json, run_cli
 from fedxvit.jobconfig import JobSettings, default_run_dir, read_job_settings, run_sites
 from fedxvit.paths import project_root
 from fedxvit.training import apply_freeze_policy, make_optimizer, resolve_device, seed_everything, train_epoch
@@ -94,12 +94,7 @@ def fingerprint(settings: JobSettings, site_dirs: dict, initial: Path) -> dict:
 def read_baselines(out: os.PathLike) -> dict:
     """baselines.json of `make baselines`, or one line naming the command that writes it."""
     path = Path(out) / BASELINES_FILE
-    if not path.is_file():
-        raise FedXViTError(f"no baselines at {path}: run `make baselines` (python -m fedxvit.baselines) first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FedXViTError(f"{path} is not valid JSON: {exc}") from None
+    return read_json(path, f"no baselines at {path}: run `make baselines` (python -m fedxvit.baselines) first")
 
 
 def train_baselines(settings: JobSettings, site_dirs: dict, initial: os.PathLike, out: os.PathLike,

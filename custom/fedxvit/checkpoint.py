@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fedxvit.classes import TASK_CLASSES
-from fedxvit.errors import FedXViTError
+from fedxvit.errors import FedXViTError, read_json
 from fedxvit.model import HybridViT, build_model
 
 
@@ -46,12 +46,7 @@ def read_meta(path: os.PathLike) -> dict:
     if not path.is_file():
         raise FedXViTError(f"checkpoint {path} does not exist")
     side = sidecar_path(path)
-    if not side.is_file():
-        raise FedXViTError(f"checkpoint {path} has no sidecar {side}: it was not written by fedxvit.checkpoint")
-    try:
-        return json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
-        raise FedXViTError(f"{side} is not valid JSON: {exc}") from None
+    return read_json(side, f"checkpoint {path} has no sidecar {side}: it was not written by fedxvit.checkpoint")
 
 
 def load_checkpoint(path: os.PathLike, preset: str | None = None, num_classes: int | None = None) -> tuple[dict, dict]:

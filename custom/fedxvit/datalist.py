@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedxvit.errors import FedXViTError
+from fedxvit.errors import FedXViTError, read_json
 
 DATALIST_FILE = "datalist.json"
 DATASET_FILE = "dataset.json"
@@ -81,13 +81,8 @@ def write_site(site_dir: os.PathLike, entries: dict, class_names, provenance: di
 
 def read_dataset_info(site_dir: os.PathLike) -> dict:
     """The site's `dataset.json`, or a one-line error naming the missing or broken file."""
-    path = Path(site_dir) / DATASET_FILE
-    if not path.is_file():
-        raise FedXViTError(f"no {DATASET_FILE} in {site_dir}: prepare the site's data first (make data, or data_preparation.import_folders)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FedXViTError(f"{path} is not valid JSON: {exc}") from None
+    return read_json(Path(site_dir) / DATASET_FILE, f"no {DATASET_FILE} in {site_dir}: prepare the site's data first "
+                                                    "(make data, or data_preparation.import_folders)")
 
 
 def load_split(site_dir: os.PathLike, split: str) -> list:

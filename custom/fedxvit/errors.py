@@ -4,12 +4,25 @@ Anything raised as `FedXViTError` is a problem with the user's input (a path, a 
 option) and its message already names it; CLIs print it and exit 2 instead of a traceback.
 """
 
+import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 
 class FedXViTError(Exception):
     """A problem with user input whose message names the file, site or option at fault."""
+
+
+def read_json(path, missing: str) -> object:
+    """The parsed JSON file at `path`; `missing` is the one-line error when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedXViTError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FedXViTError(f"{path} is not valid JSON: {exc}") from None
 
 
 def run_cli(main: Callable[[], object]) -> None:
