@@ -15,7 +15,7 @@ TIMED =
 
 # The phases build on each other in the order they are listed; never reorder them with -j.
 .NOTPARALLEL:
-.PHONY: setup data expert transfer simulate baselines results demo bench poc jobs test clean-data
+.PHONY: setup data expert transfer simulate baselines results demo bench poc jobs test lint clean-data
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,6 +75,11 @@ jobs: setup
 
 test: setup
 	$(PY) -m pytest
+
+# ruff (settings in pyproject.toml): lint and format check; `ruff format . && ruff check --fix .` repairs most.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean-data:
 	rm -rf $(DATA)

@@ -57,8 +57,12 @@ def training_phase_seconds(server_log: Path) -> float:
 
 def time_simulator(job: Path, data: Path, initial: Path, scratch: Path) -> dict:
     """Run the design-card simulator command on the job; wall seconds, total and training phase."""
-    env = {**os.environ, "FEDXVIT_DATA_ROOT": str(data.resolve()), "FEDXVIT_INITIAL_MODEL": str(initial.resolve()),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}"}
+    env = {
+        **os.environ,
+        "FEDXVIT_DATA_ROOT": str(data.resolve()),
+        "FEDXVIT_INITIAL_MODEL": str(initial.resolve()),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}",
+    }
     for site in SITES:
         env.pop(f"FEDXVIT_DATA_{site.upper()}", None)
     nvflare = Path(sys.executable).with_name("nvflare")
@@ -113,9 +117,17 @@ def executor_measurements(site_dir: Path, initial: Path, settings: JobSettings, 
         return shareable
 
     def executor(policy: str, local_epochs: int, name: str):
-        ex = FedXViTExecutor(preset=settings.preset, local_epochs=local_epochs, learning_rate=settings.learning_rate,
-                             batch_size=settings.batch_size, freeze_policy=policy, last_k=settings.last_k,
-                             torch_threads=threads, seed=settings.seed, analytic_sender_id="")
+        ex = FedXViTExecutor(
+            preset=settings.preset,
+            local_epochs=local_epochs,
+            learning_rate=settings.learning_rate,
+            batch_size=settings.batch_size,
+            freeze_policy=policy,
+            last_k=settings.last_k,
+            torch_threads=threads,
+            seed=settings.seed,
+            analytic_sender_id="",
+        )
         return ex, make_fl_ctx(scratch / name, site=site_dir.name)
 
     head, ctx = executor("head", 1, "head")
@@ -135,16 +147,23 @@ def executor_measurements(site_dir: Path, initial: Path, settings: JobSettings, 
 
     bare, _ = build_model_from_checkpoint(initial, preset=settings.preset, num_classes=len(TASK_CLASSES))
     apply_freeze_policy(bare, settings.freeze_policy, settings.last_k)
-    loader = make_loader(site_dir, "training", bare.preset.image_size, settings.batch_size, train=True,
-                         seed=settings.seed)
+    loader = make_loader(
+        site_dir, "training", bare.preset.image_size, settings.batch_size, train=True, seed=settings.seed
+    )
     bare_s = time_bare_loop(bare, loader, settings.learning_rate, epochs, torch.device("cpu"))
     images = len(loader.dataset) * epochs
     return {
         "wire": {**wire, "head_over_full": wire["head_update_bytes"] / wire["full_model_bytes"]},
         "throughput": {
-            "site": site_dir.name, "epochs": epochs, "train_images": images, "torch_threads": threads,
-            "executor_task_s": executor_s, "validation_pass_s": validation_pass_s, "bare_loop_s": bare_s,
-            "executor_img_s": images / executor_s, "bare_loop_img_s": images / bare_s,
+            "site": site_dir.name,
+            "epochs": epochs,
+            "train_images": images,
+            "torch_threads": threads,
+            "executor_task_s": executor_s,
+            "validation_pass_s": validation_pass_s,
+            "bare_loop_s": bare_s,
+            "executor_img_s": images / executor_s,
+            "bare_loop_img_s": images / bare_s,
             "executor_over_bare": bare_s / executor_s,
             "executor_training_only_over_bare": bare_s / max(1e-9, executor_s - 2 * validation_pass_s),
         },
@@ -152,11 +171,14 @@ def executor_measurements(site_dir: Path, initial: Path, settings: JobSettings, 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--data", default="data", help="folder holding site1..site3")
     parser.add_argument("--initial", default="models/initial_global.pt", help="the transplanted initial global model")
-    parser.add_argument("--job", default="jobs/fedxvit", help="the NVFlare job (its config gives rounds, epochs, preset)")
+    parser.add_argument(
+        "--job", default="jobs/fedxvit", help="the NVFlare job (its config gives rounds, epochs, preset)"
+    )
     parser.add_argument("--throughput-epochs", type=int, default=3, help="local epochs of the executor-vs-bare run")
     parser.add_argument("--out", default="bench/federation.json")
     return parser.parse_args(argv)
@@ -165,7 +187,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     root = project_root()
-    data, initial, job = (root / p if not Path(p).is_absolute() else Path(p) for p in (args.data, args.initial, args.job))
+    data, initial, job = (
+        root / p if not Path(p).is_absolute() else Path(p) for p in (args.data, args.initial, args.job)
+    )
     for site in SITES:
         if not (data / site / "datalist.json").is_file():
             raise FedXViTError(f"{data / site}: no site data (run `make data`)")
@@ -183,7 +207,8 @@ def main(argv=None) -> dict:
         shutil.rmtree(scratch / "workspace", ignore_errors=True)
     result = {
         "settings": settings.as_dict(),
-        "federated_s": federated, "centralized_s": central["wall_s"],
+        "federated_s": federated,
+        "centralized_s": central["wall_s"],
         "federated_over_centralized": federated["wall_s"] / central["wall_s"],
         "federated_training_phase_over_centralized": federated["training_phase_s"] / central["wall_s"],
         **measured,
@@ -191,10 +216,18 @@ def main(argv=None) -> dict:
     }
     rows = [
         ("federated ÷ centralized wall (whole simulator run)", result["federated_over_centralized"], "≤ 1.10"),
-        ("federated ÷ centralized wall (training phase only)", result["federated_training_phase_over_centralized"], "≤ 1.10"),
+        (
+            "federated ÷ centralized wall (training phase only)",
+            result["federated_training_phase_over_centralized"],
+            "≤ 1.10",
+        ),
         ("head-mode update bytes ÷ full model bytes", measured["wire"]["head_over_full"], "≤ 0.001"),
         ("executor ÷ bare loop, train task images/s", measured["throughput"]["executor_over_bare"], "≥ 0.90"),
-        ("executor ÷ bare loop, training part only", measured["throughput"]["executor_training_only_over_bare"], "≥ 0.90"),
+        (
+            "executor ÷ bare loop, training part only",
+            measured["throughput"]["executor_training_only_over_bare"],
+            "≥ 0.90",
+        ),
     ]
     for name, value, target in rows:
         print(f"  {name:<52} {value:>10.4g}   target {target}")

@@ -85,10 +85,19 @@ def main(argv=None) -> list:
     print(f"{'preset':<8} {'params':>12} {'size':>5} {'batch':>5} {'train img/s':>12} {'infer img/s':>12}")
     for r in rows:
         train = f"{r['train_img_s']:.1f}" if r["train_img_s"] else "-"
-        print(f"{r['preset']:<8} {r['params']:>12,} {r['image_size']:>5} {r['batch']:>5} {train:>12} {r['infer_img_s']:>12.1f}")
+        print(
+            f"{r['preset']:<8} {r['params']:>12,} {r['image_size']:>5} {r['batch']:>5} {train:>12} "
+            f"{r['infer_img_s']:>12.1f}"
+        )
     result = {
-        "machine": {"cpu_count": os.cpu_count(), "threads": args.threads, "device": str(device),
-                    "load_average": os.getloadavg(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "device": str(device),
+            "load_average": os.getloadavg(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
         "presets": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

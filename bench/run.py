@@ -17,10 +17,10 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 import federation
 import model_throughput
+import torch
+
 from fedxvit.errors import run_cli
 from fedxvit.paths import project_root
 
@@ -32,8 +32,11 @@ def demo_timing(summary_path: Path) -> dict | None:
     summary = json.loads(summary_path.read_text())
     if "timing_s" not in summary:
         return None
-    return {"timing_s": summary["timing_s"], "peak_rss_mb": summary.get("peak_rss_mb"),
-            "written": summary_path.stat().st_mtime}
+    return {
+        "timing_s": summary["timing_s"],
+        "peak_rss_mb": summary.get("peak_rss_mb"),
+        "written": summary_path.stat().st_mtime,
+    }
 
 
 def main(argv=None) -> dict:

@@ -71,8 +71,11 @@ def record(log: Path, phase: str, timing: dict) -> dict:
         timings = json.loads(log.read_text())
     except (OSError, json.JSONDecodeError):
         timings = {}
-    timings[phase] = {"wall_s": round(timing["wall_s"], 3), "peak_rss_mb": round(timing["peak_rss_mb"], 1),
-                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    timings[phase] = {
+        "wall_s": round(timing["wall_s"], 3),
+        "peak_rss_mb": round(timing["peak_rss_mb"], 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     log.parent.mkdir(parents=True, exist_ok=True)
     tmp = log.with_name(log.name + ".tmp")
     tmp.write_text(json.dumps(timings, indent=2) + "\n")

@@ -37,7 +37,9 @@ from fedxvit.datalist import pixel_hash, write_counts, write_site
 from fedxvit.errors import FedXViTError, run_cli
 
 GENERATOR = "embedded-benchmark"
-FORMAT_VERSION = 3  # 2: more conspicuous gliomas and meningiomas; 3: hospital scanners unseen in public, lesion-free window
+FORMAT_VERSION = (
+    3  # 2: more conspicuous gliomas and meningiomas; 3: hospital scanners unseen in public, lesion-free window
+)
 PARAMS_FILE = "benchmark.json"
 PUBLIC = "public"
 PUBLIC_PRODUCT_ID = 0
@@ -68,8 +70,14 @@ LESION = {
 WINDOW_GAIN = (0.9, 1.3)  # export window relative to the brain's 99.5th percentile
 
 # Per-patient deformation (pixels are relative to the output image size).
-DEFORM = {"rotate_rad": 0.26, "shear": 0.06, "scale": 0.10, "translate_frac": 0.04,
-          "elastic_spacing_frac": 0.2, "elastic_magnitude": (1.0, 2.5)}
+DEFORM = {
+    "rotate_rad": 0.26,
+    "shear": 0.06,
+    "scale": 0.10,
+    "translate_frac": 0.04,
+    "elastic_spacing_frac": 0.2,
+    "elastic_magnitude": (1.0, 2.5),
+}
 
 # Scanner profiles, each built from MONAI transforms in `scanner_transforms`. The public archive
 # was acquired elsewhere: its images mix the first three profiles, while each hospital has one
@@ -78,27 +86,99 @@ DEFORM = {"rotate_rad": 0.26, "shear": 0.06, "scale": 0.10, "translate_frac": 0.
 # and pooling hospitals (centrally or federated) is what covers them all.
 PUBLIC_SCANNERS = 3
 SCANNER_PROFILES = (
-    {"name": "scanner-A-1.5T", "gamma": 1.25, "bias_coeff": (0.15, 0.3), "noise": "rician",
-     "noise_std": (0.02, 0.05), "lowres_zoom": (0.45, 0.65), "gibbs_alpha": 0.35, "spike_prob": 0.0},
-    {"name": "scanner-B-3T", "gamma": 0.8, "bias_coeff": (0.05, 0.15), "noise": "gaussian",
-     "noise_std": (0.01, 0.03), "lowres_zoom": (0.85, 1.0), "gibbs_alpha": 0.1, "spike_prob": 0.0},
-    {"name": "scanner-C-legacy", "gamma": 1.0, "bias_coeff": (0.2, 0.4), "noise": "rician",
-     "noise_std": (0.03, 0.06), "lowres_zoom": (0.6, 0.8), "gibbs_alpha": 0.2, "spike_prob": 0.15},
+    {
+        "name": "scanner-A-1.5T",
+        "gamma": 1.25,
+        "bias_coeff": (0.15, 0.3),
+        "noise": "rician",
+        "noise_std": (0.02, 0.05),
+        "lowres_zoom": (0.45, 0.65),
+        "gibbs_alpha": 0.35,
+        "spike_prob": 0.0,
+    },
+    {
+        "name": "scanner-B-3T",
+        "gamma": 0.8,
+        "bias_coeff": (0.05, 0.15),
+        "noise": "gaussian",
+        "noise_std": (0.01, 0.03),
+        "lowres_zoom": (0.85, 1.0),
+        "gibbs_alpha": 0.1,
+        "spike_prob": 0.0,
+    },
+    {
+        "name": "scanner-C-legacy",
+        "gamma": 1.0,
+        "bias_coeff": (0.2, 0.4),
+        "noise": "rician",
+        "noise_std": (0.03, 0.06),
+        "lowres_zoom": (0.6, 0.8),
+        "gibbs_alpha": 0.2,
+        "spike_prob": 0.15,
+    },
     # the hospitals' own: a bright protocol, a dark one, and a blurry, ringing older scanner
-    {"name": "hospital-bright-3T", "gamma": 0.6, "bias_coeff": (0.1, 0.2), "noise": "gaussian",
-     "noise_std": (0.01, 0.03), "lowres_zoom": (0.8, 1.0), "gibbs_alpha": 0.1, "spike_prob": 0.0},
-    {"name": "hospital-dark-1.5T", "gamma": 1.5, "bias_coeff": (0.1, 0.2), "noise": "gaussian",
-     "noise_std": (0.01, 0.03), "lowres_zoom": (0.8, 1.0), "gibbs_alpha": 0.1, "spike_prob": 0.0},
-    {"name": "hospital-legacy-1T", "gamma": 1.3, "bias_coeff": (0.15, 0.3), "noise": "rician",
-     "noise_std": (0.02, 0.04), "lowres_zoom": (0.55, 0.7), "gibbs_alpha": 0.3, "spike_prob": 0.0},
+    {
+        "name": "hospital-bright-3T",
+        "gamma": 0.6,
+        "bias_coeff": (0.1, 0.2),
+        "noise": "gaussian",
+        "noise_std": (0.01, 0.03),
+        "lowres_zoom": (0.8, 1.0),
+        "gibbs_alpha": 0.1,
+        "spike_prob": 0.0,
+    },
+    {
+        "name": "hospital-dark-1.5T",
+        "gamma": 1.5,
+        "bias_coeff": (0.1, 0.2),
+        "noise": "gaussian",
+        "noise_std": (0.01, 0.03),
+        "lowres_zoom": (0.8, 1.0),
+        "gibbs_alpha": 0.1,
+        "spike_prob": 0.0,
+    },
+    {
+        "name": "hospital-legacy-1T",
+        "gamma": 1.3,
+        "bias_coeff": (0.15, 0.3),
+        "noise": "rician",
+        "noise_std": (0.02, 0.04),
+        "lowres_zoom": (0.55, 0.7),
+        "gibbs_alpha": 0.3,
+        "spike_prob": 0.0,
+    },
     # three more hospitals for the skewed scenario: a noisy low-field magnet, a 3T with k-space
     # spikes, and a strongly ringing scanner with a deep bias field
-    {"name": "hospital-lowfield-0.5T", "gamma": 1.1, "bias_coeff": (0.2, 0.35), "noise": "rician",
-     "noise_std": (0.04, 0.07), "lowres_zoom": (0.45, 0.6), "gibbs_alpha": 0.2, "spike_prob": 0.0},
-    {"name": "hospital-spikes-3T", "gamma": 0.9, "bias_coeff": (0.05, 0.1), "noise": "gaussian",
-     "noise_std": (0.01, 0.02), "lowres_zoom": (0.9, 1.0), "gibbs_alpha": 0.05, "spike_prob": 0.3},
-    {"name": "hospital-ringing-1.5T", "gamma": 1.2, "bias_coeff": (0.3, 0.45), "noise": "gaussian",
-     "noise_std": (0.02, 0.04), "lowres_zoom": (0.7, 0.85), "gibbs_alpha": 0.5, "spike_prob": 0.0},
+    {
+        "name": "hospital-lowfield-0.5T",
+        "gamma": 1.1,
+        "bias_coeff": (0.2, 0.35),
+        "noise": "rician",
+        "noise_std": (0.04, 0.07),
+        "lowres_zoom": (0.45, 0.6),
+        "gibbs_alpha": 0.2,
+        "spike_prob": 0.0,
+    },
+    {
+        "name": "hospital-spikes-3T",
+        "gamma": 0.9,
+        "bias_coeff": (0.05, 0.1),
+        "noise": "gaussian",
+        "noise_std": (0.01, 0.02),
+        "lowres_zoom": (0.9, 1.0),
+        "gibbs_alpha": 0.05,
+        "spike_prob": 0.3,
+    },
+    {
+        "name": "hospital-ringing-1.5T",
+        "gamma": 1.2,
+        "bias_coeff": (0.3, 0.45),
+        "noise": "gaussian",
+        "noise_std": (0.02, 0.04),
+        "lowres_zoom": (0.7, 0.85),
+        "gibbs_alpha": 0.5,
+        "spike_prob": 0.0,
+    },
 )
 DEFAULT_SITE_SCANNERS = (3, 4, 5)  # indices into SCANNER_PROFILES: bright, dark, legacy
 
@@ -122,11 +202,22 @@ SKEWED_LESION = {
 # Tumor shares (a seed of its own, so every --seed gives the same hospital mix), lesions and
 # scanners. --seed varies the images only.
 SCENARIOS = {
-    "default": {"out": "data", "public": True, "site_sizes": (150, 300, 450), "healthy_fraction": 0.37,
-                "lesion": LESION, "site_scanners": DEFAULT_SITE_SCANNERS},
-    "skewed": {"out": "data/skewed", "public": False, "site_sizes": (480, 300, 180, 120, 60, 40),
-               "tumor_share_dirichlet": {"alpha": 0.5, "seed": 2},
-               "lesion": SKEWED_LESION, "site_scanners": (3, 4, 5, 6, 7, 8)},
+    "default": {
+        "out": "data",
+        "public": True,
+        "site_sizes": (150, 300, 450),
+        "healthy_fraction": 0.37,
+        "lesion": LESION,
+        "site_scanners": DEFAULT_SITE_SCANNERS,
+    },
+    "skewed": {
+        "out": "data/skewed",
+        "public": False,
+        "site_sizes": (480, 300, 180, 120, 60, 40),
+        "tumor_share_dirichlet": {"alpha": 0.5, "seed": 2},
+        "lesion": SKEWED_LESION,
+        "site_scanners": (3, 4, 5, 6, 7, 8),
+    },
 }
 DEFAULT_SCENARIO = "default"
 
@@ -305,32 +396,47 @@ def patient_deformation(size: int):
     from monai.transforms import Rand2DElasticd
 
     return Rand2DElasticd(
-        keys=("image", "mask"), prob=1.0,
+        keys=("image", "mask"),
+        prob=1.0,
         spacing=max(size * DEFORM["elastic_spacing_frac"], 4.0),
         magnitude_range=DEFORM["elastic_magnitude"],
-        rotate_range=DEFORM["rotate_rad"], shear_range=DEFORM["shear"], scale_range=DEFORM["scale"],
+        rotate_range=DEFORM["rotate_rad"],
+        shear_range=DEFORM["shear"],
+        scale_range=DEFORM["scale"],
         translate_range=size * DEFORM["translate_frac"],
-        mode=("bilinear", "nearest"), padding_mode="zeros",
+        mode=("bilinear", "nearest"),
+        padding_mode="zeros",
     )
 
 
 @lru_cache(maxsize=16)
 def scanner_transforms(profile_index: int):
     """A hospital's acquisition: bias field, contrast, resolution loss, Gibbs ringing, spikes, noise."""
-    from monai.transforms import (AdjustContrast, Compose, GibbsNoise, RandBiasField, RandGaussianNoise,
-                                  RandKSpaceSpikeNoise, RandRicianNoise, RandSimulateLowResolution)
+    from monai.transforms import (
+        AdjustContrast,
+        Compose,
+        GibbsNoise,
+        RandBiasField,
+        RandGaussianNoise,
+        RandKSpaceSpikeNoise,
+        RandRicianNoise,
+        RandSimulateLowResolution,
+    )
 
     profile = SCANNER_PROFILES[profile_index]
     noise_cls = RandRicianNoise if profile["noise"] == "rician" else RandGaussianNoise
-    return Compose([
-        RandBiasField(degree=3, coeff_range=profile["bias_coeff"], prob=1.0),
-        AdjustContrast(gamma=profile["gamma"]),
-        RandSimulateLowResolution(prob=1.0, zoom_range=profile["lowres_zoom"],
-                                  downsample_mode="area", upsample_mode="bilinear"),
-        GibbsNoise(alpha=profile["gibbs_alpha"]),
-        RandKSpaceSpikeNoise(prob=profile["spike_prob"], intensity_range=(5.5, 7.0)),
-        noise_cls(prob=1.0, mean=0.0, std=profile["noise_std"][1], sample_std=True),
-    ])
+    return Compose(
+        [
+            RandBiasField(degree=3, coeff_range=profile["bias_coeff"], prob=1.0),
+            AdjustContrast(gamma=profile["gamma"]),
+            RandSimulateLowResolution(
+                prob=1.0, zoom_range=profile["lowres_zoom"], downsample_mode="area", upsample_mode="bilinear"
+            ),
+            GibbsNoise(alpha=profile["gibbs_alpha"]),
+            RandKSpaceSpikeNoise(prob=profile["spike_prob"], intensity_range=(5.5, 7.0)),
+            noise_cls(prob=1.0, mean=0.0, std=profile["noise_std"][1], sample_std=True),
+        ]
+    )
 
 
 def to_uint8(image: np.ndarray, brain: np.ndarray, window_gain: float = 1.0) -> np.ndarray:
@@ -352,8 +458,9 @@ def image_rng(seed: int, product_id: int, index: int, purpose: int = 0) -> np.ra
     return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(product_id, purpose, index)))
 
 
-def synthesize(expert_class: str, size: int, profile_index: int, rng: np.random.Generator,
-               lesion: dict = LESION) -> tuple:
+def synthesize(
+    expert_class: str, size: int, profile_index: int, rng: np.random.Generator, lesion: dict = LESION
+) -> tuple:
     """One slice: anatomy -> lesion -> patient deformation -> scanner profile; (uint8 image, bool mask)."""
     import torch
 
@@ -364,8 +471,12 @@ def synthesize(expert_class: str, size: int, profile_index: int, rng: np.random.
         image, mask = LESION_MAKERS[expert_class](image, anatomy, rng, lesion)
     warp = patient_deformation(size)
     warp.set_random_state(seed=int(rng.integers(2**31)))
-    warped = warp({"image": torch.from_numpy(np.ascontiguousarray(image, np.float32))[None],
-                   "mask": torch.from_numpy(np.stack([mask, anatomy["brain"]]).astype(np.float32))})
+    warped = warp(
+        {
+            "image": torch.from_numpy(np.ascontiguousarray(image, np.float32))[None],
+            "mask": torch.from_numpy(np.stack([mask, anatomy["brain"]]).astype(np.float32)),
+        }
+    )
     image = np.asarray(warped["image"])[0]
     mask, brain = np.asarray(warped["mask"]) > 0.5
     scanner = scanner_transforms(profile_index)
@@ -380,8 +491,9 @@ def render(job: dict) -> dict:
 
     rng = image_rng(job["seed"], job["product_id"], job["index"])
     for _ in range(20):
-        pixels, mask = synthesize(job["expert_class"], job["size"], job["profile_index"], rng,
-                                  SCENARIOS[job["scenario"]]["lesion"])
+        pixels, mask = synthesize(
+            job["expert_class"], job["size"], job["profile_index"], rng, SCENARIOS[job["scenario"]]["lesion"]
+        )
         if (job["expert_class"] == HEALTHY_NAME) or mask.sum() >= 3:
             break
     site_dir = Path(job["site_dir"])
@@ -450,8 +562,13 @@ def split_entries(product_id: int, args, labels: list, entries: list) -> dict:
     from data_preparation.splits import train_val_test
 
     labels = np.asarray(labels)
-    parts = train_val_test(np.arange(len(labels)), labels, args.val_frac, args.test_frac,
-                           rng=image_rng(args.seed, product_id, 0, purpose=2))
+    parts = train_val_test(
+        np.arange(len(labels)),
+        labels,
+        args.val_frac,
+        args.test_frac,
+        rng=image_rng(args.seed, product_id, 0, purpose=2),
+    )
     return {split: [entries[i] for i in indices] for split, indices in parts.items()}
 
 
@@ -461,16 +578,32 @@ def product_jobs(args, out: Path) -> list:
     scenario = SCENARIOS[args.scenario]
     site_scanners = scenario["site_scanners"]
     products = [(PUBLIC, PUBLIC_PRODUCT_ID, public_plan(args))] if scenario["public"] else []
-    products += [(f"site{k}", k, site_plan(args, k, size, n_healthy))
-                 for k, (size, n_healthy) in enumerate(zip(args.site_sizes, site_healthy_counts(args)), start=1)]
+    products += [
+        (f"site{k}", k, site_plan(args, k, size, n_healthy))
+        for k, (size, n_healthy) in enumerate(zip(args.site_sizes, site_healthy_counts(args)), start=1)
+    ]
     for name, product_id, plan in products:
         for index, (expert_class, label) in enumerate(plan):
             profile_rng = image_rng(args.seed, product_id, index, purpose=3)
-            profile_index = (int(profile_rng.integers(PUBLIC_SCANNERS)) if name == PUBLIC
-                             else site_scanners[(product_id - 1) % len(site_scanners)])
-            jobs.append({"seed": args.seed, "product_id": product_id, "index": index, "label": label,
-                         "expert_class": expert_class, "size": args.image_size, "profile_index": profile_index,
-                         "scenario": args.scenario, "site_dir": str(out / name), "name": f"{name}-{index:05d}"})
+            profile_index = (
+                int(profile_rng.integers(PUBLIC_SCANNERS))
+                if name == PUBLIC
+                else site_scanners[(product_id - 1) % len(site_scanners)]
+            )
+            jobs.append(
+                {
+                    "seed": args.seed,
+                    "product_id": product_id,
+                    "index": index,
+                    "label": label,
+                    "expert_class": expert_class,
+                    "size": args.image_size,
+                    "profile_index": profile_index,
+                    "scenario": args.scenario,
+                    "site_dir": str(out / name),
+                    "name": f"{name}-{index:05d}",
+                }
+            )
     return jobs
 
 
@@ -511,11 +644,18 @@ def write_products(args, out: Path, jobs: list, results: list) -> None:
     params = generation_params(args)
     for name, pairs in by_product.items():
         job0 = pairs[0][0]
-        entries = split_entries(job0["product_id"], args, [j["label"] for j, _ in pairs], [r["entry"] for _, r in pairs])
+        entries = split_entries(
+            job0["product_id"], args, [j["label"] for j, _ in pairs], [r["entry"] for _, r in pairs]
+        )
         is_public = name == PUBLIC
-        provenance = {"generator": GENERATOR, "seed": args.seed, "product": name, **params,
-                      "scanner_profile": "mixed" if is_public else SCANNER_PROFILES[job0["profile_index"]]["name"],
-                      "anatomy": "MNI152 T1 1mm template (nilearn)"}
+        provenance = {
+            "generator": GENERATOR,
+            "seed": args.seed,
+            "product": name,
+            **params,
+            "scanner_profile": "mixed" if is_public else SCANNER_PROFILES[job0["profile_index"]]["name"],
+            "anatomy": "MNI152 T1 1mm template (nilearn)",
+        }
         if "site_tumor_shares" in params and not is_public:
             provenance["tumor_share"] = params["site_tumor_shares"][job0["product_id"] - 1]
         write_site(out / name, entries, EXPERT_CLASSES if is_public else TASK_CLASSES, provenance)
@@ -528,18 +668,34 @@ def generation_params(args) -> dict:
     """Everything that determines the output bytes; compared on rerun. The default scenario's
     dict is what it has always been (no "scenario" key), so its files stay byte-identical."""
     if args.scenario == DEFAULT_SCENARIO:
-        return {"format_version": FORMAT_VERSION, "seed": args.seed, "image_size": args.image_size,
-                "public_per_class": args.public_per_class, "site_sizes": list(args.site_sizes),
-                "healthy_fraction": args.healthy_fraction, "val_frac": args.val_frac, "test_frac": args.test_frac}
+        return {
+            "format_version": FORMAT_VERSION,
+            "seed": args.seed,
+            "image_size": args.image_size,
+            "public_per_class": args.public_per_class,
+            "site_sizes": list(args.site_sizes),
+            "healthy_fraction": args.healthy_fraction,
+            "val_frac": args.val_frac,
+            "test_frac": args.test_frac,
+        }
     scenario = SCENARIOS[args.scenario]
     healthy = site_healthy_counts(args)
-    params = {"format_version": FORMAT_VERSION, "scenario": args.scenario, "seed": args.seed,
-              "image_size": args.image_size, "site_sizes": list(args.site_sizes),
-              "tumor_share_dirichlet": scenario["tumor_share_dirichlet"],
-              "site_tumor_shares": [round(1 - h / size, 4) for h, size in zip(healthy, args.site_sizes)],
-              "site_scanners": [SCANNER_PROFILES[scenario["site_scanners"][(k - 1) % len(scenario["site_scanners"])]]["name"]
-                                for k in range(1, len(args.site_sizes) + 1)],
-              "lesion": scenario["lesion"], "val_frac": args.val_frac, "test_frac": args.test_frac}
+    params = {
+        "format_version": FORMAT_VERSION,
+        "scenario": args.scenario,
+        "seed": args.seed,
+        "image_size": args.image_size,
+        "site_sizes": list(args.site_sizes),
+        "tumor_share_dirichlet": scenario["tumor_share_dirichlet"],
+        "site_tumor_shares": [round(1 - h / size, 4) for h, size in zip(healthy, args.site_sizes)],
+        "site_scanners": [
+            SCANNER_PROFILES[scenario["site_scanners"][(k - 1) % len(scenario["site_scanners"])]]["name"]
+            for k in range(1, len(args.site_sizes) + 1)
+        ],
+        "lesion": scenario["lesion"],
+        "val_frac": args.val_frac,
+        "test_frac": args.test_frac,
+    }
     return json.loads(json.dumps(params))  # tuples as lists: equal to the copy read back from benchmark.json
 
 
@@ -571,11 +727,15 @@ def prepare_out(out: Path, params: dict, force: bool) -> bool:
             return True
         if not force:
             changed = sorted(k for k in set(params) | set(previous or {}) if (previous or {}).get(k) != params.get(k))
-            raise FedXViTError(f"{out} holds a benchmark made with other parameters ({', '.join(changed)}): "
-                               f"use --force to regenerate it or choose another --out")
+            raise FedXViTError(
+                f"{out} holds a benchmark made with other parameters ({', '.join(changed)}): "
+                f"use --force to regenerate it or choose another --out"
+            )
     leftovers = [p for p in owned_paths(out, params) if p.exists()]
     if previous is None and leftovers and not force:
-        raise FedXViTError(f"{leftovers[0]} exists but {params_path} does not (an interrupted run?): use --force to regenerate")
+        raise FedXViTError(
+            f"{leftovers[0]} exists but {params_path} does not (an interrupted run?): use --force to regenerate"
+        )
     remove_paths(owned_paths(out, previous or {}) + owned_paths(out, params))
     return False
 
@@ -598,20 +758,27 @@ def validate(args) -> None:
     if public and not 0.0 < args.healthy_fraction < 1.0:
         raise FedXViTError(f"--healthy-fraction must be between 0 and 1 (exclusive), got {args.healthy_fraction}")
     if not (0 < args.val_frac < 1 and 0 < args.test_frac < 1 and args.val_frac + args.test_frac < 1):
-        raise FedXViTError(f"--val-frac {args.val_frac} and --test-frac {args.test_frac} must each be in (0, 1) "
-                           f"and sum to less than 1")
+        raise FedXViTError(
+            f"--val-frac {args.val_frac} and --test-frac {args.test_frac} must each be in (0, 1) and sum to less than 1"
+        )
     if args.workers < 1:
         raise FedXViTError(f"--workers must be at least 1, got {args.workers}")
     if public and not splits_possible(args.public_per_class, args.val_frac, args.test_frac):
-        raise FedXViTError(f"--public-per-class {args.public_per_class} is too small to give every class "
-                           f"images in training, validation and testing")
+        raise FedXViTError(
+            f"--public-per-class {args.public_per_class} is too small to give every class "
+            f"images in training, validation and testing"
+        )
     if any(size < 1 for size in args.site_sizes):
         raise FedXViTError(f"--site-sizes must all be at least 1, got {','.join(map(str, args.site_sizes))}")
     for k, (size, n_healthy) in enumerate(zip(args.site_sizes, site_healthy_counts(args)), start=1):
-        if not (splits_possible(n_healthy, args.val_frac, args.test_frac)
-                and splits_possible(size - n_healthy, args.val_frac, args.test_frac)):
-            raise FedXViTError(f"--site-sizes: site{k} size {size} is too small to give Healthy and Tumor images "
-                               f"in training, validation and testing")
+        if not (
+            splits_possible(n_healthy, args.val_frac, args.test_frac)
+            and splits_possible(size - n_healthy, args.val_frac, args.test_frac)
+        ):
+            raise FedXViTError(
+                f"--site-sizes: site{k} size {size} is too small to give Healthy and Tumor images "
+                f"in training, validation and testing"
+            )
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -640,24 +807,57 @@ def apply_scenario(args) -> argparse.Namespace:
 
 
 def parse_args(argv=None):
-    parser = OneLineErrorParser(prog="python -m data_preparation.benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default=DEFAULT_SCENARIO,
-                        help="named benchmark layout (default: default; see above)")
+    parser = OneLineErrorParser(
+        prog="python -m data_preparation.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=sorted(SCENARIOS),
+        default=DEFAULT_SCENARIO,
+        help="named benchmark layout (default: default; see above)",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: data; data/skewed for --scenario skewed)")
-    parser.add_argument("--seed", type=int, default=0, help="master seed; same seed and options give identical files (default: 0)")
-    parser.add_argument("--image-size", type=int, default=128, help=f"square image side in pixels, >= {MIN_IMAGE_SIZE} (default: 128)")
-    parser.add_argument("--public-per-class", type=int, default=None,
-                        help="public 4-class set: images per class, split like the sites (default: 500; default scenario only)")
-    parser.add_argument("--site-sizes", type=site_sizes, default=None,
-                        help="comma-separated image count per private site; their number is the number of sites "
-                             "(default: 150,300,450; skewed: 480,300,180,120,60,40)")
-    parser.add_argument("--healthy-fraction", type=float, default=None,
-                        help="share of Healthy images per site (default: 0.37; default scenario only)")
-    parser.add_argument("--val-frac", type=float, default=0.15, help="validation share, stratified per class (default: 0.15)")
-    parser.add_argument("--test-frac", type=float, default=0.15, help="testing share, stratified per class (default: 0.15)")
-    parser.add_argument("--workers", type=int, default=2, help="rendering processes; does not change the output (default: 2)")
-    parser.add_argument("--force", action="store_true", help="regenerate even if --out already holds a benchmark (same or other parameters)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="master seed; same seed and options give identical files (default: 0)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=128, help=f"square image side in pixels, >= {MIN_IMAGE_SIZE} (default: 128)"
+    )
+    parser.add_argument(
+        "--public-per-class",
+        type=int,
+        default=None,
+        help="public 4-class set: images per class, split like the sites (default: 500; default scenario only)",
+    )
+    parser.add_argument(
+        "--site-sizes",
+        type=site_sizes,
+        default=None,
+        help="comma-separated image count per private site; their number is the number of sites "
+        "(default: 150,300,450; skewed: 480,300,180,120,60,40)",
+    )
+    parser.add_argument(
+        "--healthy-fraction",
+        type=float,
+        default=None,
+        help="share of Healthy images per site (default: 0.37; default scenario only)",
+    )
+    parser.add_argument(
+        "--val-frac", type=float, default=0.15, help="validation share, stratified per class (default: 0.15)"
+    )
+    parser.add_argument(
+        "--test-frac", type=float, default=0.15, help="testing share, stratified per class (default: 0.15)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="rendering processes; does not change the output (default: 2)"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="regenerate even if --out already holds a benchmark (same or other parameters)",
+    )
     return apply_scenario(parser.parse_args(argv))
 
 
@@ -680,7 +880,9 @@ def main(argv=None) -> None:
     check_disjoint(results)
     write_products(args, out, jobs, results)
     print(write_counts(out), end="")
-    (out / PARAMS_FILE).write_text(json.dumps({"generator": GENERATOR, "params": params}, indent=2, sort_keys=True) + "\n")
+    (out / PARAMS_FILE).write_text(
+        json.dumps({"generator": GENERATOR, "params": params}, indent=2, sort_keys=True) + "\n"
+    )
     print(f"wrote {len(jobs)} images to {out} in {time.perf_counter() - started:.1f} s")
 
 

@@ -36,8 +36,10 @@ def load_images(entries: list, size: int) -> tuple:
     """(N, 1, size, size) float32 in [0, 1] and int labels; resized for a fast CPU check."""
     from PIL import Image
 
-    pixels = [np.asarray(Image.open(e["image"]).convert("L").resize((size, size), Image.BILINEAR), np.float32) / 255.0
-              for e in entries]
+    pixels = [
+        np.asarray(Image.open(e["image"]).convert("L").resize((size, size), Image.BILINEAR), np.float32) / 255.0
+        for e in entries
+    ]
     images = np.stack(pixels)[:, None]
     # per-image standardization, the usual first defence against scanner-to-scanner shifts
     images = (images - images.mean(axis=(1, 2, 3), keepdims=True)) / (images.std(axis=(1, 2, 3), keepdims=True) + 1e-6)
@@ -51,8 +53,15 @@ def small_cnn(num_classes: int):
     def block(cin, cout):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
 
-    return nn.Sequential(block(1, 16), block(16, 32), block(32, 64), block(64, 64),
-                         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+    return nn.Sequential(
+        block(1, 16),
+        block(16, 32),
+        block(32, 64),
+        block(64, 64),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, num_classes),
+    )
 
 
 def train_and_score(train: tuple, test: tuple, num_classes: int, epochs: int, seed: int) -> float:
@@ -88,8 +97,11 @@ def mean_intensity_accuracy(entries: list) -> dict:
     labels = np.array([int(e["label"]) for e in entries])
     folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
     scores = cross_val_score(make_pipeline(StandardScaler(), LogisticRegression()), means, labels, cv=folds)
-    return {"accuracy": round(float(scores.mean()), 4),
-            "majority_rate": round(float(np.bincount(labels).max() / len(labels)), 4), "n": int(len(labels))}
+    return {
+        "accuracy": round(float(scores.mean()), 4),
+        "majority_rate": round(float(np.bincount(labels).max() / len(labels)), 4),
+        "n": int(len(labels)),
+    }
 
 
 def seen_entries(site: Path) -> list:
@@ -112,9 +124,13 @@ def calibrate(data: Path, epochs: int, seed: int, input_size: int, split: str = 
     started = time.perf_counter()
     report = {
         "cnn": {
-            "input_size": input_size, "epochs": epochs, "seed": seed, "eval_split": split,
+            "input_size": input_size,
+            "epochs": epochs,
+            "seed": seed,
+            "eval_split": split,
             "eval_images": int(len(pooled_eval[1])),
-            "smallest_site": smallest.name, "smallest_site_train_images": int(len(smallest_train[1])),
+            "smallest_site": smallest.name,
+            "smallest_site_train_images": int(len(smallest_train[1])),
             "pooled_train_images": int(len(pooled_train[1])),
             "smallest_site_accuracy": round(train_and_score(smallest_train, pooled_eval, num_classes, epochs, seed), 4),
             "pooled_accuracy": round(train_and_score(pooled_train, pooled_eval, num_classes, epochs, seed), 4),
@@ -133,27 +149,41 @@ def calibrate(data: Path, epochs: int, seed: int, input_size: int, split: str = 
 
 def format_report(report: dict) -> str:
     cnn = report["cnn"]
-    lines = [f"small CNN ({cnn['epochs']} epochs, {cnn['input_size']}px), scored on {cnn['eval_images']} pooled site "
-             f"{cnn['eval_split']} images:",
-             f"  trained on {cnn['smallest_site']} only ({cnn['smallest_site_train_images']} images): {cnn['smallest_site_accuracy']:.3f}",
-             f"  trained on all sites pooled ({cnn['pooled_train_images']} images): {cnn['pooled_accuracy']:.3f}"
-             f"  (gap {cnn['gap']:+.3f})",
-             "mean-intensity logistic regression (5-fold CV) vs majority-class rate:"]
+    lines = [
+        f"small CNN ({cnn['epochs']} epochs, {cnn['input_size']}px), scored on {cnn['eval_images']} pooled site "
+        f"{cnn['eval_split']} images:",
+        f"  trained on {cnn['smallest_site']} only ({cnn['smallest_site_train_images']} images): "
+        f"{cnn['smallest_site_accuracy']:.3f}",
+        f"  trained on all sites pooled ({cnn['pooled_train_images']} images): {cnn['pooled_accuracy']:.3f}"
+        f"  (gap {cnn['gap']:+.3f})",
+        "mean-intensity logistic regression (5-fold CV) vs majority-class rate:",
+    ]
     for name, row in report["mean_intensity"].items():
         lines.append(f"  {name:14s} {row['accuracy']:.3f} vs {row['majority_rate']:.3f}  (n={row['n']})")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_preparation.calibrate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="data", help="benchmark folder made by data_preparation.benchmark (default: data)")
+    parser = argparse.ArgumentParser(
+        prog="python -m data_preparation.calibrate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--data", default="data", help="benchmark folder made by data_preparation.benchmark (default: data)"
+    )
     parser.add_argument("--epochs", type=int, default=30, help="training epochs for both CNN runs (default: 30)")
     parser.add_argument("--seed", type=int, default=0, help="torch seed for both CNN runs (default: 0)")
-    parser.add_argument("--input-size", type=int, default=64, help="images are resized to this for a fast CPU run (default: 64)")
-    parser.add_argument("--split", choices=EVAL_SPLITS, default="validation",
-                        help="pooled split the CNN runs are scored on (default: validation; calibrate on it, "
-                             "keep testing for the final report)")
+    parser.add_argument(
+        "--input-size", type=int, default=64, help="images are resized to this for a fast CPU run (default: 64)"
+    )
+    parser.add_argument(
+        "--split",
+        choices=EVAL_SPLITS,
+        default="validation",
+        help="pooled split the CNN runs are scored on (default: validation; calibrate on it, "
+        "keep testing for the final report)",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1:
         raise FedXViTError(f"--epochs must be at least 1, got {args.epochs}")

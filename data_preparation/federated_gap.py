@@ -47,16 +47,31 @@ def federated_job(source: Path, dest: Path, min_clients: int) -> Path:
 def run_simulator(job: Path, workspace: Path, data: Path, sites: list, initial: Path, timeout_s: int) -> Path:
     """NVFlare's simulator with one client thread per site; the server's run folder."""
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, FEDXVIT_DATA_ROOT=str(data.resolve()), FEDXVIT_INITIAL_MODEL=str(initial.resolve()),
-               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ,
+        FEDXVIT_DATA_ROOT=str(data.resolve()),
+        FEDXVIT_INITIAL_MODEL=str(initial.resolve()),
+        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     if workspace.exists():
         shutil.rmtree(workspace)
-    command = [str(bin_dir / "nvflare"), "simulator", str(job), "-w", str(workspace),
-               "-c", ",".join(sites), "-t", str(len(sites))]
+    command = [
+        str(bin_dir / "nvflare"),
+        "simulator",
+        str(job),
+        "-w",
+        str(workspace),
+        "-c",
+        ",".join(sites),
+        "-t",
+        str(len(sites)),
+    ]
     try:
         run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise FedXViTError(f"the simulator did not finish within --timeout {timeout_s} s (workspace {workspace})") from None
+        raise FedXViTError(
+            f"the simulator did not finish within --timeout {timeout_s} s (workspace {workspace})"
+        ) from None
     run_dir = workspace / "server" / "simulate_job"
     if run.returncode != 0 or not (run_dir / "app_server" / "FL_global_model.pt").is_file():
         tail = (run.stdout + run.stderr).strip().splitlines()[-1:] or ["no output"]
@@ -95,8 +110,11 @@ def verdict(report: dict, target_gap: float = TARGET_GAP) -> dict:
     central = report["models"]["centralized"]["balanced_accuracy"]
     fedavg = report["models"]["fedavg_final"]["balanced_accuracy"]
     local = {name: row["balanced_accuracy"] for name, row in report["models"].items() if name.startswith("local-only")}
-    return {"fedavg_gap": round(central - fedavg, 4), "fedavg_gap_met": central - fedavg >= target_gap,
-            "every_local_below_centralized": bool(local) and all(value < central for value in local.values())}
+    return {
+        "fedavg_gap": round(central - fedavg, 4),
+        "fedavg_gap_met": central - fedavg >= target_gap,
+        "every_local_below_centralized": bool(local) and all(value < central for value in local.values()),
+    }
 
 
 def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, timeout_s: int) -> dict:
@@ -111,16 +129,24 @@ def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, 
     settings = job_training_settings(job_source / "app" / "config")
     device = resolve_device()
     loaders = validation_loaders(dirs, build_model(settings["preset"], num_classes=2).preset.image_size)
-    report = {"data": str(data), "split": CALIBRATION_SPLIT, "metric": "balanced_accuracy", "settings": settings,
-              "sites": list(dirs), "models": {}, "wall_s": {}}
+    report = {
+        "data": str(data),
+        "split": CALIBRATION_SPLIT,
+        "metric": "balanced_accuracy",
+        "settings": settings,
+        "sites": list(dirs),
+        "models": {},
+        "wall_s": {},
+    }
 
     started = time.perf_counter()
     job = federated_job(job_source, workspace / "job", min_clients=len(dirs))
     run_dir = run_simulator(job, workspace / "simulator", data, list(dirs), initial, timeout_s)
     report["wall_s"]["fedavg"] = round(time.perf_counter() - started, 1)
     for key, file_name in (("fedavg_final", "FL_global_model.pt"), ("fedavg_best", "best_FL_global_model.pt")):
-        report["models"][key] = score(load_global_model(run_dir / "app_server" / file_name, settings["preset"],
-                                                        device=device), loaders, device)
+        report["models"][key] = score(
+            load_global_model(run_dir / "app_server" / file_name, settings["preset"], device=device), loaders, device
+        )
 
     groups = {"centralized": list(dirs.values()), **{f"local-only {site}": [d] for site, d in dirs.items()}}
     for name, group in groups.items():
@@ -134,29 +160,42 @@ def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, 
 
 def format_report(report: dict) -> str:
     sites = report["sites"]
-    lines = [f"pooled validation splits of {', '.join(sites)} ({report['models']['centralized']['n']} images), "
-             f"job settings: {report['settings']}",
-             "| model | balanced accuracy | accuracy | " + " | ".join(f"{s} acc" for s in sites) + " |",
-             "|---|---:|---:|" + "---:|" * len(sites)]
+    lines = [
+        f"pooled validation splits of {', '.join(sites)} ({report['models']['centralized']['n']} images), "
+        f"job settings: {report['settings']}",
+        "| model | balanced accuracy | accuracy | " + " | ".join(f"{s} acc" for s in sites) + " |",
+        "|---|---:|---:|" + "---:|" * len(sites),
+    ]
     for name, row in report["models"].items():
         per_site = " | ".join(f"{row['sites'][s]['accuracy']:.3f}" for s in sites)
         lines.append(f"| {name} | {row['balanced_accuracy']:.3f} | {row['accuracy']:.3f} | {per_site} |")
     v = report["verdict"]
-    lines.append(f"FedAvg (final) is {100 * v['fedavg_gap']:.1f} points below centralized "
-                 f"(target >= {100 * TARGET_GAP:.0f}: {'met' if v['fedavg_gap_met'] else 'NOT met'}); "
-                 f"every local-only below centralized: {v['every_local_below_centralized']}")
+    lines.append(
+        f"FedAvg (final) is {100 * v['fedavg_gap']:.1f} points below centralized "
+        f"(target >= {100 * TARGET_GAP:.0f}: {'met' if v['fedavg_gap_met'] else 'NOT met'}); "
+        f"every local-only below centralized: {v['every_local_below_centralized']}"
+    )
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     from fedxvit.paths import project_root
 
-    parser = argparse.ArgumentParser(prog="python -m data_preparation.federated_gap", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="data/skewed", help="benchmark folder with site1..siteN (default: data/skewed)")
-    parser.add_argument("--initial", default="models/initial_global.pt", help="transplanted start (default: models/initial_global.pt)")
+    parser = argparse.ArgumentParser(
+        prog="python -m data_preparation.federated_gap",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--data", default="data/skewed", help="benchmark folder with site1..siteN (default: data/skewed)"
+    )
+    parser.add_argument(
+        "--initial", default="models/initial_global.pt", help="transplanted start (default: models/initial_global.pt)"
+    )
     parser.add_argument("--job", default=None, help="job folder to copy (default: <project>/jobs/fedxvit)")
-    parser.add_argument("--workspace", default="workspace/federated_gap", help="simulator workspace (default: workspace/federated_gap)")
+    parser.add_argument(
+        "--workspace", default="workspace/federated_gap", help="simulator workspace (default: workspace/federated_gap)"
+    )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds the simulator may take (default: 3600)")
     args = parser.parse_args(argv)
     data, initial = Path(args.data), Path(args.initial)

@@ -36,20 +36,33 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 STRAY_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 STRAY_DIRS = {"__macosx"}
 SPLIT_ALIASES = {
-    "training": "training", "train": "training",
-    "validation": "validation", "val": "validation", "valid": "validation",
-    "testing": "testing", "test": "testing",
+    "training": "training",
+    "train": "training",
+    "validation": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "testing": "testing",
+    "test": "testing",
 }
 # folder name (normalised) -> class, per task; --class-map adds to or overrides these
 EXPERT_ALIASES = {
-    "glioma": "glioma", "glioma_tumor": "glioma",
-    "meningioma": "meningioma", "meningioma_tumor": "meningioma",
-    "pituitary": "pituitary", "pituitary_tumor": "pituitary",
-    "notumor": "notumor", "no_tumor": "notumor", "healthy": "notumor", "normal": "notumor", "no": "notumor",
+    "glioma": "glioma",
+    "glioma_tumor": "glioma",
+    "meningioma": "meningioma",
+    "meningioma_tumor": "meningioma",
+    "pituitary": "pituitary",
+    "pituitary_tumor": "pituitary",
+    "notumor": "notumor",
+    "no_tumor": "notumor",
+    "healthy": "notumor",
+    "normal": "notumor",
+    "no": "notumor",
 }
 TUMOR_ALIASES = {
     **{name: ("Healthy" if cls == "notumor" else "Tumor") for name, cls in EXPERT_ALIASES.items()},
-    "tumor": "Tumor", "tumour": "Tumor", "yes": "Tumor",
+    "tumor": "Tumor",
+    "tumour": "Tumor",
+    "yes": "Tumor",
 }
 TASKS = {"tumor": (TASK_CLASSES, TUMOR_ALIASES), "expert": (EXPERT_CLASSES, EXPERT_ALIASES)}
 
@@ -57,6 +70,7 @@ TASKS = {"tumor": (TASK_CLASSES, TUMOR_ALIASES), "expert": (EXPERT_CLASSES, EXPE
 @dataclass
 class ClassFolder:
     """One folder of images of one class, with where it belongs if the source already says so."""
+
     path: Path
     label: int
     site: str | None = None
@@ -66,6 +80,7 @@ class ClassFolder:
 @dataclass
 class Candidate:
     """One decodable image: its source path, label, where it must go, and the staged PNG."""
+
     rel: str
     label: int
     site: str | None
@@ -136,7 +151,9 @@ def check_paths(source: Path, out: Path, force: bool) -> None:
 
 
 def previous_import(out: Path) -> bool:
-    return out.is_dir() and ((out / REPORT_JSON).is_file() or any((d / DATASET_FILE).is_file() for d in visible_dirs(out)))
+    return out.is_dir() and (
+        (out / REPORT_JSON).is_file() or any((d / DATASET_FILE).is_file() for d in visible_dirs(out))
+    )
 
 
 def class_label(folder: Path, aliases: dict, class_names, source: Path) -> int:
@@ -268,7 +285,9 @@ def stage_images(files: list, source: Path, staging: Path, report: Report) -> li
         digest = pixel_hash(pixels)
         if digest in seen:
             first = seen[digest]
-            report.duplicates.append({"source": rel, "duplicate_of": first.rel, "label_conflict": first.label != folder.label})
+            report.duplicates.append(
+                {"source": rel, "duplicate_of": first.rel, "label_conflict": first.label != folder.label}
+            )
             continue
         staged = staging / safe_name(path, digest)
         Image.fromarray(pixels).save(staged, format="PNG")
@@ -292,7 +311,9 @@ def place_by_source(images: list, args) -> dict:
     for image in images:
         name = site_name(image.site)
         if owner.setdefault(name, image.site) != image.site:
-            raise FedXViTError(f"hospital folders {owner[name]!r} and {image.site!r} both become site name {name!r}: rename one")
+            raise FedXViTError(
+                f"hospital folders {owner[name]!r} and {image.site!r} both become site name {name!r}: rename one"
+            )
         placed.setdefault(name, {s: [] for s in SPLITS})[image.split].append(image)
     rng = np.random.default_rng(args.seed)
     for splits in placed.values():
@@ -356,7 +377,9 @@ def write_sites(out: Path, placed: dict, class_names, provenance: dict) -> dict:
             entries[split] = []
             for image in images:
                 image.staged.replace(images_dir / image.staged.name)
-                entries[split].append({"image": f"images/{image.staged.name}", "label": image.label, "source": image.rel})
+                entries[split].append(
+                    {"image": f"images/{image.staged.name}", "label": image.label, "source": image.rel}
+                )
         imported[site] = write_site(out / site, entries, class_names, provenance)["counts"]
     return imported
 
@@ -367,11 +390,15 @@ def report_markdown(report: dict) -> str:
         f"split: {report['split']}, seed: {report['seed']}\n",
         f"{report['num_imported']} images imported, {len(report['skipped'])} files skipped, "
         f"{len(report['duplicates'])} duplicates dropped.\n",
-        "## Imported\n", format_counts(report["imported"]),
-        "## Skipped files\n", "| file | reason |", "|---|---|",
+        "## Imported\n",
+        format_counts(report["imported"]),
+        "## Skipped files\n",
+        "| file | reason |",
+        "|---|---|",
         *[f"| `{s['source']}` | {s['reason']} |" for s in report["skipped"]],
         "\n## Duplicates (same decoded pixels; the first in path order is kept)\n",
-        "| file | duplicate of | label conflict |", "|---|---|---|",
+        "| file | duplicate of | label conflict |",
+        "|---|---|---|",
         *[f"| `{d['source']}` | `{d['duplicate_of']}` | {d['label_conflict']} |" for d in report["duplicates"]],
     ]
     return "\n".join(lines) + "\n"
@@ -395,12 +422,18 @@ def import_folders(args) -> dict:
             images = stage_images(files, source, Path(staging), report)
             if not images:
                 raise FedXViTError(f"no readable image in {source}: every file was unreadable, empty or not an image")
-            placed = place_by_source(images, args) if layout == "per-hospital" else place_by_split(images, args, class_names)
+            placed = (
+                place_by_source(images, args) if layout == "per-hospital" else place_by_split(images, args, class_names)
+            )
             clear_previous(out, list(placed))
             provenance = {
-                "importer": "folders", "source": str(source), "layout": layout,
+                "importer": "folders",
+                "source": str(source),
+                "layout": layout,
                 "split": "source" if layout == "per-hospital" else args.split,
-                "alpha": args.alpha, "seed": args.seed, "task": args.task,
+                "alpha": args.alpha,
+                "seed": args.seed,
+                "task": args.task,
             }
             imported = write_sites(out, placed, class_names, provenance)
     except FedXViTError:
@@ -408,10 +441,15 @@ def import_folders(args) -> dict:
             out.rmdir()
         raise
     result = {
-        **provenance, "root": root.relative_to(source).as_posix(), "out": str(out), "class_names": list(class_names),
-        "sites": sorted(placed), "imported": imported,
+        **provenance,
+        "root": root.relative_to(source).as_posix(),
+        "out": str(out),
+        "class_names": list(class_names),
+        "sites": sorted(placed),
+        "imported": imported,
         "num_imported": sum(sum(c.values()) for s in imported.values() for c in s.values()),
-        "skipped": sorted(report.skipped, key=lambda s: s["source"]), "duplicates": report.duplicates,
+        "skipped": sorted(report.skipped, key=lambda s: s["source"]),
+        "duplicates": report.duplicates,
     }
     (out / REPORT_JSON).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     (out / REPORT_MD).write_text(report_markdown(result))
@@ -425,37 +463,71 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", help="folder to import (read only, never modified)")
-    parser.add_argument("--out", default="data/imported", help="output folder, one sub-folder per site (default: %(default)s)")
-    parser.add_argument("--task", choices=sorted(TASKS), default="tumor",
-                        help="tumor: 2 classes Healthy/Tumor (every tumor type -> Tumor); expert: 4 classes "
-                             f"{', '.join(EXPERT_CLASSES)} (default: %(default)s)")
-    parser.add_argument("--class-map", metavar="NAME=CLASS,...",
-                        help="extra or overriding folder-name mappings, e.g. 'Brain Tumor=Tumor,ctrl=Healthy'")
-    parser.add_argument("--sites", type=int, default=3, help="number of sites site1..siteN (ignored for per-hospital trees; default: %(default)s)")
-    parser.add_argument("--split", choices=METHODS, default="iid",
-                        help="iid, dirichlet (label skew) or quantity (size skew) (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration, smaller = more skew (default: %(default)s)")
-    parser.add_argument("--val-frac", type=float, default=0.15, help="validation share per site and class (default: %(default)s)")
-    parser.add_argument("--test-frac", type=float, default=0.15,
-                        help="testing share, unused when the source has a Testing folder (default: %(default)s)")
+    parser.add_argument(
+        "--out", default="data/imported", help="output folder, one sub-folder per site (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default="tumor",
+        help="tumor: 2 classes Healthy/Tumor (every tumor type -> Tumor); expert: 4 classes "
+        f"{', '.join(EXPERT_CLASSES)} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--class-map",
+        metavar="NAME=CLASS,...",
+        help="extra or overriding folder-name mappings, e.g. 'Brain Tumor=Tumor,ctrl=Healthy'",
+    )
+    parser.add_argument(
+        "--sites",
+        type=int,
+        default=3,
+        help="number of sites site1..siteN (ignored for per-hospital trees; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=METHODS,
+        default="iid",
+        help="iid, dirichlet (label skew) or quantity (size skew) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=0.5, help="Dirichlet concentration, smaller = more skew (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--val-frac", type=float, default=0.15, help="validation share per site and class (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--test-frac",
+        type=float,
+        default=0.15,
+        help="testing share, unused when the source has a Testing folder (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: %(default)s)")
-    parser.add_argument("--force", action="store_true", help="replace the site folders and reports of an earlier import in --out")
+    parser.add_argument(
+        "--force", action="store_true", help="replace the site folders and reports of an earlier import in --out"
+    )
     args = parser.parse_args(argv)
     if not args.alpha > 0:
         raise FedXViTError(f"--alpha must be greater than 0, got {args.alpha}")
     if args.sites < 1:
         raise FedXViTError(f"--sites must be at least 1, got {args.sites}")
     if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1 and args.val_frac + args.test_frac < 1):
-        raise FedXViTError(f"--val-frac {args.val_frac} and --test-frac {args.test_frac} must each be in [0, 1) and sum to less than 1")
+        raise FedXViTError(
+            f"--val-frac {args.val_frac} and --test-frac {args.test_frac} must each be in [0, 1) and sum to less than 1"
+        )
     return args
 
 
 def print_summary(result: dict, counts: str) -> None:
     print(counts)
-    print(f"imported {result['num_imported']} images ({result['layout']} layout, task {result['task']}) "
-          f"into {len(result['sites'])} sites under {result['out']}")
-    print(f"skipped {len(result['skipped'])} files, dropped {len(result['duplicates'])} duplicates; "
-          f"details in {Path(result['out']) / REPORT_MD}")
+    print(
+        f"imported {result['num_imported']} images ({result['layout']} layout, task {result['task']}) "
+        f"into {len(result['sites'])} sites under {result['out']}"
+    )
+    print(
+        f"skipped {len(result['skipped'])} files, dropped {len(result['duplicates'])} duplicates; "
+        f"details in {Path(result['out']) / REPORT_MD}"
+    )
 
 
 def main(argv=None) -> None:

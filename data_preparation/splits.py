@@ -77,8 +77,15 @@ def _quantity(labels, n_sites, alpha, rng, min_per_site):
     return [[chunk] for chunk in np.split(shuffled, np.cumsum(sizes)[:-1])]
 
 
-def assign_sites(labels, n_sites: int, method: str = "iid", alpha: float = 0.5, rng=None,
-                 min_per_site: int = MIN_PER_SITE, class_names=None) -> list:
+def assign_sites(
+    labels,
+    n_sites: int,
+    method: str = "iid",
+    alpha: float = 0.5,
+    rng=None,
+    min_per_site: int = MIN_PER_SITE,
+    class_names=None,
+) -> list:
     """Split sample indices 0..len(labels)-1 into `n_sites` disjoint sorted index arrays.
 
     Raises FedXViTError (naming the option) when a site would get fewer than `min_per_site`.
@@ -114,7 +121,9 @@ def train_val_test(indices, labels, val_frac: float = 0.15, test_frac: float = 0
         n_test = min(int(round(len(members) * test_frac)), len(members) - 1)
         n_val = min(int(round(len(members) * val_frac)), len(members) - 1 - n_test)
         out["testing"].append(members[:n_test])
-        out["validation"].append(members[n_test:n_test + n_val])
-        out["training"].append(members[n_test + n_val:])
-    return {split: np.sort(np.concatenate(chunks)).astype(int) if chunks else np.zeros(0, int)
-            for split, chunks in out.items()}
+        out["validation"].append(members[n_test : n_test + n_val])
+        out["training"].append(members[n_test + n_val :])
+    return {
+        split: np.sort(np.concatenate(chunks)).astype(int) if chunks else np.zeros(0, int)
+        for split, chunks in out.items()
+    }

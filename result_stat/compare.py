@@ -43,6 +43,7 @@ SPLITS = {"test": "testing", "validation": "validation"}
 
 # ---- scoring and aggregation: plain functions on predictions ----
 
+
 def headline_metrics(labels, probs) -> dict:
     """accuracy, balanced accuracy, macro-F1, ROC-AUC and count of one set of predictions.
 
@@ -62,9 +63,16 @@ def headline_metrics(labels, probs) -> dict:
     with warnings.catch_warnings():  # one class present: sklearn warns about the absent one, which we leave out
         warnings.simplefilter("ignore")
         balanced = float(balanced_accuracy_score(labels, predictions))
-    macro_f1 = float(f1_score(labels, predictions, labels=sorted(set(labels.tolist())), average="macro", zero_division=0))
-    return {"accuracy": full["accuracy"], "balanced_accuracy": balanced, "macro_f1": macro_f1,
-            "roc_auc": full["roc_auc"], "count": full["count"]}
+    macro_f1 = float(
+        f1_score(labels, predictions, labels=sorted(set(labels.tolist())), average="macro", zero_division=0)
+    )
+    return {
+        "accuracy": full["accuracy"],
+        "balanced_accuracy": balanced,
+        "macro_f1": macro_f1,
+        "roc_auc": full["roc_auc"],
+        "count": full["count"],
+    }
 
 
 def score_sites(predictions: dict) -> dict:
@@ -82,8 +90,11 @@ def mean_std(values) -> dict:
     values = [float(v) for v in values if v is not None]
     if not values:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-            "n": len(values)}
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+        "n": len(values),
+    }
 
 
 def versus_reference(method: dict, reference: dict) -> dict:
@@ -112,22 +123,28 @@ def gap_share(method: dict, fedavg: dict, centralized: dict) -> dict:
     gap = mean_std(gaps.values())
     spread = gap["std"] or 0.0
     if gap["mean"] is None or gap["mean"] <= spread:
-        what = "no common seed" if gap["mean"] is None else (
-            f"the FedAvg->centralized gap {gap['mean']:+.4f} is not above its spread over seeds {spread:.4f}")
+        what = (
+            "no common seed"
+            if gap["mean"] is None
+            else (f"the FedAvg->centralized gap {gap['mean']:+.4f} is not above its spread over seeds {spread:.4f}")
+        )
         return {"mean": None, "std": None, "n": 0, "per_seed": {}, "gap": gap, "status": "n/a", "why": what}
     per_seed = {s: (method[s] - fedavg[s]) / gaps[s] if gaps[s] > 0 else None for s in seeds}
     return {**mean_std(per_seed.values()), "per_seed": per_seed, "gap": gap, "status": "ok"}
 
 
 def summarize_method(per_seed: dict) -> dict:
-    """{seed: score_sites result} -> mean +- std over seeds of every pooled and per-site metric and of the worst site."""
+    """{seed: score_sites result} -> mean +- std over seeds of every pooled and per-site metric and of
+    the worst site."""
     scores = list(per_seed.values())
     sites = list(scores[0]["sites"]) if scores else []
     return {
         "pooled": {m: mean_std(s["pooled"][m] for s in scores) for m in METRICS},
         "sites": {site: {m: mean_std(s["sites"][site][m] for s in scores) for m in METRICS} for site in sites},
-        "worst_site": {"balanced_accuracy": mean_std(s["sites"][s["worst_site"]]["balanced_accuracy"] for s in scores),
-                       "sites": [s["worst_site"] for s in scores]},
+        "worst_site": {
+            "balanced_accuracy": mean_std(s["sites"][s["worst_site"]]["balanced_accuracy"] for s in scores),
+            "sites": [s["worst_site"] for s in scores],
+        },
     }
 
 
@@ -135,11 +152,14 @@ def curve_band(curves: list) -> dict:
     """Per-seed curves (lists, None where a round has no value) -> mean, min and max per round."""
     length = max((len(c) for c in curves), default=0)
     columns = [[c[i] for c in curves if i < len(c) and c[i] is not None] for i in range(length)]
-    return {key: [float(f(col)) if col else None for col in columns]
-            for key, f in (("mean", np.mean), ("min", np.min), ("max", np.max))}
+    return {
+        key: [float(f(col)) if col else None for col in columns]
+        for key, f in (("mean", np.mean), ("min", np.min), ("max", np.max))
+    }
 
 
 # ---- runs: folder per option set, reused when finished ----
+
 
 def options_digest(options: dict) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -149,7 +169,11 @@ def files_digest(paths) -> str:
     """Content hash of files (folders: every file under them, by relative path)."""
     digest = hashlib.sha256()
     for path in map(Path, paths):
-        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() else [path]
+        files = (
+            sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+            if path.is_dir()
+            else [path]
+        )
         for file in files:
             digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
             digest.update(file.read_bytes())
@@ -181,8 +205,12 @@ class Scenario:
         self.data, self.sites, self.initial, self.preset = data, sites, initial, preset
         self.image_size, self.device = image_size, resolve_device(device)
         self._loaders = {}
-        self.fingerprint = {"data": files_digest(data / s / f for s in sites for f in ("datalist.json", "dataset.json")),
-                            "initial": files_digest([initial]), "sites": sites, "preset": preset}
+        self.fingerprint = {
+            "data": files_digest(data / s / f for s in sites for f in ("datalist.json", "dataset.json")),
+            "initial": files_digest([initial]),
+            "sites": sites,
+            "preset": preset,
+        }
 
     def site_dir(self, site: str) -> Path:
         return self.data / site
@@ -191,8 +219,9 @@ class Scenario:
         from fedxvit.data import make_loader
 
         if split not in self._loaders:
-            self._loaders[split] = {s: make_loader(self.site_dir(s), SPLITS[split], self.image_size, 32, train=False)
-                                    for s in self.sites}
+            self._loaders[split] = {
+                s: make_loader(self.site_dir(s), SPLITS[split], self.image_size, 32, train=False) for s in self.sites
+            }
         return self._loaders[split]
 
     def predict(self, model, split: str, sites=None) -> dict:
@@ -225,23 +254,36 @@ def validation_curve(run_dir: Path, rounds: int) -> list:
     return [row.get("global_val_accuracy") for row in rows[:rounds]]
 
 
-def federated_run(scenario: Scenario, job: Path, rounds: int, local_epochs: int, seed: int, tracking_uri: str,
-                  timeout_s: int):
+def federated_run(
+    scenario: Scenario, job: Path, rounds: int, local_epochs: int, seed: int, tracking_uri: str, timeout_s: int
+):
     """compute() of one federated run: the job copy with this run's variables, the simulator, then scores."""
     from fedxvit.checkpoint import load_global_model
 
     def compute(folder: Path) -> dict:
-        copy = job_copy(job, folder / "job",
-                        server={"num_rounds": rounds, "min_clients": len(scenario.sites), "preset": scenario.preset,
-                                "tracking_uri": tracking_uri},
-                        client={"local_epochs": local_epochs, "seed": seed, "preset": scenario.preset},
-                        optional=("min_clients", "tracking_uri"))
+        copy = job_copy(
+            job,
+            folder / "job",
+            server={
+                "num_rounds": rounds,
+                "min_clients": len(scenario.sites),
+                "preset": scenario.preset,
+                "tracking_uri": tracking_uri,
+            },
+            client={"local_epochs": local_epochs, "seed": seed, "preset": scenario.preset},
+            optional=("min_clients", "tracking_uri"),
+        )
         run_dir = run_simulator(copy, folder / "simulator", scenario.data, scenario.sites, scenario.initial, timeout_s)
         model = load_global_model(run_dir / GLOBAL_MODEL, scenario.preset, device=scenario.device)
         final_val = pooled_accuracy(scenario.predict(model, "validation"))
         curve = validation_curve(run_dir, rounds)
-        return {"run_dir": str(run_dir), "test": scenario.predict(model, "test"), "final_val_accuracy": final_val,
-                "val_curve": (curve or [None] * rounds) + [final_val]}
+        return {
+            "run_dir": str(run_dir),
+            "test": scenario.predict(model, "test"),
+            "final_val_accuracy": final_val,
+            "val_curve": (curve or [None] * rounds) + [final_val],
+        }
+
     return compute
 
 
@@ -250,10 +292,15 @@ def baseline_run(scenario: Scenario, settings, sites: list):
     from fedxvit.baselines import train_on_sites
 
     def compute(folder: Path) -> dict:
-        trained = train_on_sites([scenario.site_dir(s) for s in sites], scenario.initial, settings,
-                                 device=str(scenario.device))
-        return {"test": scenario.predict(trained["model"], "test", sites), "train_images": trained["train_images"],
-                "final_val_accuracy": pooled_accuracy(scenario.predict(trained["model"], "validation", sites))}
+        trained = train_on_sites(
+            [scenario.site_dir(s) for s in sites], scenario.initial, settings, device=str(scenario.device)
+        )
+        return {
+            "test": scenario.predict(trained["model"], "test", sites),
+            "train_images": trained["train_images"],
+            "final_val_accuracy": pooled_accuracy(scenario.predict(trained["model"], "validation", sites)),
+        }
+
     return compute
 
 
@@ -263,22 +310,27 @@ def start_run(scenario: Scenario):
 
     def compute(folder: Path) -> dict:
         model, _ = build_model_from_checkpoint(scenario.initial, preset=scenario.preset, device=scenario.device)
-        return {"test": scenario.predict(model, "test"),
-                "final_val_accuracy": pooled_accuracy(scenario.predict(model, "validation"))}
+        return {
+            "test": scenario.predict(model, "test"),
+            "final_val_accuracy": pooled_accuracy(scenario.predict(model, "validation")),
+        }
+
     return compute
 
 
 # ---- the comparison ----
 
+
 def parse_methods(text: str | None, root: Path) -> dict:
-    """"fedavg,fedprox" or "name=job folder" entries -> {method: job folder}; the reference FedAvg must be one."""
+    """ "fedavg,fedprox" or "name=job folder" entries -> {method: job folder}; the reference FedAvg must be one."""
     methods = {}
     for entry in [e.strip() for e in (text or ",".join(METHOD_JOBS)).split(",") if e.strip()]:
         name, _, folder = entry.partition("=")
         if not folder:
             if name not in METHOD_JOBS:
-                raise FedXViTError(f"--methods: unknown method {name!r}; use one of {', '.join(METHOD_JOBS)} "
-                                   f"or name=<job folder>")
+                raise FedXViTError(
+                    f"--methods: unknown method {name!r}; use one of {', '.join(METHOD_JOBS)} or name=<job folder>"
+                )
             folder = root / METHOD_JOBS[name]
         if name in (CENTRALIZED, LOCAL_ONLY, START):
             raise FedXViTError(f"--methods: {name!r} is a baseline name, always run; pick another method name")
@@ -300,10 +352,13 @@ def check_scenario(data: Path, sites: list | None, initial: Path, preset: str | 
     if not data.is_dir():
         raise FedXViTError(f"--scenario-data {data} does not exist: run `make data` (or `make data-skewed`) first")
     if not sites:
-        sites = sorted((p.name for p in data.glob("site*") if p.is_dir() and p.name[4:].isdigit()),
-                       key=lambda name: int(name[4:]))
+        sites = sorted(
+            (p.name for p in data.glob("site*") if p.is_dir() and p.name[4:].isdigit()), key=lambda name: int(name[4:])
+        )
         if len(sites) < 2:
-            raise FedXViTError(f"--scenario-data {data} holds {len(sites)} site folders (site1, site2, ...): a federation needs 2")
+            raise FedXViTError(
+                f"--scenario-data {data} holds {len(sites)} site folders (site1, site2, ...): a federation needs 2"
+            )
     for site in sites:
         site_data_dir(site, environ={DATA_ROOT_ENV: str(data)})
         if not load_split(data / site, "testing"):
@@ -316,10 +371,20 @@ def check_scenario(data: Path, sites: list | None, initial: Path, preset: str | 
     return list(sites), meta["preset"], int(meta["image_size"])
 
 
-def compare(data: Path, initial: Path, methods: dict, seeds: list, rounds: int | None = None,
-            local_epochs: int | None = None, sites: list | None = None, preset: str | None = None,
-            workspace: Path = Path("workspace/compare"), device: str | None = None, timeout_s: int = 3600,
-            log=print) -> dict:
+def compare(
+    data: Path,
+    initial: Path,
+    methods: dict,
+    seeds: list,
+    rounds: int | None = None,
+    local_epochs: int | None = None,
+    sites: list | None = None,
+    preset: str | None = None,
+    workspace: Path = Path("workspace/compare"),
+    device: str | None = None,
+    timeout_s: int = 3600,
+    log=print,
+) -> dict:
     """Run or reuse every run of the comparison and aggregate it (see the module doc); the report dict."""
     from dataclasses import replace
 
@@ -338,24 +403,45 @@ def compare(data: Path, initial: Path, methods: dict, seeds: list, rounds: int |
     tracking_uri = f"sqlite:///{workspace / 'mlflow.db'}"  # the comparison's runs stay out of the project's store
 
     # the baselines train like the reference job: its settings with this comparison's rounds, epochs and seed
-    settings_job = job_copy(methods[REFERENCE], workspace / "reference_job",
-                            server={"num_rounds": rounds, "preset": preset},
-                            client={"local_epochs": local_epochs, "preset": preset})
+    settings_job = job_copy(
+        methods[REFERENCE],
+        workspace / "reference_job",
+        server={"num_rounds": rounds, "preset": preset},
+        client={"local_epochs": local_epochs, "preset": preset},
+    )
     base_settings = read_job_settings(settings_job)
 
     plan = [(START, None, {"kind": START}, start_run(scenario))]
     for seed in seeds:
         for name, job in methods.items():
-            options = {"kind": "federated", "job": files_digest([job]), "rounds": rounds, "local_epochs": local_epochs,
-                       "seed": seed}
-            plan.append((name, seed, options, federated_run(scenario, job, rounds, local_epochs, seed, tracking_uri,
-                                                            timeout_s)))
+            options = {
+                "kind": "federated",
+                "job": files_digest([job]),
+                "rounds": rounds,
+                "local_epochs": local_epochs,
+                "seed": seed,
+            }
+            plan.append(
+                (name, seed, options, federated_run(scenario, job, rounds, local_epochs, seed, tracking_uri, timeout_s))
+            )
         settings = replace(base_settings, seed=seed)
-        plan.append((CENTRALIZED, seed, {"kind": CENTRALIZED, "settings": settings.as_dict()},
-                     baseline_run(scenario, settings, sites)))
+        plan.append(
+            (
+                CENTRALIZED,
+                seed,
+                {"kind": CENTRALIZED, "settings": settings.as_dict()},
+                baseline_run(scenario, settings, sites),
+            )
+        )
         for site in sites:
-            plan.append((f"{LOCAL_ONLY} {site}", seed, {"kind": LOCAL_ONLY, "site": site, "settings": settings.as_dict()},
-                         baseline_run(scenario, settings, [site])))
+            plan.append(
+                (
+                    f"{LOCAL_ONLY} {site}",
+                    seed,
+                    {"kind": LOCAL_ONLY, "site": site, "settings": settings.as_dict()},
+                    baseline_run(scenario, settings, [site]),
+                )
+            )
 
     results, runs, failures = {}, [], []
     for index, (name, seed, options, compute) in enumerate(plan, 1):
@@ -371,16 +457,31 @@ def compare(data: Path, initial: Path, methods: dict, seeds: list, rounds: int |
         results[(name, seed)] = result
         runs.append({"method": name, "seed": seed, "folder": str(folder), "reused": reused, "wall_s": result["wall_s"]})
         score = score_sites(result["test"])["pooled"][GAP_METRIC]
-        log(f"{label}: {'reused' if reused else 'ran'} in {time.perf_counter() - clock:.0f} s "
-            f"(computed in {result['wall_s']:.0f} s); pooled test balanced accuracy {score:.3f}", flush=True)
+        log(
+            f"{label}: {'reused' if reused else 'ran'} in {time.perf_counter() - clock:.0f} s "
+            f"(computed in {result['wall_s']:.0f} s); pooled test balanced accuracy {score:.3f}",
+            flush=True,
+        )
 
     report = aggregate(results, list(methods), seeds, sites)
-    report.update(settings={"data": str(data), "sites": sites, "initial": str(initial), "preset": preset,
-                            "rounds": rounds, "local_epochs": local_epochs, "seeds": seeds,
-                            "baseline_training": base_settings.as_dict() | {"seed": "per seed"},
-                            "methods": {name: str(job) for name, job in methods.items()}, "workspace": str(workspace)},
-                  runs=runs, failures=failures, wall_s=round(time.perf_counter() - started, 1),
-                  compute_s=round(sum(r["wall_s"] for r in runs), 1))
+    report.update(
+        settings={
+            "data": str(data),
+            "sites": sites,
+            "initial": str(initial),
+            "preset": preset,
+            "rounds": rounds,
+            "local_epochs": local_epochs,
+            "seeds": seeds,
+            "baseline_training": base_settings.as_dict() | {"seed": "per seed"},
+            "methods": {name: str(job) for name, job in methods.items()},
+            "workspace": str(workspace),
+        },
+        runs=runs,
+        failures=failures,
+        wall_s=round(time.perf_counter() - started, 1),
+        compute_s=round(sum(r["wall_s"] for r in runs), 1),
+    )
     return report
 
 
@@ -392,20 +493,31 @@ def aggregate(results: dict, methods: list, seeds: list, sites: list) -> dict:
     predictions = {}  # method -> {seed: {site: predictions}}
     for name in [*methods, CENTRALIZED]:
         predictions[name] = {seed: results[(name, seed)]["test"] for seed in seeds if (name, seed) in results}
-    predictions[LOCAL_ONLY] = {seed: {site: results[(f"{LOCAL_ONLY} {site}", seed)]["test"][site] for site in sites}
-                               for seed in seeds if all((f"{LOCAL_ONLY} {site}", seed) in results for site in sites)}
+    predictions[LOCAL_ONLY] = {
+        seed: {site: results[(f"{LOCAL_ONLY} {site}", seed)]["test"][site] for site in sites}
+        for seed in seeds
+        if all((f"{LOCAL_ONLY} {site}", seed) in results for site in sites)
+    }
     if (START, None) in results:
         predictions[START] = {"-": results[(START, None)]["test"]}
     scores = {name: {seed: score_sites(p) for seed, p in per_seed.items()} for name, per_seed in predictions.items()}
-    pooled = {name: {seed: s["pooled"][GAP_METRIC] for seed, s in per_seed.items()} for name, per_seed in scores.items()}
+    pooled = {
+        name: {seed: s["pooled"][GAP_METRIC] for seed, s in per_seed.items()} for name, per_seed in scores.items()
+    }
 
     table = {}
     for name, per_seed in scores.items():
-        row = {"per_seed": {str(seed): s for seed, s in per_seed.items()}, **summarize_method(per_seed)} if per_seed else {}
+        row = (
+            {"per_seed": {str(seed): s for seed, s in per_seed.items()}, **summarize_method(per_seed)}
+            if per_seed
+            else {}
+        )
         if name != START and per_seed:
             row["gap_share"] = gap_share(pooled[name], pooled.get(REFERENCE, {}), pooled.get(CENTRALIZED, {}))
             row["vs_fedavg"] = versus_reference(pooled[name], pooled.get(REFERENCE, {}))
-            curves = [results[(name, seed)]["val_curve"] for seed in per_seed if "val_curve" in results.get((name, seed), {})]
+            curves = [
+                results[(name, seed)]["val_curve"] for seed in per_seed if "val_curve" in results.get((name, seed), {})
+            ]
             if curves:
                 row["val_curve"] = {"per_seed": curves, **curve_band(curves)}
             elif name == CENTRALIZED:
@@ -417,6 +529,7 @@ def aggregate(results: dict, methods: list, seeds: list, sites: list) -> dict:
 
 
 # ---- outputs ----
+
 
 def _cell(summary: dict | None) -> str:
     """A fraction's mean +- std as percent points, e.g. "81.2 ± 1.3"; n/a when there is no value."""
@@ -449,28 +562,51 @@ def compare_markdown(report: dict) -> str:
         share = row.get("gap_share")
         share_text = "—" if share is None else ("n/a" if share["status"] == "n/a" else _cell(share))
         versus = row.get("vs_fedavg")
-        versus_text = "—" if versus is None or name == REFERENCE else (
-            f"{100 * versus['mean']:+.1f} pts: {versus['verdict']}" if versus["mean"] is not None else versus["verdict"])
-        lines.append(f"| {name} | " + " | ".join(_cell(row["pooled"][m]) for m in METRICS) +
-                     f" | {_cell(row['worst_site']['balanced_accuracy'])} ({', '.join(worst_sites)}) | {share_text} | "
-                     f"{versus_text} |")
+        versus_text = (
+            "—"
+            if versus is None or name == REFERENCE
+            else (
+                f"{100 * versus['mean']:+.1f} pts: {versus['verdict']}"
+                if versus["mean"] is not None
+                else versus["verdict"]
+            )
+        )
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_cell(row["pooled"][m]) for m in METRICS)
+            + f" | {_cell(row['worst_site']['balanced_accuracy'])} ({', '.join(worst_sites)}) | {share_text} | "
+            f"{versus_text} |"
+        )
     gap = next((table[n]["gap_share"]["gap"] for n in names if table[n].get("gap_share")), None)
     if gap and gap["mean"] is not None:
-        lines.append(f"\nFedAvg→centralized gap (pooled balanced accuracy): {_cell(gap)} points. Gap closed = "
-                     "(method − FedAvg) / (centralized − FedAvg) per seed; n/a when the gap is not above its spread "
-                     "over seeds. \"better\"/\"worse\" only when the mean difference to FedAvg exceeds its spread.")
-    not_helping = [n for n in names if n not in (START, REFERENCE, CENTRALIZED) and
-                   table[n].get("vs_fedavg", {}).get("verdict") in ("worse", "no clear difference")]
+        lines.append(
+            f"\nFedAvg→centralized gap (pooled balanced accuracy): {_cell(gap)} points. Gap closed = "
+            "(method − FedAvg) / (centralized − FedAvg) per seed; n/a when the gap is not above its spread "
+            'over seeds. "better"/"worse" only when the mean difference to FedAvg exceeds its spread.'
+        )
+    not_helping = [
+        n
+        for n in names
+        if n not in (START, REFERENCE, CENTRALIZED)
+        and table[n].get("vs_fedavg", {}).get("verdict") in ("worse", "no clear difference")
+    ]
     if not_helping:
         lines.append(f"\n**Does not help over FedAvg here:** {', '.join(not_helping)}.")
     for metric in METRICS:
-        lines += [f"\n## Per hospital: {metric.replace('_', ' ')}\n",
-                  "| method | " + " | ".join(s["sites"]) + " |", "|---|" + "---:|" * len(s["sites"])]
-        lines += [f"| {n} | " + " | ".join(_cell(table[n]["sites"][site][metric]) for site in s["sites"]) + " |"
-                  for n in names]
+        lines += [
+            f"\n## Per hospital: {metric.replace('_', ' ')}\n",
+            "| method | " + " | ".join(s["sites"]) + " |",
+            "|---|" + "---:|" * len(s["sites"]),
+        ]
+        lines += [
+            f"| {n} | " + " | ".join(_cell(table[n]["sites"][site][metric]) for site in s["sites"]) + " |"
+            for n in names
+        ]
     lines.append("\n## Runs\n")
-    lines.append(f"{len(report['runs'])} runs, {report['compute_s']:.0f} s of compute when run from scratch; this call "
-                 f"took {report['wall_s']:.0f} s. Curves of pooled validation accuracy per round: compare_curves.png.")
+    lines.append(
+        f"{len(report['runs'])} runs, {report['compute_s']:.0f} s of compute when run from scratch; this call "
+        f"took {report['wall_s']:.0f} s. Curves of pooled validation accuracy per round: compare_curves.png."
+    )
     for failure in report["failures"]:
         lines.append(f"- FAILED {failure['method']} seed {failure['seed']}: {failure['error']}")
     return "\n".join(lines) + "\n"
@@ -491,15 +627,18 @@ def save_curves_png(report: dict, path: Path) -> Path:
         if "val_curve" in row:
             band = row["val_curve"]
             xs = [i for i, v in enumerate(band["mean"]) if v is not None]
-            line, = ax.plot(xs, [band["mean"][i] for i in xs], marker="o", label=name)
-            ax.fill_between(xs, [band["min"][i] for i in xs], [band["max"][i] for i in xs], color=line.get_color(),
-                            alpha=0.2)
+            (line,) = ax.plot(xs, [band["mean"][i] for i in xs], marker="o", label=name)
+            ax.fill_between(
+                xs, [band["min"][i] for i in xs], [band["max"][i] for i in xs], color=line.get_color(), alpha=0.2
+            )
         elif name == CENTRALIZED and row.get("final_val_accuracy", {}).get("mean") is not None:
             ax.axhline(row["final_val_accuracy"]["mean"], ls="--", color="black", label="centralized (final)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("rounds trained")
     ax.set_ylabel("pooled validation accuracy")
-    ax.set_title(f"Global validation per round, seeds {', '.join(map(str, report['settings']['seeds']))} (band: min..max)")
+    ax.set_title(
+        f"Global validation per round, seeds {', '.join(map(str, report['settings']['seeds']))} (band: min..max)"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -519,23 +658,41 @@ def write_outputs(report: dict, out: Path) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m result_stat.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m result_stat.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scenario-data", default="data/skewed", help="folder of site1..siteN (default: data/skewed)")
-    parser.add_argument("--sites", default=None, help="comma-separated sites (default: every siteN under --scenario-data)")
-    parser.add_argument("--methods", default=None, help=f"comma-separated methods, each a known name "
-                        f"({', '.join(METHOD_JOBS)}) or name=<job folder> (default: all known; {REFERENCE} is required)")
+    parser.add_argument(
+        "--sites", default=None, help="comma-separated sites (default: every siteN under --scenario-data)"
+    )
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated methods, each a known name "
+        f"({', '.join(METHOD_JOBS)}) or name=<job folder> (default: all known; {REFERENCE} is required)",
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of every method (default: the FedAvg job's num_rounds)")
-    parser.add_argument("--local-epochs", type=int, default=None, help="local epochs per round (default: the FedAvg job's)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds of every method (default: the FedAvg job's num_rounds)"
+    )
+    parser.add_argument(
+        "--local-epochs", type=int, default=None, help="local epochs per round (default: the FedAvg job's)"
+    )
     parser.add_argument("--quick", action="store_true", help=f"one seed (the first), {QUICK_ROUNDS} rounds")
-    parser.add_argument("--initial", default=None, help="initial global model (default: $FEDXVIT_INITIAL_MODEL, "
-                        "else models/initial_global.pt)")
+    parser.add_argument(
+        "--initial",
+        default=None,
+        help="initial global model (default: $FEDXVIT_INITIAL_MODEL, else models/initial_global.pt)",
+    )
     parser.add_argument("--preset", default=None, help="model preset (default: the initial model's, from its sidecar)")
     parser.add_argument("--out", default="results", help="output folder (default: results)")
-    parser.add_argument("--workspace", default="workspace/compare", help="runs, reused when finished (default: workspace/compare)")
+    parser.add_argument(
+        "--workspace", default="workspace/compare", help="runs, reused when finished (default: workspace/compare)"
+    )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds one simulator run may take (default: 3600)")
-    parser.add_argument("--device", default=None, help="torch device for baselines and scoring (default: cuda if present)")
+    parser.add_argument(
+        "--device", default=None, help="torch device for baselines and scoring (default: cuda if present)"
+    )
     return parser.parse_args(argv)
 
 
@@ -556,8 +713,19 @@ def main(argv=None) -> dict:
     methods = parse_methods(args.methods, project_root())
     sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
     initial = Path(args.initial) if args.initial else resolve_initial_model()
-    report = compare(Path(args.scenario_data), initial, methods, seeds, rounds, args.local_epochs, sites, args.preset,
-                     Path(args.workspace), args.device, args.timeout)
+    report = compare(
+        Path(args.scenario_data),
+        initial,
+        methods,
+        seeds,
+        rounds,
+        args.local_epochs,
+        sites,
+        args.preset,
+        Path(args.workspace),
+        args.device,
+        args.timeout,
+    )
     files = write_outputs(report, Path(args.out))
     print(f"wrote {files['markdown']}, {files['json']} and {files['curves']} ({report['wall_s']:.0f} s)")
     if report["failures"]:

@@ -34,8 +34,9 @@ MISSING = "missing"
 def load_cross_site(path: os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FedXViTError(f"no cross-site results at {path}: the run has not finished its cross-site evaluation "
-                           "(or pass --run-dir)")
+        raise FedXViTError(
+            f"no cross-site results at {path}: the run has not finished its cross-site evaluation (or pass --run-dir)"
+        )
     try:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -48,7 +49,7 @@ def load_cross_site(path: os.PathLike) -> dict:
 def model_label(name: str) -> str:
     """'SRV_FL_global_model.pt' -> 'server: FL_global_model'; a site name stays (its best local model)."""
     if name.startswith(SERVER_PREFIX):
-        return "server: " + name[len(SERVER_PREFIX):].removesuffix(".pt")
+        return "server: " + name[len(SERVER_PREFIX) :].removesuffix(".pt")
     return f"{name} (best local)"
 
 
@@ -60,15 +61,30 @@ def cross_site_matrix(results: dict, metric: str = "val_accuracy", sites=()) -> 
     never answered still gets its column and row, with its cells missing.
     """
     data_sites = sorted(set(results) | set(sites))
-    names = sorted({m for per_model in results.values() for m in per_model} | set(sites),
-                   key=lambda n: (not n.startswith(SERVER_PREFIX), n))
+    names = sorted(
+        {m for per_model in results.values() for m in per_model} | set(sites),
+        key=lambda n: (not n.startswith(SERVER_PREFIX), n),
+    )
     values = [[results.get(site, {}).get(name, {}).get(metric) for site in data_sites] for name in names]
-    counts = {site: next((m.get("val_count") for m in results.get(site, {}).values() if "val_count" in m), None)
-              for site in data_sites}
-    missing = [{"model": name, "data_site": site} for name, row in zip(names, values)
-               for site, value in zip(data_sites, row) if value is None]
-    return {"metric": metric, "models": names, "labels": [model_label(n) for n in names], "data_sites": data_sites,
-            "values": values, "counts": counts, "missing": missing}
+    counts = {
+        site: next((m.get("val_count") for m in results.get(site, {}).values() if "val_count" in m), None)
+        for site in data_sites
+    }
+    missing = [
+        {"model": name, "data_site": site}
+        for name, row in zip(names, values)
+        for site, value in zip(data_sites, row)
+        if value is None
+    ]
+    return {
+        "metric": metric,
+        "models": names,
+        "labels": [model_label(n) for n in names],
+        "data_sites": data_sites,
+        "values": values,
+        "counts": counts,
+        "missing": missing,
+    }
 
 
 def matrix_markdown(matrix: dict) -> str:
@@ -76,13 +92,17 @@ def matrix_markdown(matrix: dict) -> str:
     head = " | ".join(f"{s} (n={'?' if matrix['counts'][s] is None else matrix['counts'][s]})" for s in sites)
     lines = [f"| model \\ data ({matrix['metric']}) | {head} |", "|---|" + "---:|" * len(sites)]
     for label, row in zip(matrix["labels"], matrix["values"]):
-        cells = [MISSING if v is None else (f"{100 * v:.1f}%" if "accuracy" in matrix["metric"] else f"{v:.4f}")
-                 for v in row]
+        cells = [
+            MISSING if v is None else (f"{100 * v:.1f}%" if "accuracy" in matrix["metric"] else f"{v:.4f}") for v in row
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if matrix["missing"]:
-        lines += ["", f"{MISSING}: the score never arrived -- the model's owner never submitted it or the data site "
-                      "never validated it (a dead or hung site, given up on after the job's submit_model_timeout / "
-                      "validation_timeout)."]
+        lines += [
+            "",
+            f"{MISSING}: the score never arrived -- the model's owner never submitted it or the data site "
+            "never validated it (a dead or hung site, given up on after the job's submit_model_timeout / "
+            "validation_timeout).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -96,8 +116,13 @@ def save_heatmap(matrix: dict, path: os.PathLike, title: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.array([[np.nan if v is None else v for v in row] for row in matrix["values"]], dtype=float)
     fig, ax = plt.subplots(figsize=(2.6 + 1.3 * len(matrix["data_sites"]), 0.8 + 0.5 * len(matrix["labels"])))
-    image = ax.imshow(data, cmap="viridis", aspect="auto",
-                      vmin=np.nanmin(data) if np.isfinite(data).any() else 0, vmax=np.nanmax(data) if np.isfinite(data).any() else 1)
+    image = ax.imshow(
+        data,
+        cmap="viridis",
+        aspect="auto",
+        vmin=np.nanmin(data) if np.isfinite(data).any() else 0,
+        vmax=np.nanmax(data) if np.isfinite(data).any() else 1,
+    )
     ax.set_xticks(range(len(matrix["data_sites"])), matrix["data_sites"])
     ax.set_yticks(range(len(matrix["labels"])), matrix["labels"])
     ax.set_xlabel("data site (validation split)")
@@ -123,18 +148,25 @@ def write_cross_site(run_dir: os.PathLike | None, out: os.PathLike) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     accuracy, loss = cross_site_matrix(results, "val_accuracy", sites), cross_site_matrix(results, "val_loss", sites)
     save_heatmap(accuracy, out / "cross_site_accuracy.png")
-    (out / "cross_site.json").write_text(json.dumps({"val_accuracy": accuracy, "val_loss": loss,
-                                                     "missing": accuracy["missing"]}, indent=2) + "\n")
-    (out / "cross_site.md").write_text("## Cross-site evaluation\n\nEvery model on every site's validation split "
-                                       "(NVFlare CrossSiteModelEval).\n\n" + matrix_markdown(accuracy) + "\n"
-                                       + matrix_markdown(loss))
+    (out / "cross_site.json").write_text(
+        json.dumps({"val_accuracy": accuracy, "val_loss": loss, "missing": accuracy["missing"]}, indent=2) + "\n"
+    )
+    (out / "cross_site.md").write_text(
+        "## Cross-site evaluation\n\nEvery model on every site's validation split "
+        "(NVFlare CrossSiteModelEval).\n\n" + matrix_markdown(accuracy) + "\n" + matrix_markdown(loss)
+    )
     return accuracy
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m result_stat.cross_site", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run-dir", default=None, help="server run folder (default <project>/workspace/server/simulate_job)")
+    parser = argparse.ArgumentParser(
+        prog="python -m result_stat.cross_site",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--run-dir", default=None, help="server run folder (default <project>/workspace/server/simulate_job)"
+    )
     parser.add_argument("--out", default="results", help="output folder")
     return parser.parse_args(argv)
 

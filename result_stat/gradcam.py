@@ -76,10 +76,17 @@ def cell_centre_offset(model: torch.nn.Module, layer: torch.nn.Module, image_siz
     finally:
         for hook in hooks:
             hook.remove()
-    first = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # square images: rows suffice
+
+    def first(v):  # square images: rows suffice
+        return v[0] if isinstance(v, (tuple, list)) else v
+
     scale, centre = 1, 0.0  # input row = scale * row of the current map + centre
     for module, size in windows:
-        kernel, stride, dilation = first(module.kernel_size), first(module.stride), first(getattr(module, "dilation", 1))
+        kernel, stride, dilation = (
+            first(module.kernel_size),
+            first(module.stride),
+            first(getattr(module, "dilation", 1)),
+        )
         padding = module.padding
         if isinstance(module, Conv2dSame):  # padded at run time, the odd pixel after
             before = int(get_same_padding(size, kernel, stride, dilation)) // 2
@@ -94,8 +101,13 @@ def cell_centre_offset(model: torch.nn.Module, layer: torch.nn.Module, image_siz
     return centre - (scale - 1) / 2
 
 
-def gradcam_maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR,
-                 layer: torch.nn.Module | None = None, align: bool = True) -> np.ndarray:
+def gradcam_maps(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    target: int = TUMOR,
+    layer: torch.nn.Module | None = None,
+    align: bool = True,
+) -> np.ndarray:
     """(N, H, W) Grad-CAM maps in [0, 1] for `target`, upsampled to the images' size.
 
     Negative evidence is cut (ReLU, as in Grad-CAM); each map is divided by its maximum, so a map
@@ -116,8 +128,13 @@ def gradcam_maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUM
     return unit_peak(maps)
 
 
-def occlusion_maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR, window: int | None = None,
-                   stride: int | None = None) -> np.ndarray:
+def occlusion_maps(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    target: int = TUMOR,
+    window: int | None = None,
+    stride: int | None = None,
+) -> np.ndarray:
     """(N, H, W) occlusion maps in [0, 1]: how much the target logit drops when a window is filled
     with the image's mean intensity.
 
@@ -132,15 +149,21 @@ def occlusion_maps(model: torch.nn.Module, images: torch.Tensor, target: int = T
     stride = stride or max(1, window // 2)
     fill = images.mean(dim=(1, 2, 3), keepdim=True).expand_as(images).contiguous()  # each image's mean grey
     with torch.no_grad():
-        attributions = Occlusion(model).attribute(images, sliding_window_shapes=(images.shape[1], window, window),
-                                                  strides=(images.shape[1], stride, stride), target=target,
-                                                  baselines=fill, perturbations_per_eval=32)
+        attributions = Occlusion(model).attribute(
+            images,
+            sliding_window_shapes=(images.shape[1], window, window),
+            strides=(images.shape[1], stride, stride),
+            target=target,
+            baselines=fill,
+            perturbations_per_eval=32,
+        )
     maps = attributions.sum(1).clamp_min(0).cpu().numpy().astype(np.float64)
     return unit_peak(maps)
 
 
-def integrated_gradients_maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR,
-                              steps: int = 32) -> np.ndarray:
+def integrated_gradients_maps(
+    model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR, steps: int = 32
+) -> np.ndarray:
     """(N, H, W) Integrated Gradients maps in [0, 1]: per-pixel evidence for `target` along the
     straight path from a black image (the scans' background) to the scan; positive part.
 
@@ -150,17 +173,20 @@ def integrated_gradients_maps(model: torch.nn.Module, images: torch.Tensor, targ
     from captum.attr import IntegratedGradients
 
     model.eval()
-    attributions = IntegratedGradients(model).attribute(images, target=target, n_steps=steps,
-                                                        internal_batch_size=max(steps, len(images)))
+    attributions = IntegratedGradients(model).attribute(
+        images, target=target, n_steps=steps, internal_batch_size=max(steps, len(images))
+    )
     maps = attributions.detach().sum(1).clamp_min(0).cpu().numpy().astype(np.float64)
     return unit_peak(maps)
 
 
 METHODS = {"gradcam": gradcam_maps, "occlusion": occlusion_maps, "integrated_gradients": integrated_gradients_maps}
-METHOD_TITLES = {"gradcam": "Grad-CAM (Captum LayerGradCam on HybridViT.cam_layer, the last CNN stage, stride 16, "
-                            "aligned to the cells' receptive-field centres)",
-                 "occlusion": "occlusion (Captum Occlusion, one-cell window filled with the image mean, half-cell stride)",
-                 "integrated_gradients": "Integrated Gradients (Captum, 32 steps from a black image, positive part)"}
+METHOD_TITLES = {
+    "gradcam": "Grad-CAM (Captum LayerGradCam on HybridViT.cam_layer, the last CNN stage, stride 16, "
+    "aligned to the cells' receptive-field centres)",
+    "occlusion": "occlusion (Captum Occlusion, one-cell window filled with the image mean, half-cell stride)",
+    "integrated_gradients": "Integrated Gradients (Captum, 32 steps from a black image, positive part)",
+}
 BASELINES = ("random", "centered", "intensity", "mask_cells")
 
 
@@ -196,8 +222,13 @@ def energy_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> float:
     return float(positive[np.asarray(mask, dtype=bool)].sum() / total) if total > 0 else 0.0
 
 
-def baseline_maps(shape: tuple[int, int], rng: np.random.Generator, image: np.ndarray | None = None,
-                  mask: np.ndarray | None = None, cell: int = PATCH_STRIDE) -> dict:
+def baseline_maps(
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    image: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    cell: int = PATCH_STRIDE,
+) -> dict:
     """Reference maps: uniform noise, a Gaussian on the image centre (sigma = side / 6); given the
     image, the image itself ("intensity": what pointing at the brightest pixel scores; on the
     synthetic benchmark the lesions are bright, so this is the bar a model's map must clear); given
@@ -206,7 +237,7 @@ def baseline_maps(shape: tuple[int, int], rng: np.random.Generator, image: np.nd
     lesion that only grazes it)."""
     from captum.attr import LayerAttribution
 
-    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
     sigma = max(shape) / 6
     centered = np.exp(-(((rows - (shape[0] - 1) / 2) ** 2 + (cols - (shape[1] - 1) / 2) ** 2) / (2 * sigma**2)))
     maps = {"random": rng.random(shape), "centered": centered}
@@ -215,7 +246,9 @@ def baseline_maps(shape: tuple[int, int], rng: np.random.Generator, image: np.nd
     if mask is not None:
         grid = tuple(max(1, side // cell) for side in shape)
         cells = torch.nn.functional.adaptive_avg_pool2d(torch.as_tensor(mask, dtype=torch.float64)[None, None], grid)
-        maps["mask_cells"] = LayerAttribution.interpolate(cells, tuple(shape), interpolate_mode="bilinear")[0, 0].numpy()
+        maps["mask_cells"] = LayerAttribution.interpolate(cells, tuple(shape), interpolate_mode="bilinear")[
+            0, 0
+        ].numpy()
     return maps
 
 
@@ -223,22 +256,28 @@ def score_maps(heatmaps, masks, dilation_px: int) -> dict:
     """Pointing-game hit rate and mean energy in mask over paired maps and masks."""
     hits = [pointing_hit(h, m, dilation_px) for h, m in zip(heatmaps, masks)]
     energy = [energy_in_mask(h, m) for h, m in zip(heatmaps, masks)]
-    return {"pointing_game": float(np.mean(hits)) if hits else None,
-            "energy_in_mask": float(np.mean(energy)) if energy else None, "n": len(hits)}
+    return {
+        "pointing_game": float(np.mean(hits)) if hits else None,
+        "energy_in_mask": float(np.mean(energy)) if energy else None,
+        "n": len(hits),
+    }
 
 
 def dilation_pixels(image_size: int, fraction: float = DEFAULT_DILATION) -> int:
     return max(1, round(image_size * fraction)) if fraction > 0 else 0
 
 
-def load_tumor_cases(site_dir: os.PathLike, image_size: int, n: int = 25, seed: int = 0,
-                     split: str = "testing") -> list[dict]:
+def load_tumor_cases(
+    site_dir: os.PathLike, image_size: int, n: int = 25, seed: int = 0, split: str = "testing"
+) -> list[dict]:
     """Up to n tumor images with masks of a site's split (seeded choice, in file order):
     [{"name", "image": (1, S, S) tensor as the model sees it, "mask": (S, S) bool}]."""
     site_dir = Path(site_dir)
     entries = [e for e in load_split(site_dir, split) if int(e["label"]) == TUMOR and e.get("mask")]
     if not entries:
-        raise FedXViTError(f"{site_dir}: no tumor images with a mask in the {split} split, nothing to score Grad-CAM on")
+        raise FedXViTError(
+            f"{site_dir}: no tumor images with a mask in the {split} split, nothing to score Grad-CAM on"
+        )
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(entries), size=min(n, len(entries)), replace=False).tolist())
     load = Compose(deterministic_transforms(image_size))
@@ -296,10 +335,19 @@ def save_panels(site: str, cases: list[dict], out: os.PathLike, columns: int = 5
     return {"folder": folder, "sheet": sheet}
 
 
-def explain_sites(model: torch.nn.Module, site_dirs: dict, out: os.PathLike | None, n: int = 25, seed: int = 0,
-                  dilation: float = DEFAULT_DILATION, device: str | torch.device | None = None,
-                  progress: bool = True, panels: bool = True, method: str = "gradcam",
-                  image_size: int | None = None) -> dict:
+def explain_sites(
+    model: torch.nn.Module,
+    site_dirs: dict,
+    out: os.PathLike | None,
+    n: int = 25,
+    seed: int = 0,
+    dilation: float = DEFAULT_DILATION,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    panels: bool = True,
+    method: str = "gradcam",
+    image_size: int | None = None,
+) -> dict:
     """Heatmaps (Grad-CAM, or occlusion) for up to n tumor test images per site, scored against the
     masks; writes <out>/<method>.json/.md and the panels, returns the JSON dict."""
     from tqdm.auto import tqdm
@@ -312,8 +360,14 @@ def explain_sites(model: torch.nn.Module, site_dirs: dict, out: os.PathLike | No
     size = image_size or model.preset.image_size  # another size only for toy models (tests)
     dilation_px = dilation_pixels(size, dilation)
     rng = np.random.default_rng(seed)
-    result = {"method": method, "description": METHOD_TITLES[method], "target": TASK_CLASSES[TUMOR],
-              "dilation_px": dilation_px, "image_size": size, "per_site": {}}
+    result = {
+        "method": method,
+        "description": METHOD_TITLES[method],
+        "target": TASK_CLASSES[TUMOR],
+        "dilation_px": dilation_px,
+        "image_size": size,
+        "per_site": {},
+    }
     all_maps, all_masks, all_base = [], [], {name: [] for name in BASELINES}
     for site, site_dir in site_dirs.items():
         cases = load_tumor_cases(site_dir, size, n, seed)
@@ -331,8 +385,10 @@ def explain_sites(model: torch.nn.Module, site_dirs: dict, out: os.PathLike | No
             "gradcam": score_maps(maps, masks, dilation_px),
             "baselines": {name: score_maps([b[name] for b in base], masks, dilation_px) for name in all_base},
             "mask_fraction": float(np.mean([m.mean() for m in masks])),
-            "images": [{"image": c["name"], "p_tumor": c["p_tumor"], "hit": c["hit"], "energy_in_mask": c["energy"]}
-                       for c in cases],
+            "images": [
+                {"image": c["name"], "p_tumor": c["p_tumor"], "hit": c["hit"], "energy_in_mask": c["energy"]}
+                for c in cases
+            ],
         }
         if panels and out is not None:
             files = save_panels(site, cases, out, method=method)
@@ -343,8 +399,12 @@ def explain_sites(model: torch.nn.Module, site_dirs: dict, out: os.PathLike | No
         for name in all_base:
             all_base[name] += [b[name] for b in base]
     overall = score_maps(all_maps, all_masks, dilation_px)
-    result.update(pointing_game=overall["pointing_game"], energy_in_mask=overall["energy_in_mask"], n=overall["n"],
-                  baselines={name: score_maps(maps, all_masks, dilation_px) for name, maps in all_base.items()})
+    result.update(
+        pointing_game=overall["pointing_game"],
+        energy_in_mask=overall["energy_in_mask"],
+        n=overall["n"],
+        baselines={name: score_maps(maps, all_masks, dilation_px) for name, maps in all_base.items()},
+    )
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / f"{method}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -353,37 +413,61 @@ def explain_sites(model: torch.nn.Module, site_dirs: dict, out: os.PathLike | No
 
 
 def gradcam_markdown(result: dict) -> str:
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
-    lines = [f"## {result['method']} heatmaps against the tumor masks\n",
-             f"{result['description']}, target {result['target']}; pointing game with the mask "
-             f"dilated by {result['dilation_px']} px at {result['image_size']} px.\n",
-             "| site | images | pointing game | energy in mask | random map: PG / energy | centered map: PG / energy "
-             "| image intensity: PG / energy | mask on the 16-px cells (ceiling): PG / energy | mask area |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    lines = [
+        f"## {result['method']} heatmaps against the tumor masks\n",
+        f"{result['description']}, target {result['target']}; pointing game with the mask "
+        f"dilated by {result['dilation_px']} px at {result['image_size']} px.\n",
+        "| site | images | pointing game | energy in mask | random map: PG / energy | centered map: PG / energy "
+        "| image intensity: PG / energy | mask on the 16-px cells (ceiling): PG / energy | mask area |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     rows = [(site, r["gradcam"], r["baselines"], r["mask_fraction"]) for site, r in result["per_site"].items()]
-    rows.append(("**all**", {"n": result["n"], "pointing_game": result["pointing_game"],
-                             "energy_in_mask": result["energy_in_mask"]}, result["baselines"], None))
+    rows.append(
+        (
+            "**all**",
+            {"n": result["n"], "pointing_game": result["pointing_game"], "energy_in_mask": result["energy_in_mask"]},
+            result["baselines"],
+            None,
+        )
+    )
     for site, g, b, area in rows:
-        lines.append(f"| {site} | {g['n']} | {pct(g['pointing_game'])} | {pct(g['energy_in_mask'])} | "
-                     f"{pct(b['random']['pointing_game'])} / {pct(b['random']['energy_in_mask'])} | "
-                     f"{pct(b['centered']['pointing_game'])} / {pct(b['centered']['energy_in_mask'])} | "
-                     f"{pct(b['intensity']['pointing_game'])} / {pct(b['intensity']['energy_in_mask'])} | "
-                     f"{pct(b['mask_cells']['pointing_game'])} / {pct(b['mask_cells']['energy_in_mask'])} | "
-                     f"{'' if area is None else pct(area)} |")
+        lines.append(
+            f"| {site} | {g['n']} | {pct(g['pointing_game'])} | {pct(g['energy_in_mask'])} | "
+            f"{pct(b['random']['pointing_game'])} / {pct(b['random']['energy_in_mask'])} | "
+            f"{pct(b['centered']['pointing_game'])} / {pct(b['centered']['energy_in_mask'])} | "
+            f"{pct(b['intensity']['pointing_game'])} / {pct(b['intensity']['energy_in_mask'])} | "
+            f"{pct(b['mask_cells']['pointing_game'])} / {pct(b['mask_cells']['energy_in_mask'])} | "
+            f"{'' if area is None else pct(area)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m result_stat.gradcam", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run-dir", default=None, help="server run folder (default <project>/workspace/server/simulate_job)")
-    parser.add_argument("--model", default="final", help="'final' or 'best' global model of the run, or a path to a "
-                        "global model file / fedxvit checkpoint")
+    parser = argparse.ArgumentParser(
+        prog="python -m result_stat.gradcam",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--run-dir", default=None, help="server run folder (default <project>/workspace/server/simulate_job)"
+    )
+    parser.add_argument(
+        "--model",
+        default="final",
+        help="'final' or 'best' global model of the run, or a path to a global model file / fedxvit checkpoint",
+    )
     parser.add_argument("--sites", nargs="+", default=None, help="sites (default: the run's sites)")
     parser.add_argument("--n", type=int, default=25, help="tumor test images per site")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image choice and the random baseline")
-    parser.add_argument("--dilation", type=float, default=DEFAULT_DILATION, help="mask dilation for the pointing game, "
-                        "as a fraction of the image side")
+    parser.add_argument(
+        "--dilation",
+        type=float,
+        default=DEFAULT_DILATION,
+        help="mask dilation for the pointing game, as a fraction of the image side",
+    )
     parser.add_argument("--method", default="gradcam", choices=sorted(METHODS), help="attribution method")
     parser.add_argument("--out", default="results", help="output folder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -407,8 +491,8 @@ def load_run_model(run_dir: os.PathLike | None, which: str = "final", device=Non
 
 
 def main(argv=None) -> dict:
-    from fedxvit.sites import site_data_dir
     from fedxvit.jobconfig import default_run_dir, run_sites
+    from fedxvit.sites import site_data_dir
 
     args = parse_args(argv)
     if args.n < 1:
@@ -416,8 +500,16 @@ def main(argv=None) -> dict:
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
     model = load_run_model(run_dir, args.model, args.device)
     sites = args.sites or run_sites(run_dir)
-    result = explain_sites(model, {s: site_data_dir(s) for s in sites}, args.out, n=args.n, seed=args.seed,
-                           dilation=args.dilation, device=args.device, method=args.method)
+    result = explain_sites(
+        model,
+        {s: site_data_dir(s) for s in sites},
+        args.out,
+        n=args.n,
+        seed=args.seed,
+        dilation=args.dilation,
+        device=args.device,
+        method=args.method,
+    )
     print(gradcam_markdown(result))
     return result
 

@@ -34,8 +34,9 @@ def classification_metrics(labels, probs, class_names) -> dict:
             roc_auc = float(roc_auc_score(labels, probs[:, 1]))
         else:
             roc_auc = float(roc_auc_score(labels, probs, multi_class="ovr", labels=class_ids))
-    report = classification_report(labels, predictions, labels=class_ids, target_names=list(class_names),
-                                   output_dict=True, zero_division=0)
+    report = classification_report(
+        labels, predictions, labels=class_ids, target_names=list(class_names), output_dict=True, zero_division=0
+    )
     return {
         "accuracy": float((predictions == labels).mean()),
         "loss": float(log_loss(labels, probs, labels=class_ids)),
@@ -52,8 +53,10 @@ def per_class_markdown(per_class: dict, class_names) -> str:
     for name in [*class_names, "macro avg", "weighted avg"]:
         row = per_class.get(name)
         if isinstance(row, dict):
-            lines.append(f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1-score']:.4f} | "
-                         f"{int(row['support'])} |")
+            lines.append(
+                f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1-score']:.4f} | "
+                f"{int(row['support'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -75,7 +78,9 @@ def save_confusion_png(matrix, class_names, path: os.PathLike, title: str = "") 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(4, 3.6))
-    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(class_names)).plot(ax=ax, cmap="Blues", colorbar=False)
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(class_names)).plot(
+        ax=ax, cmap="Blues", colorbar=False
+    )
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -23,8 +23,14 @@ from fedxvit.paths import project_root
 
 DEFAULT_EVENTS = Path("workspace") / "server" / "simulate_job" / "tb_events"
 GLOBAL_TAGS = ("global_val_accuracy", "global_val_loss", "clients_per_round")
-SITE_TAGS = ("train_accuracy", "train_loss", "local_val_accuracy", "local_val_loss",
-             "global_model_val_accuracy", "global_model_val_loss")
+SITE_TAGS = (
+    "train_accuracy",
+    "train_loss",
+    "local_val_accuracy",
+    "local_val_loss",
+    "global_model_val_accuracy",
+    "global_model_val_loss",
+)
 
 
 def find_event_files(root: os.PathLike) -> list[Path]:
@@ -37,8 +43,9 @@ def read_scalars(root: os.PathLike) -> dict:
 
     root = Path(root)
     if not root.is_dir():
-        raise FedXViTError(f"TensorBoard folder {root} does not exist: run the job with its TensorBoard receiver "
-                           "(or pass --events)")
+        raise FedXViTError(
+            f"TensorBoard folder {root} does not exist: run the job with its TensorBoard receiver (or pass --events)"
+        )
     files = find_event_files(root)
     if not files:
         raise FedXViTError(f"no TensorBoard event files (*tfevents*) under {root}")
@@ -95,7 +102,7 @@ def _plot_panels(panels: dict, path: Path, title: str, weight: float) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title + (f" (smoothed, weight {weight})" if weight > 0 else ""))
     fig.tight_layout(rect=(0, 0, 1, 0.97))
@@ -126,24 +133,35 @@ def plot_events(events: os.PathLike, out: os.PathLike, smooth_weight: float = 0.
             target = global_panels if name in GLOBAL_TAGS else site_panels
             target.setdefault(tag, {})[source] = points
     order = {t: i for i, t in enumerate(GLOBAL_TAGS + SITE_TAGS)}
-    sort = lambda panels: dict(sorted(panels.items(), key=lambda kv: (order.get(kv[0].rsplit("/", 1)[-1], 99), kv[0])))
+
+    def sort(panels):
+        return dict(sorted(panels.items(), key=lambda kv: (order.get(kv[0].rsplit("/", 1)[-1], 99), kv[0])))
+
     out = Path(out)
     files = {}
     if global_panels:
-        files["global"] = _plot_panels(sort(global_panels), out / "tb_global.png", "global model per round", smooth_weight)
+        files["global"] = _plot_panels(
+            sort(global_panels), out / "tb_global.png", "global model per round", smooth_weight
+        )
     if site_panels:
         files["sites"] = _plot_panels(sort(site_panels), out / "tb_sites.png", "per-site curves", smooth_weight)
     return {"files": files, "scalars": scalars}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m result_stat.plot_tensorboard_events",
-                                     description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--events", default=None, help=f"folder searched for event files (default <project>/{DEFAULT_EVENTS})")
+    parser = argparse.ArgumentParser(
+        prog="python -m result_stat.plot_tensorboard_events",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--events", default=None, help=f"folder searched for event files (default <project>/{DEFAULT_EVENTS})"
+    )
     parser.add_argument("--out", default="results", help="output folder")
     parser.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1); the FedSM example uses 0.8")
-    parser.add_argument("--all-tags", action="store_true", help="draw every scalar tag, not only the job's per-round ones")
+    parser.add_argument(
+        "--all-tags", action="store_true", help="draw every scalar tag, not only the job's per-round ones"
+    )
     parser.add_argument("--json", action="store_true", help="also print the scalars as JSON")
     return parser.parse_args(argv)
 

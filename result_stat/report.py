@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedxvit.baselines import DEFAULT_OUT as DEFAULT_BASELINES, read_baselines
+from fedxvit.baselines import DEFAULT_OUT as DEFAULT_BASELINES
+from fedxvit.baselines import read_baselines
 from fedxvit.checkpoint import build_model_from_checkpoint, load_global_model
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
@@ -64,32 +65,52 @@ def score_model(model: torch.nn.Module, loaders: dict, device: torch.device, cla
 def _summary_row(name: str, scores: dict, **extra) -> dict:
     combined = scores[COMBINED]
     per_site = {s: m["accuracy"] for s, m in scores.items() if s not in (COMBINED, "_raw")}
-    return {"model": name, "test_accuracy": combined["accuracy"], "test_loss": combined["loss"],
-            "roc_auc": combined["roc_auc"], "per_site_accuracy": per_site, **extra}
+    return {
+        "model": name,
+        "test_accuracy": combined["accuracy"],
+        "test_loss": combined["loss"],
+        "roc_auc": combined["roc_auc"],
+        "per_site_accuracy": per_site,
+        **extra,
+    }
 
 
-def baseline_rows(baselines_dir: os.PathLike, settings: dict, sites: list[str], loaders: dict,
-                  device: torch.device) -> list[dict]:
+def baseline_rows(
+    baselines_dir: os.PathLike, settings: dict, sites: list[str], loaders: dict, device: torch.device
+) -> list[dict]:
     """Comparison rows of the models `make baselines` trained, refusing ones trained for another run."""
     baselines_dir = Path(baselines_dir)
     record = read_baselines(baselines_dir)
     trained_for = record.get("fingerprint", {}).get("settings")
     if trained_for != settings or sorted(record.get("sites", [])) != sorted(sites):
-        raise FedXViTError(f"the baselines in {baselines_dir} were trained for other settings or sites than this run "
-                           f"(theirs: {trained_for}, sites {record.get('sites')}): run `make baselines` again")
+        raise FedXViTError(
+            f"the baselines in {baselines_dir} were trained for other settings or sites than this run "
+            f"(theirs: {trained_for}, sites {record.get('sites')}): run `make baselines` again"
+        )
     rows = []
     for entry in record["models"]:
-        model, _ = build_model_from_checkpoint(baselines_dir / entry["checkpoint"], preset=settings["preset"],
-                                               num_classes=len(TASK_CLASSES), device=device)
-        rows.append(_summary_row(entry["model"], score_model(model.eval(), loaders, device),
-                                 train_images=entry["train_images"], train_wall_s=entry["train_wall_s"],
-                                 epochs=entry["epochs"]))
+        model, _ = build_model_from_checkpoint(
+            baselines_dir / entry["checkpoint"], preset=settings["preset"], num_classes=len(TASK_CLASSES), device=device
+        )
+        rows.append(
+            _summary_row(
+                entry["model"],
+                score_model(model.eval(), loaders, device),
+                train_images=entry["train_images"],
+                train_wall_s=entry["train_wall_s"],
+                epochs=entry["epochs"],
+            )
+        )
     return rows
 
 
-def build_report(run_dir: os.PathLike | None = None, sites: list[str] | None = None,
-                 initial: os.PathLike | None = None, baselines: os.PathLike | bool | None = None,
-                 device: str | None = None) -> dict:
+def build_report(
+    run_dir: os.PathLike | None = None,
+    sites: list[str] | None = None,
+    initial: os.PathLike | None = None,
+    baselines: os.PathLike | bool | None = None,
+    device: str | None = None,
+) -> dict:
     """Everything the report shows, as one JSON-able dict (plus "_raw" predictions for the plots).
 
     `baselines`: the folder `make baselines` wrote (default <project>/models/baselines); False skips them."""
@@ -104,21 +125,33 @@ def build_report(run_dir: os.PathLike | None = None, sites: list[str] | None = N
     probe = build_model(preset, num_classes=len(TASK_CLASSES))
     loaders = test_loaders(dirs, probe.preset.image_size)
 
-    report = {"run_dir": str(run_dir), "sites": sites, "class_names": list(TASK_CLASSES), "settings": settings,
-              "models": {}, "comparison": []}
+    report = {
+        "run_dir": str(run_dir),
+        "sites": sites,
+        "class_names": list(TASK_CLASSES),
+        "settings": settings,
+        "models": {},
+        "comparison": [],
+    }
     for key, file_name in GLOBAL_MODELS.items():
         model = load_global_model(run_dir / "app_server" / file_name, preset, device=torch_device)
         report["models"][key] = score_model(model, loaders, torch_device)
 
     if not initial:
-        from fedxvit.persistor import resolve_initial_model  # the job's own lookup: $FEDXVIT_INITIAL_MODEL, else models/
+        from fedxvit.persistor import (
+            resolve_initial_model,
+        )  # the job's own lookup: $FEDXVIT_INITIAL_MODEL, else models/
 
         initial = resolve_initial_model()
     initial = Path(initial)
-    initial_model, _ = build_model_from_checkpoint(initial, preset=preset, num_classes=len(TASK_CLASSES), device=torch_device)
-    rows = [_summary_row(f"transplanted start ({initial.stem})", score_model(initial_model, loaders, torch_device)),
-            _summary_row("federated, final global model", report["models"]["final"], train_images=None),
-            _summary_row("federated, best global model", report["models"]["best"], train_images=None)]
+    initial_model, _ = build_model_from_checkpoint(
+        initial, preset=preset, num_classes=len(TASK_CLASSES), device=torch_device
+    )
+    rows = [
+        _summary_row(f"transplanted start ({initial.stem})", score_model(initial_model, loaders, torch_device)),
+        _summary_row("federated, final global model", report["models"]["final"], train_images=None),
+        _summary_row("federated, best global model", report["models"]["best"], train_images=None),
+    ]
     if baselines is not False:
         baselines_dir = Path(baselines) if baselines not in (None, True) else project_root() / DEFAULT_BASELINES
         rows += baseline_rows(baselines_dir, settings, sites, loaders, torch_device)
@@ -133,15 +166,22 @@ def _pct(value) -> str:
 def report_markdown(report: dict) -> str:
     """The human face of test_report.json."""
     names = report["class_names"]
-    lines = ["# Test report\n", f"Run: `{report['run_dir']}`; settings: " +
-             ", ".join(f"{k}={v}" for k, v in report["settings"].items()) + "\n"]
+    lines = [
+        "# Test report\n",
+        f"Run: `{report['run_dir']}`; settings: " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()) + "\n",
+    ]
     for key, scores in report["models"].items():
         combined = scores[COMBINED]
-        lines += [f"## {key.capitalize()} global model\n",
-                  f"Combined test set ({combined['count']} images): accuracy **{_pct(combined['accuracy'])}**, "
-                  f"loss {combined['loss']:.4f}, ROC-AUC {combined['roc_auc'] if combined['roc_auc'] is None else round(combined['roc_auc'], 4)}\n",
-                  per_class_markdown(combined["per_class"], names), confusion_markdown(combined["confusion_matrix"], names),
-                  "| site | test images | accuracy | loss | ROC-AUC |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"## {key.capitalize()} global model\n",
+            f"Combined test set ({combined['count']} images): accuracy **{_pct(combined['accuracy'])}**, "
+            f"loss {combined['loss']:.4f}, "
+            f"ROC-AUC {combined['roc_auc'] if combined['roc_auc'] is None else round(combined['roc_auc'], 4)}\n",
+            per_class_markdown(combined["per_class"], names),
+            confusion_markdown(combined["confusion_matrix"], names),
+            "| site | test images | accuracy | loss | ROC-AUC |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for site, m in scores.items():
             if site not in (COMBINED, "_raw"):
                 auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
@@ -153,15 +193,20 @@ def report_markdown(report: dict) -> str:
 
 def comparison_markdown(rows: list[dict], sites: list[str]) -> str:
     """Is federation worth it? Every model on the same pooled test set."""
-    lines = ["## Is federation worth it?\n", "Every model scored on the same pooled test set of all sites.\n",
-             "| model | test accuracy | test loss | ROC-AUC | " + " | ".join(sites) + " | training images |",
-             "|---|---:|---:|---:|" + "---:|" * len(sites) + "---:|"]
+    lines = [
+        "## Is federation worth it?\n",
+        "Every model scored on the same pooled test set of all sites.\n",
+        "| model | test accuracy | test loss | ROC-AUC | " + " | ".join(sites) + " | training images |",
+        "|---|---:|---:|---:|" + "---:|" * len(sites) + "---:|",
+    ]
     for row in rows:
         auc = "n/a" if row.get("roc_auc") is None else f"{row['roc_auc']:.4f}"
         per_site = " | ".join(_pct(row["per_site_accuracy"].get(s)) for s in sites)
         images = row.get("train_images")
-        lines.append(f"| {row['model']} | {_pct(row['test_accuracy'])} | {row['test_loss']:.4f} | {auc} | {per_site} | "
-                     f"{'—' if images is None else images} |")
+        lines.append(
+            f"| {row['model']} | {_pct(row['test_accuracy'])} | {row['test_loss']:.4f} | {auc} | {per_site} | "
+            f"{'—' if images is None else images} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -173,9 +218,12 @@ def write_report(report: dict, out: os.PathLike) -> dict:
     files = {}
     curves = {}
     for key, scores in report["models"].items():
-        files[f"confusion_{key}"] = save_confusion_png(scores[COMBINED]["confusion_matrix"], names,
-                                                       out / f"confusion_matrix_{key}.png",
-                                                       f"{key} global model, all sites' test data")
+        files[f"confusion_{key}"] = save_confusion_png(
+            scores[COMBINED]["confusion_matrix"],
+            names,
+            out / f"confusion_matrix_{key}.png",
+            f"{key} global model, all sites' test data",
+        )
         raw = scores["_raw"]
         curves[f"{key} global"] = (raw["labels"], np.asarray(raw["probs"])[:, 1])
     files["roc"] = save_roc_png(curves, out / "roc_curve.png", "Tumor vs Healthy, pooled test set")
@@ -187,15 +235,27 @@ def write_report(report: dict, out: os.PathLike) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m result_stat.report", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run-dir", default=None, help=f"server run folder of the job (default <project>/{DEFAULT_RUN_DIR})")
+    parser = argparse.ArgumentParser(
+        prog="python -m result_stat.report",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--run-dir", default=None, help=f"server run folder of the job (default <project>/{DEFAULT_RUN_DIR})"
+    )
     parser.add_argument("--sites", nargs="+", default=None, help="sites to score (default: the run's sites)")
-    parser.add_argument("--initial", default=None, help="transplanted start checkpoint (default: the job's, "
-                        "$FEDXVIT_INITIAL_MODEL else <project>/models/initial_global.pt)")
+    parser.add_argument(
+        "--initial",
+        default=None,
+        help="transplanted start checkpoint (default: the job's, "
+        "$FEDXVIT_INITIAL_MODEL else <project>/models/initial_global.pt)",
+    )
     parser.add_argument("--out", default="results", help="output folder")
-    parser.add_argument("--baselines", default=None, help="folder `make baselines` wrote "
-                        f"(default <project>/{DEFAULT_BASELINES.as_posix()})")
+    parser.add_argument(
+        "--baselines",
+        default=None,
+        help=f"folder `make baselines` wrote (default <project>/{DEFAULT_BASELINES.as_posix()})",
+    )
     parser.add_argument("--no-baselines", action="store_true", help="leave the centralized and local-only models out")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     return parser.parse_args(argv)
@@ -203,8 +263,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    report = build_report(args.run_dir, args.sites, args.initial, device=args.device,
-                          baselines=False if args.no_baselines else args.baselines)
+    report = build_report(
+        args.run_dir,
+        args.sites,
+        args.initial,
+        device=args.device,
+        baselines=False if args.no_baselines else args.baselines,
+    )
     files = write_report(report, args.out)
     print(comparison_markdown(report["comparison"], report["sites"]))
     print(f"wrote {files['markdown']} and {files['json']}")

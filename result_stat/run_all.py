@@ -45,38 +45,65 @@ def report_markdown(summary: dict, parts_md: list[str], tb_files: dict) -> str:
     lines = ["# fedxvit results\n"]
     expert = summary.get("expert")
     if expert:
-        lines.append(f"**Phase 1 expert** (4 classes): test accuracy {_pct(expert['test_accuracy'])}, "
-                     f"loss {expert['test_loss']:.4f}.\n")
+        lines.append(
+            f"**Phase 1 expert** (4 classes): test accuracy {_pct(expert['test_accuracy'])}, "
+            f"loss {expert['test_loss']:.4f}.\n"
+        )
     federated = summary["federated"]
     if federated["rounds"]:
-        lines += ["## Federated rounds\n", "Global model scored on all sites' validation data at the start of each round "
-                  "(round r scores the model of round r-1).\n", "| round | global_val_accuracy | global_val_loss |",
-                  "|---:|---:|---:|"]
-        lines += [f"| {r['round']} | {r['global_val_accuracy']:.4f} | {r['global_val_loss']:.4f} |" for r in federated["rounds"]]
+        lines += [
+            "## Federated rounds\n",
+            "Global model scored on all sites' validation data at the start of each round "
+            "(round r scores the model of round r-1).\n",
+            "| round | global_val_accuracy | global_val_loss |",
+            "|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['round']} | {r['global_val_accuracy']:.4f} | {r['global_val_loss']:.4f} |"
+            for r in federated["rounds"]
+        ]
         lines.append("")
     for name, path in tb_files.items():
         lines.append(f"![TensorBoard {name} curves]({Path(path).name})\n")
-    lines += [*parts_md, "![confusion matrix, final global model](confusion_matrix_final.png) "
-              "![ROC](roc_curve.png) ![cross-site accuracy](cross_site_accuracy.png)\n"]
+    lines += [
+        *parts_md,
+        "![confusion matrix, final global model](confusion_matrix_final.png) "
+        "![ROC](roc_curve.png) ![cross-site accuracy](cross_site_accuracy.png)\n",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m result_stat.run_all", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run-dir", default=None, help="server run folder (default <project>/workspace/server/simulate_job)")
+    parser = argparse.ArgumentParser(
+        prog="python -m result_stat.run_all",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--run-dir", default=None, help="server run folder (default <project>/workspace/server/simulate_job)"
+    )
     parser.add_argument("--out", default="results", help="results folder")
-    parser.add_argument("--initial", default=None, help="transplanted start checkpoint (default: the job's, "
-                        "$FEDXVIT_INITIAL_MODEL else <project>/models/initial_global.pt)")
+    parser.add_argument(
+        "--initial",
+        default=None,
+        help="transplanted start checkpoint (default: the job's, "
+        "$FEDXVIT_INITIAL_MODEL else <project>/models/initial_global.pt)",
+    )
     parser.add_argument("--n", type=int, default=25, help="Grad-CAM: tumor test images per site")
     parser.add_argument("--seed", type=int, default=0, help="Grad-CAM image choice and random baseline")
     parser.add_argument("--smooth", type=float, default=0.8, help="TensorBoard curves: EMA weight (0 = raw)")
-    parser.add_argument("--baselines", default=None, help="folder `make baselines` wrote (default <project>/models/baselines)")
+    parser.add_argument(
+        "--baselines", default=None, help="folder `make baselines` wrote (default <project>/models/baselines)"
+    )
     parser.add_argument("--no-baselines", action="store_true", help="leave the centralized and local-only models out")
     parser.add_argument("--no-occlusion", action="store_true", help="skip the occlusion check beside Grad-CAM")
     parser.add_argument("--no-ig", action="store_true", help="skip the Integrated Gradients check beside Grad-CAM")
-    parser.add_argument("--mlflow", choices=("auto", "off"), default="auto",
-                        help="auto: attach the results to the job's MLflow run when one is found")
+    parser.add_argument(
+        "--mlflow",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: attach the results to the job's MLflow run when one is found",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     return parser.parse_args(argv)
 
@@ -93,8 +120,9 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     print("== test report and the baselines' scores", flush=True)
-    test_report = report.build_report(run_dir, initial=args.initial, device=args.device,
-                                      baselines=False if args.no_baselines else args.baselines)
+    test_report = report.build_report(
+        run_dir, initial=args.initial, device=args.device, baselines=False if args.no_baselines else args.baselines
+    )
     report.write_report(test_report, out)
     parts_md = [(out / "test_report.md").read_text().replace("# Test report\n", "## Test report\n", 1)]
 
@@ -124,8 +152,9 @@ def main(argv=None) -> dict:
             for stale in (out / f"{method}.json", out / f"{method}.md"):
                 stale.unlink(missing_ok=True)
             continue
-        checks[method] = gradcam.explain_sites(model, sites, out, n=args.n, seed=args.seed, device=args.device,
-                                               method=method)
+        checks[method] = gradcam.explain_sites(
+            model, sites, out, n=args.n, seed=args.seed, device=args.device, method=method
+        )
         parts_md.append(gradcam.gradcam_markdown(checks[method]))
 
     summary = write_summary(out)
@@ -133,10 +162,13 @@ def main(argv=None) -> dict:
     if args.mlflow == "auto":
         print(attach_to_mlflow(out, run_dir))
     print(report.comparison_markdown(test_report["comparison"], test_report["sites"]))
-    print(f"Grad-CAM pointing game {_pct(cams['pointing_game'])} (random map {_pct(cams['baselines']['random']['pointing_game'])}, "
-          f"image intensity {_pct(cams['baselines']['intensity']['pointing_game'])}, "
-          f"ideal 16-px cell map {_pct(cams['baselines']['mask_cells']['pointing_game'])})"
-          + "".join(f"; {name} {_pct(check['pointing_game'])}" for name, check in checks.items()))
+    print(
+        f"Grad-CAM pointing game {_pct(cams['pointing_game'])} "
+        f"(random map {_pct(cams['baselines']['random']['pointing_game'])}, "
+        f"image intensity {_pct(cams['baselines']['intensity']['pointing_game'])}, "
+        f"ideal 16-px cell map {_pct(cams['baselines']['mask_cells']['pointing_game'])})"
+        + "".join(f"; {name} {_pct(check['pointing_game'])}" for name, check in checks.items())
+    )
     print(f"wrote {out}/summary.json and {out}/report.md in {time.perf_counter() - started:.0f} s")
     return summary
 

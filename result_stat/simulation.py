@@ -29,8 +29,9 @@ def read_job_config(job: Path, which: Path) -> dict:
     return read_json(Path(job) / which, f"job folder {job} has no {which}")
 
 
-def job_copy(source: os.PathLike, dest: os.PathLike, server: dict | None = None, client: dict | None = None,
-             optional: tuple = ()) -> Path:
+def job_copy(
+    source: os.PathLike, dest: os.PathLike, server: dict | None = None, client: dict | None = None, optional: tuple = ()
+) -> Path:
     """A fresh copy of job `source` at `dest` with new values for its server and client variables.
 
     A variable the job lacks is an error naming the file, unless it is listed in `optional`
@@ -60,31 +61,54 @@ def simulator_env(data_root: Path, sites, initial: Path, environ: dict | None = 
     for site in sites:
         env.pop(site_env_var(site), None)
     bin_dir = Path(sys.executable).parent
-    env.update({DATA_ROOT_ENV: str(Path(data_root).resolve()), INITIAL_MODEL_ENV: str(Path(initial).resolve()),
-                "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"})
+    env.update(
+        {
+            DATA_ROOT_ENV: str(Path(data_root).resolve()),
+            INITIAL_MODEL_ENV: str(Path(initial).resolve()),
+            "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
     return env
 
 
-def run_simulator(job: os.PathLike, workspace: os.PathLike, data_root: os.PathLike, sites, initial: os.PathLike,
-                  timeout_s: int = 3600) -> Path:
+def run_simulator(
+    job: os.PathLike, workspace: os.PathLike, data_root: os.PathLike, sites, initial: os.PathLike, timeout_s: int = 3600
+) -> Path:
     """`nvflare simulator <job> -w <workspace> -c <sites> -t <n sites>` (one client process per site,
     so none waits for a turn); the server's run folder, or one line saying why there is none."""
     job, workspace, sites = Path(job), Path(workspace), list(sites)
     if workspace.exists():
         shutil.rmtree(workspace)
-    command = [str(Path(sys.executable).parent / "nvflare"), "simulator", str(job), "-w", str(workspace),
-               "-c", ",".join(sites), "-t", str(len(sites))]
+    command = [
+        str(Path(sys.executable).parent / "nvflare"),
+        "simulator",
+        str(job),
+        "-w",
+        str(workspace),
+        "-c",
+        ",".join(sites),
+        "-t",
+        str(len(sites)),
+    ]
     try:
-        run = subprocess.run(command, env=simulator_env(Path(data_root), sites, Path(initial)),
-                             capture_output=True, text=True, timeout=timeout_s)
+        run = subprocess.run(
+            command,
+            env=simulator_env(Path(data_root), sites, Path(initial)),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired:
-        raise FedXViTError(f"the simulator run of {job} did not finish within {timeout_s} s (workspace {workspace})") from None
+        raise FedXViTError(
+            f"the simulator run of {job} did not finish within {timeout_s} s (workspace {workspace})"
+        ) from None
     workspace.mkdir(parents=True, exist_ok=True)
     (workspace / SIMULATOR_LOG).write_text(run.stdout + run.stderr)
     run_dir = workspace / "server" / "simulate_job"
     if run.returncode != 0 or not (run_dir / GLOBAL_MODEL).is_file():
         errors = [line for line in (run.stdout + run.stderr).splitlines() if "ERROR" in line or "Error" in line]
         last = (errors or (run.stdout + run.stderr).strip().splitlines() or ["no output"])[-1].strip()
-        raise FedXViTError(f"the simulator run of {job} failed (exit {run.returncode}, log {workspace / SIMULATOR_LOG}): "
-                           f"{last[:300]}")
+        raise FedXViTError(
+            f"the simulator run of {job} failed (exit {run.returncode}, log {workspace / SIMULATOR_LOG}): {last[:300]}"
+        )
     return run_dir

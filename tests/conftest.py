@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny import write_tiny_run, write_tiny_site
 
 

@@ -6,7 +6,6 @@ multiplied, e.g. scale:1e6), "raise_in_round_<r>" (the train task raises in roun
 """
 
 import numpy as np
-
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.app_constant import AppConstants

@@ -20,8 +20,12 @@ def component_paths(config: dict) -> list[str]:
     """Class paths of the executors, components, workflows and filters of one config file."""
     paths = [e["executor"]["path"] for e in config.get("executors", [])]
     paths += [c["path"] for section in ("components", "workflows") for c in config.get(section, [])]
-    paths += [f["path"] for section in ("task_data_filters", "task_result_filters")
-              for group in config.get(section, []) for f in group.get("filters", [])]
+    paths += [
+        f["path"]
+        for section in ("task_data_filters", "task_result_filters")
+        for group in config.get(section, [])
+        for f in group.get("filters", [])
+    ]
     return paths
 
 
@@ -33,8 +37,7 @@ def import_components(side: str, config_files: list[str]) -> dict:
     import fedxvit
 
     loaded_client_only = [m for m in CLIENT_ONLY if m in sys.modules]
-    return {"side": side, "imported": paths, "fedxvit": fedxvit.__file__,
-            "client_only_loaded": loaded_client_only}
+    return {"side": side, "imported": paths, "fedxvit": fedxvit.__file__, "client_only_loaded": loaded_client_only}
 
 
 if __name__ == "__main__":

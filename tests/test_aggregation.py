@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
@@ -10,8 +9,14 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.aggregators.collect_and_assemble_aggregator import CollectAndAssembleAggregator
 from nvflare.app_common.app_constant import AppConstants
 
-from fedxvit.aggregation import (AGGREGATION_REPORT, ScreenedAssembler, combine_updates, screen_updates, trim_count,
-                                 update_norm)
+from fedxvit.aggregation import (
+    AGGREGATION_REPORT,
+    ScreenedAssembler,
+    combine_updates,
+    screen_updates,
+    trim_count,
+    update_norm,
+)
 from fedxvit.errors import FedXViTError
 from fedxvit.tracking import server_round_metrics
 from fedxvit.widgets import NO_RESULT, format_round, round_participation, weighted_global_metrics
@@ -19,8 +24,10 @@ from fedxvit.widgets import NO_RESULT, format_round, round_participation, weight
 
 def honest(scale: float = 1.0, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    return {"head.weight": (scale * rng.normal(0, 0.01, (2, 4))).astype(np.float32),
-            "head.bias": (scale * rng.normal(0, 0.01, 2)).astype(np.float32)}
+    return {
+        "head.weight": (scale * rng.normal(0, 0.01, (2, 4))).astype(np.float32),
+        "head.bias": (scale * rng.normal(0, 0.01, 2)).astype(np.float32),
+    }
 
 
 def test_update_norm_is_the_l2_norm_over_all_tensors():
@@ -116,12 +123,19 @@ def test_stock_collect_and_assemble_aggregator_with_the_screened_assembler():
 
 def test_round_participation_names_every_dropped_site_and_why():
     taking_part = round_participation(
-        expected=["site1", "site2", "site3", "site4", "site5"], accepted=["site1", "site2", "site3"],
+        expected=["site1", "site2", "site3", "site4", "site5"],
+        accepted=["site1", "site2", "site3"],
         failures={"site4": "the site returned EXECUTION_EXCEPTION"},
-        report={"aggregated": ["site1", "site2"], "rejected": {"site3": "update norm 1e+06 is ..."}})
-    assert taking_part == {"aggregated": ["site1", "site2"],
-                           "dropped": {"site3": "update norm 1e+06 is ...",
-                                       "site4": "the site returned EXECUTION_EXCEPTION", "site5": NO_RESULT}}
+        report={"aggregated": ["site1", "site2"], "rejected": {"site3": "update norm 1e+06 is ..."}},
+    )
+    assert taking_part == {
+        "aggregated": ["site1", "site2"],
+        "dropped": {
+            "site3": "update norm 1e+06 is ...",
+            "site4": "the site returned EXECUTION_EXCEPTION",
+            "site5": NO_RESULT,
+        },
+    }
     # without the robust aggregator's report the accepted sites are the aggregated ones
     assert round_participation(["a", "b"], ["a"], {})["aggregated"] == ["a"]
     # a late result of an earlier round does not mark a site dropped once its own update arrived
@@ -129,8 +143,10 @@ def test_round_participation_names_every_dropped_site_and_why():
 
 
 def test_round_row_is_logged_and_tracked_with_who_took_part():
-    sites = {"site1": {"val_accuracy": 1.0, "val_loss": 0.1, "val_count": 3},
-             "site2": {"val_accuracy": 0.5, "val_loss": 0.9, "val_count": 1}}
+    sites = {
+        "site1": {"val_accuracy": 1.0, "val_loss": 0.1, "val_count": 3},
+        "site2": {"val_accuracy": 0.5, "val_loss": 0.9, "val_count": 1},
+    }
     pooled = weighted_global_metrics(sites)
     assert pooled["global_val_accuracy"] == pytest.approx((3 * 1.0 + 1 * 0.5) / 4)
     assert pooled["global_val_loss"] == pytest.approx((3 * 0.1 + 1 * 0.9) / 4)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import REPO, SITES, tiny_job, tiny_sites_and_initial_model
 
 from fedxvit.jobs import ALGORITHM_JOBS, BASE_JOB, CLIENT, SERVER, differences, render_jobs
 from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG
-from tiny import REPO, SITES, tiny_job, tiny_sites_and_initial_model
 
 TESTS = Path(__file__).resolve().parent
 JOBS = REPO / "jobs"
@@ -74,11 +74,25 @@ def simulate(root: Path, initial: Path, job_name: str):
         client_config.write_text(json.dumps(config))
     workspace = root / job_name / "workspace"
     store = f"sqlite:///{root / job_name / 'mlflow.db'}"
-    env = dict(os.environ, FEDXVIT_INITIAL_MODEL=str(initial), FEDXVIT_DATA_ROOT=str(root / "data"),
-               MLFLOW_TRACKING_URI=store, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    command = [str(Path(sys.executable).parent / "nvflare"), "simulator", str(job), "-w", str(workspace),
-               "-c", ",".join(sites), "-t", str(len(sites))]
+    env = dict(
+        os.environ,
+        FEDXVIT_INITIAL_MODEL=str(initial),
+        FEDXVIT_DATA_ROOT=str(root / "data"),
+        MLFLOW_TRACKING_URI=store,
+        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    command = [
+        str(Path(sys.executable).parent / "nvflare"),
+        "simulator",
+        str(job),
+        "-w",
+        str(workspace),
+        "-c",
+        ",".join(sites),
+        "-t",
+        str(len(sites)),
+    ]
     run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=400)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
@@ -111,14 +125,20 @@ def test_algorithm_job_runs_in_the_simulator_with_its_mechanism_active(federatio
         terms = [float(re.search(r"last proximal term (\S+)$", note).group(1)) for _, _, _, note in turns]
         assert all(note.startswith("fedprox mu=0.01,") for _, _, _, note in turns) and all(t > 0 for t in terms)
     elif job_name == "fedxvit_fedopt":
-        steps = re.findall(r"FedOpt \(torch\.optim\.SGD, \w+\) server model update round (\d).* lr: 1\.0, "
-                           r"fedopt layers: (\d+)", log)
+        steps = re.findall(
+            r"FedOpt \(torch\.optim\.SGD, \w+\) server model update round (\d).* lr: 1\.0, "
+            r"fedopt layers: (\d+)",
+            log,
+        )
         sent = {int(n) for n in re.findall(r"(\d+) tensors sent", log)}
         assert [r for r, _ in steps] == ["0", "1"] and {int(n) for _, n in steps} == sent, (steps, sent)
     elif job_name == "fedxvit_scaffold":
         sent = [float(re.search(r"control-variate change norm (\S+) sent", note).group(1)) for _, _, _, note in turns]
-        combined = re.findall(r"round (\d): SCAFFOLD control variates of site1, site2 combined; "
-                              r"global control change norm (\S+)", log)
+        combined = re.findall(
+            r"round (\d): SCAFFOLD control variates of site1, site2 combined; "
+            r"global control change norm (\S+)",
+            log,
+        )
         assert all(norm > 0 for norm in sent) and [r for r, _ in combined] == ["0", "1"]
         assert all(float(norm) > 0 for _, norm in combined)
     else:

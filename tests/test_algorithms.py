@@ -12,7 +12,6 @@ import importlib
 import numpy as np
 import pytest
 import torch
-
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
@@ -116,8 +115,9 @@ def test_scaffold_control_variates_are_non_zero_after_a_round_and_correct_the_ne
     lr, epochs = 1e-2, 3
     scaffold = Scaffold()
     plain, _ = local_round(tiny_site_dir, FedAvg(), epochs=epochs, lr=lr)
-    update, model = local_round(tiny_site_dir, scaffold, global_controls=zero_controls(start_model()),
-                                epochs=epochs, lr=lr)
+    update, model = local_round(
+        tiny_site_dir, scaffold, global_controls=zero_controls(start_model()), epochs=epochs, lr=lr
+    )
     assert_same(plain, update)  # c_global = c_local = 0: round 0 is FedAvg
     deltas = scaffold.finish_round()
     assert set(deltas) == set(plain), "control variates only for the trainable parameters"
@@ -145,9 +145,13 @@ def site_fl_ctx(tmp_path, tiny_site_dir, monkeypatch):
 
 
 def scaffold_task(model, controls):
-    collection = DXO(DataKind.COLLECTION, data={
-        AppConstants.MODEL_WEIGHTS: DXO(DataKind.WEIGHTS, to_numpy_state(model.state_dict())),
-        AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL: DXO(DataKind.WEIGHT_DIFF, controls)})
+    collection = DXO(
+        DataKind.COLLECTION,
+        data={
+            AppConstants.MODEL_WEIGHTS: DXO(DataKind.WEIGHTS, to_numpy_state(model.state_dict())),
+            AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL: DXO(DataKind.WEIGHT_DIFF, controls),
+        },
+    )
     shareable = collection.to_shareable()
     shareable.set_header(AppConstants.CURRENT_ROUND, 0)
     return shareable
@@ -158,8 +162,12 @@ def server_ctx(global_model, site="site1"):
     peer.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
     fl_ctx = FLContext()
     fl_ctx.set_peer_context(peer)
-    fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(to_numpy_state(global_model.state_dict()), {}),
-                    private=True, sticky=False)
+    fl_ctx.set_prop(
+        AppConstants.GLOBAL_MODEL,
+        make_model_learnable(to_numpy_state(global_model.state_dict()), {}),
+        private=True,
+        sticky=False,
+    )
     fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
     return fl_ctx
 
@@ -184,27 +192,36 @@ def test_scaffold_site_returns_its_control_variates_with_the_update_and_the_filt
     rejected = RejectBadUpdates().process(outer.to_shareable(), server_ctx(global_model))
     assert rejected.get_return_code() == ReturnCode.EXECUTION_RESULT_ERROR
     assert rejected.get_header(REJECT_REASON_HEADER) == (
-        f"rejected by the update filter: {AlgorithmConstants.SCAFFOLD_CTRL_DIFF}/head.bias: holds NaN (1 of 2 values)")
+        f"rejected by the update filter: {AlgorithmConstants.SCAFFOLD_CTRL_DIFF}/head.bias: holds NaN (1 of 2 values)"
+    )
 
     fedavg_site = FedXViTExecutor(preset="tiny", batch_size=2, torch_threads=1)
-    refused = fedavg_site.execute("train", scaffold_task(global_model, zero_controls(global_model)), site_fl_ctx,
-                                  Signal())
+    refused = fedavg_site.execute(
+        "train", scaffold_task(global_model, zero_controls(global_model)), site_fl_ctx, Signal()
+    )
     assert refused.get_return_code() == ReturnCode.EXECUTION_EXCEPTION  # a FedAvg site cannot join a SCAFFOLD job
 
 
 def scaffold_contribution(weights: dict, controls: dict, steps: int) -> DXO:
-    return DXO(DataKind.COLLECTION, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps}, data={
-        AppConstants.MODEL_WEIGHTS: DXO(DataKind.WEIGHT_DIFF, weights),
-        AlgorithmConstants.SCAFFOLD_CTRL_DIFF: DXO(DataKind.WEIGHT_DIFF, controls)})
+    return DXO(
+        DataKind.COLLECTION,
+        meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps},
+        data={
+            AppConstants.MODEL_WEIGHTS: DXO(DataKind.WEIGHT_DIFF, weights),
+            AlgorithmConstants.SCAFFOLD_CTRL_DIFF: DXO(DataKind.WEIGHT_DIFF, controls),
+        },
+    )
 
 
 def test_scaffold_assembler_combines_weights_and_controls_and_drops_absurd_control_variates():
     assembler = ScaffoldScreenedAssembler(norm_k=10)
     one = {"w": np.ones(2, np.float32)}
-    contributions = {"site1": scaffold_contribution(one, {"w": np.full(2, 1.0, np.float32)}, 1),
-                     "site2": scaffold_contribution(one, {"w": np.full(2, 4.0, np.float32)}, 3),
-                     "site3": scaffold_contribution(one, {"w": np.full(2, 2.0, np.float32)}, 1),
-                     "site4": scaffold_contribution(one, {"w": np.full(2, 1e6, np.float32)}, 1)}
+    contributions = {
+        "site1": scaffold_contribution(one, {"w": np.full(2, 1.0, np.float32)}, 1),
+        "site2": scaffold_contribution(one, {"w": np.full(2, 4.0, np.float32)}, 3),
+        "site3": scaffold_contribution(one, {"w": np.full(2, 2.0, np.float32)}, 1),
+        "site4": scaffold_contribution(one, {"w": np.full(2, 1e6, np.float32)}, 1),
+    }
     data = {site: assembler.get_model_params(dxo) for site, dxo in contributions.items()}
     fl_ctx = server_ctx(start_model())
     result = assembler.assemble(data, fl_ctx)
@@ -240,8 +257,10 @@ def fedopt_rounds(diffs: list, server_lr: float, momentum: float, global_state: 
     the global model into a freshly built server model, then NVFlare's generator takes its SGD step."""
     server_model = build_model("tiny", len(TASK_CLASSES))  # random init: only the sync makes it the global model
     generator = PTFedOptModelShareableGenerator(
-        source_model="server_model", device="cpu",
-        optimizer_args={"path": "torch.optim.SGD", "args": {"lr": server_lr, "momentum": momentum}})
+        source_model="server_model",
+        device="cpu",
+        optimizer_args={"path": "torch.optim.SGD", "args": {"lr": server_lr, "momentum": momentum}},
+    )
     sync = ServerModelSync("server_model")
     fl_ctx = FLContext()
     fl_ctx.set_prop(ReservedKey.ENGINE, ServerEngine({"server_model": server_model}), private=True, sticky=False)
@@ -259,8 +278,13 @@ def fedopt_rounds(diffs: list, server_lr: float, momentum: float, global_state: 
 def test_fedopt_server_step_differs_from_plain_averaging():
     global_state = start_model().state_dict()
     rng = np.random.default_rng(0)
-    diffs = [{name: rng.normal(0, 0.01, tuple(global_state[name].shape)).astype(np.float32)
-              for name in ("head.weight", "head.bias")} for _ in range(2)]
+    diffs = [
+        {
+            name: rng.normal(0, 0.01, tuple(global_state[name].shape)).astype(np.float32)
+            for name in ("head.weight", "head.bias")
+        }
+        for _ in range(2)
+    ]
     start = to_numpy_state(global_state)
     fedavg = [{**start, **{k: start[k] + diffs[0][k] for k in diffs[0]}}]
     fedavg.append({**fedavg[0], **{k: fedavg[0][k] + diffs[1][k] for k in diffs[1]}})
@@ -287,8 +311,10 @@ def test_cyclic_filter_turns_a_bad_turn_into_an_update_that_changes_nothing():
     global_model = start_model()
     skip = RejectBadUpdates(on_bad_result="empty_update")
     bad = DXO(DataKind.WEIGHT_DIFF, {"head.bias": np.array([np.nan, 0.0], np.float32)}).to_shareable()
-    for result, reason in ((bad, "rejected by the update filter: head.bias: holds NaN"),
-                           (make_reply(ReturnCode.EXECUTION_EXCEPTION), "the site returned EXECUTION_EXCEPTION")):
+    for result, reason in (
+        (bad, "rejected by the update filter: head.bias: holds NaN"),
+        (make_reply(ReturnCode.EXECUTION_EXCEPTION), "the site returned EXECUTION_EXCEPTION"),
+    ):
         passed_on = skip.process(result, server_ctx(global_model, "site3"))
         assert passed_on.get_return_code(ReturnCode.OK) == ReturnCode.OK  # CyclicController stops on anything else
         dxo = from_shareable(passed_on)

@@ -32,7 +32,9 @@ def test_pooled_and_local_training_start_from_the_initial_model_under_the_freeze
         assert [(h["images"], h["steps"], h["aborted"]) for h in run["history"]] == [(images, images // 4, False)] * 2
     state = pooled["model"].state_dict()
     trainable = apply_freeze_policy(build_model("tiny", 2), "last-k", 1)
-    assert [name for name in trainable if torch.equal(state[name], initial[name])] == [], "every trainable tensor trains"
+    assert [name for name in trainable if torch.equal(state[name], initial[name])] == [], (
+        "every trainable tensor trains"
+    )
     frozen = set(state) - set(trainable)
     assert all(torch.equal(state[name], initial[name]) for name in frozen), "frozen tensors must not move"
     assert not torch.equal(local["model"].state_dict()["head.weight"], state["head.weight"]), "other data, other model"
@@ -49,7 +51,9 @@ def test_the_baselines_step_writes_checkpoints_and_a_record_then_reuses_them(tin
     assert record == read_baselines(out)
     assert [(m["model"], m["checkpoint"], m["train_images"], m["epochs"]) for m in record["models"]] == [
         ("centralized (all sites pooled)", "centralized.pt", 16, 2),
-        ("local-only site1", "local-site1.pt", 8, 2), ("local-only site2", "local-site2.pt", 8, 2)]
+        ("local-only site1", "local-site1.pt", 8, 2),
+        ("local-only site2", "local-site2.pt", 8, 2),
+    ]
     trained = train_on_sites([site_dirs["site1"]], tiny_run["initial"], settings)["model"].state_dict()
     saved, meta = load_checkpoint(out / "local-site1.pt", "tiny", 2)
     assert torch.equal(saved["head.weight"], trained["head.weight"]) and meta["sites"] == ["site1"]
@@ -59,8 +63,9 @@ def test_the_baselines_step_writes_checkpoints_and_a_record_then_reuses_them(tin
     assert train_baselines(settings, site_dirs, tiny_run["initial"], out, progress=False) == record
     assert "reusing the baselines" in capsys.readouterr().out
     assert (out / "centralized.pt").stat().st_mtime_ns == before, "nothing retrained"
-    other = train_baselines(dataclasses.replace(settings, learning_rate=1e-2), site_dirs, tiny_run["initial"], out,
-                            progress=False)
+    other = train_baselines(
+        dataclasses.replace(settings, learning_rate=1e-2), site_dirs, tiny_run["initial"], out, progress=False
+    )
     assert other["fingerprint"]["settings"]["learning_rate"] == 1e-2, "new settings, new baselines"
     assert (out / "centralized.pt").stat().st_mtime_ns != before
 
@@ -68,8 +73,9 @@ def test_the_baselines_step_writes_checkpoints_and_a_record_then_reuses_them(tin
 def test_the_cli_matches_the_run_and_bad_inputs_fail_with_one_line(tiny_run, settings, tmp_path, monkeypatch):
     monkeypatch.setenv("FEDXVIT_DATA_ROOT", str(tiny_run["data"]))
     out = tmp_path / "b"
-    record = baselines.main(["--run-dir", str(tiny_run["run_dir"]), "--initial", str(tiny_run["initial"]),
-                             "--out", str(out)])
+    record = baselines.main(
+        ["--run-dir", str(tiny_run["run_dir"]), "--initial", str(tiny_run["initial"]), "--out", str(out)]
+    )
     assert record["sites"] == ["site1", "site2"] and json.loads((out / "baselines.json").read_text()) == record
     with pytest.raises(FedXViTError, match=r"run folder .*nowhere does not exist: run `make simulate` first"):
         baselines.main(["--run-dir", str(tmp_path / "nowhere"), "--out", str(out)])

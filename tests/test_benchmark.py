@@ -15,16 +15,42 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy.ndimage import binary_fill_holes, distance_transform_edt
+from tiny import REPO
 
 from data_preparation import benchmark
 from fedxvit.datalist import load_split, pixel_hash, read_dataset_info
 from fedxvit.errors import FedXViTError
-from tiny import REPO
 
-TINY = ["--image-size", "64", "--public-per-class", "12", "--site-sizes", "20,30,40",
-        "--healthy-fraction", "0.4", "--val-frac", "0.2", "--test-frac", "0.2", "--workers", "1"]
-TINY_SKEWED = ["--scenario", "skewed", "--image-size", "64", "--site-sizes", "64,40,24,16,10,8",
-               "--val-frac", "0.2", "--test-frac", "0.2", "--workers", "1"]
+TINY = [
+    "--image-size",
+    "64",
+    "--public-per-class",
+    "12",
+    "--site-sizes",
+    "20,30,40",
+    "--healthy-fraction",
+    "0.4",
+    "--val-frac",
+    "0.2",
+    "--test-frac",
+    "0.2",
+    "--workers",
+    "1",
+]
+TINY_SKEWED = [
+    "--scenario",
+    "skewed",
+    "--image-size",
+    "64",
+    "--site-sizes",
+    "64,40,24,16,10,8",
+    "--val-frac",
+    "0.2",
+    "--test-frac",
+    "0.2",
+    "--workers",
+    "1",
+]
 SPLITS = ("training", "validation", "testing")
 # Digest of every file that TINY writes, recorded with the generator of commit 82be106 (before
 # the scenarios existed; library versions pinned in requirements.txt): the default scenario's
@@ -37,8 +63,11 @@ def generate(out: Path, *extra: str) -> None:
 
 
 def tree_hashes(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def tree_digest(root: Path) -> str:
@@ -170,7 +199,9 @@ def test_site_sizes_differ_and_nothing_is_shared(data):
             hashes = {pixel_hash(load_pixels(e["image"])) for e in load_split(data / product, split)}
             split_sets.append(hashes)
             for h in hashes:
-                assert owner.setdefault(h, (product, split)) == (product, split), f"{product}/{split} repeats {owner[h]}"
+                assert owner.setdefault(h, (product, split)) == (product, split), (
+                    f"{product}/{split} repeats {owner[h]}"
+                )
         assert sum(map(len, split_sets)) == len(set().union(*split_sets))
 
 
@@ -221,14 +252,28 @@ def test_rerun_with_other_parameters_refused_without_force(tmp_path):
     assert not (out / "site3").exists() and (out / "keep.txt").read_text() == "not ours"
 
 
-@pytest.mark.parametrize("bad", [["--image-size", "16"], ["--val-frac", "0.6", "--test-frac", "0.5"],
-                                 ["--site-sizes", "150,4"], ["--healthy-fraction", "1.5"],
-                                 ["--site-sizes", "1,x"], ["--scenario", "skewed", "--healthy-fraction", "0.3"],
-                                 ["--scenario", "skewed", "--public-per-class", "10"], ["--scenario", "unknown"],
-                                 ["--site-sizes", "80,4", "--scenario", "skewed"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--image-size", "16"],
+        ["--val-frac", "0.6", "--test-frac", "0.5"],
+        ["--site-sizes", "150,4"],
+        ["--healthy-fraction", "1.5"],
+        ["--site-sizes", "1,x"],
+        ["--scenario", "skewed", "--healthy-fraction", "0.3"],
+        ["--scenario", "skewed", "--public-per-class", "10"],
+        ["--scenario", "unknown"],
+        ["--site-sizes", "80,4", "--scenario", "skewed"],
+    ],
+)
 def test_bad_option_is_one_line_error(bad, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "data_preparation.benchmark", "--out", str(tmp_path / "d"), *bad],
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "data_preparation.benchmark", "--out", str(tmp_path / "d"), *bad],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 2
     assert run.stderr.startswith("error:") and len(run.stderr.strip().splitlines()) == 1
     assert "Traceback" not in run.stderr and bad[0] in run.stderr
@@ -264,6 +309,7 @@ def test_skewed_scenario_has_long_tailed_hospitals_with_extreme_tumor_shares():
 
 def test_skewed_tumor_shares_follow_the_dirichlet_alpha(monkeypatch):
     """Small alpha: hospitals near 0% or 100% Tumor; large alpha: all near 50%. --seed changes none."""
+
     def shares(alpha):
         monkeypatch.setitem(benchmark.SCENARIOS["skewed"], "tumor_share_dirichlet", {"alpha": alpha, "seed": 0})
         return np.array(benchmark.tumor_shares("skewed", 40))
@@ -272,16 +318,20 @@ def test_skewed_tumor_shares_follow_the_dirichlet_alpha(monkeypatch):
     assert np.mean(np.abs(skewed_draw - 0.5) > 0.35) > 0.3
     assert np.all(np.abs(even_draw - 0.5) < 0.2)
     monkeypatch.undo()
-    counts = [benchmark.site_healthy_counts(benchmark.parse_args(["--scenario", "skewed", "--seed", seed]))
-              for seed in ("0", "5")]
+    counts = [
+        benchmark.site_healthy_counts(benchmark.parse_args(["--scenario", "skewed", "--seed", seed]))
+        for seed in ("0", "5")
+    ]
     assert counts[0] == counts[1]
 
 
 @pytest.mark.slow
 def test_skewed_sites_hold_the_planned_shares_in_every_split(skewed):
     args = benchmark.parse_args(["--out", str(skewed), *TINY_SKEWED])
-    planned = {f"site{k}": (size, size - healthy) for k, (size, healthy)
-               in enumerate(zip(args.site_sizes, benchmark.site_healthy_counts(args)), start=1)}
+    planned = {
+        f"site{k}": (size, size - healthy)
+        for k, (size, healthy) in enumerate(zip(args.site_sizes, benchmark.site_healthy_counts(args)), start=1)
+    }
     assert skewed_counts(skewed) == planned
     assert len({tumor / size for size, tumor in planned.values()}) >= 4  # the shares really differ
     for site in planned:
@@ -296,7 +346,7 @@ def test_skewed_sites_hold_the_planned_shares_in_every_split(skewed):
 @pytest.mark.slow
 def test_skewed_hospitals_each_have_a_scanner_of_their_own(skewed):
     names = [read_dataset_info(skewed / f"site{k}")["provenance"]["scanner_profile"] for k in range(1, 7)]
-    public_names = {p["name"] for p in benchmark.SCANNER_PROFILES[:benchmark.PUBLIC_SCANNERS]}
+    public_names = {p["name"] for p in benchmark.SCANNER_PROFILES[: benchmark.PUBLIC_SCANNERS]}
     assert len(set(names)) == 6 and not set(names) & public_names
 
     def median_tissue(site):

@@ -5,13 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny import tiny_job, write_initial_model, write_tiny_site
 
 from fedxvit.baselines import train_on_sites
 from fedxvit.checkpoint import save_checkpoint
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.errors import FedXViTError
 from result_stat import compare
-from tiny import tiny_job, write_initial_model, write_tiny_site
 
 # site a: labels 0,0,0,1 -> predictions 0,0,1,1; site b holds Tumor images only and misses one of two
 SITE_A = {"labels": [0, 0, 0, 1], "probs": [[0.9, 0.1], [0.6, 0.4], [0.4, 0.6], [0.45, 0.55]]}
@@ -23,7 +23,7 @@ def test_headline_metrics_on_hand_made_predictions():
     assert a["accuracy"] == pytest.approx(3 / 4)
     assert a["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
     assert a["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)  # class 0: P 1, R 2/3; class 1: P 1/2, R 1
-    assert a["roc_auc"] == pytest.approx(2 / 3)               # the Tumor image (0.55) ranks below one Healthy (0.6)
+    assert a["roc_auc"] == pytest.approx(2 / 3)  # the Tumor image (0.55) ranks below one Healthy (0.6)
     b = compare.headline_metrics(SITE_B["labels"], SITE_B["probs"])
     assert (b["accuracy"], b["balanced_accuracy"]) == (0.5, 0.5)  # judged on the one class it holds
     assert b["macro_f1"] == pytest.approx(2 / 3) and b["roc_auc"] is None
@@ -62,7 +62,7 @@ def test_verdict_against_fedavg_needs_a_difference_above_the_seeds_spread():
 
 
 def test_mean_std_and_curve_bands():
-    assert compare.mean_std([0.5, None, 0.7]) == {"mean": pytest.approx(0.6), "std": pytest.approx(0.02 ** 0.5), "n": 2}
+    assert compare.mean_std([0.5, None, 0.7]) == {"mean": pytest.approx(0.6), "std": pytest.approx(0.02**0.5), "n": 2}
     assert compare.mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1}
     band = compare.curve_band([[0.5, None, 0.7], [0.7, 0.8, 0.9]])
     assert band["mean"] == pytest.approx([0.6, 0.8, 0.8]) and band["min"] == [0.5, 0.8, 0.7] and band["max"][2] == 0.9
@@ -87,8 +87,10 @@ def test_finished_runs_are_reused_and_unfinished_ones_redone(tmp_path):
 def test_aggregate_composes_local_only_and_closes_half_the_gap(tmp_path):
     """Hand-made runs over two seeds: FedAvg = SITE_A + SITE_B, centralized perfect, local-only = site a's own
     model (SITE_A) + site b's own model (perfect): pooled balanced accuracy 2/3, 1 and 5/6 -> half the gap."""
-    perfect = {"a": {"labels": [0, 0, 0, 1], "probs": [[.9, .1], [.8, .2], [.7, .3], [.2, .8]]},
-               "b": {"labels": [1, 1], "probs": [[.2, .8], [.3, .7]]}}
+    perfect = {
+        "a": {"labels": [0, 0, 0, 1], "probs": [[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.2, 0.8]]},
+        "b": {"labels": [1, 1], "probs": [[0.2, 0.8], [0.3, 0.7]]},
+    }
     results = {("start", None): {"test": {"a": SITE_A, "b": SITE_B}, "final_val_accuracy": 0.5}}
     for seed in (0, 1):
         results[("fedavg", seed)] = {"test": {"a": SITE_A, "b": SITE_B}, "val_curve": [0.5, 0.6 + seed / 10, None]}
@@ -98,21 +100,40 @@ def test_aggregate_composes_local_only_and_closes_half_the_gap(tmp_path):
     report = compare.aggregate(results, ["fedavg"], [0, 1], ["a", "b"])
     local = report["methods"]["local-only"]
     assert local["pooled"]["balanced_accuracy"] == {"mean": pytest.approx(5 / 6), "std": 0.0, "n": 2}
-    assert local["gap_share"]["mean"] == pytest.approx(0.5) and local["gap_share"]["gap"]["mean"] == pytest.approx(1 / 3)
+    assert local["gap_share"]["mean"] == pytest.approx(0.5) and local["gap_share"]["gap"]["mean"] == pytest.approx(
+        1 / 3
+    )
     assert local["vs_fedavg"]["verdict"] == "better" and local["worst_site"]["sites"] == ["a", "a"]
     assert report["methods"]["centralized"]["gap_share"]["mean"] == pytest.approx(1.0)
     assert report["methods"]["fedavg"]["val_curve"]["mean"] == pytest.approx([0.5, 0.65, None])
     assert report["methods"]["start"]["pooled"]["roc_auc"]["std"] is None
 
-    report.update(settings={"data": "d", "sites": ["a", "b"], "initial": "i", "preset": "tiny", "rounds": 2,
-                            "local_epochs": 1, "seeds": [0, 1]}, runs=[], failures=[], wall_s=1.0, compute_s=2.0)
+    report.update(
+        settings={
+            "data": "d",
+            "sites": ["a", "b"],
+            "initial": "i",
+            "preset": "tiny",
+            "rounds": 2,
+            "local_epochs": 1,
+            "seeds": [0, 1],
+        },
+        runs=[],
+        failures=[],
+        wall_s=1.0,
+        compute_s=2.0,
+    )
     files = compare.write_outputs(report, tmp_path)
     markdown = files["markdown"].read_text()
     # accuracy 5/6, balanced 5/6, macro-F1 (0.8 + 6/7)/2, ROC-AUC 8/9, worst a, half the gap, +1/6 over FedAvg
-    assert ("| local-only | 83.3 ± 0.0 | 83.3 ± 0.0 | 82.9 ± 0.0 | 88.9 ± 0.0 | 83.3 ± 0.0 (a) | 50.0 ± 0.0 | "
-            "+16.7 pts: better |") in markdown
+    assert (
+        "| local-only | 83.3 ± 0.0 | 83.3 ± 0.0 | 82.9 ± 0.0 | 88.9 ± 0.0 | 83.3 ± 0.0 (a) | 50.0 ± 0.0 | "
+        "+16.7 pts: better |"
+    ) in markdown
     assert "| start | 66.7 | 66.7 | 66.7 | 66.7 | 50.0 (b) | — | — |" in markdown  # one value: no ±
-    assert json.loads(files["json"].read_text())["methods"]["local-only"]["gap_share"]["per_seed"] == pytest.approx({"0": 0.5, "1": 0.5})
+    assert json.loads(files["json"].read_text())["methods"]["local-only"]["gap_share"]["per_seed"] == pytest.approx(
+        {"0": 0.5, "1": 0.5}
+    )
     assert files["curves"].read_bytes()[:4] == b"\x89PNG"
 
 
@@ -126,8 +147,18 @@ def two_sites(tmp_path):
 def test_bad_input_is_one_line_naming_the_option(two_sites, tmp_path, capsys):
     data, initial = two_sites
     job = tiny_job(tmp_path / "fedavg")
-    base = ["--scenario-data", str(data), "--initial", str(initial), "--methods", f"fedavg={job}",
-            "--workspace", str(tmp_path / "ws"), "--out", str(tmp_path / "out")]
+    base = [
+        "--scenario-data",
+        str(data),
+        "--initial",
+        str(initial),
+        "--methods",
+        f"fedavg={job}",
+        "--workspace",
+        str(tmp_path / "ws"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
 
     def error(*changes):
         args = list(base)
@@ -137,9 +168,13 @@ def test_bad_input_is_one_line_naming_the_option(two_sites, tmp_path, capsys):
             compare.main(args)
         return str(caught.value)
 
-    assert error("--scenario-data", str(tmp_path / "nowhere")).startswith(f"--scenario-data {tmp_path / 'nowhere'} does not exist")
+    assert error("--scenario-data", str(tmp_path / "nowhere")).startswith(
+        f"--scenario-data {tmp_path / 'nowhere'} does not exist"
+    )
     assert error("--initial", str(tmp_path / "none.pt")).startswith(f"--initial {tmp_path / 'none.pt'} does not exist")
-    assert "job folder" in error("--methods", f"fedavg={tmp_path / 'nojob'}") and "nojob" in error("--methods", f"fedavg={tmp_path / 'nojob'}")
+    assert "job folder" in error("--methods", f"fedavg={tmp_path / 'nojob'}") and "nojob" in error(
+        "--methods", f"fedavg={tmp_path / 'nojob'}"
+    )
     assert error("--methods", f"median={job}").startswith("--methods must include 'fedavg'")
     assert error("--methods", "fedavg,fedbogus").startswith("--methods: unknown method 'fedbogus'")
     (data / "site2" / "datalist.json").unlink()
@@ -153,25 +188,51 @@ def trained_start(tmp: Path) -> Path:
     """A tiny initial model that already tells the classes apart (fine-tuned on a public tiny site by
     fedxvit.baselines), so that its scores are not the chance level every untrained model shares."""
     public = write_tiny_site(tmp / "public", train_per_class=16, seed=99)
-    trained = train_on_sites([public], write_initial_model(tmp / "random.pt"), preset="tiny", epochs=12, lr=3e-3,
-                             batch_size=8, freeze_policy="full")
+    trained = train_on_sites(
+        [public],
+        write_initial_model(tmp / "random.pt"),
+        preset="tiny",
+        epochs=12,
+        lr=3e-3,
+        batch_size=8,
+        freeze_policy="full",
+    )
     save_checkpoint(tmp / "trained_start.pt", trained["model"], meta={"class_names": list(TASK_CLASSES)})
     return tmp / "trained_start.pt"
 
 
 @pytest.mark.slow
-def test_quick_comparison_of_two_methods_writes_the_report_and_reuses_every_run(two_sites, tmp_path, monkeypatch, capsys):
+def test_quick_comparison_of_two_methods_writes_the_report_and_reuses_every_run(
+    two_sites, tmp_path, monkeypatch, capsys
+):
     """Two methods (FedAvg and FedAvg with the coordinate-wise median) on two tiny sites, --quick, in the real
     simulator; then the same call again must run nothing."""
     data, _ = two_sites
     initial = trained_start(tmp_path)
     fedavg, median = tiny_job(tmp_path / "fedavg"), tiny_job(tmp_path / "median", aggregation="median")
     out, workspace = tmp_path / "results", tmp_path / "workspace"
-    args = ["--scenario-data", str(data), "--initial", str(initial), "--methods", f"fedavg={fedavg},median={median}",
-            "--seeds", "3,4", "--quick", "--out", str(out), "--workspace", str(workspace)]
+    args = [
+        "--scenario-data",
+        str(data),
+        "--initial",
+        str(initial),
+        "--methods",
+        f"fedavg={fedavg},median={median}",
+        "--seeds",
+        "3,4",
+        "--quick",
+        "--out",
+        str(out),
+        "--workspace",
+        str(workspace),
+    ]
     report = compare.main(args)
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
-    assert len(progress) == 6 and progress[0].startswith("[1/6] start") and progress[1].startswith("[2/6] fedavg seed 3: ran")
+    assert (
+        len(progress) == 6
+        and progress[0].startswith("[1/6] start")
+        and progress[1].startswith("[2/6] fedavg seed 3: ran")
+    )
     assert not report["failures"] and {r["seed"] for r in report["runs"]} == {None, 3}  # --quick: the first seed only
     s = report["settings"]
     assert (s["rounds"], s["local_epochs"], s["seeds"]) == (2, 1, [3])
@@ -183,7 +244,9 @@ def test_quick_comparison_of_two_methods_writes_the_report_and_reuses_every_run(
     client = json.loads((fedavg_run / "job" / "app" / "config" / "config_fed_client.json").read_text())
     assert (server["num_rounds"], server["min_clients"], client["seed"], client["local_epochs"]) == (2, 2, 3, 1)
     median_run = next(Path(r["folder"]) for r in report["runs"] if r["method"] == "median")
-    rounds = json.loads((median_run / "simulator" / "server" / "simulate_job" / "global_val.json").read_text())["rounds"]
+    rounds = json.loads((median_run / "simulator" / "server" / "simulate_job" / "global_val.json").read_text())[
+        "rounds"
+    ]
     assert [sorted(r["aggregated_sites"]) for r in rounds] == [["site1", "site2"]] * 2
 
     methods = report["methods"]
@@ -215,4 +278,6 @@ def test_quick_comparison_of_two_methods_writes_the_report_and_reuses_every_run(
     again = compare.main(args)
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert len(progress) == 6 and all(": reused" in line for line in progress)
-    assert all(r["reused"] for r in again["runs"]) and again["methods"]["median"]["pooled"] == methods["median"]["pooled"]
+    assert (
+        all(r["reused"] for r in again["runs"]) and again["methods"]["median"]["pooled"] == methods["median"]["pooled"]
+    )

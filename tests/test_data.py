@@ -5,8 +5,13 @@ import torch
 from monai.data import CacheDataset, DataLoader, MetaTensor, get_track_meta
 from monai.transforms import Compose, Randomizable, Transform
 
-from fedxvit.data import (WithoutMetaTracking, augmentation_transforms, deterministic_transforms, make_dataset,
-                          make_loader)
+from fedxvit.data import (
+    WithoutMetaTracking,
+    augmentation_transforms,
+    deterministic_transforms,
+    make_dataset,
+    make_loader,
+)
 from fedxvit.datalist import load_split
 
 
@@ -49,8 +54,9 @@ def test_training_items_are_augmented_afresh_each_time_after_the_cached_part(tin
 def test_the_wrapper_changes_no_random_draw(tiny_site_dir):
     """Seeded by MONAI's DataLoader as in training, the wrapped transforms augment exactly as the bare ones."""
     items = [{"image": e["image"], "label": int(e["label"])} for e in load_split(tiny_site_dir, "training")]
-    bare = CacheDataset(items, transform=Compose(deterministic_transforms(32) + augmentation_transforms(32)),
-                        progress=False)
+    bare = CacheDataset(
+        items, transform=Compose(deterministic_transforms(32) + augmentation_transforms(32)), progress=False
+    )
     bare_loader = DataLoader(bare, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0))
     wrapped_loader = make_loader(tiny_site_dir, "training", 32, 2, train=True, seed=0)
     for epoch in range(2):  # each loader run to its end: the sampler draws its next permutation only then

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from tiny import REPO
 
 from fedxvit.datalist import (
     DATALIST_FILE,
@@ -19,7 +20,6 @@ from fedxvit.datalist import (
     write_site,
 )
 from fedxvit.errors import FedXViTError
-from tiny import REPO
 
 
 def _site(tmp_path, name="site1", n=3):
@@ -91,11 +91,19 @@ def test_counts_table_and_cli(tmp_path):
     assert json.loads((tmp_path / "counts.json").read_text()) == table
     assert format_counts(table) == markdown
     # cwd=REPO: the tooling runs from the checkout (only fedxvit is an installed package)
-    run = subprocess.run([sys.executable, "-m", "data_preparation.counts", "--data", str(tmp_path)], cwd=REPO,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "data_preparation.counts", "--data", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0 and "| site1 | testing | 1 | 1 | 2 |" in run.stdout
-    bad = subprocess.run([sys.executable, "-m", "data_preparation.counts", "--data", str(tmp_path / "none")], cwd=REPO,
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "data_preparation.counts", "--data", str(tmp_path / "none")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
 
 

@@ -9,9 +9,9 @@ import sys
 import time
 
 import pytest
+from tiny import REPO
 
 from result_stat.summary import PHASES, format_summary
-from tiny import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 import timed  # noqa: E402  (bench/ holds scripts, not a package)
@@ -35,11 +35,16 @@ def test_a_phase_is_recorded_beside_the_others_and_a_failure_is_passed_on(tmp_pa
     log = tmp_path / "results" / "timings.json"
     log.parent.mkdir()
     log.write_text(json.dumps({"data": {"wall_s": 10.0, "peak_rss_mb": 500.0}}))
-    assert timed.main(["--phase", "expert", "--log", str(log), "--", sys.executable, "-c", "import time; time.sleep(0.3)"]) == 0
+    assert (
+        timed.main(["--phase", "expert", "--log", str(log), "--", sys.executable, "-c", "import time; time.sleep(0.3)"])
+        == 0
+    )
     timings = json.loads(log.read_text())
     assert timings["data"] == {"wall_s": 10.0, "peak_rss_mb": 500.0} and timings["expert"]["wall_s"] >= 0.3
     assert "=== expert:" in capsys.readouterr().out
-    assert timed.main(["--phase", "transfer", "--log", str(log), "--", sys.executable, "-c", "raise SystemExit(3)"]) == 3
+    assert (
+        timed.main(["--phase", "transfer", "--log", str(log), "--", sys.executable, "-c", "raise SystemExit(3)"]) == 3
+    )
     assert "transfer" not in json.loads(log.read_text()), "a failed phase records no timing"
     assert timed.main(["--phase", "x", "--log", str(log), "--", str(tmp_path / "no-such-program")]) == 127
 
@@ -47,22 +52,27 @@ def test_a_phase_is_recorded_beside_the_others_and_a_failure_is_passed_on(tmp_pa
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_make_demo_is_a_chain_of_timed_phases_then_the_summary():
     # -n prints the recipes without running them; STAMP=Makefile: the venv counts as set up
-    plan = subprocess.run(["make", "-n", "demo", "STAMP=Makefile", "PY=py"], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout.splitlines()
+    plan = subprocess.run(
+        ["make", "-n", "demo", "STAMP=Makefile", "PY=py"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     timed_phases = [re.search(r"py bench/timed.py --phase (\w+) --log results/timings.json -- ", line) for line in plan]
     assert [m.group(1) for m in timed_phases if m] == list(PHASES), plan
-    assert all(timed_phases[:len(PHASES)]) and len(plan) == len(PHASES) + 1, "every phase is timed, nothing else runs"
+    assert all(timed_phases[: len(PHASES)]) and len(plan) == len(PHASES) + 1, "every phase is timed, nothing else runs"
     assert plan[-1] == "py -m result_stat.summary --results results --print"
-    alone = subprocess.run(["make", "-n", "simulate", "STAMP=Makefile", "PY=py"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout
+    alone = subprocess.run(
+        ["make", "-n", "simulate", "STAMP=Makefile", "PY=py"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     assert "timed.py" not in alone and "nvflare simulator jobs/fedxvit" in alone, "a phase run alone is not timed"
-    results = subprocess.run(["make", "-n", "results", "STAMP=Makefile", "PY=py"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.splitlines()
+    results = subprocess.run(
+        ["make", "-n", "results", "STAMP=Makefile", "PY=py"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert results == ["py -m fedxvit.baselines", "py -m result_stat.run_all --out results"], "results needs baselines"
 
 
 def test_no_python_module_runs_make():
-    sources = [p for folder in ("custom", "result_stat", "bench", "data_preparation") for p in (REPO / folder).rglob("*.py")]
+    sources = [
+        p for folder in ("custom", "result_stat", "bench", "data_preparation") for p in (REPO / folder).rglob("*.py")
+    ]
     assert sources
     assert [p.name for p in sources if re.search(r"""["']make["']""", p.read_text())] == []
 
@@ -70,18 +80,36 @@ def test_no_python_module_runs_make():
 def test_summary_text_reports_every_phase():
     summary = {
         "expert": {"test_accuracy": 0.975, "test_loss": 0.1},
-        "federated": {"rounds": [{"round": 1, "global_val_accuracy": 0.9, "global_val_loss": 0.3}],
-                      "final_test_accuracy": 0.99, "final_test_loss": 0.05,
-                      "per_class": {"Healthy": {"precision": 1.0, "recall": 0.98, "f1-score": 0.99, "support": 50}}},
+        "federated": {
+            "rounds": [{"round": 1, "global_val_accuracy": 0.9, "global_val_loss": 0.3}],
+            "final_test_accuracy": 0.99,
+            "final_test_loss": 0.05,
+            "per_class": {"Healthy": {"precision": 1.0, "recall": 0.98, "f1-score": 0.99, "support": 50}},
+        },
         "comparison": [{"model": "centralized (pooled sites)", "test_accuracy": 0.995}],
-        "xai": {"pointing_game": 0.92, "energy_in_mask": 0.6,
-                "baselines": {"intensity": {"pointing_game": 0.97}, "mask_cells": {"pointing_game": 0.938}},
-                "integrated_gradients": {"pointing_game": 1.0}},
+        "xai": {
+            "pointing_game": 0.92,
+            "energy_in_mask": 0.6,
+            "baselines": {"intensity": {"pointing_game": 0.97}, "mask_cells": {"pointing_game": 0.938}},
+            "integrated_gradients": {"pointing_game": 1.0},
+        },
         "timing_s": {"data": 10.0, "total": 10.0},
         "peak_rss_mb": {"max": 2048},
     }
     text = format_summary(summary, "results")
-    for expected in ("97.5%", "0.9000", "99.0%", "Healthy", "centralized (pooled sites)", "99.5%",
-                     "pointing game 92.0%", "image intensity 97.0%", "ideal 16-px cell map 93.8%",
-                     "Integrated Gradients 100.0%", "peak memory 2.0 GB", "tensorboard --logdir", "mlflow ui"):
+    for expected in (
+        "97.5%",
+        "0.9000",
+        "99.0%",
+        "Healthy",
+        "centralized (pooled sites)",
+        "99.5%",
+        "pointing game 92.0%",
+        "image intensity 97.0%",
+        "ideal 16-px cell map 93.8%",
+        "Integrated Gradients 100.0%",
+        "peak memory 2.0 GB",
+        "tensorboard --logdir",
+        "mlflow ui",
+    ):
         assert expected in text, expected

@@ -7,21 +7,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
+from tiny import write_tiny_site
 
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.errors import FedXViTError
-from fedxvit.executor import (BEST_LOCAL_MODEL, TORCH_THREADS_ENV, FedXViTExecutor, resolve_torch_threads,
-                              simulator_parallel_clients, to_numpy_state)
+from fedxvit.executor import (
+    BEST_LOCAL_MODEL,
+    TORCH_THREADS_ENV,
+    FedXViTExecutor,
+    resolve_torch_threads,
+    simulator_parallel_clients,
+    to_numpy_state,
+)
 from fedxvit.model import build_model
 from fedxvit.sites import DATA_ROOT_ENV, SITE_CONFIG_FILE, site_data_dir, site_env_var
 from fedxvit.standalone import make_fl_ctx, serialized_size
 from fedxvit.training import apply_freeze_policy
-from tiny import write_tiny_site
 
 
 @pytest.fixture(autouse=True)
@@ -41,8 +46,15 @@ def global_task(model, round_number: int = 0):
 def client(tmp_path, tiny_site_dir, monkeypatch):
     """An executor on the tiny site: 3 + 3 training and 2 + 2 validation images, batch 2, 2 local epochs."""
     monkeypatch.setenv(site_env_var("site1"), str(tiny_site_dir))
-    executor = FedXViTExecutor(preset="tiny", local_epochs=2, learning_rate=1e-2, batch_size=2,
-                               freeze_policy="last-k", last_k=1, torch_threads=1)
+    executor = FedXViTExecutor(
+        preset="tiny",
+        local_epochs=2,
+        learning_rate=1e-2,
+        batch_size=2,
+        freeze_policy="last-k",
+        last_k=1,
+        torch_threads=1,
+    )
     return executor, make_fl_ctx(tmp_path / "site1")
 
 
@@ -93,12 +105,16 @@ def test_full_policy_also_sends_bn_statistics_so_the_global_model_keeps_them_con
 def test_validate_and_submit_model_serve_cross_site_evaluation(client):
     executor, fl_ctx = client
     model = build_model("tiny", 2)
-    assert executor.execute("submit_model", DXO(DataKind.WEIGHTS, {}).to_shareable(), fl_ctx,
-                            Signal()).get_return_code() == ReturnCode.EMPTY_RESULT  # nothing trained yet
+    assert (
+        executor.execute("submit_model", DXO(DataKind.WEIGHTS, {}).to_shareable(), fl_ctx, Signal()).get_return_code()
+        == ReturnCode.EMPTY_RESULT
+    )  # nothing trained yet
     executor.execute("train", global_task(model), fl_ctx, Signal())
     metrics = from_shareable(executor.execute("validate", global_task(model), fl_ctx, Signal()))
     assert metrics.data_kind == DataKind.METRICS and metrics.data["val_count"] == 4
-    submitted = from_shareable(executor.execute("submit_model", DXO(DataKind.WEIGHTS, {}).to_shareable(), fl_ctx, Signal()))
+    submitted = from_shareable(
+        executor.execute("submit_model", DXO(DataKind.WEIGHTS, {}).to_shareable(), fl_ctx, Signal())
+    )
     assert submitted.data_kind == DataKind.WEIGHTS
     assert set(submitted.data) == set(model.state_dict())
     assert (Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / "best_local_model.pt").is_file()
@@ -133,8 +149,9 @@ def test_a_train_task_reads_the_abort_signal_before_every_batch(client):
     assert signal.reads == TRAIN_TASK_READS
 
 
-@pytest.mark.parametrize("checks, phase", [(2, "scoring the global model"), (5, "training"),
-                                           (10, "scoring the local model")])
+@pytest.mark.parametrize(
+    "checks, phase", [(2, "scoring the global model"), (5, "training"), (10, "scoring the local model")]
+)
 def test_abort_during_a_train_task_stops_at_the_next_batch(client, caplog, checks, phase):
     executor, fl_ctx = client
     caplog.set_level(logging.INFO)
@@ -147,8 +164,9 @@ def test_abort_during_a_train_task_stops_at_the_next_batch(client, caplog, check
     local = executor.model.state_dict()
     trained = any(not torch.equal(local[k], v) for k, v in global_model.state_dict().items())
     assert trained == (phase != "scoring the global model")
-    assert not (Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / BEST_LOCAL_MODEL).exists(), \
+    assert not (Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / BEST_LOCAL_MODEL).exists(), (
         "a half-scored model must not become the best local model"
+    )
 
 
 def test_abort_during_a_validate_task_stops_at_the_next_batch(client, caplog):
@@ -169,7 +187,9 @@ def test_a_signal_triggered_before_the_task_starts_does_no_work(client):
     other_model = build_model("tiny", 2)  # loading it would change the executor's weights
     signal = Signal()
     signal.trigger("stop")
-    assert executor.execute("train", global_task(other_model), fl_ctx, signal).get_return_code() == ReturnCode.TASK_ABORTED
+    assert (
+        executor.execute("train", global_task(other_model), fl_ctx, signal).get_return_code() == ReturnCode.TASK_ABORTED
+    )
     assert all(torch.equal(v, before[k]) for k, v in executor.model.state_dict().items())
 
 
@@ -225,8 +245,12 @@ def test_simulated_clients_are_counted_from_nvflares_public_context(tmp_path):
 
     fl_ctx = make_fl_ctx(tmp_path / "site1")
     assert simulator_parallel_clients(fl_ctx) == 1  # a real deployment: one client process per machine
-    fl_ctx.set_prop(FLContextKey.JOB_META, {JobMetaKey.JOB_CLIENTS.value: [{"name": f"site{i}"} for i in range(3)]},
-                    private=True, sticky=False)
+    fl_ctx.set_prop(
+        FLContextKey.JOB_META,
+        {JobMetaKey.JOB_CLIENTS.value: [{"name": f"site{i}"} for i in range(3)]},
+        private=True,
+        sticky=False,
+    )
     assert simulator_parallel_clients(fl_ctx) == 1, "job clients alone do not mean they share this machine"
     fl_ctx.set_prop(FLContextKey.SIMULATE_MODE, True, private=True, sticky=False)  # what NVFlare's simulator sets
     assert simulator_parallel_clients(fl_ctx) == 3

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_job, write_tiny_site
 
 from fedxvit.checkpoint import save_checkpoint
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
 from fedxvit.model import build_model
 from fedxvit.training import apply_freeze_policy, evaluate, make_optimizer, seed_everything, train_epoch
-from tiny import tiny_job, write_tiny_site
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
@@ -55,7 +55,7 @@ def simulate(root: Path, name: str, sites, faults: dict, **server_changes) -> Pa
     """Run the real job (its executor swapped for FaultyExecutor) in the simulator; the server's run folder."""
     job = tiny_job(root / name, num_rounds=ROUNDS, **server_changes)
     server_config = job / "app" / "config" / "config_fed_server.json"  # MLflow is not under test here:
-    config = json.loads(server_config.read_text())                      # one process and store less per run
+    config = json.loads(server_config.read_text())  # one process and store less per run
     config["components"] = [c for c in config["components"] if c["id"] != "mlflow_receiver"]
     server_config.write_text(json.dumps(config))
     client_config = job / "app" / "config" / "config_fed_client.json"
@@ -65,11 +65,24 @@ def simulate(root: Path, name: str, sites, faults: dict, **server_changes) -> Pa
     executor["args"]["faults"] = faults
     client_config.write_text(json.dumps(config))
     workspace = root / name / "workspace"
-    env = dict(os.environ, FEDXVIT_INITIAL_MODEL=str(root / "initial_global.pt"), FEDXVIT_DATA_ROOT=str(root / "data"),
-               PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    command = [str(Path(sys.executable).parent / "nvflare"), "simulator", str(job), "-w", str(workspace),
-               "-c", ",".join(sites), "-t", str(len(sites))]  # one process per site: none waits for a turn
+    env = dict(
+        os.environ,
+        FEDXVIT_INITIAL_MODEL=str(root / "initial_global.pt"),
+        FEDXVIT_DATA_ROOT=str(root / "data"),
+        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    command = [
+        str(Path(sys.executable).parent / "nvflare"),
+        "simulator",
+        str(job),
+        "-w",
+        str(workspace),
+        "-c",
+        ",".join(sites),
+        "-t",
+        str(len(sites)),
+    ]  # one process per site: none waits for a turn
     run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=400)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
@@ -115,9 +128,13 @@ def test_nan_crashing_and_absurd_sites_are_dropped_and_every_round_finishes(fede
         assert "median of the other sites'" in dropped["site6"], dropped
         assert set(row["sites"]) == set(row["aggregated_sites"]) and "site6" not in row["aggregated_sites"]
     assert "site5" in rows[0]["aggregated_sites"] and "site5" in rows[1]["aggregated_sites"]
-    assert rows[2]["dropped_sites"]["site5"] == "the site returned EXECUTION_RESULT_ERROR"  # NVFlare's code for a RuntimeError
+    assert (
+        rows[2]["dropped_sites"]["site5"] == "the site returned EXECUTION_RESULT_ERROR"
+    )  # NVFlare's code for a RuntimeError
     assert sorted(rows[2]["aggregated_sites"]) == list(GOOD)
-    log = (run_dir.parent / "log.txt").read_text()  # the server log: one line per round names who was aggregated and who was dropped
+    log = (
+        run_dir.parent / "log.txt"
+    ).read_text()  # the server log: one line per round names who was aggregated and who was dropped
     assert "dropped site5: the site returned EXECUTION_RESULT_ERROR" in log
     assert "dropped the update of site6: update norm" in log
 

@@ -4,7 +4,6 @@ import re
 
 import numpy as np
 import pytest
-
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -46,12 +45,18 @@ def test_good_update_passes_unchanged():
     assert np.array_equal(dxo.data["head.bias"], np.full(2, -0.02, np.float32))
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"head.bias": np.array([np.nan, 0.0], np.float32)}, r"head.bias: holds NaN"),
-    ({"head.weight": np.full((2, 4), np.inf, np.float32)}, r"head.weight: holds Inf"),
-    ({"head.weight": np.zeros((4, 2), np.float32)}, r"head.weight: shape \(4, 2\) != global \(2, 4\)"),
-    ({"blocks.9.attn.qkv.weight": np.zeros(3, np.float32)}, r"blocks.9.attn.qkv.weight: not a tensor of the global model"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"head.bias": np.array([np.nan, 0.0], np.float32)}, r"head.bias: holds NaN"),
+        ({"head.weight": np.full((2, 4), np.inf, np.float32)}, r"head.weight: holds Inf"),
+        ({"head.weight": np.zeros((4, 2), np.float32)}, r"head.weight: shape \(4, 2\) != global \(2, 4\)"),
+        (
+            {"blocks.9.attn.qkv.weight": np.zeros(3, np.float32)},
+            r"blocks.9.attn.qkv.weight: not a tensor of the global model",
+        ),
+    ],
+)
 def test_bad_update_is_rejected_with_one_line_naming_site_and_tensor(bad, message, caplog):
     result = RejectBadUpdates().process(update(**bad), server_ctx("site2"))
     assert result.get_return_code() == ReturnCode.EXECUTION_RESULT_ERROR

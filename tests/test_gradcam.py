@@ -40,15 +40,15 @@ def toy_images(n, seed, shortcut=False):
     for i in range(n):
         if labels[i] == 1 or shortcut:
             r, c = torch.randint(0, SIZE - PATCH - 8, (2,), generator=g).tolist()
-            images[i, :, r:r + PATCH, c:c + PATCH] = 0.9
-            masks[i, r:r + PATCH, c:c + PATCH] = True
+            images[i, :, r : r + PATCH, c : c + PATCH] = 0.9
+            masks[i, r : r + PATCH, c : c + PATCH] = True
         if shortcut and labels[i] == 1:
             images[i, :, -8:, -8:] = 1.0
     return images, labels, masks
 
 
 def batches(images, labels, size=16):
-    return [{"image": images[i:i + size], "label": labels[i:i + size]} for i in range(0, len(images), size)]
+    return [{"image": images[i : i + size], "label": labels[i : i + size]} for i in range(0, len(images), size)]
 
 
 def train_toy(shortcut=False, epochs=20):
@@ -114,7 +114,6 @@ def test_baseline_maps_score_like_chance():
     assert pointing_hit(maps["intensity"], mask) and not pointing_hit(maps["intensity"], np.roll(mask, 12, axis=(0, 1)))
 
 
-
 def test_mask_cells_ceiling_is_the_mask_seen_through_16px_cells():
     rng = np.random.default_rng(0)
     lesion = np.zeros((64, 64), bool)
@@ -125,6 +124,7 @@ def test_mask_cells_ceiling_is_the_mask_seen_through_16px_cells():
     grazing = np.zeros((64, 64), bool)
     grazing[13:16, 13:16] = True  # the far corner of cell (0, 0): even the ideal stride-16 map misses it
     assert not pointing_hit(baseline_maps(grazing.shape, rng, mask=grazing)["mask_cells"], grazing)
+
 
 # ---- Grad-CAM maps
 def test_gradcam_maps_shape_range_and_determinism(patch_model):

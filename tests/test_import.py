@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
+from tiny import REPO
 
 from data_preparation.import_folders import main
 from fedxvit.classes import EXPERT_CLASSES, TASK_CLASSES
 from fedxvit.datalist import SPLITS, read_dataset_info
 from fedxvit.errors import FedXViTError
-from tiny import REPO
 
 RNG = np.random.default_rng(0)
 
@@ -68,7 +68,7 @@ def odd_images(folder: Path) -> tuple:
 
 def public_tree(root: Path) -> dict:
     """The public 4-class layout; returns {good file: expert class} plus the bad and duplicate files."""
-    expected, bad, duplicates = {}, set(), set()
+    expected = {}
     for split, count in (("Training", 6), ("Testing", 2)):
         for cls in EXPERT_CLASSES:
             for path in plain_images(root / split / cls, count, f"{split[:2]}-{cls}"):
@@ -82,8 +82,10 @@ def public_tree(root: Path) -> dict:
 
 def snapshot(root: Path) -> dict:
     """Every path under root with the hash of its bytes (None for folders)."""
-    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
-            for p in sorted(root.rglob("*"))}
+    return {
+        p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def entries(out: Path) -> list:
@@ -96,8 +98,13 @@ def entries(out: Path) -> list:
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "data_preparation.import_folders", *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "data_preparation.import_folders", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +115,13 @@ def public(tmp_path_factory):
     tree = public_tree(source)
     before = snapshot(source)
     main([str(source), "--out", str(out), "--sites", "2", "--seed", "3"])
-    return {**tree, "source": source, "out": out, "before": before,
-            "report": json.loads((out / "import_report.json").read_text())}
+    return {
+        **tree,
+        "source": source,
+        "out": out,
+        "before": before,
+        "report": json.loads((out / "import_report.json").read_text()),
+    }
 
 
 def test_every_good_image_is_imported_once_with_its_label(public):
@@ -154,7 +166,11 @@ def test_bad_and_stray_files_are_reported_with_a_reason(public):
 
 def test_duplicates_are_dropped_and_reported(public):
     assert public["report"]["duplicates"] == [
-        {"source": "Training/glioma/zz copy of rgb.PNG", "duplicate_of": "Training/glioma/rgb.PNG", "label_conflict": False}
+        {
+            "source": "Training/glioma/zz copy of rgb.PNG",
+            "duplicate_of": "Training/glioma/rgb.PNG",
+            "label_conflict": False,
+        }
     ]
     hashes = [read_dataset_info(d)["content_hashes"] for d in sorted(public["out"].glob("site*"))]
     all_hashes = [h for site in hashes for h in site.values()]
@@ -174,10 +190,19 @@ def test_source_tree_is_unchanged(public):
 
 def test_provenance_and_counts_are_written(public):
     info = read_dataset_info(public["out"] / "site1")
-    assert info["provenance"] == {"importer": "folders", "source": str(public["source"].resolve()),
-                                  "layout": "public-split", "split": "iid", "alpha": 0.5, "seed": 3, "task": "tumor"}
+    assert info["provenance"] == {
+        "importer": "folders",
+        "source": str(public["source"].resolve()),
+        "layout": "public-split",
+        "split": "iid",
+        "alpha": 0.5,
+        "seed": 3,
+        "task": "tumor",
+    }
     counts = json.loads((public["out"] / "counts.json").read_text())
-    assert sum(n for site in counts.values() for split in site.values() for n in split.values()) == len(public["expected"])
+    assert sum(n for site in counts.values() for split in site.values() for n in split.values()) == len(
+        public["expected"]
+    )
 
 
 def test_expert_task_keeps_four_classes_and_aliases(tmp_path):
@@ -185,7 +210,12 @@ def test_expert_task_keeps_four_classes_and_aliases(tmp_path):
     for folder, count in (("glioma_tumor", 4), ("Meningioma", 4), ("no_tumor", 4), ("pituitary tumor", 4)):
         plain_images(source / folder, count, folder)
     main([str(source), "--out", str(tmp_path / "out"), "--task", "expert", "--sites", "2"])
-    expected = {"glioma_tumor": "glioma", "Meningioma": "meningioma", "no_tumor": "notumor", "pituitary tumor": "pituitary"}
+    expected = {
+        "glioma_tumor": "glioma",
+        "Meningioma": "meningioma",
+        "no_tumor": "notumor",
+        "pituitary tumor": "pituitary",
+    }
     found = entries(tmp_path / "out")
     assert len(found) == 16
     for _, _, item in found:
@@ -201,8 +231,14 @@ def test_per_hospital_tree_keeps_client_and_split(tmp_path):
             plain_images(source / client / split / "yes", 2, f"{client}{split}y")
             plain_images(source / client / split / "no", 1, f"{client}{split}n")
     main([str(source), "--out", str(tmp_path / "out")])
-    canonical = {"train": "training", "val": "validation", "test": "testing",
-                 "training": "training", "validation": "validation", "testing": "testing"}
+    canonical = {
+        "train": "training",
+        "val": "validation",
+        "test": "testing",
+        "training": "training",
+        "validation": "validation",
+        "testing": "testing",
+    }
     found = entries(tmp_path / "out")
     assert len(found) == 18
     for site, split, item in found:
@@ -255,7 +291,17 @@ def test_class_map_adds_a_folder_name(tmp_path):
     plain_images(source / "control", 4, "c")
     with pytest.raises(FedXViTError, match=r"Brain Lesion.*--class-map"):
         main([str(source), "--out", str(tmp_path / "out1"), "--sites", "2"])
-    main([str(source), "--out", str(tmp_path / "out2"), "--sites", "2", "--class-map", "Brain Lesion=tumor,control=Healthy"])
+    main(
+        [
+            str(source),
+            "--out",
+            str(tmp_path / "out2"),
+            "--sites",
+            "2",
+            "--class-map",
+            "Brain Lesion=tumor,control=Healthy",
+        ]
+    )
     for _, _, item in entries(tmp_path / "out2"):
         assert TASK_CLASSES[item["label"]] == ("Tumor" if item["source"].startswith("Brain") else "Healthy")
 
@@ -312,6 +358,7 @@ def test_previous_import_needs_force_and_force_touches_only_its_own_files(tmp_pa
     assert (out / "site3").is_dir()
     main([str(source), "--out", str(out), "--sites", "2", "--force"])
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["counts.json", "counts.md", "import_report.json", "import_report.md", "notes.txt", "other", "site1", "site2"])
+        ["counts.json", "counts.md", "import_report.json", "import_report.md", "notes.txt", "other", "site1", "site2"]
+    )
     assert (out / "other" / "keep.txt").read_text() == "keep\n"
     assert len(entries(out)) == 12

@@ -6,17 +6,26 @@ import json
 import shutil
 
 import pytest
+from tiny import JOB, write_tiny_config
 
 from fedxvit.errors import FedXViTError
 from fedxvit.executor import FedXViTExecutor
 from fedxvit.jobconfig import JobSettings, read_job_settings, run_sites
 from fedxvit.model import DEFAULT_PRESET, PRESETS, RECIPES, get_recipe
-from tiny import JOB, write_tiny_config
 
 
 def test_a_job_folder_its_app_its_config_and_a_run_folder_read_the_same(tmp_path):
-    expected = JobSettings(preset="tiny", num_classes=2, num_rounds=3, local_epochs=2, learning_rate=3e-4,
-                           batch_size=4, freeze_policy="last-k", last_k=1, seed=0)
+    expected = JobSettings(
+        preset="tiny",
+        num_classes=2,
+        num_rounds=3,
+        local_epochs=2,
+        learning_rate=3e-4,
+        batch_size=4,
+        freeze_policy="last-k",
+        last_k=1,
+        seed=0,
+    )
     job = tmp_path / "job"
     shutil.copytree(JOB, job)
     write_tiny_config(job / "app" / "config", {"num_rounds": 3}, {"local_epochs": 2})
@@ -64,11 +73,18 @@ def test_the_shipped_job_and_the_executor_defaults_equal_the_cpu_recipe():
     site = get_recipe(DEFAULT_PRESET).site
     settings = read_job_settings(JOB)
     assert settings.preset == DEFAULT_PRESET == "cpu"
-    assert (settings.learning_rate, settings.batch_size, settings.local_epochs) == \
-        (site.learning_rate, site.batch_size, site.local_epochs)
+    assert (settings.learning_rate, settings.batch_size, settings.local_epochs) == (
+        site.learning_rate,
+        site.batch_size,
+        site.local_epochs,
+    )
     defaults = {name: p.default for name, p in inspect.signature(FedXViTExecutor.__init__).parameters.items()}
-    assert (defaults["preset"], defaults["learning_rate"], defaults["batch_size"], defaults["local_epochs"]) == \
-        (DEFAULT_PRESET, site.learning_rate, site.batch_size, site.local_epochs)
+    assert (defaults["preset"], defaults["learning_rate"], defaults["batch_size"], defaults["local_epochs"]) == (
+        DEFAULT_PRESET,
+        site.learning_rate,
+        site.batch_size,
+        site.local_epochs,
+    )
     assert set(RECIPES) == set(PRESETS), "every preset has a recipe"
 
 
@@ -77,8 +93,13 @@ def test_the_expert_cli_takes_its_defaults_from_the_chosen_presets_recipe():
 
     for preset in PRESETS:
         args, recipe = parse_args(["--preset", preset]), get_recipe(preset).expert
-        assert (args.lr, args.batch_size, args.epochs, args.warmup_epochs, args.patience) == \
-            (recipe.lr, recipe.batch_size, recipe.epochs, recipe.warmup_epochs, recipe.patience)
+        assert (args.lr, args.batch_size, args.epochs, args.warmup_epochs, args.patience) == (
+            recipe.lr,
+            recipe.batch_size,
+            recipe.epochs,
+            recipe.warmup_epochs,
+            recipe.patience,
+        )
     assert parse_args(["--preset", "anchor", "--lr", "0.1"]).lr == 0.1  # an explicit option wins
     assert get_recipe("anchor").expert.lr != get_recipe("cpu").expert.lr, "the presets really differ"
 

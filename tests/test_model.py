@@ -60,8 +60,13 @@ def test_timm_pretrained_is_refused_for_shrunk_presets_without_downloading():
 def test_local_rgb_backbone_weights_load_offline_with_stem_adapted(tmp_path):
     preset = PRESETS["tiny"]
     torch.manual_seed(1)
-    source = timm.create_model(preset.backbone, in_chans=3, num_classes=10,
-                               channel_multiplier=preset.channel_multiplier, depth_multiplier=preset.depth_multiplier)
+    source = timm.create_model(
+        preset.backbone,
+        in_chans=3,
+        num_classes=10,
+        channel_multiplier=preset.channel_multiplier,
+        depth_multiplier=preset.depth_multiplier,
+    )
     path = tmp_path / "effnet.pth"
     torch.save(source.state_dict(), path)
     model = build_model("tiny", num_classes=2, pretrained=str(path))

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
 from tiny import REPO
 
 pytestmark = pytest.mark.slow
@@ -72,8 +71,11 @@ def link_distributions(dists: dict, site_packages: Path) -> None:
             owners.setdefault(top, set()).add(canonicalize_name(dist.metadata["Name"]))
     for dist in dists.values():
         source = Path(dist.locate_file(""))
-        entries = {parts[:1] if len(owners[parts[0]]) == 1 or len(parts) == 1 else parts[:2]
-                   for parts in record_paths(dist) if parts[0] != "__pycache__"}
+        entries = {
+            parts[:1] if len(owners[parts[0]]) == 1 or len(parts) == 1 else parts[:2]
+            for parts in record_paths(dist)
+            if parts[0] != "__pycache__"
+        }
         for parts in entries:
             target = site_packages.joinpath(*parts)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -87,12 +89,28 @@ CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")} 
 def build_wheel(out: Path) -> Path:
     """`pip wheel` on a copy of what the package is made of, so no build/ or egg-info lands in the checkout."""
     source = out / "source"
-    shutil.copytree(REPO / "custom" / "fedxvit", source / "custom" / "fedxvit",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "custom" / "fedxvit", source / "custom" / "fedxvit", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy(REPO / "pyproject.toml", source)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(out / "dist"), str(source)], check=True, cwd=out, env=CLEAN_ENV)
-    wheel, = (out / "dist").glob("fedxvit-*.whl")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out / "dist"),
+            str(source),
+        ],
+        check=True,
+        cwd=out,
+        env=CLEAN_ENV,
+    )
+    (wheel,) = (out / "dist").glob("fedxvit-*.whl")
     return wheel
 
 
@@ -100,10 +118,19 @@ def venv_with(wheel: Path, extras: set, root: Path) -> Path:
     """An empty venv, the wheel installed by pip, its declared dependencies linked in; its python."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
     python = root / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
-                    str(wheel)], check=True, env=CLEAN_ENV)
-    site_packages = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                        check=True, capture_output=True, text=True).stdout.strip())
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        env=CLEAN_ENV,
+    )
+    site_packages = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     link_distributions(closure(wheel_requirements(wheel), extras), site_packages)
     return python
 
@@ -112,8 +139,13 @@ def import_side(python: Path, side: str, cwd: Path) -> dict:
     configs = sorted(str(p) for p in (REPO / "jobs").glob(f"*/app/config/config_fed_{side}.json"))
     assert configs
     # -I: no PYTHONPATH, no user site, not the checkout: only what the venv holds
-    run = subprocess.run([str(python), "-I", str(REPO / "tests" / "job_components.py"), side, *configs],
-                         cwd=cwd, capture_output=True, text=True, env=CLEAN_ENV)
+    run = subprocess.run(
+        [str(python), "-I", str(REPO / "tests" / "job_components.py"), side, *configs],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=CLEAN_ENV,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -131,13 +163,18 @@ def test_the_wheel_alone_makes_a_client_and_with_its_server_extra_a_server(tmp_p
     client = import_side(client_python, "client", tmp_path)
     assert "fedxvit.executor.FedXViTExecutor" in client["imported"]
     assert client["fedxvit"].startswith(str(tmp_path / "client")), "the installed wheel, not the checkout"
-    undeclared = subprocess.run([str(client_python), "-I", "-c", "import mlflow"], capture_output=True, text=True,
-                                env=CLEAN_ENV)
+    undeclared = subprocess.run(
+        [str(client_python), "-I", "-c", "import mlflow"], capture_output=True, text=True, env=CLEAN_ENV
+    )
     assert "No module named 'mlflow'" in undeclared.stderr, "only the declared distributions are in the venv"
 
     server_python = venv_with(wheel, {"server"}, tmp_path / "server")
     server = import_side(server_python, "server", tmp_path)
     assert "fedxvit.receivers.FederatedMLflowTracking" in server["imported"] and server["client_only_loaded"] == []
-    check = subprocess.run([sys.executable, "-m", "pip", "--python", str(server_python), "check"],
-                           capture_output=True, text=True, env=CLEAN_ENV)
+    check = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(server_python), "check"],
+        capture_output=True,
+        text=True,
+        env=CLEAN_ENV,
+    )
     assert check.returncode == 0, f"the declared dependencies are not consistent: {check.stdout}"

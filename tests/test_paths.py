@@ -1,10 +1,11 @@
 """One anchor for default data, models and the MLflow store, wherever NVFlare's workers run."""
 
+from tiny import REPO
+
 from fedxvit.paths import project_root
 from fedxvit.persistor import resolve_initial_model
 from fedxvit.sites import locate_site_data
 from fedxvit.tracking import local_store
-from tiny import REPO
 
 
 def test_root_found_from_a_subfolder_and_from_outside_the_checkout(tmp_path, monkeypatch):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_job, tiny_sites_and_initial_model
 
 from fedxvit.errors import FedXViTError
 from fedxvit.poc import RESUME_MODEL_FILE, continuation_job, validate
-from tiny import tiny_job, tiny_sites_and_initial_model
 
 
 def free_port() -> int:
@@ -28,12 +28,31 @@ def free_port() -> int:
 def run_poc(tmp_path: Path, *drill: str) -> subprocess.CompletedProcess:
     """`python -m fedxvit.poc` on the tiny sites and a 3-round tiny job, with a fault drill."""
     initial = tiny_sites_and_initial_model(tmp_path)
-    job = tiny_job(tmp_path, num_rounds=3, wait_time_after_min_received=5, submit_model_timeout=20,
-                   validation_timeout=60)
-    env = dict(os.environ, FEDXVIT_INITIAL_MODEL=str(initial), FEDXVIT_DATA_ROOT=str(tmp_path / "data"),
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    command = [sys.executable, "-m", "fedxvit.poc", "--job", str(job), "--workspace", str(tmp_path / "poc"),
-               "--out", str(tmp_path / "results"), "--port", str(free_port()), "--timeout", "400", *drill]
+    job = tiny_job(
+        tmp_path, num_rounds=3, wait_time_after_min_received=5, submit_model_timeout=20, validation_timeout=60
+    )
+    env = dict(
+        os.environ,
+        FEDXVIT_INITIAL_MODEL=str(initial),
+        FEDXVIT_DATA_ROOT=str(tmp_path / "data"),
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "fedxvit.poc",
+        "--job",
+        str(job),
+        "--workspace",
+        str(tmp_path / "poc"),
+        "--out",
+        str(tmp_path / "results"),
+        "--port",
+        str(free_port()),
+        "--timeout",
+        "400",
+        *drill,
+    ]
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "poc")], capture_output=True, text=True).stdout.split()
@@ -85,8 +104,9 @@ def test_poc_server_killed_after_round_one_resumes_at_round_two(tmp_path):
 def write_killed_run(run_dir: Path, rounds: list[int]) -> None:
     (run_dir / "app_server").mkdir(parents=True)
     (run_dir / "app_server" / "FL_global_model.pt").write_bytes(b"round model")
-    (run_dir / "global_val.json").write_text(json.dumps({"rounds": [{"round": r, "global_val_accuracy": r / 10}
-                                                                    for r in rounds]}))
+    (run_dir / "global_val.json").write_text(
+        json.dumps({"rounds": [{"round": r, "global_val_accuracy": r / 10} for r in rounds]})
+    )
 
 
 def test_continuation_job_trains_the_remaining_rounds_from_the_saved_model(tmp_path):

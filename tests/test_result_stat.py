@@ -62,8 +62,13 @@ def baselines_dir(tiny_run, tmp_path_factory):
     from fedxvit.jobconfig import read_job_settings
 
     out = tmp_path_factory.mktemp("baselines")
-    train_baselines(read_job_settings(tiny_run["run_dir"]), {s: tiny_run["data"] / s for s in tiny_run["sites"]},
-                    tiny_run["initial"], out, progress=False)
+    train_baselines(
+        read_job_settings(tiny_run["run_dir"]),
+        {s: tiny_run["data"] / s for s in tiny_run["sites"]},
+        tiny_run["initial"],
+        out,
+        progress=False,
+    )
     return out
 
 
@@ -74,22 +79,29 @@ def test_report_scores_global_models_and_baselines_on_every_site(site_data, base
     assert final["combined"]["count"] == final["site1"]["count"] + final["site2"]["count"] == 8
     rows = {row["model"]: row for row in rep["comparison"]}
     assert list(rows)[0] == "transplanted start (initial_global)"
-    start, final_row, best_row = (rows[name] for name in (list(rows)[0], "federated, final global model",
-                                                           "federated, best global model"))
+    start, final_row, best_row = (
+        rows[name] for name in (list(rows)[0], "federated, final global model", "federated, best global model")
+    )
     # tiny.write_tiny_run: the final global model predicts the opposite of the start, the best one is the start
     assert final_row["test_accuracy"] == pytest.approx(1 - start["test_accuracy"])
-    assert (best_row["test_accuracy"], best_row["test_loss"]) == (start["test_accuracy"], pytest.approx(start["test_loss"]))
+    assert (best_row["test_accuracy"], best_row["test_loss"]) == (
+        start["test_accuracy"],
+        pytest.approx(start["test_loss"]),
+    )
     best_matrix = rep["models"]["best"]["combined"]["confusion_matrix"]
     assert final["combined"]["confusion_matrix"] == [row[::-1] for row in best_matrix] != best_matrix
     assert final_row["test_loss"] != pytest.approx(start["test_loss"])
     # the baselines of `make baselines`: the sites' 8 training images each, for the run's 2 rounds x 1 local epoch
-    assert [(rows[n]["train_images"], rows[n]["epochs"]) for n in ("centralized (all sites pooled)",
-            "local-only site1", "local-only site2")] == [(16, 2), (8, 2), (8, 2)]
+    assert [
+        (rows[n]["train_images"], rows[n]["epochs"])
+        for n in ("centralized (all sites pooled)", "local-only site1", "local-only site2")
+    ] == [(16, 2), (8, 2), (8, 2)]
     from fedxvit.checkpoint import build_model_from_checkpoint
 
     central, _ = build_model_from_checkpoint(baselines_dir / "centralized.pt")
-    scored = report.score_model(central.eval(), report.test_loaders(
-        {s: site_data["data"] / s for s in site_data["sites"]}, 32), CPU)
+    scored = report.score_model(
+        central.eval(), report.test_loaders({s: site_data["data"] / s for s in site_data["sites"]}, 32), CPU
+    )
     assert rows["centralized (all sites pooled)"]["test_loss"] == pytest.approx(scored["combined"]["loss"])
     assert rows["centralized (all sites pooled)"]["test_loss"] != pytest.approx(start["test_loss"])
     files = report.write_report(rep, tmp_path)
@@ -98,7 +110,10 @@ def test_report_scores_global_models_and_baselines_on_every_site(site_data, base
     assert (tmp_path / "confusion_matrix_final.png").stat().st_size > 0 and (tmp_path / "roc_curve.png").is_file()
     markdown = files["markdown"].read_text()
     assert "Is federation worth it?" in markdown
-    assert f"| federated, final global model | {100 * final_row['test_accuracy']:.1f}% | {final_row['test_loss']:.4f} |" in markdown
+    assert (
+        f"| federated, final global model | {100 * final_row['test_accuracy']:.1f}% | {final_row['test_loss']:.4f} |"
+        in markdown
+    )
 
 
 def test_report_refuses_missing_or_foreign_models(site_data, baselines_dir, tmp_path):
@@ -115,7 +130,9 @@ def test_report_refuses_missing_or_foreign_models(site_data, baselines_dir, tmp_
     record = json.loads((stale / "baselines.json").read_text())
     record["fingerprint"]["settings"]["learning_rate"] = 0.5  # trained for another run
     (stale / "baselines.json").write_text(json.dumps(record))
-    with pytest.raises(FedXViTError, match=r"trained for other settings or sites than this run .*run `make baselines` again"):
+    with pytest.raises(
+        FedXViTError, match=r"trained for other settings or sites than this run .*run `make baselines` again"
+    ):
         report.build_report(site_data["run_dir"], initial=site_data["initial"], baselines=stale)
 
 
@@ -138,10 +155,12 @@ def test_cross_site_marks_the_scores_a_dead_site_never_delivered(tmp_path):
     scores = {"val_accuracy": 0.75, "val_loss": 0.5, "val_count": 4}
     models = ["SRV_FL_global_model.pt", "site1", "site2"]
     # site3 trained in round 0 and died: it neither submitted its model nor validated anyone's
-    (run / "global_val.json").write_text(json.dumps({"rounds": [
-        {"round": 0, "sites": {s: scores for s in ("site1", "site2", "site3")}}]}))
+    (run / "global_val.json").write_text(
+        json.dumps({"rounds": [{"round": 0, "sites": {s: scores for s in ("site1", "site2", "site3")}}]})
+    )
     (run / "cross_site_val" / "cross_val_results.json").write_text(
-        json.dumps({site: {m: scores for m in models} for site in ("site1", "site2")}))
+        json.dumps({site: {m: scores for m in models} for site in ("site1", "site2")})
+    )
     matrix = cross_site.write_cross_site(run, tmp_path / "out")
 
     assert matrix["data_sites"] == ["site1", "site2", "site3"] and matrix["models"] == [*models, "site3"]
@@ -195,9 +214,22 @@ def test_run_all_writes_summary_with_the_design_keys(site_data, tmp_path):
     out.mkdir()
     (out / "timings.json").write_text(json.dumps({"data": {"wall_s": 1.0, "peak_rss_mb": 100.0}}))  # bench/timed.py's
     (out / "occlusion.json").write_text("{}")  # an earlier run's check, skipped this time
-    summary = run_all.main(["--run-dir", str(site_data["run_dir"]), "--out", str(out), "--no-baselines",
-                            "--initial", str(site_data["initial"]),
-                            "--no-occlusion", "--mlflow", "off", "--smooth", "0"])
+    summary = run_all.main(
+        [
+            "--run-dir",
+            str(site_data["run_dir"]),
+            "--out",
+            str(out),
+            "--no-baselines",
+            "--initial",
+            str(site_data["initial"]),
+            "--no-occlusion",
+            "--mlflow",
+            "off",
+            "--smooth",
+            "0",
+        ]
+    )
     saved = json.loads((out / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     assert saved["timing_s"] == {"data": 1.0, "total": 1.0} and saved["peak_rss_mb"] == {"data": 100, "max": 100}
@@ -222,9 +254,11 @@ def test_run_all_writes_summary_with_the_design_keys(site_data, tmp_path):
     assert (out / "gradcam_site1.png").is_file()
 
     # summary.json is a function of the files alone: a later phase's timing comes in on a rewrite
-    (out / "timings.json").write_text(json.dumps({"results": {"wall_s": 5.0, "peak_rss_mb": 300.0},
-                                                  "data": {"wall_s": 1.0, "peak_rss_mb": 100.0}}))
+    (out / "timings.json").write_text(
+        json.dumps({"results": {"wall_s": 5.0, "peak_rss_mb": 300.0}, "data": {"wall_s": 1.0, "peak_rss_mb": 100.0}})
+    )
     rewritten = summary_module.main(["--results", str(out)])
     assert rewritten["timing_s"] == {"data": 1.0, "results": 5.0, "total": 6.0}  # the demo's phase order
-    assert {k: v for k, v in rewritten.items() if k not in ("timing_s", "peak_rss_mb")} == \
-        {k: v for k, v in saved.items() if k not in ("timing_s", "peak_rss_mb")}
+    assert {k: v for k, v in rewritten.items() if k not in ("timing_s", "peak_rss_mb")} == {
+        k: v for k, v in saved.items() if k not in ("timing_s", "peak_rss_mb")
+    }

@@ -9,12 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import SITES, tiny_job, tiny_sites_and_initial_model
 
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.datalist import read_dataset_info
-from fedxvit.tracking import (FEDERATED_EXPERIMENT, ROLE_TAG, SERVER_ROUND_METRICS, SITE_ROUND_METRICS, SITE_TAG,
-                              tracking_uri)
-from tiny import SITES, tiny_job, tiny_sites_and_initial_model
+from fedxvit.tracking import (
+    FEDERATED_EXPERIMENT,
+    ROLE_TAG,
+    SERVER_ROUND_METRICS,
+    SITE_ROUND_METRICS,
+    SITE_TAG,
+    tracking_uri,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +30,24 @@ def test_three_sites_two_rounds_in_the_simulator(tmp_path):
     workspace = tmp_path / "workspace"
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
 
-    env = dict(os.environ, FEDXVIT_INITIAL_MODEL=str(initial), FEDXVIT_DATA_ROOT=str(tmp_path / "data"),
-               MLFLOW_TRACKING_URI=store,
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    command = [str(Path(sys.executable).parent / "nvflare"), "simulator", str(tiny_job(tmp_path)),
-               "-w", str(workspace), "-c", ",".join(SITES), "-t", "3"]
+    env = dict(
+        os.environ,
+        FEDXVIT_INITIAL_MODEL=str(initial),
+        FEDXVIT_DATA_ROOT=str(tmp_path / "data"),
+        MLFLOW_TRACKING_URI=store,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    command = [
+        str(Path(sys.executable).parent / "nvflare"),
+        "simulator",
+        str(tiny_job(tmp_path)),
+        "-w",
+        str(workspace),
+        "-c",
+        ",".join(SITES),
+        "-t",
+        "3",
+    ]
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
@@ -80,13 +99,17 @@ def check_tracking(store: str, job_dir: Path, rounds: list, hashes: dict, cross_
     assert all(r.info.status == "FINISHED" and r.data.tags["job_id"] == job_id for r in runs.values())
 
     def history(run, key):
-        return [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+        return [
+            (m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+        ]
 
     for site in SITES:
         assert set(SITE_ROUND_METRICS) <= set(runs[site].data.metrics), site
         assert all([step for step, _ in history(runs[site], key)] == [0, 1] for key in SITE_ROUND_METRICS)
         params = runs[site].data.params
-        assert params["data_hash"] == hashes[site] and params["preset"] == "tiny" and params["freeze_policy"] == "last-k"
+        assert (
+            params["data_hash"] == hashes[site] and params["preset"] == "tiny" and params["freeze_policy"] == "last-k"
+        )
     assert set(SERVER_ROUND_METRICS) <= set(server_run.data.metrics)
     assert history(server_run, "global_val_accuracy") == [(r["round"], r["global_val_accuracy"]) for r in rounds]
     assert history(server_run, "clients_per_round") == [(0, 3.0), (1, 3.0)]
@@ -95,8 +118,10 @@ def check_tracking(store: str, job_dir: Path, rounds: list, hashes: dict, cross_
     assert (params["num_rounds"], params["preset"], params["sites"]) == ("2", "tiny", ",".join(SITES))
     assert (params["freeze_policy"], params["local_epochs"], params["learning_rate"]) == ("last-k", "1", "0.0003")
 
-    for name, kind, file_name in (("fedxvit-global", "final", "FL_global_model.pt"),
-                                  ("fedxvit-global-best", "best", "best_FL_global_model.pt")):
+    for name, kind, file_name in (
+        ("fedxvit-global", "final", "FL_global_model.pt"),
+        ("fedxvit-global-best", "best", "best_FL_global_model.pt"),
+    ):
         (version,) = client.search_model_versions(f"name='{name}'")
         assert version.run_id == server_run.info.run_id
         assert version.tags["model"] == kind and version.tags["job_id"] == job_id

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE, AnalyticsDataType, LogWriterName, TrackConst
 from nvflare.apis.client import Client
 from nvflare.apis.event_type import EventType
@@ -16,16 +15,21 @@ from nvflare.apis.fl_constant import EventScope, FLContextKey, ProcessType, Rese
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo
 from nvflare.apis.workspace import Workspace
+from tiny import write_tiny_run
 
 from fedxvit import run_record, tracking
 from fedxvit.errors import FedXViTError
 from fedxvit.receivers import FederatedMLflowTracking
-from tiny import write_tiny_run
 
-WORKSPACE = {"subscription_id": "0b1f6471-1bf0-4dda-aec3-111122223333", "resource_group": "rg-hospitals",
-             "workspace_name": "fedxvit-ws"}
-WORKSPACE_PATH = ("/subscriptions/0b1f6471-1bf0-4dda-aec3-111122223333/resourceGroups/rg-hospitals"
-                  "/providers/Microsoft.MachineLearningServices/workspaces/fedxvit-ws")
+WORKSPACE = {
+    "subscription_id": "0b1f6471-1bf0-4dda-aec3-111122223333",
+    "resource_group": "rg-hospitals",
+    "workspace_name": "fedxvit-ws",
+}
+WORKSPACE_PATH = (
+    "/subscriptions/0b1f6471-1bf0-4dda-aec3-111122223333/resourceGroups/rg-hospitals"
+    "/providers/Microsoft.MachineLearningServices/workspaces/fedxvit-ws"
+)
 
 
 def closed_port() -> int:
@@ -53,10 +57,16 @@ def test_azure_tracking_uri_from_a_workspace_config(tmp_path, no_tracking_env):
     expected = f"azureml://westeurope.api.azureml.ms/mlflow/v1.0{WORKSPACE_PATH}"
     assert tracking.tracking_uri(environ={tracking.AZURE_CONFIG_ENV: config}) == expected
     assert tracking.azure_tracking_uri({**WORKSPACE, "location": "eastus2"}) == (
-        f"azureml://eastus2.api.azureml.ms/mlflow/v1.0{WORKSPACE_PATH}")
+        f"azureml://eastus2.api.azureml.ms/mlflow/v1.0{WORKSPACE_PATH}"
+    )
     # an explicit URI and $MLFLOW_TRACKING_URI win over the workspace config; nothing configured: the local store
-    assert tracking.tracking_uri("http://mlflow:5000", environ={tracking.AZURE_CONFIG_ENV: config}) == "http://mlflow:5000"
-    assert tracking.tracking_uri(environ={tracking.AZURE_CONFIG_ENV: config, tracking.ENV_VAR: "sqlite:///x.db"}) == "sqlite:///x.db"
+    assert (
+        tracking.tracking_uri("http://mlflow:5000", environ={tracking.AZURE_CONFIG_ENV: config}) == "http://mlflow:5000"
+    )
+    assert (
+        tracking.tracking_uri(environ={tracking.AZURE_CONFIG_ENV: config, tracking.ENV_VAR: "sqlite:///x.db"})
+        == "sqlite:///x.db"
+    )
     no_tracking_env.setattr(tracking, "project_root", lambda: tmp_path / "checkout")  # no workspace config there
     assert tracking.tracking_uri(environ={}) == f"sqlite:///{tmp_path / 'checkout' / 'mlruns' / 'mlflow.db'}"
 
@@ -115,7 +125,9 @@ def test_unreachable_server_fails_unless_the_local_fallback_is_asked_for(tmp_pat
     local = f"sqlite:///{tmp_path / 'local' / 'mlflow.db'}"
     monkeypatch.setattr(tracking, "local_store", lambda: (local, None))
     uri = f"http://tracker:s3cret@127.0.0.1:{closed_port()}"
-    with pytest.raises(FedXViTError, match=r"MLflow tracking store http://\*\*\*@127\.0\.0\.1:\d+ is unreachable") as failure:
+    with pytest.raises(
+        FedXViTError, match=r"MLflow tracking store http://\*\*\*@127\.0\.0\.1:\d+ is unreachable"
+    ) as failure:
         tracking.resolve_tracking(uri, timeout_s=20)
     assert "s3cret" not in str(failure.value)
     warnings = []
@@ -138,24 +150,37 @@ def test_the_widget_stops_the_run_instead_of_running_untracked(no_tracking_env):
     widget.system_panic = lambda reason, fl_ctx: panics.append(reason)
     widget.handle_event(EventType.START_RUN, FLContext())
     assert len(panics) == 1 and panics[0].startswith("fedxvit tracking: MLflow tracking store http://127.0.0.1:")
-    assert widget.receiver is None  # no NVFlare receiver was built: every later event is dropped, none written elsewhere
+    assert (
+        widget.receiver is None
+    )  # no NVFlare receiver was built: every later event is dropped, none written elsewhere
     widget.handle_event(EventType.END_RUN, FLContext())  # an engine-less context: anything it tried would raise
 
 
 def test_site_parameters_on_the_server_run():
-    sites = {"site1": {"data_hash": "aa", "learning_rate": 0.001, "preset": "cpu", "local_epochs": 1},
-             "site2": {"data_hash": "bb", "learning_rate": 0.01, "preset": "cpu", "local_epochs": 1}}
+    sites = {
+        "site1": {"data_hash": "aa", "learning_rate": 0.001, "preset": "cpu", "local_epochs": 1},
+        "site2": {"data_hash": "bb", "learning_rate": 0.01, "preset": "cpu", "local_epochs": 1},
+    }
     merged = run_record.merge_site_params(sites, base={"preset": "cpu", "num_rounds": 5})
-    assert merged == {"data_hash.site1": "aa", "data_hash.site2": "bb", "local_epochs": "1",
-                      "learning_rate.site1": "0.001", "learning_rate.site2": "0.01"}
+    assert merged == {
+        "data_hash.site1": "aa",
+        "data_hash.site2": "bb",
+        "local_epochs": "1",
+        "learning_rate.site1": "0.001",
+        "learning_rate.site2": "0.01",
+    }
     # a site disagreeing with the server's own parameter is recorded per site, never overwriting it
-    assert run_record.merge_site_params({"site1": {"preset": "tiny"}}, base={"preset": "cpu"}) == {"preset.site1": "tiny"}
+    assert run_record.merge_site_params({"site1": {"preset": "tiny"}}, base={"preset": "cpu"}) == {
+        "preset.site1": "tiny"
+    }
 
 
 def test_the_post_run_step_names_what_it_cannot_use(tmp_path):
     with pytest.raises(FedXViTError, match=f"run folder {tmp_path / 'nowhere'} does not exist"):
         run_record.main([str(tmp_path / "nowhere")])
-    run_dir = tmp_path / "simulate_job"  # a simulator run folder's name says nothing about its runs: it needs its record
+    run_dir = (
+        tmp_path / "simulate_job"
+    )  # a simulator run folder's name says nothing about its runs: it needs its record
     run_dir.mkdir()
     with pytest.raises(FedXViTError, match="has no mlflow_runs.json: the job did not track to MLflow"):
         run_record.main([str(run_dir)])
@@ -167,14 +192,19 @@ def test_the_post_run_step_names_what_it_cannot_use(tmp_path):
 def test_metric_names_have_one_home():
     """The executor's and the server widget's metric dicts carry exactly the declared names."""
     row = {"global_val_accuracy": 0.9, "global_val_loss": 0.3, "num_sites": 3, "val_count": 12}
-    assert tracking.server_round_metrics(row) == {"global_val_accuracy": 0.9, "global_val_loss": 0.3,
-                                                  "clients_per_round": 3}
+    assert tracking.server_round_metrics(row) == {
+        "global_val_accuracy": 0.9,
+        "global_val_loss": 0.3,
+        "clients_per_round": 3,
+    }
     train = {"train_loss": 0.5, "train_accuracy": 0.8, "local_val_accuracy": 0.7, "local_val_loss": 0.6, "steps": 4}
     site = tracking.site_round_metrics({"val_accuracy": 0.75, "val_loss": 0.65, "val_count": 4}, train)
     assert tuple(site) == tracking.SITE_ROUND_METRICS
     assert (site["global_model_val_accuracy"], site["train_loss"]) == (0.75, 0.5)
-    assert tracking.site_epoch_metrics({"loss": 0.4, "accuracy": 0.9}) == {"epoch_train_loss": 0.4,
-                                                                          "epoch_train_accuracy": 0.9}
+    assert tracking.site_epoch_metrics({"loss": 0.4, "accuracy": 0.9}) == {
+        "epoch_train_loss": 0.4,
+        "epoch_train_accuracy": 0.9,
+    }
     assert tuple(tracking.site_epoch_metrics({"loss": 0, "accuracy": 0})) == tracking.SITE_EPOCH_METRICS
 
 
@@ -201,28 +231,41 @@ class ServerEngine:
 
 def server_context(engine: ServerEngine, job_id: str) -> FLContext:
     fl_ctx = FLContext()
-    for key, value in ((ReservedKey.ENGINE, engine), (ReservedKey.RUN_NUM, job_id), (ReservedKey.IDENTITY_NAME, SERVER),
-                       (ReservedKey.PROCESS_TYPE, ProcessType.SERVER_JOB)):
+    for key, value in (
+        (ReservedKey.ENGINE, engine),
+        (ReservedKey.RUN_NUM, job_id),
+        (ReservedKey.IDENTITY_NAME, SERVER),
+        (ReservedKey.PROCESS_TYPE, ProcessType.SERVER_JOB),
+    ):
         fl_ctx.set_prop(key, value, private=False, sticky=True)
     return fl_ctx
 
 
 def send(widget, fl_ctx: FLContext, tag: str, value, data_type, step=None, site=None) -> None:
-    """An analytics event as NVFlare delivers it on the server: a site's arrives as a fed. event, the server's as local."""
-    data = create_analytic_dxo(tag, value, data_type, writer=LogWriterName.MLFLOW,
-                               **({TrackConst.GLOBAL_STEP_KEY: step} if step is not None else {})).to_shareable()
+    """An analytics event as NVFlare delivers it on the server: a site's arrives as a fed. event, the
+    server's as local."""
+    data = create_analytic_dxo(
+        tag,
+        value,
+        data_type,
+        writer=LogWriterName.MLFLOW,
+        **({TrackConst.GLOBAL_STEP_KEY: step} if step is not None else {}),
+    ).to_shareable()
     if site:
         data.set_peer_props({ReservedKey.IDENTITY_NAME: site})
     fl_ctx.set_prop(FLContextKey.EVENT_DATA, data, private=True, sticky=False)
-    fl_ctx.set_prop(FLContextKey.EVENT_SCOPE, EventScope.FEDERATION if site else EventScope.LOCAL, private=True,
-                    sticky=False)
+    fl_ctx.set_prop(
+        FLContextKey.EVENT_SCOPE, EventScope.FEDERATION if site else EventScope.LOCAL, private=True, sticky=False
+    )
     widget.handle_event(f"fed.{ANALYTIC_EVENT_TYPE}" if site else ANALYTIC_EVENT_TYPE, fl_ctx)
 
 
 def job_runs(client, job: str) -> dict:
     experiment = client.get_experiment_by_name(tracking.FEDERATED_EXPERIMENT)
-    return {r.data.tags[tracking.SITE_TAG]: r for r in client.search_runs([experiment.experiment_id],
-                                                                          f"tags.job_id = '{job}'")}
+    return {
+        r.data.tags[tracking.SITE_TAG]: r
+        for r in client.search_runs([experiment.experiment_id], f"tags.job_id = '{job}'")
+    }
 
 
 SERVER = "server"
@@ -249,13 +292,22 @@ def test_a_job_tracked_through_nvflares_receiver_and_recorded_once(tmp_path, no_
     job = record["job_id"]
     runs = job_runs(client, job)
     assert set(runs) == {*SITES, SERVER} and record["runs"] == {k: r.info.run_id for k, r in runs.items()}
-    assert {site: r.data.tags[tracking.ROLE_TAG] for site, r in runs.items()} == {"site1": "site", "site2": "site",
-                                                                                  SERVER: "server"}
+    assert {site: r.data.tags[tracking.ROLE_TAG] for site, r in runs.items()} == {
+        "site1": "site",
+        "site2": "site",
+        SERVER: "server",
+    }
     assert record["tracking_uri"] == uri and record["server"] == SERVER
 
     for i, site in enumerate(SITES):
-        send(widget, fl_ctx, "params", {"preset": "tiny", "learning_rate": 0.001, "data_hash": f"hash{i}"},
-             AnalyticsDataType.PARAMETERS, site=site)
+        send(
+            widget,
+            fl_ctx,
+            "params",
+            {"preset": "tiny", "learning_rate": 0.001, "data_hash": f"hash{i}"},
+            AnalyticsDataType.PARAMETERS,
+            site=site,
+        )
         send(widget, fl_ctx, "train_loss", 0.5 + i, AnalyticsDataType.METRIC, step=0, site=site)
     for step in (0, 1):
         send(widget, fl_ctx, "global_val_accuracy", 0.5 + 0.1 * step, AnalyticsDataType.METRIC, step=step)
@@ -264,11 +316,18 @@ def test_a_job_tracked_through_nvflares_receiver_and_recorded_once(tmp_path, no_
     runs = job_runs(client, job)
     assert all(r.info.status == "FINISHED" for r in runs.values())
     assert [(m.step, m.value) for m in client.get_metric_history(runs["site2"].info.run_id, "train_loss")] == [(0, 1.5)]
-    assert sorted((m.step, m.value) for m in client.get_metric_history(runs[SERVER].info.run_id,
-                                                                       "global_val_accuracy")) == [(0, 0.5), (1, 0.6)]
+    assert sorted(
+        (m.step, m.value) for m in client.get_metric_history(runs[SERVER].info.run_id, "global_val_accuracy")
+    ) == [(0, 0.5), (1, 0.6)]
     assert "global_val_accuracy" not in runs["site1"].data.metrics  # the server's metrics stay on the server's run
-    assert runs[SERVER].data.params == {"preset": "tiny", "num_rounds": "2", "sites": "site1,site2",
-                                        "learning_rate": "0.001", "data_hash.site1": "hash0", "data_hash.site2": "hash1"}
+    assert runs[SERVER].data.params == {
+        "preset": "tiny",
+        "num_rounds": "2",
+        "sites": "site1,site2",
+        "learning_rate": "0.001",
+        "data_hash.site1": "hash0",
+        "data_hash.site2": "hash1",
+    }
     (version,) = client.search_model_versions("name='fedxvit-global'")
     assert version.run_id == runs[SERVER].info.run_id and version.tags["model"] == "final"
     assert (version.tags["job_id"], version.tags["preset"], version.tags["data_hash.site2"]) == (job, "tiny", "hash1")

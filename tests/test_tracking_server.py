@@ -12,10 +12,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
-from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SERVER_ROUND_METRICS, SITE_ROUND_METRICS, SITE_TAG
 from test_tracking import closed_port
 from tiny import SITES, tiny_job, tiny_sites_and_initial_model
+
+from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SERVER_ROUND_METRICS, SITE_ROUND_METRICS, SITE_TAG
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
@@ -27,10 +27,25 @@ def mlflow_server(tmp_path):
     port = closed_port()
     uri = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "mlflow_server.log", "w")
-    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
-                               "--artifacts-destination", str(tmp_path / "server" / "artifacts")],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server" / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         for _ in range(240):
             try:
@@ -62,11 +77,29 @@ def test_a_job_tracks_into_a_real_mlflow_server(tmp_path, mlflow_server):
     server_config.write_text(json.dumps(config))
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(FEDXVIT_INITIAL_MODEL=str(initial), FEDXVIT_DATA_ROOT=str(tmp_path / "data"),
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    run = subprocess.run([str(BIN / "nvflare"), "simulator", str(job), "-w", str(tmp_path / "workspace"),
-                          "-c", ",".join(SITES), "-t", "3"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=240)
+    env.update(
+        FEDXVIT_INITIAL_MODEL=str(initial),
+        FEDXVIT_DATA_ROOT=str(tmp_path / "data"),
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    run = subprocess.run(
+        [
+            str(BIN / "nvflare"),
+            "simulator",
+            str(job),
+            "-w",
+            str(tmp_path / "workspace"),
+            "-c",
+            ",".join(SITES),
+            "-t",
+            "3",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
     assert f"MLflow runs go to {mlflow_server}" in log, log[-4000:]

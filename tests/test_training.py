@@ -40,7 +40,7 @@ def write_square_site(root, class_names, per_class, seed=0, size=40):
                 pixels = (rng.random((size, size + 6)) * 70).astype(np.uint8)
                 if label:
                     r, c = corners[(label - 1) % 4]
-                    pixels[r:r + size // 3, c:c + size // 3] = 230
+                    pixels[r : r + size // 3, c : c + size // 3] = 230
                 rel = f"{split}/{label}_{i}.png"
                 Image.fromarray(pixels).save(root / rel)
                 entries[split].append({"image": rel, "label": label})
@@ -49,8 +49,13 @@ def write_square_site(root, class_names, per_class, seed=0, size=40):
 
 def random_batches(n_batches=3, batch=4, size=32, classes=2):
     g = torch.Generator().manual_seed(0)
-    return [{"image": torch.rand(batch, 1, size, size, generator=g), "label": torch.randint(0, classes, (batch,), generator=g)}
-            for _ in range(n_batches)]
+    return [
+        {
+            "image": torch.rand(batch, 1, size, size, generator=g),
+            "label": torch.randint(0, classes, (batch,), generator=g),
+        }
+        for _ in range(n_batches)
+    ]
 
 
 @pytest.mark.parametrize("policy", ["head", "last-k", "full"])
@@ -173,7 +178,9 @@ def test_weight_diff_is_new_minus_old():
 def test_checkpoint_round_trip_and_sidecar(tmp_path):
     model = build_model("tiny", num_classes=2)
     path = tmp_path / "m.pt"
-    save_checkpoint(path, model, {"class_names": list(TASK_CLASSES), "data_hash": "abc", "metrics": {"val_accuracy": 0.5}})
+    save_checkpoint(
+        path, model, {"class_names": list(TASK_CLASSES), "data_hash": "abc", "metrics": {"val_accuracy": 0.5}}
+    )
     state = torch.load(path, weights_only=True)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     meta = json.loads((tmp_path / "m.pt.json").read_text())
@@ -189,8 +196,9 @@ def test_mismatched_or_missing_checkpoint_is_one_clear_line(tmp_path):
     save_checkpoint(path, build_model("tiny", num_classes=4), {"class_names": list(EXPERT_CLASSES)})
     with pytest.raises(FedXViTError) as wrong_preset:
         load_checkpoint(path, preset="cpu", num_classes=2)
-    assert str(wrong_preset.value) == (f"{path} was saved for preset 'tiny' with 4 classes, "
-                                       f"but preset 'cpu' with 2 classes was asked for")
+    assert str(wrong_preset.value) == (
+        f"{path} was saved for preset 'tiny' with 4 classes, but preset 'cpu' with 2 classes was asked for"
+    )
     with pytest.raises(FedXViTError, match="'tiny' with 4 classes, but preset 'tiny' with 2 classes"):
         build_model_from_checkpoint(path, num_classes=2)
     with pytest.raises(FedXViTError, match=r"checkpoint .*absent\.pt does not exist"):
@@ -205,8 +213,20 @@ def test_expert_then_transfer_cli_end_to_end(tmp_path, capsys):
     write_square_site(public, list(EXPERT_CLASSES), {"training": 4, "validation": 2, "testing": 2})
     out = tmp_path / "models"
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    args = ["--data", str(public), "--out", str(out), "--preset", "tiny", "--epochs", "1", "--batch-size", "8",
-            "--tracking-uri", uri]
+    args = [
+        "--data",
+        str(public),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--tracking-uri",
+        uri,
+    ]
     report = expert.main(args)
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and "meningioma" in printed and "f1-score" in printed
@@ -223,7 +243,9 @@ def test_expert_then_transfer_cli_end_to_end(tmp_path, capsys):
 
     import mlflow
 
-    runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("fedxvit-expert").experiment_id])
+    runs = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name("fedxvit-expert").experiment_id]
+    )
     assert len(runs) == 1 and runs[0].data.params["preset"] == "tiny" and "val_accuracy" in runs[0].data.metrics
 
     expert.main(args)
@@ -235,7 +257,9 @@ def test_expert_then_transfer_cli_end_to_end(tmp_path, capsys):
     assert "transplanted:" in printed and "head.weight" in printed
     assert sorted(result["not_copied"]) == ["head.bias", "head.weight"]
     model, meta = build_model_from_checkpoint(initial, preset="tiny", num_classes=2)
-    assert meta["class_names"] == list(TASK_CLASSES) and meta["transplanted_from"]["checkpoint"] == str(out / "expert.pt")
+    assert meta["class_names"] == list(TASK_CLASSES) and meta["transplanted_from"]["checkpoint"] == str(
+        out / "expert.pt"
+    )
     expert_state = torch.load(out / "expert.pt", weights_only=True)
     assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], expert_state["blocks.0.attn.qkv.weight"])
 

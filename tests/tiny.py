@@ -23,8 +23,15 @@ TINY_SERVER = {"num_rounds": 2, "preset": "tiny"}
 TINY_CLIENT = {"preset": "tiny", "batch_size": 4, "torch_threads": 1}
 
 
-def write_tiny_site(root: Path, train_per_class: int = 3, val_per_class: int = 2, test_per_class: int = 1,
-                    size: int = 32, seed: int = 0, masks: bool = False) -> Path:
+def write_tiny_site(
+    root: Path,
+    train_per_class: int = 3,
+    val_per_class: int = 2,
+    test_per_class: int = 1,
+    size: int = 32,
+    seed: int = 0,
+    masks: bool = False,
+) -> Path:
     """A 2-class site of noise images in which a Tumor image holds a bright square: at a fixed place,
     or with `masks` at a random place with its mask (for the heatmap scores). Returns root."""
     rng = np.random.default_rng(seed)
@@ -39,10 +46,10 @@ def write_tiny_site(root: Path, train_per_class: int = 3, val_per_class: int = 2
                 entry = {"image": f"images/{split}_{label}_{i}.png", "label": label}
                 if label:
                     r, c = rng.integers(0, size - SQUARE, 2) if masks else (4, 4)
-                    pixels[r:r + SQUARE, c:c + SQUARE] = 230
+                    pixels[r : r + SQUARE, c : c + SQUARE] = 230
                     if masks:
                         mask = np.zeros((size, size), np.uint8)
-                        mask[r:r + SQUARE, c:c + SQUARE] = 255
+                        mask[r : r + SQUARE, c : c + SQUARE] = 255
                         entry["mask"] = f"masks/{split}_{label}_{i}.png"
                         Image.fromarray(mask).save(root / entry["mask"])
                 Image.fromarray(pixels).save(root / entry["image"])
@@ -51,13 +58,16 @@ def write_tiny_site(root: Path, train_per_class: int = 3, val_per_class: int = 2
     return root
 
 
-def write_tiny_config(config_dir: Path, server_changes: dict | None = None, client_changes: dict | None = None,
-                      job_dir: Path = JOB) -> Path:
+def write_tiny_config(
+    config_dir: Path, server_changes: dict | None = None, client_changes: dict | None = None, job_dir: Path = JOB
+) -> Path:
     """A repository job's two config files (default jobs/fedxvit) with the tiny preset, 2 rounds, batch 4 and
     one thread, plus the changes, edited the way a user would: the variables at the top of each file."""
     config_dir.mkdir(parents=True, exist_ok=True)
-    for name, changes in (("config_fed_server.json", {**TINY_SERVER, **(server_changes or {})}),
-                          ("config_fed_client.json", {**TINY_CLIENT, **(client_changes or {})})):
+    for name, changes in (
+        ("config_fed_server.json", {**TINY_SERVER, **(server_changes or {})}),
+        ("config_fed_client.json", {**TINY_CLIENT, **(client_changes or {})}),
+    ):
         config = json.loads((job_dir / "app" / "config" / name).read_text())
         assert set(changes) <= set(config), f"{name} lost a job argument"
         config.update(changes)
@@ -109,14 +119,29 @@ def write_tiny_run(tmp: Path, sites=("site1", "site2")) -> dict:
     run = tmp / "run" / "simulate_job"
     write_tiny_config(run / "app_server" / "config")
     start = torch.load(initial, weights_only=True)
-    torch.save({"model": opposite_model(start)}, run / "app_server" / "FL_global_model.pt")  # PTFileModelPersistor's layout
+    torch.save(
+        {"model": opposite_model(start)}, run / "app_server" / "FL_global_model.pt"
+    )  # PTFileModelPersistor's layout
     torch.save({"model": start}, run / "app_server" / "best_FL_global_model.pt")
-    rounds = [{"round": r, "global_val_accuracy": 0.5 + 0.1 * r, "global_val_loss": 1.0 - 0.1 * r, "val_count": 8,
-               "num_sites": len(sites), "sites": {s: {"val_accuracy": 0.5, "val_loss": 1.0, "val_count": 4} for s in sites}}
-              for r in range(2)]
+    rounds = [
+        {
+            "round": r,
+            "global_val_accuracy": 0.5 + 0.1 * r,
+            "global_val_loss": 1.0 - 0.1 * r,
+            "val_count": 8,
+            "num_sites": len(sites),
+            "sites": {s: {"val_accuracy": 0.5, "val_loss": 1.0, "val_count": 4} for s in sites},
+        }
+        for r in range(2)
+    ]
     (run / "global_val.json").write_text(json.dumps({"rounds": rounds}))
-    cross = {s: {m: {"val_accuracy": 0.5 + 0.1 * i, "val_loss": 0.7, "val_count": 4}
-                 for i, m in enumerate(["SRV_FL_global_model.pt", *sites])} for s in sites}
+    cross = {
+        s: {
+            m: {"val_accuracy": 0.5 + 0.1 * i, "val_loss": 0.7, "val_count": 4}
+            for i, m in enumerate(["SRV_FL_global_model.pt", *sites])
+        }
+        for s in sites
+    }
     (run / "cross_site_val").mkdir()
     (run / "cross_site_val" / "cross_val_results.json").write_text(json.dumps(cross))
     return {"run_dir": run, "data": data, "initial": initial, "sites": list(sites)}

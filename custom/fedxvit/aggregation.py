@@ -24,7 +24,6 @@ import math
 from typing import Dict
 
 import numpy as np
-
 from nvflare.apis.dxo import DXO, DataKind, MetaKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.aggregators.assembler import Assembler
@@ -61,8 +60,10 @@ def screen_updates(updates: Dict[str, dict], norm_k: float) -> tuple[list[str], 
         others = float(np.median([norms[s] for s in sites if s != site]))
         if norms[site] > norm_k * others:
             ratio = norms[site] / others if others > 0 else math.inf
-            rejected[site] = (f"update norm {norms[site]:.4g} is {ratio:.3g}x the median of the other sites' "
-                              f"({others:.4g}); limit {norm_k:g}x")
+            rejected[site] = (
+                f"update norm {norms[site]:.4g} is {ratio:.3g}x the median of the other sites' "
+                f"({others:.4g}); limit {norm_k:g}x"
+            )
     return [s for s in sites if s not in rejected], rejected
 
 
@@ -71,8 +72,9 @@ def trim_count(n: int, trim_fraction: float) -> int:
     return min(math.ceil(trim_fraction * n), (n - 1) // 2) if trim_fraction > 0 else 0
 
 
-def combine_updates(updates: Dict[str, dict], weights: Dict[str, float], method: str = "mean",
-                    trim_fraction: float = 0.2) -> dict:
+def combine_updates(
+    updates: Dict[str, dict], weights: Dict[str, float], method: str = "mean", trim_fraction: float = 0.2
+) -> dict:
     """One update from several: {name: float32 array}. A tensor only some sites sent is combined over those."""
     if method not in AGGREGATIONS:
         raise FedXViTError(f"aggregation '{method}' is unknown; choose one of {', '.join(AGGREGATIONS)}")
@@ -91,7 +93,7 @@ def combine_updates(updates: Dict[str, dict], weights: Dict[str, float], method:
         else:
             cut = trim_count(len(stack), trim_fraction)
             ordered = np.sort(stack, axis=0)
-            combined[name] = ordered[cut:len(stack) - cut].mean(axis=0)
+            combined[name] = ordered[cut : len(stack) - cut].mean(axis=0)
         combined[name] = combined[name].astype(np.float32)
     return combined
 
@@ -99,12 +101,18 @@ def combine_updates(updates: Dict[str, dict], weights: Dict[str, float], method:
 class ScreenedAssembler(Assembler):
     """Assembler for NVFlare's CollectAndAssembleAggregator: norm screening, then mean / median / trimmed mean."""
 
-    def __init__(self, aggregation: str = "mean", norm_k: float = 10.0, trim_fraction: float = 0.2,
-                 data_kind: str = DataKind.WEIGHT_DIFF):
+    def __init__(
+        self,
+        aggregation: str = "mean",
+        norm_k: float = 10.0,
+        trim_fraction: float = 0.2,
+        data_kind: str = DataKind.WEIGHT_DIFF,
+    ):
         super().__init__(data_kind=data_kind)
         if aggregation not in AGGREGATIONS:
-            raise FedXViTError(f"job option aggregation='{aggregation}' is unknown; choose one of "
-                               f"{', '.join(AGGREGATIONS)}")
+            raise FedXViTError(
+                f"job option aggregation='{aggregation}' is unknown; choose one of {', '.join(AGGREGATIONS)}"
+            )
         if 0 < float(norm_k) < 1:
             raise FedXViTError(f"job option norm_k={norm_k}: use 0 (no screening) or a factor >= 1")
         self.aggregation = aggregation
@@ -124,6 +132,7 @@ class ScreenedAssembler(Assembler):
         if not kept:  # nothing collected (e.g. every result came late): keep the global model as it is
             self.log_error(fl_ctx, f"fedxvit: round {round_number}: no update to aggregate; the global model stays")
             return DXO(data_kind=self.expected_data_kind, data={})
-        combined = combine_updates({s: updates[s] for s in kept}, {s: data[s]["weight"] for s in kept},
-                                   self.aggregation, self.trim_fraction)
+        combined = combine_updates(
+            {s: updates[s] for s in kept}, {s: data[s]["weight"] for s in kept}, self.aggregation, self.trim_fraction
+        )
         return DXO(data_kind=self.expected_data_kind, data=combined)

@@ -18,10 +18,9 @@ the tests drive the strategies with a plain loop.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
+from torch import nn
 
 from fedxvit.errors import FedXViTError
 
@@ -115,7 +114,8 @@ def learning_rate(optimizer: torch.optim.Optimizer) -> float:
 
 
 class Scaffold(FedAvg):
-    """NVFlare's PTScaffoldHelper: a corrected step after every optimizer step, the control-variate change at the end."""
+    """NVFlare's PTScaffoldHelper: a corrected step after every optimizer step, the control-variate
+    change at the end."""
 
     name = "scaffold"
     needs_global_controls = True
@@ -128,8 +128,10 @@ class Scaffold(FedAvg):
 
     def start_round(self, model, optimizer, global_controls=None):
         if not global_controls:
-            raise FedXViTError("algorithm 'scaffold' needs the server's global control variates: run it with "
-                               "NVFlare's ScatterAndGatherScaffold (jobs/fedxvit_scaffold)")
+            raise FedXViTError(
+                "algorithm 'scaffold' needs the server's global control variates: run it with "
+                "NVFlare's ScatterAndGatherScaffold (jobs/fedxvit_scaffold)"
+            )
         super().start_round(model, optimizer)
         if self.helper.c_global is None:
             self.helper.init(model)  # c_local starts at zero and then lives at the site across rounds
@@ -148,8 +150,9 @@ class Scaffold(FedAvg):
         """{parameter name: float32 array}: the change of c_local this round, for the trainable tensors."""
         if self.helper.cnt == 0:
             raise FedXViTError("SCAFFOLD: the round made no optimizer step, so there is no control variate to update")
-        self.helper.terms_update(self.model, learning_rate(self.optimizer), self.c_global, self.c_local,
-                                 self.round_start)
+        self.helper.terms_update(
+            self.model, learning_rate(self.optimizer), self.c_global, self.c_local, self.round_start
+        )
         deltas = self.helper.get_delta_controls()
         self.delta_norm = float(sum(float((d.astype("float64") ** 2).sum()) for d in deltas.values()) ** 0.5)
         return deltas
@@ -167,5 +170,7 @@ def make_strategy(algorithm: str = "fedavg", mu: float = 0.01) -> FedAvg:
         return FedProx(mu)
     if algorithm == "scaffold":
         return Scaffold()
-    raise FedXViTError(f"job option algorithm='{algorithm}' is unknown; choose one of {', '.join(ALGORITHMS)} "
-                       f"(FedOpt and cyclic sites run 'fedavg')")
+    raise FedXViTError(
+        f"job option algorithm='{algorithm}' is unknown; choose one of {', '.join(ALGORITHMS)} "
+        f"(FedOpt and cyclic sites run 'fedavg')"
+    )

@@ -38,8 +38,13 @@ BASELINES_FILE = "baselines.json"
 CENTRALIZED = "centralized (all sites pooled)"
 
 
-def train_on_sites(site_dirs: Sequence[os.PathLike], init_checkpoint: os.PathLike, settings: JobSettings,
-                   device: str | None = None, progress: bool = False) -> dict:
+def train_on_sites(
+    site_dirs: Sequence[os.PathLike],
+    init_checkpoint: os.PathLike,
+    settings: JobSettings,
+    device: str | None = None,
+    progress: bool = False,
+) -> dict:
     """Fine-tune the initial global model on the pooled training splits of `site_dirs`, for the job's
     equivalent epochs with its lr, batch size, freeze policy and seed.
 
@@ -53,15 +58,18 @@ def train_on_sites(site_dirs: Sequence[os.PathLike], init_checkpoint: os.PathLik
     if not site_dirs:
         raise FedXViTError("train_on_sites needs at least one site folder")
     if settings.equivalent_epochs < 1:
-        raise FedXViTError(f"{settings.num_rounds} rounds x {settings.local_epochs} local epochs: "
-                           "train for at least one epoch")
+        raise FedXViTError(
+            f"{settings.num_rounds} rounds x {settings.local_epochs} local epochs: train for at least one epoch"
+        )
     started = time.perf_counter()
     torch_device = resolve_device(device)
     seed_everything(settings.seed)
-    model, _ = build_model_from_checkpoint(init_checkpoint, preset=settings.preset, num_classes=settings.num_classes,
-                                           device=torch_device)
-    loader = make_loader(site_dirs, "training", model.preset.image_size, settings.batch_size, train=True,
-                         seed=settings.seed)
+    model, _ = build_model_from_checkpoint(
+        init_checkpoint, preset=settings.preset, num_classes=settings.num_classes, device=torch_device
+    )
+    loader = make_loader(
+        site_dirs, "training", model.preset.image_size, settings.batch_size, train=True, seed=settings.seed
+    )
     apply_freeze_policy(model, settings.freeze_policy, settings.last_k)
     optimizer = make_optimizer(model, settings.learning_rate)
     history = []
@@ -73,8 +81,12 @@ def train_on_sites(site_dirs: Sequence[os.PathLike], init_checkpoint: os.PathLik
     for _ in epochs_iter:
         history.append(train_epoch(model, loader, optimizer, torch_device))
     model.eval()
-    return {"model": model, "history": history, "train_images": len(loader.dataset),
-            "wall_s": time.perf_counter() - started}
+    return {
+        "model": model,
+        "history": history,
+        "train_images": len(loader.dataset),
+        "wall_s": time.perf_counter() - started,
+    }
 
 
 def baseline_groups(site_dirs: dict) -> dict:
@@ -86,9 +98,11 @@ def baseline_groups(site_dirs: dict) -> dict:
 
 def fingerprint(settings: JobSettings, site_dirs: dict, initial: Path) -> dict:
     """What the baselines depend on: the job's settings, each site's data hash, the initial model's bytes."""
-    return {"settings": settings.as_dict(),
-            "data_hash": {site: read_dataset_info(d).get("data_hash") for site, d in site_dirs.items()},
-            "initial_sha256": hashlib.sha256(Path(initial).read_bytes()).hexdigest()}
+    return {
+        "settings": settings.as_dict(),
+        "data_hash": {site: read_dataset_info(d).get("data_hash") for site, d in site_dirs.items()},
+        "initial_sha256": hashlib.sha256(Path(initial).read_bytes()).hexdigest(),
+    }
 
 
 def read_baselines(out: os.PathLike) -> dict:
@@ -97,8 +111,15 @@ def read_baselines(out: os.PathLike) -> dict:
     return read_json(path, f"no baselines at {path}: run `make baselines` (python -m fedxvit.baselines) first")
 
 
-def train_baselines(settings: JobSettings, site_dirs: dict, initial: os.PathLike, out: os.PathLike,
-                    device: str | None = None, force: bool = False, progress: bool = True) -> dict:
+def train_baselines(
+    settings: JobSettings,
+    site_dirs: dict,
+    initial: os.PathLike,
+    out: os.PathLike,
+    device: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Train (or reuse) the centralized and local-only models; writes their checkpoints and baselines.json."""
     out, initial = Path(out), Path(initial)
     if not initial.is_file():
@@ -113,15 +134,34 @@ def train_baselines(settings: JobSettings, site_dirs: dict, initial: os.PathLike
     for name, (file_name, dirs) in baseline_groups(site_dirs).items():
         trained = train_on_sites(dirs, initial, settings, device=device, progress=progress)
         last = trained["history"][-1]
-        save_checkpoint(out / file_name, trained["model"],
-                        meta={"class_names": list(TASK_CLASSES), "baseline": name, "initial": os.fspath(initial),
-                              "sites": [d.name for d in dirs], "epochs": settings.equivalent_epochs})
-        models.append({"model": name, "checkpoint": file_name, "sites": [d.name for d in dirs],
-                       "train_images": trained["train_images"], "epochs": settings.equivalent_epochs,
-                       "train_wall_s": round(trained["wall_s"], 1), "final_train_loss": last["loss"],
-                       "final_train_accuracy": last["accuracy"]})
-        print(f"{name}: {trained['train_images']} images x {settings.equivalent_epochs} epochs, "
-              f"train loss {last['loss']:.4f}, {trained['wall_s']:.0f} s", flush=True)
+        save_checkpoint(
+            out / file_name,
+            trained["model"],
+            meta={
+                "class_names": list(TASK_CLASSES),
+                "baseline": name,
+                "initial": os.fspath(initial),
+                "sites": [d.name for d in dirs],
+                "epochs": settings.equivalent_epochs,
+            },
+        )
+        models.append(
+            {
+                "model": name,
+                "checkpoint": file_name,
+                "sites": [d.name for d in dirs],
+                "train_images": trained["train_images"],
+                "epochs": settings.equivalent_epochs,
+                "train_wall_s": round(trained["wall_s"], 1),
+                "final_train_loss": last["loss"],
+                "final_train_accuracy": last["accuracy"],
+            }
+        )
+        print(
+            f"{name}: {trained['train_images']} images x {settings.equivalent_epochs} epochs, "
+            f"train loss {last['loss']:.4f}, {trained['wall_s']:.0f} s",
+            flush=True,
+        )
     record = {"fingerprint": stamp, "initial": os.fspath(initial), "sites": list(site_dirs), "models": models}
     out.mkdir(parents=True, exist_ok=True)
     (out / BASELINES_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -130,14 +170,24 @@ def train_baselines(settings: JobSettings, site_dirs: dict, initial: os.PathLike
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fedxvit.baselines", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run-dir", default=None, help="finished run whose settings and sites to match "
-                        "(default <project>/workspace/server/simulate_job)")
+    parser = argparse.ArgumentParser(
+        prog="python -m fedxvit.baselines",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=None,
+        help="finished run whose settings and sites to match (default <project>/workspace/server/simulate_job)",
+    )
     parser.add_argument("--job", default=None, help="take the settings from this job folder instead of the run's")
     parser.add_argument("--sites", nargs="+", default=None, help="sites (default: the run's sites)")
-    parser.add_argument("--initial", default=None, help="transplanted start checkpoint (default: the job's, "
-                        "$FEDXVIT_INITIAL_MODEL else <project>/models/initial_global.pt)")
+    parser.add_argument(
+        "--initial",
+        default=None,
+        help="transplanted start checkpoint (default: the job's, "
+        "$FEDXVIT_INITIAL_MODEL else <project>/models/initial_global.pt)",
+    )
     parser.add_argument("--out", default=None, help=f"output folder (default <project>/{DEFAULT_OUT.as_posix()})")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--force", action="store_true", help="retrain even when matching baselines exist")
@@ -151,13 +201,20 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
     if not (args.job and args.sites) and not run_dir.is_dir():
-        raise FedXViTError(f"run folder {run_dir} does not exist: run `make simulate` first "
-                           "(or pass --run-dir, or --job and --sites)")
+        raise FedXViTError(
+            f"run folder {run_dir} does not exist: run `make simulate` first (or pass --run-dir, or --job and --sites)"
+        )
     settings = read_job_settings(args.job or run_dir)
     sites = args.sites or run_sites(run_dir)
     out = Path(args.out) if args.out else project_root() / DEFAULT_OUT
-    return train_baselines(settings, {site: site_data_dir(site) for site in sites},
-                           args.initial or resolve_initial_model(), out, device=args.device, force=args.force)
+    return train_baselines(
+        settings,
+        {site: site_data_dir(site) for site in sites},
+        args.initial or resolve_initial_model(),
+        out,
+        device=args.device,
+        force=args.force,
+    )
 
 
 if __name__ == "__main__":

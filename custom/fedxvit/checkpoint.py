@@ -27,8 +27,12 @@ def save_checkpoint(path: os.PathLike, model: HybridViT, meta: dict | None = Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
-    meta.update(preset=model.preset.name, num_classes=model.num_classes, image_size=model.preset.image_size,
-                in_chans=model.preset.in_chans)
+    meta.update(
+        preset=model.preset.name,
+        num_classes=model.num_classes,
+        image_size=model.preset.image_size,
+        in_chans=model.preset.in_chans,
+    )
     names = meta.get("class_names")
     if names is not None and len(names) != model.num_classes:
         raise FedXViTError(f"{path}: {len(names)} class names given for a {model.num_classes}-class model")
@@ -70,20 +74,26 @@ def load_checkpoint(path: os.PathLike, preset: str | None = None, num_classes: i
     return state, meta
 
 
-def build_model_from_checkpoint(path: os.PathLike, preset: str | None = None, num_classes: int | None = None,
-                                device: str | torch.device = "cpu") -> tuple[HybridViT, dict]:
+def build_model_from_checkpoint(
+    path: os.PathLike, preset: str | None = None, num_classes: int | None = None, device: str | torch.device = "cpu"
+) -> tuple[HybridViT, dict]:
     """The model the checkpoint describes, with its weights loaded, plus the sidecar."""
     state, meta = load_checkpoint(path, preset, num_classes)
     model = build_model(meta["preset"], num_classes=meta["num_classes"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        what = f"{len(missing)} missing (first: {missing[0]})" if missing else f"{len(unexpected)} unexpected (first: {unexpected[0]})"
+        what = (
+            f"{len(missing)} missing (first: {missing[0]})"
+            if missing
+            else f"{len(unexpected)} unexpected (first: {unexpected[0]})"
+        )
         raise FedXViTError(f"checkpoint {path} does not match preset '{meta['preset']}': {what} tensors")
     return model.to(device), meta
 
 
-def load_global_model(path: os.PathLike, preset: str, num_classes: int = len(TASK_CLASSES),
-                      device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_global_model(
+    path: os.PathLike, preset: str, num_classes: int = len(TASK_CLASSES), device: str | torch.device = "cpu"
+) -> torch.nn.Module:
     """A global model saved by NVFlare's PTFileModelPersistor ({"model": state_dict, ...}, no sidecar), or a plain
     state_dict, as a `preset` model in eval mode; one line when it is missing or of another shape."""
     path = Path(path)
@@ -92,7 +102,9 @@ def load_global_model(path: os.PathLike, preset: str, num_classes: int = len(TAS
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise FedXViTError(f"cannot read global model {path}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+        raise FedXViTError(
+            f"cannot read global model {path}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        ) from None
     state = saved.get("model", saved) if isinstance(saved, dict) else None
     if not isinstance(state, dict):
         raise FedXViTError(f"global model {path} holds no state_dict")
@@ -103,6 +115,10 @@ def load_global_model(path: os.PathLike, preset: str, num_classes: int = len(TAS
         detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "shapes differ")
         raise FedXViTError(f"global model {path} does not fit preset '{preset}': {detail}") from None
     if missing or unexpected:
-        what = f"{len(missing)} missing (first: {missing[0]})" if missing else f"{len(unexpected)} unexpected (first: {unexpected[0]})"
+        what = (
+            f"{len(missing)} missing (first: {missing[0]})"
+            if missing
+            else f"{len(unexpected)} unexpected (first: {unexpected[0]})"
+        )
         raise FedXViTError(f"global model {path} does not fit preset '{preset}': {what} tensors")
     return model.to(device).eval()

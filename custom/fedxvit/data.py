@@ -18,8 +18,8 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     RandAffined,
-    Randomizable,
     RandFlipd,
+    Randomizable,
     RandScaleIntensityd,
     RandShiftIntensityd,
     Resized,
@@ -97,32 +97,56 @@ class WithoutMetaTracking(Randomizable, Transform):
 
 
 def make_transforms(image_size: int, train: bool, seed: int | None = None) -> Compose:
-    augmentation = [WithoutMetaTracking(t) if isinstance(t, Randomizable) else t
-                    for t in augmentation_transforms(image_size)] if train else []
+    augmentation = (
+        [WithoutMetaTracking(t) if isinstance(t, Randomizable) else t for t in augmentation_transforms(image_size)]
+        if train
+        else []
+    )
     compose = Compose(deterministic_transforms(image_size) + augmentation)
     if seed is not None:
         compose.set_random_state(seed=seed)
     return compose
 
 
-def make_dataset(site_dir: os.PathLike | Sequence[os.PathLike], split: str, image_size: int, train: bool,
-                 seed: int | None = None, progress: bool = False, cache_workers: int | None = 1) -> CacheDataset:
+def make_dataset(
+    site_dir: os.PathLike | Sequence[os.PathLike],
+    split: str,
+    image_size: int,
+    train: bool,
+    seed: int | None = None,
+    progress: bool = False,
+    cache_workers: int | None = 1,
+) -> CacheDataset:
     """A CacheDataset over one split; only `image` and `label` keys are kept per item.
 
     Several site folders give their split pooled (the centralized baseline of result_stat)."""
     site_dirs = [site_dir] if isinstance(site_dir, (str, os.PathLike)) else list(site_dir)
     items = [{"image": e["image"], "label": int(e["label"])} for d in site_dirs for e in load_split(d, split)]
-    return CacheDataset(items, transform=make_transforms(image_size, train, seed), cache_rate=1.0,
-                        num_workers=cache_workers, progress=progress)
+    return CacheDataset(
+        items,
+        transform=make_transforms(image_size, train, seed),
+        cache_rate=1.0,
+        num_workers=cache_workers,
+        progress=progress,
+    )
 
 
-def make_loader(site_dir: os.PathLike | Sequence[os.PathLike], split: str, image_size: int, batch_size: int, train: bool,
-                num_workers: int = 0, seed: int | None = None, progress: bool = False) -> DataLoader:
+def make_loader(
+    site_dir: os.PathLike | Sequence[os.PathLike],
+    split: str,
+    image_size: int,
+    batch_size: int,
+    train: bool,
+    num_workers: int = 0,
+    seed: int | None = None,
+    progress: bool = False,
+) -> DataLoader:
     """Batches of {"image": (B, 1, S, S) float, "label": (B,) long}; shuffled and augmented when train."""
     dataset = make_dataset(site_dir, split, image_size, train, seed=seed, progress=progress)
     generator = None
     if seed is not None:
         generator = torch.Generator()
         generator.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers,
-                      generator=generator, drop_last=False)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=train, num_workers=num_workers, generator=generator, drop_last=False
+    )

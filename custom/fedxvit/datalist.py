@@ -81,8 +81,11 @@ def write_site(site_dir: os.PathLike, entries: dict, class_names, provenance: di
 
 def read_dataset_info(site_dir: os.PathLike) -> dict:
     """The site's `dataset.json`, or a one-line error naming the missing or broken file."""
-    return read_json(Path(site_dir) / DATASET_FILE, f"no {DATASET_FILE} in {site_dir}: prepare the site's data first "
-                                                    "(make data, or data_preparation.import_folders)")
+    return read_json(
+        Path(site_dir) / DATASET_FILE,
+        f"no {DATASET_FILE} in {site_dir}: prepare the site's data first "
+        "(make data, or data_preparation.import_folders)",
+    )
 
 
 def load_split(site_dir: os.PathLike, split: str) -> list:
@@ -94,7 +97,10 @@ def load_split(site_dir: os.PathLike, split: str) -> list:
     if split not in SPLITS:
         raise FedXViTError(f"unknown split {split!r}; expected one of {SPLITS}")
     if not path.is_file():
-        raise FedXViTError(f"no {DATALIST_FILE} in {site_dir}: prepare the site's data first (make data, or data_preparation.import_folders)")
+        raise FedXViTError(
+            f"no {DATALIST_FILE} in {site_dir}: prepare the site's data first "
+            "(make data, or data_preparation.import_folders)"
+        )
     try:
         items = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=split, base_dir=str(site_dir))
     except (ValueError, json.JSONDecodeError) as exc:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
@@ -89,8 +88,10 @@ def simulator_parallel_clients(fl_ctx: FLContext) -> int:
 
 def to_torch_state(weights: dict) -> dict:
     """DXO weights (numpy arrays or tensors) -> CPU tensors, dtypes kept (BN counters stay int64)."""
-    return {name: torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value.cpu()
-            for name, value in weights.items()}
+    return {
+        name: torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value.cpu()
+        for name, value in weights.items()
+    }
 
 
 def to_numpy_state(state: dict) -> dict:
@@ -108,10 +109,15 @@ def read_train_task(dxo: DXO) -> tuple[dict, dict | None]:
     controls = None
     if dxo.data_kind == DataKind.COLLECTION:
         parts = dxo.data or {}
-        weights_dxo, controls_dxo = parts.get(AppConstants.MODEL_WEIGHTS), parts.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
+        weights_dxo, controls_dxo = (
+            parts.get(AppConstants.MODEL_WEIGHTS),
+            parts.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL),
+        )
         if not isinstance(weights_dxo, DXO) or not isinstance(controls_dxo, DXO):
-            raise FedXViTError(f"train task COLLECTION holds {sorted(parts)}, expected "
-                               f"{AppConstants.MODEL_WEIGHTS} and {AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL}")
+            raise FedXViTError(
+                f"train task COLLECTION holds {sorted(parts)}, expected "
+                f"{AppConstants.MODEL_WEIGHTS} and {AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL}"
+            )
         dxo, controls = weights_dxo, controls_dxo.data
     if dxo.data_kind != DataKind.WEIGHTS:
         raise FedXViTError(f"train task expects WEIGHTS, got {dxo.data_kind}")
@@ -126,19 +132,34 @@ def train_result(diff: dict, meta: dict, control_deltas: dict | None = None) -> 
     if not control_deltas:
         return update
     controls = DXO(data_kind=DataKind.WEIGHT_DIFF, data=control_deltas)
-    return DXO(data_kind=DataKind.COLLECTION, meta=dict(meta),
-               data={AppConstants.MODEL_WEIGHTS: update, AlgorithmConstants.SCAFFOLD_CTRL_DIFF: controls})
+    return DXO(
+        data_kind=DataKind.COLLECTION,
+        meta=dict(meta),
+        data={AppConstants.MODEL_WEIGHTS: update, AlgorithmConstants.SCAFFOLD_CTRL_DIFF: controls},
+    )
 
 
 class FedXViTExecutor(Executor):
     """train / validate / submit_model for one hospital; every knob is a job argument."""
 
-    def __init__(self, preset: str = "cpu", local_epochs: int = 1, learning_rate: float = 3e-4, batch_size: int = 16,
-                 freeze_policy: str = "last-k", last_k: int = 1, torch_threads: str | int = "auto", seed: int = 0,
-                 algorithm: str = "fedavg", mu: float = 0.01, num_workers: int = 0,
-                 train_task_name: str = AppConstants.TASK_TRAIN,
-                 validate_task_name: str = AppConstants.TASK_VALIDATION,
-                 submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL, analytic_sender_id: str = "log_writer"):
+    def __init__(
+        self,
+        preset: str = "cpu",
+        local_epochs: int = 1,
+        learning_rate: float = 3e-4,
+        batch_size: int = 16,
+        freeze_policy: str = "last-k",
+        last_k: int = 1,
+        torch_threads: str | int = "auto",
+        seed: int = 0,
+        algorithm: str = "fedavg",
+        mu: float = 0.01,
+        num_workers: int = 0,
+        train_task_name: str = AppConstants.TASK_TRAIN,
+        validate_task_name: str = AppConstants.TASK_VALIDATION,
+        submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
+        analytic_sender_id: str = "log_writer",
+    ):
         super().__init__()
         self.preset = preset
         self.local_epochs = int(local_epochs)
@@ -174,38 +195,56 @@ class FedXViTExecutor(Executor):
         seed_everything(self.seed)
         model = build_model(self.preset, num_classes=len(TASK_CLASSES))
         size = model.preset.image_size
-        self.train_loader = make_loader(data_dir, "training", size, self.batch_size, train=True,
-                                        num_workers=self.num_workers, seed=self.seed)
-        self.val_loader = make_loader(data_dir, "validation", size, self.batch_size, train=False,
-                                      num_workers=self.num_workers)
+        self.train_loader = make_loader(
+            data_dir, "training", size, self.batch_size, train=True, num_workers=self.num_workers, seed=self.seed
+        )
+        self.val_loader = make_loader(
+            data_dir, "validation", size, self.batch_size, train=False, num_workers=self.num_workers
+        )
         self.model = model.to(self.device)
         self.writer = fl_ctx.get_engine().get_component(self.analytic_sender_id) if self.analytic_sender_id else None
         if self.writer is not None:  # the run's settings and the data's content hash, never paths or images
-            self.writer.log_params({"preset": self.preset, **self.strategy.params(),
-                                    "freeze_policy": self.freeze_policy, "last_k": self.last_k,
-                                    "local_epochs": self.local_epochs, "learning_rate": self.learning_rate,
-                                    "batch_size": self.batch_size, "seed": self.seed,
-                                    "data_hash": read_dataset_info(data_dir).get("data_hash", "unknown")})
+            self.writer.log_params(
+                {
+                    "preset": self.preset,
+                    **self.strategy.params(),
+                    "freeze_policy": self.freeze_policy,
+                    "last_k": self.last_k,
+                    "local_epochs": self.local_epochs,
+                    "learning_rate": self.learning_rate,
+                    "batch_size": self.batch_size,
+                    "seed": self.seed,
+                    "data_hash": read_dataset_info(data_dir).get("data_hash", "unknown"),
+                }
+            )
         app_dir = fl_ctx.get_prop(FLContextKey.APP_ROOT) or workspace.get_app_dir(fl_ctx.get_job_id())
         self.best_model_path = Path(app_dir) / BEST_LOCAL_MODEL
-        self.log_info(fl_ctx, f"fedxvit {self.site_name}: data {data_dir} ({len(self.train_loader.dataset)} train, "
-                              f"{len(self.val_loader.dataset)} val), preset {self.preset}, algorithm "
-                              f"{self.algorithm}, device {self.device}, "
-                              f"{threads} torch thread(s)")
+        self.log_info(
+            fl_ctx,
+            f"fedxvit {self.site_name}: data {data_dir} ({len(self.train_loader.dataset)} train, "
+            f"{len(self.val_loader.dataset)} val), preset {self.preset}, algorithm "
+            f"{self.algorithm}, device {self.device}, "
+            f"{threads} torch thread(s)",
+        )
 
     def _load_weights(self, weights: dict) -> None:
         state = to_torch_state(weights)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected:
-            raise FedXViTError(f"received weights hold {len(unexpected)} tensors this '{self.preset}' model lacks "
-                               f"(first: {unexpected[0]}): server and client presets differ")
+            raise FedXViTError(
+                f"received weights hold {len(unexpected)} tensors this '{self.preset}' model lacks "
+                f"(first: {unexpected[0]}): server and client presets differ"
+            )
         if missing:
             raise FedXViTError(f"received weights lack {len(missing)} tensors (first: {missing[0]})")
 
     # ---- NVFlare entry point
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        handlers = {self.task_names["train"]: self._train, self.task_names["validate"]: self._validate,
-                    self.task_names["submit"]: self._submit_model}
+        handlers = {
+            self.task_names["train"]: self._train,
+            self.task_names["validate"]: self._validate,
+            self.task_names["submit"]: self._submit_model,
+        }
         handler = handlers.get(task_name)
         if handler is None:
             return make_reply(ReturnCode.TASK_UNKNOWN)
@@ -238,8 +277,10 @@ class FedXViTExecutor(Executor):
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         weights, global_controls = read_train_task(from_shareable(shareable))
         if global_controls is not None and not self.strategy.needs_global_controls:
-            raise FedXViTError(f"the server sent SCAFFOLD control variates but this site runs algorithm "
-                               f"'{self.algorithm}': use the same job's client config (algorithm 'scaffold')")
+            raise FedXViTError(
+                f"the server sent SCAFFOLD control variates but this site runs algorithm "
+                f"'{self.algorithm}': use the same job's client config (algorithm 'scaffold')"
+            )
         self._load_weights(weights)
         global_state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, "?")
@@ -252,9 +293,15 @@ class FedXViTExecutor(Executor):
         self.strategy.start_round(self.model, optimizer, global_controls)
         steps, history = 0, []
         for epoch in range(self.local_epochs):
-            epoch_metrics = train_epoch(self.model, self.train_loader, optimizer, self.device,
-                                        should_abort=lambda: abort_signal.triggered,
-                                        extra_loss=self.strategy.extra_loss, after_step=self.strategy.after_step)
+            epoch_metrics = train_epoch(
+                self.model,
+                self.train_loader,
+                optimizer,
+                self.device,
+                should_abort=lambda: abort_signal.triggered,
+                extra_loss=self.strategy.extra_loss,
+                after_step=self.strategy.after_step,
+            )
             if epoch_metrics["aborted"]:
                 return self._aborted(fl_ctx, f"while training in round {current_round}")
             steps += epoch_metrics["steps"]
@@ -267,24 +314,43 @@ class FedXViTExecutor(Executor):
             return self._aborted(fl_ctx, f"while scoring the local model of round {current_round}")
         if local_metrics["val_accuracy"] > self.best_local_accuracy:
             self.best_local_accuracy = local_metrics["val_accuracy"]
-            save_checkpoint(self.best_model_path, self.model,
-                            meta={"class_names": list(TASK_CLASSES), "site": self.site_name, "round": current_round,
-                                  "val_accuracy": local_metrics["val_accuracy"], "val_loss": local_metrics["val_loss"]})
+            save_checkpoint(
+                self.best_model_path,
+                self.model,
+                meta={
+                    "class_names": list(TASK_CLASSES),
+                    "site": self.site_name,
+                    "round": current_round,
+                    "val_accuracy": local_metrics["val_accuracy"],
+                    "val_loss": local_metrics["val_loss"],
+                },
+            )
 
         control_deltas = self.strategy.finish_round()
         new_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         diff = trainable_weight_diff(new_state, global_state, trainable)
         last = history[-1] if history else {"loss": float("nan"), "accuracy": float("nan")}
-        train_metrics = {"train_loss": last["loss"], "train_accuracy": last["accuracy"], "steps": steps,
-                         "local_val_accuracy": local_metrics["val_accuracy"], "local_val_loss": local_metrics["val_loss"]}
+        train_metrics = {
+            "train_loss": last["loss"],
+            "train_accuracy": last["accuracy"],
+            "steps": steps,
+            "local_val_accuracy": local_metrics["val_accuracy"],
+            "local_val_loss": local_metrics["val_loss"],
+        }
         self._track(site_round_metrics(initial_metrics, train_metrics), current_round)
-        self.log_info(fl_ctx, f"fedxvit {self.site_name} round {current_round}: global val_acc="
-                              f"{initial_metrics['val_accuracy']:.4f} val_loss={initial_metrics['val_loss']:.6f} -> "
-                              f"local val_acc={local_metrics['val_accuracy']:.4f}, "
-                              f"train_loss={last['loss']:.4f}, {steps} steps, {len(diff)} tensors sent; "
-                              f"{self.strategy.summary()}")
-        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: steps, MetaKey.INITIAL_METRICS: initial_metrics,
-                "train_metrics": train_metrics}
+        self.log_info(
+            fl_ctx,
+            f"fedxvit {self.site_name} round {current_round}: global val_acc="
+            f"{initial_metrics['val_accuracy']:.4f} val_loss={initial_metrics['val_loss']:.6f} -> "
+            f"local val_acc={local_metrics['val_accuracy']:.4f}, "
+            f"train_loss={last['loss']:.4f}, {steps} steps, {len(diff)} tensors sent; "
+            f"{self.strategy.summary()}",
+        )
+        meta = {
+            MetaKey.NUM_STEPS_CURRENT_ROUND: steps,
+            MetaKey.INITIAL_METRICS: initial_metrics,
+            "train_metrics": train_metrics,
+        }
         return train_result(diff, meta, control_deltas).to_shareable()
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
@@ -296,8 +362,11 @@ class FedXViTExecutor(Executor):
         metrics = self._scores(abort_signal)
         if metrics is None:
             return self._aborted(fl_ctx, f"while validating the model of {owner}")
-        self.log_info(fl_ctx, f"fedxvit {self.site_name}: model of {owner} val_acc={metrics['val_accuracy']:.4f} "
-                              f"val_loss={metrics['val_loss']:.4f} (n={metrics['val_count']})")
+        self.log_info(
+            fl_ctx,
+            f"fedxvit {self.site_name}: model of {owner} val_acc={metrics['val_accuracy']:.4f} "
+            f"val_loss={metrics['val_loss']:.4f} (n={metrics['val_count']})",
+        )
         return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
 
     def _submit_model(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:

@@ -39,30 +39,64 @@ EXPERIMENT = "fedxvit-expert"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fedxvit.expert", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", default="data/public", help="public 4-class site folder (datalist.json + dataset.json)")
-    parser.add_argument("--out", default="models", help="folder for expert.pt, its sidecar, the report and TensorBoard events")
+    parser = argparse.ArgumentParser(
+        prog="python -m fedxvit.expert",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--data", default="data/public", help="public 4-class site folder (datalist.json + dataset.json)"
+    )
+    parser.add_argument(
+        "--out", default="models", help="folder for expert.pt, its sidecar, the report and TensorBoard events"
+    )
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset")
     # None: the preset's recipe (fedxvit.model.RECIPES), so a preset brings its own training defaults
-    parser.add_argument("--epochs", type=int, default=None, help="maximum epochs, early stopping usually ends sooner "
-                        "(default: the preset's recipe)")
-    parser.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default: the preset's recipe)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="maximum epochs, early stopping usually ends sooner (default: the preset's recipe)",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=None, help="peak AdamW learning rate (default: the preset's recipe)"
+    )
     parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-epochs", type=float, default=None,
-                        help="linear warm-up before the cosine decay (default: the preset's recipe)")
+    parser.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=None,
+        help="linear warm-up before the cosine decay (default: the preset's recipe)",
+    )
     parser.add_argument("--label-smoothing", type=float, default=0.05)
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     parser.add_argument("--batch-size", type=int, default=None, help="(default: the preset's recipe)")
-    parser.add_argument("--patience", type=int, default=None, help="stop after this many epochs without a better "
-                        "validation score (default: the preset's recipe)")
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="stop after this many epochs without a better validation score (default: the preset's recipe)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrained", default=None,
-                        help="backbone weights: 'timm' (downloads from the hub) or a local .pt/.pth file; default: none")
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="backbone weights: 'timm' (downloads from the hub) or a local .pt/.pth file; default: none",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, at most 8; use fewer when other jobs share the machine, since oversubscribed OpenMP threads spin and run many times slower)")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0 is fastest for cached small images)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite store in mlruns/)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: all cores, at most 8; use fewer when other jobs share the machine, "
+        "since oversubscribed OpenMP threads spin and run many times slower)",
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=0, help="DataLoader workers (0 is fastest for cached small images)"
+    )
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite store in mlruns/)"
+    )
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
     parser.add_argument("--force", action="store_true", help="retrain even when a matching expert exists")
     return with_recipe_defaults(parser.parse_args(argv))
@@ -85,7 +119,11 @@ def existing_expert(checkpoint: Path, data_hash: str, preset: str) -> dict | Non
         meta = read_meta(checkpoint)
     except FedXViTError:
         return None
-    if meta.get("data_hash") == data_hash and meta.get("preset") == preset and (checkpoint.parent / REPORT_NAME).is_file():
+    if (
+        meta.get("data_hash") == data_hash
+        and meta.get("preset") == preset
+        and (checkpoint.parent / REPORT_NAME).is_file()
+    ):
         return meta
     return None
 
@@ -115,18 +153,29 @@ def train_expert(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     checkpoint = out / CHECKPOINT_NAME
     if not args.force and (meta := existing_expert(checkpoint, info["data_hash"], preset.name)):
-        print(f"reusing {checkpoint} (same data hash and preset '{preset.name}'; "
-              f"test accuracy {meta.get('metrics', {}).get('test_accuracy', float('nan')):.4f}); pass --force to retrain")
+        print(
+            f"reusing {checkpoint} (same data hash and preset '{preset.name}'; "
+            f"test accuracy {meta.get('metrics', {}).get('test_accuracy', float('nan')):.4f}); pass --force to retrain"
+        )
         return json.loads((out / REPORT_NAME).read_text())
 
     torch.set_num_threads(args.threads or min(8, os.cpu_count() or 1))
     seed_everything(args.seed)
     device = resolve_device(args.device)
-    print(f"expert: preset '{preset.name}' ({preset.image_size} px), {len(class_names)} classes {class_names}, "
-          f"device {device}, {torch.get_num_threads()} CPU threads")
+    print(
+        f"expert: preset '{preset.name}' ({preset.image_size} px), {len(class_names)} classes {class_names}, "
+        f"device {device}, {torch.get_num_threads()} CPU threads"
+    )
     loaders = {
-        split: make_loader(args.data, split, preset.image_size, args.batch_size, train=(split == "training"),
-                           num_workers=args.num_workers, seed=args.seed)
+        split: make_loader(
+            args.data,
+            split,
+            preset.image_size,
+            args.batch_size,
+            train=(split == "training"),
+            num_workers=args.num_workers,
+            seed=args.seed,
+        )
         for split in ("training", "validation", "testing")
     }
     if len(loaders["training"].dataset) == 0 or len(loaders["validation"].dataset) == 0:
@@ -136,8 +185,12 @@ def train_expert(args: argparse.Namespace) -> dict:
     steps_per_epoch = len(loaders["training"])
     scheduler = make_scheduler(optimizer, args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch))
     params = {k: v for k, v in vars(args).items() if k not in ("force", "no_mlflow", "tracking_uri")}
-    params.update(param_count=model.param_count, data_hash=info["data_hash"], image_size=preset.image_size,
-                  train_images=len(loaders["training"].dataset))
+    params.update(
+        param_count=model.param_count,
+        data_hash=info["data_hash"],
+        image_size=preset.image_size,
+        train_images=len(loaders["training"].dataset),
+    )
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -147,11 +200,17 @@ def train_expert(args: argparse.Namespace) -> dict:
         stack.callback(writer.close)
         mlflow = None
         if not args.no_mlflow:  # a failing run is marked FAILED by MLflow's own context manager
-            mlflow = stack.enter_context(mlflow_run(EXPERIMENT, run_name=f"expert-{preset.name}", params=params,
-                                                    uri=args.tracking_uri))
+            mlflow = stack.enter_context(
+                mlflow_run(EXPERIMENT, run_name=f"expert-{preset.name}", params=params, uri=args.tracking_uri)
+            )
         for epoch in range(args.epochs):
-            bar = tqdm(total=len(loaders["training"].dataset), desc=f"epoch {epoch + 1}/{args.epochs}", unit="img",
-                       leave=False, disable=None)  # no bar spam in logs and pipes
+            bar = tqdm(
+                total=len(loaders["training"].dataset),
+                desc=f"epoch {epoch + 1}/{args.epochs}",
+                unit="img",
+                leave=False,
+                disable=None,
+            )  # no bar spam in logs and pipes
             last = [0]
 
             def advance(step):
@@ -159,28 +218,51 @@ def train_expert(args: argparse.Namespace) -> dict:
                 last[0] = step["images"]
                 bar.set_postfix(loss=f"{step['loss']:.3f}")
 
-            train = train_epoch(model, loaders["training"], optimizer, device, scheduler=scheduler,
-                                label_smoothing=args.label_smoothing, progress=advance,
-                                max_grad_norm=args.max_grad_norm or None)
+            train = train_epoch(
+                model,
+                loaders["training"],
+                optimizer,
+                device,
+                scheduler=scheduler,
+                label_smoothing=args.label_smoothing,
+                progress=advance,
+                max_grad_norm=args.max_grad_norm or None,
+            )
             bar.close()
             val = evaluate(model, loaders["validation"], device)
-            metrics = {"train_loss": train["loss"], "train_accuracy": train["accuracy"], "val_loss": val["loss"],
-                       "val_accuracy": val["accuracy"], "lr": optimizer.param_groups[0]["lr"]}
+            metrics = {
+                "train_loss": train["loss"],
+                "train_accuracy": train["accuracy"],
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "lr": optimizer.param_groups[0]["lr"],
+            }
             history.append({"epoch": epoch + 1, **metrics})
             for key, value in metrics.items():
                 writer.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
             if mlflow:
                 mlflow.log_metrics(metrics, step=epoch + 1)
             improved = best is None or (val["accuracy"], -val["loss"]) > (best["accuracy"], -best["loss"])
-            print(f"epoch {epoch + 1:>3}: train loss {train['loss']:.4f} acc {train['accuracy']:.4f} | "
-                  f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}{'  *' if improved else ''}", flush=True)
+            print(
+                f"epoch {epoch + 1:>3}: train loss {train['loss']:.4f} acc {train['accuracy']:.4f} | "
+                f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}{'  *' if improved else ''}",
+                flush=True,
+            )
             if improved:
                 best, best_epoch = val, epoch + 1
-                save_checkpoint(checkpoint, model, {
-                    "class_names": class_names, "data_hash": info["data_hash"], "data": os.fspath(args.data),
-                    "epoch": best_epoch, "seed": args.seed, "pretrained": args.pretrained,
-                    "metrics": {"val_accuracy": val["accuracy"], "val_loss": val["loss"]},
-                })
+                save_checkpoint(
+                    checkpoint,
+                    model,
+                    {
+                        "class_names": class_names,
+                        "data_hash": info["data_hash"],
+                        "data": os.fspath(args.data),
+                        "epoch": best_epoch,
+                        "seed": args.seed,
+                        "pretrained": args.pretrained,
+                        "metrics": {"val_accuracy": val["accuracy"], "val_loss": val["loss"]},
+                    },
+                )
             elif epoch + 1 - best_epoch >= args.patience:
                 print(f"early stop: no better validation score for {args.patience} epochs")
                 break
@@ -190,10 +272,18 @@ def train_expert(args: argparse.Namespace) -> dict:
         per_class, table = per_class_report(test["labels"], test["probs"], class_names)
         wall = time.perf_counter() - started
         report = {
-            "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_count": test["count"],
-            "per_class": per_class, "class_names": class_names, "best_epoch": best_epoch,
-            "epochs_run": len(history), "history": history, "preset": preset.name,
-            "param_count": model.param_count, "data_hash": info["data_hash"], "wall_s": wall,
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "test_count": test["count"],
+            "per_class": per_class,
+            "class_names": class_names,
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "history": history,
+            "preset": preset.name,
+            "param_count": model.param_count,
+            "data_hash": info["data_hash"],
+            "wall_s": wall,
             "checkpoint": os.fspath(checkpoint),
         }
         meta["metrics"].update(test_accuracy=test["accuracy"], test_loss=test["loss"])
@@ -204,8 +294,10 @@ def train_expert(args: argparse.Namespace) -> dict:
             mlflow.log_metrics({"test_accuracy": test["accuracy"], "test_loss": test["loss"], "wall_s": wall})
             mlflow.log_artifact(str(out / REPORT_NAME))
 
-    print(f"\nbest epoch {best_epoch}; test accuracy {test['accuracy']:.4f}, test loss {test['loss']:.4f} "
-          f"on {test['count']} images ({wall:.0f} s)\n")
+    print(
+        f"\nbest epoch {best_epoch}; test accuracy {test['accuracy']:.4f}, test loss {test['loss']:.4f} "
+        f"on {test['count']} images ({wall:.0f} s)\n"
+    )
     print(table)
     print(f"wrote {checkpoint}, {sidecar_path(checkpoint)}, {out / REPORT_NAME}")
     return report

@@ -17,7 +17,6 @@ WEIGHT_DIFF instead, and the model passes on unchanged to the next site.
 from __future__ import annotations
 
 import numpy as np
-
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReturnCode
@@ -62,8 +61,12 @@ def updates_in(dxo: DXO, label: str = "") -> list[tuple[str, dict]]:
     """(label, tensors) of every update a result carries: the DXO itself, or each DXO of a COLLECTION
     (SCAFFOLD's weights and control variates), labelled '<key>/' so a problem names which one."""
     if dxo.data_kind == DataKind.COLLECTION:
-        return [found for key, part in (dxo.data or {}).items() if isinstance(part, DXO)
-                for found in updates_in(part, f"{label}{key}/")]
+        return [
+            found
+            for key, part in (dxo.data or {}).items()
+            if isinstance(part, DXO)
+            for found in updates_in(part, f"{label}{key}/")
+        ]
     return [(label, dxo.data)] if dxo.data_kind in CHECKED_KINDS and dxo.data else []
 
 
@@ -83,8 +86,10 @@ class RejectBadUpdates(Filter):
     def __init__(self, reject_return_code: str = ReturnCode.EXECUTION_RESULT_ERROR, on_bad_result: str = "error"):
         super().__init__()
         if on_bad_result not in ON_BAD_RESULT:
-            raise ValueError(f"RejectBadUpdates option on_bad_result='{on_bad_result}' is unknown; choose one of "
-                             f"{', '.join(ON_BAD_RESULT)}")
+            raise ValueError(
+                f"RejectBadUpdates option on_bad_result='{on_bad_result}' is unknown; choose one of "
+                f"{', '.join(ON_BAD_RESULT)}"
+            )
         self.reject_return_code = reject_return_code
         self.on_bad_result = on_bad_result
 

@@ -63,8 +63,10 @@ def config_dir(path: os.PathLike | None = None) -> Path:
     for candidate in (path, path / "config", path / "app" / "config", path / RUN_CONFIG):
         if (candidate / SERVER_CONFIG).is_file():
             return candidate
-    raise FedXViTError(f"{path}: no {SERVER_CONFIG} there, nor in its config/, app/config/ or {RUN_CONFIG.as_posix()}/ "
-                       "(pass a job folder or a finished run folder)")
+    raise FedXViTError(
+        f"{path}: no {SERVER_CONFIG} there, nor in its config/, app/config/ or {RUN_CONFIG.as_posix()}/ "
+        "(pass a job folder or a finished run folder)"
+    )
 
 
 def resolved_config(path: Path) -> dict:
@@ -101,15 +103,27 @@ def pick_one(items: list, what: str, where: Path, prefer_path: str | None = None
 
 def job_components(server: dict, client: dict, folder: Path) -> dict:
     """The args of the executor, the round-based workflow and the persistor that workflow names."""
-    executor = pick_one([e.get("executor") for e in client.get("executors", []) if isinstance(e, dict)],
-                        "executor", folder / CLIENT_CONFIG, EXECUTOR_PATH)
-    workflow = pick_one([w for w in server.get("workflows", []) if "num_rounds" in (w.get("args") or {})],
-                        "workflow with num_rounds", folder / SERVER_CONFIG)
+    executor = pick_one(
+        [e.get("executor") for e in client.get("executors", []) if isinstance(e, dict)],
+        "executor",
+        folder / CLIENT_CONFIG,
+        EXECUTOR_PATH,
+    )
+    workflow = pick_one(
+        [w for w in server.get("workflows", []) if "num_rounds" in (w.get("args") or {})],
+        "workflow with num_rounds",
+        folder / SERVER_CONFIG,
+    )
     persistor_id = (workflow.get("args") or {}).get("persistor_id", "persistor")
-    persistor = pick_one([c for c in server.get("components", []) if c.get("id") == persistor_id],
-                         f"component '{persistor_id}' (the workflow's persistor)", folder / SERVER_CONFIG)
-    return {name: component.get("args") or {} for name, component in
-            (("executor", executor), ("workflow", workflow), ("persistor", persistor))}
+    persistor = pick_one(
+        [c for c in server.get("components", []) if c.get("id") == persistor_id],
+        f"component '{persistor_id}' (the workflow's persistor)",
+        folder / SERVER_CONFIG,
+    )
+    return {
+        name: component.get("args") or {}
+        for name, component in (("executor", executor), ("workflow", workflow), ("persistor", persistor))
+    }
 
 
 def read_job_settings(path: os.PathLike | None = None) -> JobSettings:
@@ -127,7 +141,9 @@ def read_job_settings(path: os.PathLike | None = None) -> JobSettings:
         try:
             return kind(args[name])
         except (TypeError, ValueError):
-            raise FedXViTError(f"job config {folder / file_name}: '{name}' = {args[name]!r} is not {kind.__name__}") from None
+            raise FedXViTError(
+                f"job config {folder / file_name}: '{name}' = {args[name]!r} is not {kind.__name__}"
+            ) from None
 
     settings = JobSettings(
         preset=arg(executor, "preset", str, CLIENT_CONFIG),
@@ -142,8 +158,9 @@ def read_job_settings(path: os.PathLike | None = None) -> JobSettings:
     )
     server_preset = arg(persistor, "preset", str, SERVER_CONFIG)
     if server_preset != settings.preset:
-        raise FedXViTError(f"job config in {folder}: the server's preset '{server_preset}' and the clients' "
-                           f"'{settings.preset}' differ")
+        raise FedXViTError(
+            f"job config in {folder}: the server's preset '{server_preset}' and the clients' '{settings.preset}' differ"
+        )
     return settings
 
 
@@ -166,6 +183,8 @@ def run_sites(run_dir: os.PathLike) -> list[str]:
     if not names:
         names = sorted(read(os.path.join("cross_site_val", "cross_val_results.json")) or {})
     if not names:
-        raise FedXViTError(f"cannot tell the sites of run {run_dir} (no meta.json job clients, global_val.json or "
-                           "cross-site results): pass --sites")
+        raise FedXViTError(
+            f"cannot tell the sites of run {run_dir} (no meta.json job clients, global_val.json or "
+            "cross-site results): pass --sites"
+        )
     return names

@@ -75,38 +75,66 @@ def fedopt(server: dict, client: dict) -> None:
     set_variables(server, server_lr=1.0, server_momentum=0.6)
     generator = find(server, "components", "shareable_generator")
     generator["path"] = f"{NVFLARE_PT}.fedopt.PTFedOptModelShareableGenerator"
-    generator["args"] = {"source_model": "server_model", "optimizer_args": {  # a dict the generator builds at START_RUN
-        "path": "torch.optim.SGD", "args": {"lr": "{server_lr}", "momentum": "{server_momentum}"},
-        "config_type": "dict"}}
+    generator["args"] = {
+        "source_model": "server_model",
+        "optimizer_args": {  # a dict the generator builds at START_RUN
+            "path": "torch.optim.SGD",
+            "args": {"lr": "{server_lr}", "momentum": "{server_momentum}"},
+            "config_type": "dict",
+        },
+    }
     at = server["components"].index(generator)
     server["components"][at:at] = [
-        {"id": "server_model", "path": "fedxvit.model.HybridViT",
-         "args": {"preset": "{preset}", "num_classes": "{num_classes}"}},
-        {"id": "server_model_sync", "path": "fedxvit.server_algorithms.ServerModelSync",
-         "args": {"model_id": "server_model"}},
+        {
+            "id": "server_model",
+            "path": "fedxvit.model.HybridViT",
+            "args": {"preset": "{preset}", "num_classes": "{num_classes}"},
+        },
+        {
+            "id": "server_model_sync",
+            "path": "fedxvit.server_algorithms.ServerModelSync",
+            "args": {"model_id": "server_model"},
+        },
     ]
     tracked_params(server).update(algorithm="fedopt", server_lr="{server_lr}", server_momentum="{server_momentum}")
 
 
 def scaffold(server: dict, client: dict) -> None:
     site_algorithm(client, "scaffold")
-    find(server, "workflows", "scatter_and_gather")["path"] = \
+    find(server, "workflows", "scatter_and_gather")["path"] = (
         f"{NVFLARE_WORKFLOWS}.scatter_and_gather_scaffold.ScatterAndGatherScaffold"
+    )
     find(server, "components", "assembler")["path"] = "fedxvit.server_algorithms.ScaffoldScreenedAssembler"
     tracked_params(server)["algorithm"] = "scaffold"
 
 
 def cyclic(server: dict, client: dict) -> None:
     # no rounds of collected updates: no aggregator, screening, round table or best-model selection
-    drop_variables(server, "min_clients", "aggregation", "norm_k", "trim_fraction", "key_metric",
-                   "wait_time_after_min_received", "train_timeout")
+    drop_variables(
+        server,
+        "min_clients",
+        "aggregation",
+        "norm_k",
+        "trim_fraction",
+        "key_metric",
+        "wait_time_after_min_received",
+        "train_timeout",
+    )
     set_variables(server, order="FIXED", task_assignment_timeout=60)
     drop(server, "components", "assembler", "aggregator", "model_selector", "global_validation")
     workflow = find(server, "workflows", "scatter_and_gather")
-    workflow.update(id="cyclic", path=f"{NVFLARE_WORKFLOWS}.cyclic_ctl.CyclicController", args={
-        "num_rounds": "{num_rounds}", "task_assignment_timeout": "{task_assignment_timeout}",
-        "persistor_id": "persistor", "shareable_generator_id": "shareable_generator", "task_name": "train",
-        "order": "{order}"})
+    workflow.update(
+        id="cyclic",
+        path=f"{NVFLARE_WORKFLOWS}.cyclic_ctl.CyclicController",
+        args={
+            "num_rounds": "{num_rounds}",
+            "task_assignment_timeout": "{task_assignment_timeout}",
+            "persistor_id": "persistor",
+            "shareable_generator_id": "shareable_generator",
+            "task_name": "train",
+            "order": "{order}",
+        },
+    )
     (update_filter,) = server["task_result_filters"][0]["filters"]
     update_filter["args"]["on_bad_result"] = "empty_update"  # CyclicController stops on any error result
     params = tracked_params(server)
@@ -115,26 +143,40 @@ def cyclic(server: dict, client: dict) -> None:
 
 
 ALGORITHM_JOBS = {
-    "fedxvit_fedprox": (fedprox, "FedProx: every site adds NVFlare's PTFedProxLoss (job variable `mu`, client "
-                                 "config) over its trainable tensors; the server is the FedAvg job's."),
-    "fedxvit_fedopt": (fedopt, "FedOpt: the server applies the averaged update with SGD and momentum "
-                               "(NVFlare's PTFedOptModelShareableGenerator; job variables `server_lr`, "
-                               "`server_momentum`, server config); the sites run FedAvg."),
-    "fedxvit_scaffold": (scaffold, "SCAFFOLD: NVFlare's ScatterAndGatherScaffold and PTScaffoldHelper; each "
-                                   "site's control-variate change travels with its update and is checked by the "
-                                   "same update filter and norm screening."),
-    "fedxvit_cyclic": (cyclic, "Cyclic weight transfer: NVFlare's CyclicController hands the model from site to "
-                               "site (job variables `order`, `task_assignment_timeout`, server config); a bad "
-                               "site's turn changes nothing instead of stopping the relay."),
+    "fedxvit_fedprox": (
+        fedprox,
+        "FedProx: every site adds NVFlare's PTFedProxLoss (job variable `mu`, client "
+        "config) over its trainable tensors; the server is the FedAvg job's.",
+    ),
+    "fedxvit_fedopt": (
+        fedopt,
+        "FedOpt: the server applies the averaged update with SGD and momentum "
+        "(NVFlare's PTFedOptModelShareableGenerator; job variables `server_lr`, "
+        "`server_momentum`, server config); the sites run FedAvg.",
+    ),
+    "fedxvit_scaffold": (
+        scaffold,
+        "SCAFFOLD: NVFlare's ScatterAndGatherScaffold and PTScaffoldHelper; each "
+        "site's control-variate change travels with its update and is checked by the "
+        "same update filter and norm screening.",
+    ),
+    "fedxvit_cyclic": (
+        cyclic,
+        "Cyclic weight transfer: NVFlare's CyclicController hands the model from site to "
+        "site (job variables `order`, `task_assignment_timeout`, server config); a bad "
+        "site's turn changes nothing instead of stopping the relay.",
+    ),
 }
 
 
 def readme(name: str, description: str) -> str:
-    return (f"# {name}\n\nGenerated by `python -m fedxvit.jobs` (`make jobs`) from `jobs/{BASE_JOB}` and the "
-            f"`{ALGORITHM_JOBS[name][0].__name__}` change in `custom/fedxvit/jobs.py`: edit those, then regenerate; "
-            f"do not edit this folder.\n\n{description}\n\n```bash\n"
-            f"nvflare simulator jobs/{name} -w workspace -c site1,site2,site3 -gpu 0 -t 3\n```\n\n"
-            f"See docs/federated-jobs.md#algorithms.\n")
+    return (
+        f"# {name}\n\nGenerated by `python -m fedxvit.jobs` (`make jobs`) from `jobs/{BASE_JOB}` and the "
+        f"`{ALGORITHM_JOBS[name][0].__name__}` change in `custom/fedxvit/jobs.py`: edit those, then regenerate; "
+        f"do not edit this folder.\n\n{description}\n\n```bash\n"
+        f"nvflare simulator jobs/{name} -w workspace -c site1,site2,site3 -gpu 0 -t 3\n```\n\n"
+        f"See docs/federated-jobs.md#algorithms.\n"
+    )
 
 
 def dump(config: dict) -> str:
@@ -150,8 +192,11 @@ def render_jobs(jobs_dir: Path) -> dict[Path, str]:
             configs[name] = json.loads((base / name).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise FedXViTError(f"{base / name}: cannot read the base job ({exc})") from None
-    copied = {path.relative_to(base): path.read_text() for path in sorted(base.rglob("*"))
-              if path.is_file() and path.relative_to(base).as_posix() not in (META, SERVER, CLIENT)}
+    copied = {
+        path.relative_to(base): path.read_text()
+        for path in sorted(base.rglob("*"))
+        if path.is_file() and path.relative_to(base).as_posix() not in (META, SERVER, CLIENT)
+    }
     files = {}
     for name, (change, description) in ALGORITHM_JOBS.items():
         job = copy.deepcopy(configs)
@@ -167,12 +212,14 @@ def differences(jobs_dir: Path) -> list[str]:
     """What differs between the committed job folders and what render_jobs writes (empty: up to date)."""
     jobs_dir = Path(jobs_dir)
     expected = render_jobs(jobs_dir)
-    found = {path.relative_to(jobs_dir) for name in ALGORITHM_JOBS for path in (jobs_dir / name).rglob("*")
-             if path.is_file()}
+    found = {
+        path.relative_to(jobs_dir) for name in ALGORITHM_JOBS for path in (jobs_dir / name).rglob("*") if path.is_file()
+    }
     problems = [f"{path}: missing" for path in sorted(set(expected) - found)]
     problems += [f"{path}: not generated (stale?)" for path in sorted(found - set(expected))]
-    problems += [f"{path}: differs" for path in sorted(set(expected) & found)
-                 if (jobs_dir / path).read_text() != expected[path]]
+    problems += [
+        f"{path}: differs" for path in sorted(set(expected) & found) if (jobs_dir / path).read_text() != expected[path]
+    ]
     return problems
 
 

@@ -124,14 +124,20 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     # toy problems in milliseconds: tiny batches so a site of a dozen images still takes several steps
-    "tiny": Recipe(ExpertRecipe(lr=2e-3, batch_size=4, epochs=2, warmup_epochs=0.0, patience=1),
-                   SiteRecipe(learning_rate=3e-4, batch_size=4, local_epochs=1)),
+    "tiny": Recipe(
+        ExpertRecipe(lr=2e-3, batch_size=4, epochs=2, warmup_epochs=0.0, patience=1),
+        SiteRecipe(learning_rate=3e-4, batch_size=4, local_epochs=1),
+    ),
     # measured on the embedded benchmark (docs/model.md): clipping + 24 epochs keep the ViT stable on CPU
-    "cpu": Recipe(ExpertRecipe(lr=2e-3, batch_size=16, epochs=24, warmup_epochs=1.0, patience=5),
-                  SiteRecipe(learning_rate=3e-4, batch_size=16, local_epochs=1)),
+    "cpu": Recipe(
+        ExpertRecipe(lr=2e-3, batch_size=16, epochs=24, warmup_epochs=1.0, patience=5),
+        SiteRecipe(learning_rate=3e-4, batch_size=16, local_epochs=1),
+    ),
     # ViT-Base-sized: the usual fine-tuning lr and a longer warm-up; a starting point, not a tuned result
-    "anchor": Recipe(ExpertRecipe(lr=5e-4, batch_size=32, epochs=30, warmup_epochs=2.0, patience=6),
-                     SiteRecipe(learning_rate=1e-4, batch_size=32, local_epochs=1)),
+    "anchor": Recipe(
+        ExpertRecipe(lr=5e-4, batch_size=32, epochs=30, warmup_epochs=2.0, patience=6),
+        SiteRecipe(learning_rate=1e-4, batch_size=32, local_epochs=1),
+    ),
 }
 
 
@@ -152,7 +158,11 @@ def get_recipe(preset: str | Preset = DEFAULT_PRESET) -> Recipe:
 
 def _is_frozen_batchnorm(module: nn.Module) -> bool:
     params = list(module.parameters(recurse=False))
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and bool(params) and not any(p.requires_grad for p in params)
+    return (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and bool(params)
+        and not any(p.requires_grad for p in params)
+    )
 
 
 def hold_frozen_batchnorm(model: nn.Module) -> None:
@@ -180,7 +190,9 @@ def _load_local_backbone_weights(backbone: nn.Module, weights_path: str, in_chan
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors carry long messages; keep one line
-        raise FedXViTError(f"cannot read pretrained weights {weights_path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise FedXViTError(
+            f"cannot read pretrained weights {weights_path}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -192,8 +204,15 @@ def _load_local_backbone_weights(backbone: nn.Module, weights_path: str, in_chan
     missing = [k for k in own if k not in state]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or wrong:
-        detail = f"{len(missing)} missing (first: {missing[0]})" if missing else f"{len(wrong)} of another shape (first: {wrong[0]})"
-        raise FedXViTError(f"pretrained weights {weights_path} do not fit backbone {backbone.default_cfg.get('architecture', '?')}: {detail}")
+        detail = (
+            f"{len(missing)} missing (first: {missing[0]})"
+            if missing
+            else f"{len(wrong)} of another shape (first: {wrong[0]})"
+        )
+        raise FedXViTError(
+            f"pretrained weights {weights_path} do not fit backbone "
+            f"{backbone.default_cfg.get('architecture', '?')}: {detail}"
+        )
     backbone.load_state_dict({k: state[k] for k in own})
 
 
@@ -207,9 +226,13 @@ class HybridViT(nn.Module):
         p = self.preset
         from_timm = pretrained == "timm"
         if from_timm and p.shrunk:
-            raise FedXViTError(f"preset {p.name!r} shrinks {p.backbone}; timm has no pretrained weights for it "
-                               "(use --pretrained timm with preset 'anchor', or a weights file of this shape)")
-        extra = {} if not p.shrunk else {"channel_multiplier": p.channel_multiplier, "depth_multiplier": p.depth_multiplier}
+            raise FedXViTError(
+                f"preset {p.name!r} shrinks {p.backbone}; timm has no pretrained weights for it "
+                "(use --pretrained timm with preset 'anchor', or a weights file of this shape)"
+            )
+        extra = (
+            {} if not p.shrunk else {"channel_multiplier": p.channel_multiplier, "depth_multiplier": p.depth_multiplier}
+        )
         probe = timm.create_model(p.backbone, features_only=True, in_chans=p.in_chans, **extra)
         stage = _stride16_stage(probe)
         self.backbone = timm.create_model(
@@ -231,7 +254,9 @@ class HybridViT(nn.Module):
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.Sequential(
             *(
-                Block(p.embed_dim, p.num_heads, mlp_ratio=p.mlp_ratio, qkv_bias=True, drop_path=dp, norm_layer=norm_layer)
+                Block(
+                    p.embed_dim, p.num_heads, mlp_ratio=p.mlp_ratio, qkv_bias=True, drop_path=dp, norm_layer=norm_layer
+                )
                 for dp in drop_path
             )
         )
@@ -289,7 +314,9 @@ class HybridViT(nn.Module):
         return self.head(self.forward_features(images)[:, 0])
 
 
-def build_model(preset: str | Preset = DEFAULT_PRESET, num_classes: int = 4, pretrained: str | None = None) -> HybridViT:
+def build_model(
+    preset: str | Preset = DEFAULT_PRESET, num_classes: int = 4, pretrained: str | None = None
+) -> HybridViT:
     """The model for a preset. `pretrained`: None, "timm" (downloads) or a local weights file."""
     return HybridViT(preset, num_classes=num_classes, pretrained=pretrained)
 

@@ -36,14 +36,18 @@ def resolve_initial_model(environ: dict | None = None) -> Path:
 def check_initial_model(path: Path, preset: str, num_classes: int) -> dict:
     """The sidecar of the initial model, or one line saying why it cannot start this job."""
     if not path.is_file():
-        raise FedXViTError(f"initial global model {path} does not exist: run `make transfer` "
-                           f"(or point {INITIAL_MODEL_ENV} at a fedxvit checkpoint)")
+        raise FedXViTError(
+            f"initial global model {path} does not exist: run `make transfer` "
+            f"(or point {INITIAL_MODEL_ENV} at a fedxvit checkpoint)"
+        )
     meta = read_meta(path)
     found = (meta.get("preset"), meta.get("num_classes"))
     if found != (preset, num_classes):
-        raise FedXViTError(f"initial global model {path} is preset '{found[0]}' with {found[1]} classes, but the job "
-                           f"asks for preset '{preset}' with {num_classes} classes: rerun `make transfer` for that preset "
-                           f"or change the job's preset")
+        raise FedXViTError(
+            f"initial global model {path} is preset '{found[0]}' with {found[1]} classes, but the job "
+            f"asks for preset '{preset}' with {num_classes} classes: rerun `make transfer` for that preset "
+            f"or change the job's preset"
+        )
     return meta
 
 

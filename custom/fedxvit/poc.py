@@ -49,7 +49,11 @@ def poc_env(workspace: Path) -> dict:
     """This environment, with the POC workspace set and this Python's nvflare first on PATH
     (the start scripts run `python3`, which must be the one that has fedxvit installed)."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "NVFLARE_POC_WORKSPACE": str(workspace), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    return {
+        **os.environ,
+        "NVFLARE_POC_WORKSPACE": str(workspace),
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
 
 
 def nvflare(args: list[str], workspace: Path, timeout: float = 120, home: Path | None = None) -> str:
@@ -57,8 +61,9 @@ def nvflare(args: list[str], workspace: Path, timeout: float = 120, home: Path |
     command = [str(Path(sys.executable).with_name("nvflare")), *args]
     env = poc_env(workspace) if home is None else {**poc_env(workspace), "HOME": str(home)}
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired:
         raise FedXViTError(f"`nvflare {' '.join(args)}` did not finish in {timeout:.0f} s") from None
     output = done.stdout + done.stderr
@@ -114,8 +119,10 @@ def admin_session(workspace: Path, timeout_s: float = 60):
     try:
         session = new_secure_session(ADMIN, str(kit), timeout=timeout_s)
     except Exception as exc:
-        raise FedXViTError(f"cannot log in to the POC server as {ADMIN} with {kit} within {timeout_s:.0f} s: "
-                           f"{type(exc).__name__}: {exc}") from None
+        raise FedXViTError(
+            f"cannot log in to the POC server as {ADMIN} with {kit} within {timeout_s:.0f} s: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
     try:
         yield session
     finally:
@@ -256,8 +263,15 @@ def restart_server(workspace: Path) -> None:
         console.write(f"\n--- fedxvit.poc server restart {time.asctime()} ---\n")
         console.flush()
         try:
-            subprocess.run([str(script)], env=poc_env(workspace), stdin=subprocess.DEVNULL, stdout=console,
-                           stderr=subprocess.STDOUT, timeout=60, check=True)
+            subprocess.run(
+                [str(script)],
+                env=poc_env(workspace),
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+                check=True,
+            )
         except (OSError, subprocess.SubprocessError) as exc:
             raise FedXViTError(f"{script} could not restart the server: {exc}") from None
 
@@ -328,8 +342,16 @@ def first_round_started(run_log: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def server_crash_drill(workspace: Path, job: Path, job_id: str, after_round: int, tmp: Path, out: Path,
-                       restore_wait_s: float, timeout_s: float) -> dict:
+def server_crash_drill(
+    workspace: Path,
+    job: Path,
+    job_id: str,
+    after_round: int,
+    tmp: Path,
+    out: Path,
+    restore_wait_s: float,
+    timeout_s: float,
+) -> dict:
     """Kill the server once `after_round` has finished, restart it, and see the training through:
     NVFlare's own restore if it brings the job back, else a continuation job from the last saved round."""
     wait_for_server_log(workspace, f"Round {after_round} finished", timeout_s)
@@ -340,19 +362,29 @@ def server_crash_drill(workspace: Path, job: Path, job_id: str, after_round: int
     with admin_session(workspace, timeout_s=120) as session:
         restored = wait_for_restored_job(workspace, job_id, restore_wait_s)
         storage, snapshots = snapshot_files(workspace)
-        drill = {"after_round": after_round, "killed_processes": killed, "nvflare_restored": restored,
-                 "snapshot_storage": storage, "snapshot_files": snapshots}
+        drill = {
+            "after_round": after_round,
+            "killed_processes": killed,
+            "nvflare_restored": restored,
+            "snapshot_storage": storage,
+            "snapshot_files": snapshots,
+        }
         if restored:
             print(f"NVFlare restored job {job_id} after the server restart", flush=True)
             resumed_job = job_id
         else:
             drill["stale_job_status"] = session.get_job_meta(job_id)["status"]
-            print(f"NVFlare did not restore job {job_id}: no server process runs it {restore_wait_s:.0f} s after the "
-                  f"restart, its status stays {drill['stale_job_status']}, snapshot storage {storage} holds "
-                  f"{snapshots} file(s)", flush=True)
+            print(
+                f"NVFlare did not restore job {job_id}: no server process runs it {restore_wait_s:.0f} s after the "
+                f"restart, its status stays {drill['stale_job_status']}, snapshot storage {storage} holds "
+                f"{snapshots} file(s)",
+                flush=True,
+            )
             resumed_job = submit(session, continuation)
-            print(f"resuming as job {resumed_job}: rounds {after_round + 1}.. from the round-{after_round} "
-                  "global model", flush=True)
+            print(
+                f"resuming as job {resumed_job}: rounds {after_round + 1}.. from the round-{after_round} global model",
+                flush=True,
+            )
         drill["status"] = wait(session, resumed_job, timeout_s)
         drill["result_dir"] = str(download(session, resumed_job, out))
     drill["resumed_job_id"] = resumed_job
@@ -371,14 +403,26 @@ def validate(job: Path, sites, kill: str | None, kill_server_after_round: int | 
     if kill_server_after_round is not None:
         rounds = int(json.loads(server_config_path(job).read_text())["num_rounds"])
         if not 0 <= kill_server_after_round < rounds - 1:
-            raise FedXViTError(f"--kill-server-after-round {kill_server_after_round}: {job} trains rounds "
-                               f"0..{rounds - 1}, so the server can only be killed after rounds 0..{rounds - 2} "
-                               "(one must be left to resume)")
+            raise FedXViTError(
+                f"--kill-server-after-round {kill_server_after_round}: {job} trains rounds "
+                f"0..{rounds - 1}, so the server can only be killed after rounds 0..{rounds - 2} "
+                "(one must be left to resume)"
+            )
 
 
-def run(job: Path, workspace: Path, out: Path, sites=DEFAULT_SITES, min_clients: int | None = None,
-        kill: str | None = None, kill_after_round: int = 1, timeout_s: float = 1800,
-        kill_server_after_round: int | None = None, restore_wait_s: float = 30, port: int = DEFAULT_PORT) -> dict:
+def run(
+    job: Path,
+    workspace: Path,
+    out: Path,
+    sites=DEFAULT_SITES,
+    min_clients: int | None = None,
+    kill: str | None = None,
+    kill_after_round: int = 1,
+    timeout_s: float = 1800,
+    kill_server_after_round: int | None = None,
+    restore_wait_s: float = 30,
+    port: int = DEFAULT_PORT,
+) -> dict:
     """prepare -> start -> submit -> (a drill) -> wait -> download -> stop; returns what happened."""
     validate(job, sites, kill, kill_server_after_round)
     workspace.mkdir(parents=True, exist_ok=True)
@@ -395,11 +439,11 @@ def run(job: Path, workspace: Path, out: Path, sites=DEFAULT_SITES, min_clients:
                 job_id = submit(session, job)
             print(f"submitted {job.name} as job {job_id}", flush=True)
             if kill:
-                status, result_dir, killed = kill_site_drill(workspace, job_id, kill, kill_after_round, out,
-                                                             timeout_s)
+                status, result_dir, killed = kill_site_drill(workspace, job_id, kill, kill_after_round, out, timeout_s)
             elif kill_server_after_round is not None:
-                server_crash = server_crash_drill(workspace, job, job_id, kill_server_after_round, Path(tmp), out,
-                                                  restore_wait_s, timeout_s)
+                server_crash = server_crash_drill(
+                    workspace, job, job_id, kill_server_after_round, Path(tmp), out, restore_wait_s, timeout_s
+                )
                 status, result_dir = server_crash["status"], Path(server_crash["result_dir"])
             else:
                 with admin_session(workspace) as session:
@@ -412,31 +456,58 @@ def run(job: Path, workspace: Path, out: Path, sites=DEFAULT_SITES, min_clients:
     global_val = result_dir / "workspace" / GLOBAL_VAL_FILE
     if global_val.is_file():
         rounds = json.loads(global_val.read_text()).get("rounds", [])
-    summary = {"job_id": job_id, "status": status, "result_dir": str(result_dir), "killed_site": kill,
-               "killed_processes": killed, "server_crash": server_crash, "wall_s": time.perf_counter() - started,
-               "rounds": [{"round": r["round"], "sites": sorted(r.get("sites", {})),
-                           "global_val_accuracy": r["global_val_accuracy"]} for r in rounds]}
+    summary = {
+        "job_id": job_id,
+        "status": status,
+        "result_dir": str(result_dir),
+        "killed_site": kill,
+        "killed_processes": killed,
+        "server_crash": server_crash,
+        "wall_s": time.perf_counter() - started,
+        "rounds": [
+            {"round": r["round"], "sites": sorted(r.get("sites", {})), "global_val_accuracy": r["global_val_accuracy"]}
+            for r in rounds
+        ],
+    }
     for row in summary["rounds"]:
-        print(f"  round {row['round']}: global_val_accuracy={row['global_val_accuracy']:.4f} from {', '.join(row['sites'])}")
+        print(
+            f"  round {row['round']}: global_val_accuracy={row['global_val_accuracy']:.4f} "
+            f"from {', '.join(row['sites'])}"
+        )
     print(f"results in {result_dir} ({summary['wall_s']:.0f} s)")
     return summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fedxvit.poc", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fedxvit.poc",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--job", default="jobs/fedxvit", help="NVFlare job folder")
-    parser.add_argument("--workspace", default=os.path.join(tempfile.gettempdir(), "nvflare", "poc"),
-                        help="POC workspace (NVFLARE_POC_WORKSPACE); replaced by `poc prepare`")
+    parser.add_argument(
+        "--workspace",
+        default=os.path.join(tempfile.gettempdir(), "nvflare", "poc"),
+        help="POC workspace (NVFLARE_POC_WORKSPACE); replaced by `poc prepare`",
+    )
     parser.add_argument("--out", default="workspace/poc", help="where the job's results are downloaded")
     parser.add_argument("--sites", nargs="+", default=list(DEFAULT_SITES))
     parser.add_argument("--min-clients", type=int, default=None, help="submit a copy needing only this many sites")
     parser.add_argument("--kill-site", default=None, help="SIGKILL this site's processes mid-run (fault drill)")
     parser.add_argument("--kill-after-round", type=int, default=1, help="kill the site once this round has started")
-    parser.add_argument("--kill-server-after-round", type=int, default=None, metavar="K",
-                        help="SIGKILL the server once round K has finished, restart it and resume (fault drill)")
-    parser.add_argument("--restore-wait", type=float, default=30,
-                        help="seconds to wait for NVFlare to restore the job after the server restart")
+    parser.add_argument(
+        "--kill-server-after-round",
+        type=int,
+        default=None,
+        metavar="K",
+        help="SIGKILL the server once round K has finished, restart it and resume (fault drill)",
+    )
+    parser.add_argument(
+        "--restore-wait",
+        type=float,
+        default=30,
+        help="seconds to wait for NVFlare to restore the job after the server restart",
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="the POC server's port")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the job")
     return parser.parse_args(argv)
@@ -444,9 +515,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    summary = run(Path(args.job), Path(args.workspace), Path(args.out), tuple(args.sites), args.min_clients,
-                  args.kill_site, args.kill_after_round, args.timeout, args.kill_server_after_round,
-                  args.restore_wait, args.port)
+    summary = run(
+        Path(args.job),
+        Path(args.workspace),
+        Path(args.out),
+        tuple(args.sites),
+        args.min_clients,
+        args.kill_site,
+        args.kill_after_round,
+        args.timeout,
+        args.kill_server_after_round,
+        args.restore_wait,
+        args.port,
+    )
     if summary["status"] not in ("FINISHED:COMPLETED", "SERVER_FINISHED"):
         raise FedXViTError(f"job {summary['job_id']} ended {summary['status']}; logs under {summary['result_dir']}")
     return summary

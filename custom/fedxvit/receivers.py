@@ -37,8 +37,7 @@ from nvflare.widgets.widget import Widget
 
 from fedxvit import tracking
 from fedxvit.errors import FedXViTError
-from fedxvit.run_record import (REGISTERED_MODEL, SIMULATOR_JOB_ID, find_job_runs, job_tag, record_run,
-                                write_run_record)
+from fedxvit.run_record import REGISTERED_MODEL, SIMULATOR_JOB_ID, find_job_runs, job_tag, record_run, write_run_record
 
 SERVER_ROLE, SITE_ROLE = "server", "site"
 EXPERIMENT_TAGS = {"mlflow.note.content": "fedxvit federated runs: per job one run per site and one for the server"}
@@ -47,10 +46,17 @@ EXPERIMENT_TAGS = {"mlflow.note.content": "fedxvit federated runs: per job one r
 class FederatedMLflowTracking(Widget):
     """Resolves and checks the store, runs NVFlare's MLflowReceiver on it, keeps the server's run, records the end."""
 
-    def __init__(self, tracking_uri: str = "", local_fallback: bool = False,
-                 timeout_s: float = tracking.DEFAULT_TIMEOUT_S, experiment_name: str = tracking.FEDERATED_EXPERIMENT,
-                 params: dict | None = None, registered_model_name: str = REGISTERED_MODEL,
-                 buffer_flush_time: float = 1, continue_job: str = ""):
+    def __init__(
+        self,
+        tracking_uri: str = "",
+        local_fallback: bool = False,
+        timeout_s: float = tracking.DEFAULT_TIMEOUT_S,
+        experiment_name: str = tracking.FEDERATED_EXPERIMENT,
+        params: dict | None = None,
+        registered_model_name: str = REGISTERED_MODEL,
+        buffer_flush_time: float = 1,
+        continue_job: str = "",
+    ):
         super().__init__()
         self.continue_job = continue_job
         self.tracking_uri = tracking_uri
@@ -94,8 +100,12 @@ class FederatedMLflowTracking(Widget):
     def open_runs(self, fl_ctx: FLContext) -> MLflowReceiver:
         from mlflow import MlflowClient
 
-        self.uri = tracking.resolve_tracking(self.tracking_uri or None, self.local_fallback or None, self.timeout_s,
-                                             warn=lambda msg: self.log_warning(fl_ctx, msg, fire_event=False))
+        self.uri = tracking.resolve_tracking(
+            self.tracking_uri or None,
+            self.local_fallback or None,
+            self.timeout_s,
+            warn=lambda msg: self.log_warning(fl_ctx, msg, fire_event=False),
+        )
         self.client = client = MlflowClient(self.uri)
         # created here so its artifacts go where the store keeps them, not into the job folder
         experiment_id = tracking.ensure_experiment(client, self.experiment_name, self.uri, EXPERIMENT_TAGS)
@@ -103,10 +113,17 @@ class FederatedMLflowTracking(Widget):
         job = self.continue_job or job_tag(job_id)
         earlier = find_job_runs(client, experiment_id, job) if self.continue_job or job_id != SIMULATOR_JOB_ID else {}
 
-        receiver = MLflowReceiver(tracking_uri=self.uri, events=[f"fed.{ANALYTIC_EVENT_TYPE}"],
-                                  kw_args={"experiment_name": self.experiment_name, "run_name": "federated",
-                                           "experiment_tags": EXPERIMENT_TAGS, "run_tags": {}},
-                                  buffer_flush_time=self.buffer_flush_time)
+        receiver = MLflowReceiver(
+            tracking_uri=self.uri,
+            events=[f"fed.{ANALYTIC_EVENT_TYPE}"],
+            kw_args={
+                "experiment_name": self.experiment_name,
+                "run_name": "federated",
+                "experiment_tags": EXPERIMENT_TAGS,
+                "run_tags": {},
+            },
+            buffer_flush_time=self.buffer_flush_time,
+        )
         for site, run in earlier.items():  # the receiver opens a run only for a site it has no client for
             if site != server:
                 receiver.mlflow_clients[site] = client
@@ -122,10 +139,19 @@ class FederatedMLflowTracking(Widget):
 
         self.server_run_id = self._open_server_run(experiment_id, server, job, earlier.get(server), sites)
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(job_id)
-        write_run_record(run_dir, self.uri, self.experiment_name, job, server,
-                         {**{site: receiver.get_run_id(site) for site in sites}, server: self.server_run_id})
-        self.log_info(fl_ctx, f"fedxvit: MLflow runs go to {tracking.describe(self.uri)}, experiment "
-                              f"'{self.experiment_name}'" + (f", continuing job {job}'s runs" if earlier else ""))
+        write_run_record(
+            run_dir,
+            self.uri,
+            self.experiment_name,
+            job,
+            server,
+            {**{site: receiver.get_run_id(site) for site in sites}, server: self.server_run_id},
+        )
+        self.log_info(
+            fl_ctx,
+            f"fedxvit: MLflow runs go to {tracking.describe(self.uri)}, experiment "
+            f"'{self.experiment_name}'" + (f", continuing job {job}'s runs" if earlier else ""),
+        )
         return receiver
 
     def _open_server_run(self, experiment_id: str, server: str, job: str, earlier, sites: list) -> str:
@@ -133,8 +159,11 @@ class FederatedMLflowTracking(Widget):
         from mlflow.entities import Param
 
         if earlier is None:
-            run_id = self.client.create_run(experiment_id, run_name=f"{server}-{job}", tags={
-                tracking.SITE_TAG: server, tracking.ROLE_TAG: SERVER_ROLE, tracking.JOB_TAG: job}).info.run_id
+            run_id = self.client.create_run(
+                experiment_id,
+                run_name=f"{server}-{job}",
+                tags={tracking.SITE_TAG: server, tracking.ROLE_TAG: SERVER_ROLE, tracking.JOB_TAG: job},
+            ).info.run_id
         else:
             run_id = earlier.info.run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -148,15 +177,18 @@ class FederatedMLflowTracking(Widget):
         from mlflow.entities import Metric
 
         try:
-            data = AnalyticsData.from_dxo(from_shareable(fl_ctx.get_prop(FLContextKey.EVENT_DATA)),
-                                          receiver=LogWriterName.MLFLOW)
+            data = AnalyticsData.from_dxo(
+                from_shareable(fl_ctx.get_prop(FLContextKey.EVENT_DATA)), receiver=LogWriterName.MLFLOW
+            )
             if data is None or data.data_type not in (AnalyticsDataType.METRIC, AnalyticsDataType.METRICS):
                 return
             values = {data.tag: data.value} if data.data_type == AnalyticsDataType.METRIC else data.value
             now_ms = int(time.time() * 1000)
             with self._lock:
-                self.client.log_batch(self.server_run_id, metrics=[
-                    Metric(key, float(value), now_ms, data.step or 0) for key, value in values.items()])
+                self.client.log_batch(
+                    self.server_run_id,
+                    metrics=[Metric(key, float(value), now_ms, data.step or 0) for key, value in values.items()],
+                )
         except Exception as exc:  # a metric that cannot be written must not stop the job
             self.log_error(fl_ctx, f"fedxvit: server metric not tracked: {tracking.one_line(exc)}", fire_event=False)
 

@@ -44,8 +44,19 @@ def job_tag(job_id: str) -> str:
 def write_run_record(run_dir: os.PathLike, uri: str, experiment: str, job: str, server: str, runs: dict) -> Path:
     """<run dir>/mlflow_runs.json: where this job's runs are (the URI without any password) and their ids."""
     path = Path(run_dir) / RUN_RECORD
-    path.write_text(json.dumps({"tracking_uri": tracking.describe(uri), "experiment": experiment, "job_id": job,
-                                "server": server, "runs": dict(sorted(runs.items()))}, indent=2) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "tracking_uri": tracking.describe(uri),
+                "experiment": experiment,
+                "job_id": job,
+                "server": server,
+                "runs": dict(sorted(runs.items())),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return path
 
 
@@ -64,8 +75,9 @@ def read_run_record(run_dir: os.PathLike) -> dict | None:
 
 def find_job_runs(client, experiment_id: str, job: str) -> dict:
     """{site tag: run} of one job's runs (the newest per site), found by their `job_id` tag."""
-    runs = client.search_runs([experiment_id], f"tags.{tracking.JOB_TAG} = '{job}'",
-                              order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [experiment_id], f"tags.{tracking.JOB_TAG} = '{job}'", order_by=["attributes.start_time ASC"]
+    )
     return {run.data.tags[tracking.SITE_TAG]: run for run in runs if tracking.SITE_TAG in run.data.tags}
 
 
@@ -112,16 +124,24 @@ def cross_site_scores(run_dir: Path, model_file: str) -> dict:
     """NVFlare's cross-site evaluation of a server model, pooled over the sites' validation images."""
     path = run_dir / CROSS_SITE_RESULTS
     results = _read_json(path, "cross-site results") if path.is_file() else {}
-    scores = {site: models[f"SRV_{model_file}"] for site, models in results.items()  # CrossSiteModelEval's name
-              if isinstance(models, dict) and isinstance(models.get(f"SRV_{model_file}"), dict)
-              and {"val_accuracy", "val_loss", "val_count"} <= models[f"SRV_{model_file}"].keys()}
+    scores = {
+        site: models[f"SRV_{model_file}"]
+        for site, models in results.items()  # CrossSiteModelEval's name
+        if isinstance(models, dict)
+        and isinstance(models.get(f"SRV_{model_file}"), dict)
+        and {"val_accuracy", "val_loss", "val_count"} <= models[f"SRV_{model_file}"].keys()
+    }
     pooled = weighted_global_metrics(scores)
-    return ({"cross_site_val_accuracy": pooled["global_val_accuracy"], "cross_site_val_loss": pooled["global_val_loss"]}
-            if pooled else {})
+    return (
+        {"cross_site_val_accuracy": pooled["global_val_accuracy"], "cross_site_val_loss": pooled["global_val_loss"]}
+        if pooled
+        else {}
+    )
 
 
-def log_registered_model(model, uri: str, run_id: str, artifact_name: str, registered_name: str,
-                         tags: dict | None = None) -> str:
+def log_registered_model(
+    model, uri: str, run_id: str, artifact_name: str, registered_name: str, tags: dict | None = None
+) -> str:
     """Log `model` into run `run_id` as an MLflow PyTorch model (torch.export "pt2" format, which loads
     without unpickling code) with a tensor signature, register it as a new version of `registered_name`,
     tag that version; returns the version."""
@@ -137,9 +157,14 @@ def log_registered_model(model, uri: str, run_id: str, artifact_name: str, regis
         output = model(torch.from_numpy(example)).numpy()
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(model, name=artifact_name, signature=infer_signature(example, output),
-                                        input_example=example, registered_model_name=registered_name,
-                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        info = mlflow.pytorch.log_model(
+            model,
+            name=artifact_name,
+            signature=infer_signature(example, output),
+            input_example=example,
+            registered_model_name=registered_name,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient(uri)
     for key, value in (tags or {}).items():
@@ -156,8 +181,10 @@ def locate_runs(run_dir: Path, tracking_uri: str | None = None, job_id: str | No
         return {"uri": uri, "job_id": record.get("job_id"), "server": record["server"], "runs": record["runs"]}
     job_id = job_id or run_dir.name
     if job_id == SIMULATOR_JOB_ID:
-        raise FedXViTError(f"{run_dir} has no {RUN_RECORD}: the job did not track to MLflow (`python -m "
-                           f"fedxvit.run_record --job-id` finds a job's runs by their job_id tag)")
+        raise FedXViTError(
+            f"{run_dir} has no {RUN_RECORD}: the job did not track to MLflow (`python -m "
+            f"fedxvit.run_record --job-id` finds a job's runs by their job_id tag)"
+        )
     from mlflow import MlflowClient
 
     uri = tracking_uri or tracking.tracking_uri()
@@ -167,12 +194,21 @@ def locate_runs(run_dir: Path, tracking_uri: str | None = None, job_id: str | No
     servers = [site for site, run in runs.items() if run.data.tags.get(tracking.ROLE_TAG) == "server"]
     if not servers:
         raise FedXViTError(f"no server run of job '{job_id}' in {tracking.describe(uri)}")
-    return {"uri": uri, "job_id": job_id, "server": servers[0],
-            "runs": {site: run.info.run_id for site, run in runs.items()}}
+    return {
+        "uri": uri,
+        "job_id": job_id,
+        "server": servers[0],
+        "runs": {site: run.info.run_id for site, run in runs.items()},
+    }
 
 
-def record_run(run_dir: os.PathLike, tracking_uri: str | None = None, job_id: str | None = None,
-               results: os.PathLike | None = None, registered_name: str = REGISTERED_MODEL) -> list[str]:
+def record_run(
+    run_dir: os.PathLike,
+    tracking_uri: str | None = None,
+    job_id: str | None = None,
+    results: os.PathLike | None = None,
+    registered_name: str = REGISTERED_MODEL,
+) -> list[str]:
     """Server-run parameters, final and best model versions, and (when given) the results folder; what it did."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
@@ -185,20 +221,31 @@ def record_run(run_dir: os.PathLike, tracking_uri: str | None = None, job_id: st
     done = []
 
     site_params = {site: client.get_run(run_id).data.params for site, run_id in sorted(runs.items()) if site != server}
-    new_params = {key: value for key, value in merge_site_params(site_params, base=server_run.data.params).items()
-                  if server_run.data.params.get(key) != value}
+    new_params = {
+        key: value
+        for key, value in merge_site_params(site_params, base=server_run.data.params).items()
+        if server_run.data.params.get(key) != value
+    }
     if new_params:
         client.log_batch(server_run.info.run_id, params=[Param(k, str(v)) for k, v in new_params.items()])
         done.append(f"{len(new_params)} site parameters on the server run")
 
     preset, num_classes = model_settings(run_dir)
-    tags = {tracking.JOB_TAG: found["job_id"], "preset": preset,
-            **{f"data_hash.{site}": params.get("data_hash") for site, params in site_params.items()},
-            **last_round_metrics(run_dir)}
-    for kind, file_name, name in (("final", DefaultCheckpointFileName.GLOBAL_MODEL, registered_name),
-                                  ("best", DefaultCheckpointFileName.BEST_GLOBAL_MODEL, f"{registered_name}-best")):
-        existing = [v for v in client.search_model_versions(f"name='{name}'")
-                    if v.run_id == server_run.info.run_id and v.tags.get("model") == kind]
+    tags = {
+        tracking.JOB_TAG: found["job_id"],
+        "preset": preset,
+        **{f"data_hash.{site}": params.get("data_hash") for site, params in site_params.items()},
+        **last_round_metrics(run_dir),
+    }
+    for kind, file_name, name in (
+        ("final", DefaultCheckpointFileName.GLOBAL_MODEL, registered_name),
+        ("best", DefaultCheckpointFileName.BEST_GLOBAL_MODEL, f"{registered_name}-best"),
+    ):
+        existing = [
+            v
+            for v in client.search_model_versions(f"name='{name}'")
+            if v.run_id == server_run.info.run_id and v.tags.get("model") == kind
+        ]
         if existing:
             continue
         path = run_dir / SERVER_APP / file_name
@@ -206,8 +253,14 @@ def record_run(run_dir: os.PathLike, tracking_uri: str | None = None, job_id: st
             done.append(f"no {kind} global model ({path.name}) to register")
             continue
         model = load_global_model(path, preset, num_classes)
-        version = log_registered_model(model, uri, server_run.info.run_id, f"{kind}_global_model", name,
-                                       tags={**tags, "model": kind, **cross_site_scores(run_dir, file_name)})
+        version = log_registered_model(
+            model,
+            uri,
+            server_run.info.run_id,
+            f"{kind}_global_model",
+            name,
+            tags={**tags, "model": kind, **cross_site_scores(run_dir, file_name)},
+        )
         done.append(f"{kind} global model registered as '{name}' version {version}")
 
     if results is not None:
@@ -219,8 +272,12 @@ def record_run(run_dir: os.PathLike, tracking_uri: str | None = None, job_id: st
 def main(argv=None) -> list[str]:
     parser = argparse.ArgumentParser(prog="python -m fedxvit.run_record", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="the server's run folder (workspace/server/simulate_job, or a downloaded job)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: the one the run record names, "
-                        "else $MLFLOW_TRACKING_URI, an Azure ML config or the local store)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default: the one the run record names, "
+        "else $MLFLOW_TRACKING_URI, an Azure ML config or the local store)",
+    )
     parser.add_argument("--job-id", default=None, help="the runs' job_id tag, for a run folder without a run record")
     parser.add_argument("--results", default=None, help="a results folder to attach to the server run")
     args = parser.parse_args(argv)

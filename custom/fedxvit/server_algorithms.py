@@ -21,14 +21,13 @@ from typing import Dict
 
 import numpy as np
 import torch
-from torch import nn
-
 from nvflare.apis.dxo import DXO, DataKind, MetaKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
+from torch import nn
 
 from fedxvit.aggregation import AGGREGATION_REPORT, ScreenedAssembler, combine_updates, screen_updates, update_norm
 from fedxvit.errors import FedXViTError
@@ -42,8 +41,10 @@ def load_global_weights(model: nn.Module, weights: dict) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     if missing:
-        raise FedXViTError(f"the global model lacks {len(missing)} tensors of the server's FedOpt model "
-                           f"(first: {missing[0]}): the job's preset differs from the initial model's")
+        raise FedXViTError(
+            f"the global model lacks {len(missing)} tensors of the server's FedOpt model "
+            f"(first: {missing[0]}): the job's preset differs from the initial model's"
+        )
     with torch.no_grad():
         for name, tensor in own.items():
             tensor.copy_(torch.as_tensor(np.asarray(weights[name])))
@@ -62,8 +63,9 @@ class ServerModelSync(Widget):
         model = fl_ctx.get_engine().get_component(self.model_id)
         global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
         if not isinstance(model, nn.Module) or not global_model:
-            self.system_panic(f"fedxvit: FedOpt needs the torch model component '{self.model_id}' and a global model",
-                              fl_ctx)
+            self.system_panic(
+                f"fedxvit: FedOpt needs the torch model component '{self.model_id}' and a global model", fl_ctx
+            )
             return
         try:
             load_global_weights(model, global_model[ModelLearnableKey.WEIGHTS])
@@ -92,9 +94,11 @@ class ScaffoldScreenedAssembler(ScreenedAssembler):
     def get_model_params(self, dxo: DXO) -> dict:
         parts = dxo.data or {}
         weights, controls = parts.get(AppConstants.MODEL_WEIGHTS), parts.get(AlgorithmConstants.SCAFFOLD_CTRL_DIFF)
-        return {"update": weights.data if isinstance(weights, DXO) else {},
-                "controls": controls.data if isinstance(controls, DXO) else {},
-                "weight": float(dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 1) or 1)}
+        return {
+            "update": weights.data if isinstance(weights, DXO) else {},
+            "controls": controls.data if isinstance(controls, DXO) else {},
+            "weight": float(dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 1) or 1),
+        }
 
     def assemble(self, data: Dict[str, dict], fl_ctx: FLContext) -> DXO:
         updates = {site: entry["update"] for site, entry in data.items()}
@@ -110,10 +114,18 @@ class ScaffoldScreenedAssembler(ScreenedAssembler):
         else:
             site_weights = {s: data[s]["weight"] for s in kept}
             weights = combine_updates({s: updates[s] for s in kept}, site_weights, self.aggregation, self.trim_fraction)
-            control_change = combine_updates({s: controls[s] for s in kept}, site_weights, self.aggregation,
-                                             self.trim_fraction)
-            self.log_info(fl_ctx, f"fedxvit: round {round_number}: SCAFFOLD control variates of {', '.join(kept)} "
-                                  f"combined; global control change norm {update_norm(control_change):.4g}")
-        return DXO(data_kind=DataKind.COLLECTION, data={
-            AppConstants.MODEL_WEIGHTS: DXO(data_kind=DataKind.WEIGHT_DIFF, data=weights),
-            AlgorithmConstants.SCAFFOLD_CTRL_DIFF: DXO(data_kind=DataKind.WEIGHT_DIFF, data=control_change)})
+            control_change = combine_updates(
+                {s: controls[s] for s in kept}, site_weights, self.aggregation, self.trim_fraction
+            )
+            self.log_info(
+                fl_ctx,
+                f"fedxvit: round {round_number}: SCAFFOLD control variates of {', '.join(kept)} "
+                f"combined; global control change norm {update_norm(control_change):.4g}",
+            )
+        return DXO(
+            data_kind=DataKind.COLLECTION,
+            data={
+                AppConstants.MODEL_WEIGHTS: DXO(data_kind=DataKind.WEIGHT_DIFF, data=weights),
+                AlgorithmConstants.SCAFFOLD_CTRL_DIFF: DXO(data_kind=DataKind.WEIGHT_DIFF, data=control_change),
+            },
+        )

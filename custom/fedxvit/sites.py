@@ -27,8 +27,10 @@ from fedxvit.paths import project_root
 
 DATA_ROOT_ENV = "FEDXVIT_DATA_ROOT"
 SITE_CONFIG_FILE = "fedxvit_site.json"
-HOW_TO_SET = (f"set FEDXVIT_DATA_<SITE>, a {{\"data_dir\": ...}} in <client workspace>/local/{SITE_CONFIG_FILE}, "
-              f"or {DATA_ROOT_ENV}, or run `make data` for the demo sites")
+HOW_TO_SET = (
+    f'set FEDXVIT_DATA_<SITE>, a {{"data_dir": ...}} in <client workspace>/local/{SITE_CONFIG_FILE}, '
+    f"or {DATA_ROOT_ENV}, or run `make data` for the demo sites"
+)
 
 
 def site_env_var(site_name: str) -> str:
@@ -36,8 +38,9 @@ def site_env_var(site_name: str) -> str:
     return "FEDXVIT_DATA_" + re.sub(r"[^0-9A-Za-z]", "_", site_name).upper()
 
 
-def locate_site_data(site_name: str, site_config_dir: os.PathLike | None = None,
-                     environ: dict | None = None) -> tuple[Path, str]:
+def locate_site_data(
+    site_name: str, site_config_dir: os.PathLike | None = None, environ: dict | None = None
+) -> tuple[Path, str]:
     """(data folder, how it was chosen) for a site, following the precedence above; nothing is checked."""
     environ = os.environ if environ is None else environ
     env_var = site_env_var(site_name)
@@ -49,9 +52,11 @@ def locate_site_data(site_name: str, site_config_dir: os.PathLike | None = None,
             try:
                 data_dir = json.loads(config_file.read_text()).get("data_dir")
             except (json.JSONDecodeError, AttributeError) as exc:
-                raise FedXViTError(f"site {site_name}: {config_file} is not a JSON object with \"data_dir\": {exc}") from None
+                raise FedXViTError(
+                    f'site {site_name}: {config_file} is not a JSON object with "data_dir": {exc}'
+                ) from None
             if not data_dir:
-                raise FedXViTError(f"site {site_name}: {config_file} has no \"data_dir\"")
+                raise FedXViTError(f'site {site_name}: {config_file} has no "data_dir"')
             return (Path(site_config_dir) / Path(data_dir).expanduser()), f"{config_file}"
     if environ.get(DATA_ROOT_ENV):
         return Path(environ[DATA_ROOT_ENV]).expanduser() / site_name, f"env {DATA_ROOT_ENV}"

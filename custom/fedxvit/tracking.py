@@ -47,13 +47,20 @@ FEDERATED_EXPERIMENT = "fedxvit-federated"
 
 # What the federated job tracks (step = round number), the one place these names are spelled:
 # tracked name -> (where the value comes from, its key there). Result scripts and tests read the tuples.
-_SITE_ROUND = {"train_loss": ("train", "train_loss"), "train_accuracy": ("train", "train_accuracy"),
-               "local_val_accuracy": ("train", "local_val_accuracy"), "local_val_loss": ("train", "local_val_loss"),
-               "global_model_val_accuracy": ("global", "val_accuracy"),
-               "global_model_val_loss": ("global", "val_loss")}
+_SITE_ROUND = {
+    "train_loss": ("train", "train_loss"),
+    "train_accuracy": ("train", "train_accuracy"),
+    "local_val_accuracy": ("train", "local_val_accuracy"),
+    "local_val_loss": ("train", "local_val_loss"),
+    "global_model_val_accuracy": ("global", "val_accuracy"),
+    "global_model_val_loss": ("global", "val_loss"),
+}
 _SITE_EPOCH = {"epoch_train_loss": "loss", "epoch_train_accuracy": "accuracy"}  # step = round x local_epochs + epoch
-_SERVER_ROUND = {"global_val_accuracy": "global_val_accuracy", "global_val_loss": "global_val_loss",
-                 "clients_per_round": "num_sites"}
+_SERVER_ROUND = {
+    "global_val_accuracy": "global_val_accuracy",
+    "global_val_loss": "global_val_loss",
+    "clients_per_round": "num_sites",
+}
 SITE_ROUND_METRICS = tuple(_SITE_ROUND)
 SITE_EPOCH_METRICS = tuple(_SITE_EPOCH)
 SERVER_ROUND_METRICS = tuple(_SERVER_ROUND)
@@ -105,17 +112,23 @@ def read_azure_config(path: os.PathLike) -> dict:
         raise FedXViTError(f"Azure ML config {path} cannot be read: {exc}") from None
     missing = [key for key in AZURE_KEYS if not (isinstance(config, dict) and config.get(key))]
     if missing:
-        fix = ('add "location": "<region>", the workspace\'s region as the Azure portal or '
-               '`az ml workspace show --query location` shows it (e.g. westeurope)' if missing == ["location"] else
-               "download it from the workspace's overview page in Azure ML studio and add its \"location\"")
-        raise FedXViTError(f"Azure ML config {path} lacks {', '.join(missing)}: {fix}; or remove it to use the "
-                           f"local MLflow store")
+        fix = (
+            'add "location": "<region>", the workspace\'s region as the Azure portal or '
+            "`az ml workspace show --query location` shows it (e.g. westeurope)"
+            if missing == ["location"]
+            else 'download it from the workspace\'s overview page in Azure ML studio and add its "location"'
+        )
+        raise FedXViTError(
+            f"Azure ML config {path} lacks {', '.join(missing)}: {fix}; or remove it to use the local MLflow store"
+        )
     return config
 
 
 def workspace_path(config: dict) -> str:
-    return (f"/subscriptions/{config['subscription_id']}/resourceGroups/{config['resource_group']}"
-            f"/providers/Microsoft.MachineLearningServices/workspaces/{config['workspace_name']}")
+    return (
+        f"/subscriptions/{config['subscription_id']}/resourceGroups/{config['resource_group']}"
+        f"/providers/Microsoft.MachineLearningServices/workspaces/{config['workspace_name']}"
+    )
 
 
 def azure_tracking_uri(config: dict) -> str:
@@ -165,18 +178,23 @@ def azure_token(workspace: str, timeout_s: float = DEFAULT_TIMEOUT_S, credential
     """A token from azure-identity's DefaultAzureCredential, the credential azureml-mlflow itself uses (az login,
     or a service principal in AZURE_CLIENT_ID / AZURE_TENANT_ID / AZURE_CLIENT_SECRET, or a managed identity):
     asked first so that a credential problem reads as one line instead of the store's retry errors."""
+
     def get():
         from azure.identity import DefaultAzureCredential
+
         return (credential or DefaultAzureCredential()).get_token(AZURE_SCOPE).token
+
     quiet = logging.getLogger("azure.identity")  # its multi-line warning would repeat our one line
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
         return _bounded(get, timeout_s, "Azure credential")
     except Exception as exc:
-        raise FedXViTError(f"Azure ML workspace '{workspace}': no Azure credential works - run `az login`, or set "
-                           f"AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_CLIENT_SECRET for a service principal "
-                           f"({one_line(exc)})") from None
+        raise FedXViTError(
+            f"Azure ML workspace '{workspace}': no Azure credential works - run `az login`, or set "
+            f"AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_CLIENT_SECRET for a service principal "
+            f"({one_line(exc)})"
+        ) from None
     finally:
         quiet.setLevel(level)
 
@@ -205,7 +223,9 @@ def check_tracking_store(uri: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None
 
     def query():
         from mlflow import MlflowClient
+
         MlflowClient(uri).search_experiments(max_results=1)
+
     try:
         query() if local else _bounded(query, timeout_s, f"MLflow tracking store {describe(uri)}")
     except FedXViTError:
@@ -214,9 +234,11 @@ def check_tracking_store(uri: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None
         raise FedXViTError(f"MLflow tracking store {describe(uri)} is unreachable: {one_line(exc)}") from None
 
 
-def resolve_tracking(explicit: str | None = None, local_fallback: bool | None = None,
-                     timeout_s: float = DEFAULT_TIMEOUT_S, warn=print) -> str:
-    """The checked tracking URI; on failure the local store only if the caller (or FEDXVIT_MLFLOW_FALLBACK=local) opted in."""
+def resolve_tracking(
+    explicit: str | None = None, local_fallback: bool | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, warn=print
+) -> str:
+    """The checked tracking URI; on failure the local store only if the caller (or
+    FEDXVIT_MLFLOW_FALLBACK=local) opted in."""
     if local_fallback is None:
         local_fallback = os.environ.get(FALLBACK_ENV, "").lower() == "local"
     try:
@@ -225,8 +247,10 @@ def resolve_tracking(explicit: str | None = None, local_fallback: bool | None = 
         return uri
     except FedXViTError as exc:
         if not local_fallback:
-            raise FedXViTError(f"{exc}. Nothing was logged; fix the tracking set-up, or opt into the local store "
-                               f"with {FALLBACK_ENV}=local (job variable: tracking_local_fallback)") from None
+            raise FedXViTError(
+                f"{exc}. Nothing was logged; fix the tracking set-up, or opt into the local store "
+                f"with {FALLBACK_ENV}=local (job variable: tracking_local_fallback)"
+            ) from None
         uri = local_store()[0]
         warn(f"{exc}; logging to the local store {uri} instead (local fallback was asked for)")
         check_tracking_store(uri, timeout_s)
@@ -242,8 +266,13 @@ def ensure_experiment(client, name: str, uri: str, tags: dict | None = None) -> 
 
 
 @contextlib.contextmanager
-def mlflow_run(experiment: str, run_name: str | None = None, params: dict | None = None,
-               uri: str | None = None, tags: dict | None = None):
+def mlflow_run(
+    experiment: str,
+    run_name: str | None = None,
+    params: dict | None = None,
+    uri: str | None = None,
+    tags: dict | None = None,
+):
     """Open an MLflow run in `experiment` (created on first use) with params logged; yields mlflow."""
     import mlflow
 
@@ -253,7 +282,9 @@ def mlflow_run(experiment: str, run_name: str | None = None, params: dict | None
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=run_name, tags=tags):
         if params:
-            mlflow.log_params({k: (v if v is None or isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()})
+            mlflow.log_params(
+                {k: (v if v is None or isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
+            )
         yield mlflow
 
 
@@ -272,7 +303,11 @@ def site_epoch_metrics(epoch_metrics: dict) -> dict:
 def server_round_metrics(row: dict) -> dict:
     """The server's metrics for one round from a GlobalValidationTracker row; `aggregated.<site>` is 1
     when that site's update went into the round's model, 0 when it was dropped."""
-    taking_part = {**{site: 0.0 for site in row.get("dropped_sites", {})},
-                   **{site: 1.0 for site in row.get("aggregated_sites", [])}}
-    return {**{name: row[key] for name, key in _SERVER_ROUND.items()},
-            **{f"{AGGREGATED_METRIC_PREFIX}{site}": flag for site, flag in sorted(taking_part.items())}}
+    taking_part = {
+        **{site: 0.0 for site in row.get("dropped_sites", {})},
+        **{site: 1.0 for site in row.get("aggregated_sites", [])},
+    }
+    return {
+        **{name: row[key] for name, key in _SERVER_ROUND.items()},
+        **{f"{AGGREGATED_METRIC_PREFIX}{site}": flag for site, flag in sorted(taking_part.items())},
+    }

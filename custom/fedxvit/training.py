@@ -95,8 +95,9 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05) -> t
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                   min_lr_ratio: float = 0.01) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.01
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step linear warm-up then cosine decay to min_lr_ratio x the base learning rate."""
     total_steps = max(1, int(total_steps))
     warmup_steps = min(max(0, int(warmup_steps)), total_steps - 1)
@@ -110,11 +111,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device,
-                scheduler=None, should_abort: Callable[[], bool] | None = None,
-                label_smoothing: float = 0.0, progress: Callable[[dict], None] | None = None,
-                max_grad_norm: float | None = None, extra_loss: Callable[[], torch.Tensor | None] | None = None,
-                after_step: Callable[[], None] | None = None) -> dict:
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    scheduler=None,
+    should_abort: Callable[[], bool] | None = None,
+    label_smoothing: float = 0.0,
+    progress: Callable[[dict], None] | None = None,
+    max_grad_norm: float | None = None,
+    extra_loss: Callable[[], torch.Tensor | None] | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> dict:
     """One pass over loader; stops between batches as soon as should_abort() is true.
 
     `max_grad_norm` clips the global gradient norm: training a ViT from scratch at a high
@@ -163,8 +172,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
-             should_abort: Callable[[], bool] | None = None) -> dict:
+def evaluate(
+    model: nn.Module, loader: Iterable, device: torch.device, should_abort: Callable[[], bool] | None = None
+) -> dict:
     """Mean loss and accuracy plus per-image labels and class probabilities (for reports and ROC).
 
     Stops between batches as soon as should_abort() is true, so a site told to stop is not held

@@ -53,8 +53,11 @@ def transplant(expert_state: dict, target_model: HybridViT) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fedxvit.transfer", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fedxvit.transfer",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--expert", default="models/expert.pt", help="expert checkpoint (with .json sidecar)")
     parser.add_argument("--out", default="models/initial_global.pt", help="initial global model to write")
     parser.add_argument("--num-classes", type=int, default=len(TASK_CLASSES), help="classes of the federated task")
@@ -74,22 +77,36 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     target = build_model(meta["preset"], num_classes=args.num_classes)
     report = transplant(state, target)
-    save_checkpoint(args.out, target, {
-        "class_names": class_names,
-        "data_hash": None,
-        "transplanted_from": {
-            "checkpoint": os.fspath(args.expert), "class_names": meta.get("class_names"),
-            "data_hash": meta.get("data_hash"), "metrics": meta.get("metrics", {}),
+    save_checkpoint(
+        args.out,
+        target,
+        {
+            "class_names": class_names,
+            "data_hash": None,
+            "transplanted_from": {
+                "checkpoint": os.fspath(args.expert),
+                "class_names": meta.get("class_names"),
+                "data_hash": meta.get("data_hash"),
+                "metrics": meta.get("metrics", {}),
+            },
+            "transplant": {
+                k: report[k] for k in ("copied_tensors", "copied_parameters", "total_parameters", "not_copied")
+            },
+            "seed": args.seed,
         },
-        "transplant": {k: report[k] for k in ("copied_tensors", "copied_parameters", "total_parameters", "not_copied")},
-        "seed": args.seed,
-    })
-    print(f"transfer: {args.expert} (preset '{meta['preset']}', {meta['num_classes']} classes {meta.get('class_names')}) "
-          f"-> {args.out} ({args.num_classes} classes {class_names})")
-    print(f"  transplanted: {report['copied_tensors']} tensors ({report['copied_buffers']} of them BatchNorm buffers), "
-          f"{report['copied_parameters']:,} of {report['total_parameters']:,} parameters "
-          f"({100 * report['copied_parameters'] / report['total_parameters']:.2f}%)")
-    print(f"  re-initialized: {', '.join(report['not_copied']) or 'nothing'} ({report['fresh_parameters']:,} parameters)")
+    )
+    print(
+        f"transfer: {args.expert} (preset '{meta['preset']}', {meta['num_classes']} classes {meta.get('class_names')}) "
+        f"-> {args.out} ({args.num_classes} classes {class_names})"
+    )
+    print(
+        f"  transplanted: {report['copied_tensors']} tensors ({report['copied_buffers']} of them BatchNorm buffers), "
+        f"{report['copied_parameters']:,} of {report['total_parameters']:,} parameters "
+        f"({100 * report['copied_parameters'] / report['total_parameters']:.2f}%)"
+    )
+    print(
+        f"  re-initialized: {', '.join(report['not_copied']) or 'nothing'} ({report['fresh_parameters']:,} parameters)"
+    )
     if report["shape_mismatch"]:
         print(f"  not copied (shape differs): {', '.join(report['shape_mismatch'])}")
     if report["only_in_expert"]:

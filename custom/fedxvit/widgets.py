@@ -66,12 +66,17 @@ def round_participation(expected: list, accepted: list, failures: dict, report: 
     for site in expected:
         if site not in aggregated and site not in dropped:
             dropped[site] = NO_RESULT
-    return {"aggregated": aggregated, "dropped": dict(sorted((k, v) for k, v in dropped.items() if k not in aggregated))}
+    return {
+        "aggregated": aggregated,
+        "dropped": dict(sorted((k, v) for k, v in dropped.items() if k not in aggregated)),
+    }
 
 
 def format_round(row: dict) -> str:
-    line = (f"round {row['round']}: global_val_accuracy={row['global_val_accuracy']:.4f} "
-            f"global_val_loss={row['global_val_loss']:.4f} (n={row['val_count']}, {row['num_sites']} sites)")
+    line = (
+        f"round {row['round']}: global_val_accuracy={row['global_val_accuracy']:.4f} "
+        f"global_val_loss={row['global_val_loss']:.4f} (n={row['val_count']}, {row['num_sites']} sites)"
+    )
     if "aggregated_sites" in row:
         line += f"; aggregated {', '.join(row['aggregated_sites']) or 'none'}"
         line += "".join(f"; dropped {site}: {reason}" for site, reason in row["dropped_sites"].items())
@@ -81,8 +86,12 @@ def format_round(row: dict) -> str:
 class GlobalValidationTracker(Widget):
     """Follows each round's train results (accepted, failed, screened out) and publishes the pooled scores."""
 
-    def __init__(self, file_name: str = GLOBAL_VAL_FILE, earlier_rounds: list | None = None,
-                 train_task_name: str = AppConstants.TASK_TRAIN):
+    def __init__(
+        self,
+        file_name: str = GLOBAL_VAL_FILE,
+        earlier_rounds: list | None = None,
+        train_task_name: str = AppConstants.TASK_TRAIN,
+    ):
         """earlier_rounds: rows of rounds a killed run already finished, for a job that resumes it
         (fedxvit.poc's server-crash drill); they are kept in the table but not sent again."""
         super().__init__()
@@ -136,18 +145,26 @@ class GlobalValidationTracker(Widget):
 
     def _close_round(self, fl_ctx: FLContext) -> None:
         current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        taking_part = round_participation(self._expected, self._accepted, self._failures,
-                                          fl_ctx.get_prop(AGGREGATION_REPORT))
+        taking_part = round_participation(
+            self._expected, self._accepted, self._failures, fl_ctx.get_prop(AGGREGATION_REPORT)
+        )
         scored = {s: m for s, m in self._site_metrics.items() if s in taking_part["aggregated"]}
         pooled = weighted_global_metrics(scored)
         self._reset_round()
         if pooled is None:
-            self.log_warning(fl_ctx, f"round {current_round}: no aggregated site scored the global model; "
-                                     f"dropped: {taking_part['dropped']}")
+            self.log_warning(
+                fl_ctx,
+                f"round {current_round}: no aggregated site scored the global model; dropped: {taking_part['dropped']}",
+            )
             return
-        row = {"round": current_round, "scores_global_model_after_round": current_round - 1, **pooled,
-               "sites": dict(sorted(scored.items())), "aggregated_sites": taking_part["aggregated"],
-               "dropped_sites": taking_part["dropped"]}
+        row = {
+            "round": current_round,
+            "scores_global_model_after_round": current_round - 1,
+            **pooled,
+            "sites": dict(sorted(scored.items())),
+            "aggregated_sites": taking_part["aggregated"],
+            "dropped_sites": taking_part["dropped"],
+        }
         self.rows = [r for r in self.rows if r["round"] != current_round] + [row]
         self.publish(row, fl_ctx)
 
