@@ -19,18 +19,13 @@ import os
 from pathlib import Path
 
 from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.jobconfig import DEFAULT_RUN_DIR
 from fedxvit.paths import project_root
+from fedxvit.tracking import SERVER_ROUND_METRICS, SITE_ROUND_METRICS
 
-DEFAULT_EVENTS = Path("workspace") / "server" / "simulate_job" / "tb_events"
-GLOBAL_TAGS = ("global_val_accuracy", "global_val_loss", "clients_per_round")
-SITE_TAGS = (
-    "train_accuracy",
-    "train_loss",
-    "local_val_accuracy",
-    "local_val_loss",
-    "global_model_val_accuracy",
-    "global_model_val_loss",
-)
+DEFAULT_EVENTS = DEFAULT_RUN_DIR / "tb_events"
+GLOBAL_TAGS = SERVER_ROUND_METRICS  # the metric names have one home: fedxvit.tracking
+SITE_TAGS = SITE_ROUND_METRICS
 
 
 def find_event_files(root: os.PathLike) -> list[Path]:

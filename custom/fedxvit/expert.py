@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fedxvit.checkpoint import build_model_from_checkpoint, read_meta, save_checkpoint, sidecar_path
 from fedxvit.datalist import read_dataset_info
 from fedxvit.errors import FedXViTError, run_cli
-from fedxvit.model import DEFAULT_PRESET, PRESETS, build_model, get_preset, get_recipe
+from fedxvit.model import DEFAULT_PRESET, PRESETS, RECIPES, build_model, get_preset, get_recipe
 from fedxvit.training import (
     evaluate,
     make_optimizer,
@@ -56,26 +56,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--epochs",
         type=int,
         default=None,
-        help="maximum epochs, early stopping usually ends sooner (default: the preset's recipe)",
+        help="maximum epochs, early stopping usually ends sooner" + recipe_help("epochs"),
     )
-    parser.add_argument(
-        "--lr", type=float, default=None, help="peak AdamW learning rate (default: the preset's recipe)"
-    )
+    parser.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate" + recipe_help("lr"))
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument(
         "--warmup-epochs",
         type=float,
         default=None,
-        help="linear warm-up before the cosine decay (default: the preset's recipe)",
+        help="linear warm-up before the cosine decay" + recipe_help("warmup_epochs"),
     )
     parser.add_argument("--label-smoothing", type=float, default=0.05)
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    parser.add_argument("--batch-size", type=int, default=None, help="(default: the preset's recipe)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step" + recipe_help("batch_size"))
     parser.add_argument(
         "--patience",
         type=int,
         default=None,
-        help="stop after this many epochs without a better validation score (default: the preset's recipe)",
+        help="stop after this many epochs without a better validation score" + recipe_help("patience"),
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -100,6 +98,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
     parser.add_argument("--force", action="store_true", help="retrain even when a matching expert exists")
     return with_recipe_defaults(parser.parse_args(argv))
+
+
+def recipe_help(option: str) -> str:
+    """' (default: the preset's recipe: tiny 2, cpu 24, anchor 30)' for --help; '%(default).0s' prints
+    nothing but stops the defaults formatter from adding '(default: None)'."""
+    values = ", ".join(f"{name} {getattr(recipe.expert, option):g}" for name, recipe in RECIPES.items())
+    return f" (default: the preset's recipe: {values})%(default).0s"
 
 
 def with_recipe_defaults(args: argparse.Namespace) -> argparse.Namespace:
