@@ -9,9 +9,9 @@ import sys
 import time
 
 import pytest
-from tiny import REPO
 
 from result_stat.summary import PHASES, format_summary
+from tiny import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 import timed  # noqa: E402  (bench/ holds scripts, not a package)
@@ -49,24 +49,27 @@ def test_a_phase_is_recorded_beside_the_others_and_a_failure_is_passed_on(tmp_pa
     assert timed.main(["--phase", "x", "--log", str(log), "--", str(tmp_path / "no-such-program")]) == 127
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
-def test_make_demo_is_a_chain_of_timed_phases_then_the_summary():
-    # -n prints the recipes without running them; STAMP=Makefile: the venv counts as set up
-    plan = subprocess.run(
-        ["make", "-n", "demo", "STAMP=Makefile", "PY=py"], cwd=REPO, capture_output=True, text=True, check=True
+def dry_run(target: str, stamp) -> list[str]:
+    """The commands `make <target>` would run (-n runs none); a fresh STAMP makes the venv count as set up."""
+    stamp.touch()
+    return subprocess.run(
+        ["make", "-n", target, f"STAMP={stamp}", "PY=py"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.splitlines()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_demo_is_a_chain_of_timed_phases_then_the_summary(tmp_path):
+    stamp = tmp_path / "installed"
+    plan = dry_run("demo", stamp)
     timed_phases = [re.search(r"py bench/timed.py --phase (\w+) --log results/timings.json -- ", line) for line in plan]
     assert [m.group(1) for m in timed_phases if m] == list(PHASES), plan
     assert all(timed_phases[: len(PHASES)]) and len(plan) == len(PHASES) + 1, "every phase is timed, nothing else runs"
     assert plan[-1] == "py -m result_stat.summary --results results --print"
-    alone = subprocess.run(
-        ["make", "-n", "simulate", "STAMP=Makefile", "PY=py"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout
+    alone = "\n".join(dry_run("simulate", stamp))
     assert "timed.py" not in alone and "nvflare simulator jobs/fedxvit" in alone, "a phase run alone is not timed"
-    results = subprocess.run(
-        ["make", "-n", "results", "STAMP=Makefile", "PY=py"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    assert results == ["py -m fedxvit.baselines", "py -m result_stat.run_all --out results"], "results needs baselines"
+    assert dry_run("results", stamp) == ["py -m fedxvit.baselines", "py -m result_stat.run_all --out results"], (
+        "results needs baselines"
+    )
 
 
 def test_no_python_module_runs_make():
