@@ -9,9 +9,9 @@ import sys
 import time
 
 import pytest
+from tiny import REPO
 
 from result_stat.summary import PHASES, format_summary
-from tiny import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 import timed  # noqa: E402  (bench/ holds scripts, not a package)
