@@ -78,13 +78,14 @@ def test_the_shipped_job_and_the_executor_defaults_equal_the_cpu_recipe():
         site.batch_size,
         site.local_epochs,
     )
-    defaults = {name: p.default for name, p in inspect.signature(FedXViTExecutor.__init__).parameters.items()}
-    assert (defaults["preset"], defaults["learning_rate"], defaults["batch_size"], defaults["local_epochs"]) == (
-        DEFAULT_PRESET,
-        site.learning_rate,
-        site.batch_size,
-        site.local_epochs,
-    )
+    for preset in PRESETS:  # what a job leaves out, the executor takes from that preset's recipe
+        executor, recipe = FedXViTExecutor(preset=preset), get_recipe(preset).site
+        assert (executor.learning_rate, executor.batch_size, executor.local_epochs) == (
+            recipe.learning_rate,
+            recipe.batch_size,
+            recipe.local_epochs,
+        )
+    assert inspect.signature(FedXViTExecutor.__init__).parameters["preset"].default == DEFAULT_PRESET
     assert set(RECIPES) == set(PRESETS), "every preset has a recipe"
 
 

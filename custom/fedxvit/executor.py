@@ -35,7 +35,7 @@ from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
 from fedxvit.datalist import read_dataset_info
 from fedxvit.errors import FedXViTError
-from fedxvit.model import build_model
+from fedxvit.model import DEFAULT_PRESET, build_model, get_recipe
 from fedxvit.sites import site_data_dir
 from fedxvit.tracking import site_epoch_metrics, site_round_metrics
 from fedxvit.training import (
@@ -144,10 +144,10 @@ class FedXViTExecutor(Executor):
 
     def __init__(
         self,
-        preset: str = "cpu",
-        local_epochs: int = 1,
-        learning_rate: float = 3e-4,
-        batch_size: int = 16,
+        preset: str = DEFAULT_PRESET,
+        local_epochs: int | None = None,
+        learning_rate: float | None = None,
+        batch_size: int | None = None,
         freeze_policy: str = "last-k",
         last_k: int = 1,
         torch_threads: str | int = "auto",
@@ -161,10 +161,11 @@ class FedXViTExecutor(Executor):
         analytic_sender_id: str = "log_writer",
     ):
         super().__init__()
+        recipe = get_recipe(preset).site  # what the job does not set comes from the preset's recipe
         self.preset = preset
-        self.local_epochs = int(local_epochs)
-        self.learning_rate = float(learning_rate)
-        self.batch_size = int(batch_size)
+        self.local_epochs = int(recipe.local_epochs if local_epochs is None else local_epochs)
+        self.learning_rate = float(recipe.learning_rate if learning_rate is None else learning_rate)
+        self.batch_size = int(recipe.batch_size if batch_size is None else batch_size)
         self.freeze_policy = freeze_policy
         self.last_k = int(last_k)
         self.torch_threads = torch_threads

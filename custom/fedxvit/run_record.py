@@ -26,6 +26,7 @@ from fedxvit import tracking
 from fedxvit.checkpoint import load_global_model
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.model import DEFAULT_PRESET
 from fedxvit.widgets import GLOBAL_VAL_FILE, weighted_global_metrics
 
 RUN_RECORD = "mlflow_runs.json"
@@ -107,7 +108,7 @@ def _read_json(path: Path, what: str):
 def model_settings(run_dir: Path) -> tuple[str, int]:
     """(preset, class count) of the run's global model, from the job config the run used."""
     config = _read_json(run_dir / SERVER_APP / "config" / "config_fed_server.json", "job's server config")
-    return str(config.get("preset", "cpu")), int(config.get("num_classes", len(TASK_CLASSES)))
+    return str(config.get("preset", DEFAULT_PRESET)), int(config.get("num_classes", len(TASK_CLASSES)))
 
 
 def last_round_metrics(run_dir: Path) -> dict:
