@@ -2,7 +2,7 @@
 
     python bench/federation.py [--data data] [--initial models/initial_global.pt] [--out bench/federation.json]
 
-1. Wall time: the real job in NVFlare's simulator (design-card command, 3 sites, -t 3, the
+1. Wall time: the real job in NVFlare's simulator (the reference command, 3 sites, -t 3, the
    job's own rounds/epochs/preset) vs the same model trained centrally on the pooled site data
    for the same epochs (`fedxvit.baselines.train_on_sites`). Reported for the whole simulator
    process (start-up, rounds, cross-site evaluation, shutdown) and for its training phase alone
@@ -56,7 +56,7 @@ def training_phase_seconds(server_log: Path) -> float:
 
 
 def time_simulator(job: Path, data: Path, initial: Path, scratch: Path) -> dict:
-    """Run the design-card simulator command on the job; wall seconds, total and training phase."""
+    """Run the reference simulator command on the job; wall seconds, total and training phase."""
     env = {
         **os.environ,
         "FEDXVIT_DATA_ROOT": str(data.resolve()),

@@ -9,7 +9,7 @@ Reads what the run and `make baselines` left; trains nothing.
 3. TensorBoard curves (result_stat.plot_tensorboard_events), when the run wrote events;
 4. Grad-CAM panels and their scores against the masks (result_stat.gradcam), plus the
    occlusion and Integrated Gradients checks beside them;
-5. summary.json (keys of ../shared/DESIGN.md, written by result_stat.summary from the files
+5. summary.json (the keys docs/results.md lists, written by result_stat.summary from the files
    above) and report.md;
 6. when the job tracked to MLflow, the results folder is attached to the job's server run.
 """
