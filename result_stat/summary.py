@@ -79,7 +79,7 @@ def federated_summary(report: dict, rounds: list[dict]) -> dict:
 
 
 def xai_summary(gradcam: dict, checks: dict) -> dict:
-    """Grad-CAM's scores at the top level (the keys docs/results.md lists), each check (occlusion, ...) under its name."""
+    """Grad-CAM's scores at the top level (keys listed in docs/results.md), each check under its name."""
     per_site = {
         site: {**r["gradcam"], "baselines": r["baselines"], "mask_fraction": r["mask_fraction"]}
         for site, r in gradcam["per_site"].items()
