@@ -2,6 +2,7 @@
 exit code passed on), and the summary printed at the end from summary.json alone."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -50,10 +51,17 @@ def test_a_phase_is_recorded_beside_the_others_and_a_failure_is_passed_on(tmp_pa
 
 
 def dry_run(target: str, stamp) -> list[str]:
-    """The commands `make <target>` would run (-n runs none); a fresh STAMP makes the venv count as set up."""
+    """The commands `make <target>` would run (-n runs none); a fresh STAMP makes the venv count as set up.
+    Run as a top-level make: under `make test` the inherited MAKELEVEL/MAKEFLAGS would add directory lines."""
     stamp.touch()
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     return subprocess.run(
-        ["make", "-n", target, f"STAMP={stamp}", "PY=py"], cwd=REPO, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", "-n", target, f"STAMP={stamp}", "PY=py"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
 
 
