@@ -11,6 +11,7 @@ from fedxvit.baselines import train_on_sites
 from fedxvit.checkpoint import save_checkpoint
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.errors import FedXViTError
+from fedxvit.jobconfig import JobSettings
 from result_stat import compare
 
 # site a: labels 0,0,0,1 -> predictions 0,0,1,1; site b holds Tumor images only and misses one of two
@@ -188,15 +189,18 @@ def trained_start(tmp: Path) -> Path:
     """A tiny initial model that already tells the classes apart (fine-tuned on a public tiny site by
     fedxvit.baselines), so that its scores are not the chance level every untrained model shares."""
     public = write_tiny_site(tmp / "public", train_per_class=16, seed=99)
-    trained = train_on_sites(
-        [public],
-        write_initial_model(tmp / "random.pt"),
+    settings = JobSettings(
         preset="tiny",
-        epochs=12,
-        lr=3e-3,
+        num_classes=len(TASK_CLASSES),
+        num_rounds=12,
+        local_epochs=1,
+        learning_rate=3e-3,
         batch_size=8,
         freeze_policy="full",
+        last_k=1,
+        seed=0,
     )
+    trained = train_on_sites([public], write_initial_model(tmp / "random.pt"), settings)
     save_checkpoint(tmp / "trained_start.pt", trained["model"], meta={"class_names": list(TASK_CLASSES)})
     return tmp / "trained_start.pt"
 
