@@ -120,20 +120,21 @@ def verdict(report: dict, target_gap: float = TARGET_GAP) -> dict:
 def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, timeout_s: int) -> dict:
     """Run FedAvg, centralized and every local-only model and score them all (see the module doc)."""
     from data_preparation.calibrate import site_dirs
-    from fedxvit.baselines import job_training_settings, train_on_sites
+    from fedxvit.baselines import train_on_sites
+    from fedxvit.jobconfig import read_job_settings
     from fedxvit.checkpoint import load_global_model
     from fedxvit.model import build_model
     from fedxvit.training import resolve_device
 
     dirs = {d.name: d.resolve() for d in site_dirs(data)}
-    settings = job_training_settings(job_source / "app" / "config")
+    settings = read_job_settings(job_source)
     device = resolve_device()
-    loaders = validation_loaders(dirs, build_model(settings["preset"], num_classes=2).preset.image_size)
+    loaders = validation_loaders(dirs, build_model(settings.preset, num_classes=2).preset.image_size)
     report = {
         "data": str(data),
         "split": CALIBRATION_SPLIT,
         "metric": "balanced_accuracy",
-        "settings": settings,
+        "settings": settings.as_dict(),
         "sites": list(dirs),
         "models": {},
         "wall_s": {},
@@ -145,13 +146,13 @@ def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, 
     report["wall_s"]["fedavg"] = round(time.perf_counter() - started, 1)
     for key, file_name in (("fedavg_final", "FL_global_model.pt"), ("fedavg_best", "best_FL_global_model.pt")):
         report["models"][key] = score(
-            load_global_model(run_dir / "app_server" / file_name, settings["preset"], device=device), loaders, device
+            load_global_model(run_dir / "app_server" / file_name, settings.preset, device=device), loaders, device
         )
 
     groups = {"centralized": list(dirs.values()), **{f"local-only {site}": [d] for site, d in dirs.items()}}
     for name, group in groups.items():
         started = time.perf_counter()
-        trained = train_on_sites(group, initial, device=str(device), **settings)
+        trained = train_on_sites(group, initial, settings, device=str(device))
         report["models"][name] = {**score(trained["model"], loaders, device), "train_images": trained["train_images"]}
         report["wall_s"][name] = round(time.perf_counter() - started, 1)
     report["verdict"] = verdict(report)
