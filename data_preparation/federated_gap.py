@@ -121,8 +121,8 @@ def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, 
     """Run FedAvg, centralized and every local-only model and score them all (see the module doc)."""
     from data_preparation.calibrate import site_dirs
     from fedxvit.baselines import train_on_sites
-    from fedxvit.jobconfig import read_job_settings
     from fedxvit.checkpoint import load_global_model
+    from fedxvit.jobconfig import read_job_settings
     from fedxvit.model import build_model
     from fedxvit.training import resolve_device
 
