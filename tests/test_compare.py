@@ -240,7 +240,8 @@ def test_quick_comparison_of_two_methods_writes_the_report_and_reuses_every_run(
     assert not report["failures"] and {r["seed"] for r in report["runs"]} == {None, 3}  # --quick: the first seed only
     s = report["settings"]
     assert (s["rounds"], s["local_epochs"], s["seeds"]) == (2, 1, [3])
-    assert s["baseline_training"]["equivalent_epochs"] == 2 and s["baseline_training"]["preset"] == "tiny"  # rounds x local epochs
+    training = s["baseline_training"]  # rounds x local epochs
+    assert training["equivalent_epochs"] == 2 and training["preset"] == "tiny"
 
     # the simulator ran the job copies with this comparison's variables, both sites in every round
     fedavg_run = next(Path(r["folder"]) for r in report["runs"] if r["method"] == "fedavg")
