@@ -4,12 +4,10 @@ exit code passed on), and the summary printed at the end from summary.json alone
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 
-import pytest
 from tiny import REPO
 
 from result_stat.summary import PHASES, format_summary
@@ -65,7 +63,6 @@ def dry_run(target: str, stamp) -> list[str]:
     ).stdout.splitlines()
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_make_demo_is_a_chain_of_timed_phases_then_the_summary(tmp_path):
     stamp = tmp_path / "installed"
     plan = dry_run("demo", stamp)
