@@ -74,7 +74,7 @@ def test_poc_run_survives_a_site_killed_after_round_one(tmp_path):
 
 @pytest.mark.slow
 def test_poc_server_killed_after_round_one_resumes_at_round_two(tmp_path):
-    run = run_poc(tmp_path, "--kill-server-after-round", "1", "--restore-wait", "10")
+    run = run_poc(tmp_path, "--min-clients", "3", "--kill-server-after-round", "1", "--restore-wait", "10")
     out = run.stdout
     killed_job = re.search(r"submitted job as job (\S+)", out).group(1)
     assert re.search(r"killed [1-9]\d* server process\(es\) after round 1 finished", out), out
