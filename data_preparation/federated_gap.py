@@ -103,7 +103,7 @@ def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, 
     """Run FedAvg, centralized and every local-only model and score them all (see the module doc)."""
     from data_preparation.calibrate import site_dirs
     from fedxvit.baselines import job_training_settings, train_on_sites
-    from fedxvit.checkpoint import load_global_model
+    from fedxvit.checkpoint import build_model_from_checkpoint, load_global_model
     from fedxvit.model import build_model
     from fedxvit.training import resolve_device
 
@@ -113,6 +113,8 @@ def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, 
     loaders = validation_loaders(dirs, build_model(settings["preset"], num_classes=2).preset.image_size)
     report = {"data": str(data), "split": CALIBRATION_SPLIT, "metric": "balanced_accuracy", "settings": settings,
               "sites": list(dirs), "models": {}, "wall_s": {}}
+    start, _ = build_model_from_checkpoint(initial, preset=settings["preset"], num_classes=2, device=device)
+    report["models"]["transplanted start"] = score(start, loaders, device)
 
     started = time.perf_counter()
     job = federated_job(job_source, workspace / "job", min_clients=len(dirs))
