@@ -151,10 +151,11 @@ def format_report(report: dict) -> str:
 
 
 def main(argv=None) -> None:
+    from data_preparation.benchmark import OneLineErrorParser
     from fedxvit.paths import project_root
 
-    parser = argparse.ArgumentParser(prog="python -m data_preparation.federated_gap", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog="python -m data_preparation.federated_gap", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/skewed", help="benchmark folder with site1..siteN (default: data/skewed)")
     parser.add_argument("--initial", default="models/initial_global.pt", help="transplanted start (default: models/initial_global.pt)")
     parser.add_argument("--job", default=None, help="job folder to copy (default: <project>/jobs/fedxvit)")
@@ -163,6 +164,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     data, initial = Path(args.data), Path(args.initial)
     job = Path(args.job) if args.job else project_root() / "jobs" / "fedxvit"
+    if args.timeout < 1:
+        raise FedXViTError(f"--timeout must be at least 1 second, got {args.timeout}")
     if not data.is_dir():
         raise FedXViTError(f"--data {data} does not exist: run `make data-skewed` first")
     if not initial.is_file():

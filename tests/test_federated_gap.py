@@ -2,9 +2,12 @@
 accuracy), and its verdict. The simulator run itself is the calibration (docs/measurements.md)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -67,3 +70,13 @@ def test_verdict_needs_the_gap_and_every_hospital_below_centralized():
     assert hard == {"fedavg_gap": 0.05, "fedavg_gap_met": True, "every_local_below_centralized": True}
     assert not federated_gap.verdict(report(0.88, 0.70))["fedavg_gap_met"]
     assert not federated_gap.verdict(report(0.80, 0.70, 0.90))["every_local_below_centralized"]
+
+
+@pytest.mark.parametrize("bad", [["--data", "no/such/folder"], ["--timeout", "0"], ["--initial", "no/such.pt"]])
+def test_bad_option_is_one_line_error(bad, tmp_path):
+    (tmp_path / "data").mkdir()
+    args = ["--data", str(tmp_path / "data"), "--initial", str(REPO / "pyproject.toml"), *bad]
+    run = subprocess.run([sys.executable, "-m", "data_preparation.federated_gap", *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.startswith("error:") and len(run.stderr.strip().splitlines()) == 1
+    assert bad[0] in run.stderr and not (tmp_path / "data" / federated_gap.GAP_FILE).exists()
