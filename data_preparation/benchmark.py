@@ -187,13 +187,13 @@ DEFAULT_SITE_SCANNERS = (3, 4, 5)  # indices into SCANNER_PROFILES: bright, dark
 # docs/measurements.md, "Skewed scenario").
 SKEWED_LESION = {
     "glioma_radius_mm": (8.0, 14.0),
-    "glioma_edema_darkening": (0.1, 0.2),
-    "glioma_rim_gain": (1.05, 1.2),
-    "glioma_necrosis_level": (0.45, 0.6),
+    "glioma_edema_darkening": (0.05, 0.15),
+    "glioma_rim_gain": (1.0, 1.12),
+    "glioma_necrosis_level": (0.5, 0.7),
     "meningioma_radius_mm": (7.0, 12.0),
-    "meningioma_level": (1.0, 1.12),
+    "meningioma_level": (0.95, 1.05),
     "pituitary_radius_mm": (5.0, 8.0),
-    "pituitary_level": (0.95, 1.1),
+    "pituitary_level": (0.9, 1.0),
     "min_radius_px": 2.0,
 }
 

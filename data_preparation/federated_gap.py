@@ -121,7 +121,7 @@ def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, 
     """Run FedAvg, centralized and every local-only model and score them all (see the module doc)."""
     from data_preparation.calibrate import site_dirs
     from fedxvit.baselines import train_on_sites
-    from fedxvit.checkpoint import load_global_model
+    from fedxvit.checkpoint import build_model_from_checkpoint, load_global_model
     from fedxvit.jobconfig import read_job_settings
     from fedxvit.model import build_model
     from fedxvit.training import resolve_device
@@ -139,6 +139,8 @@ def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, 
         "models": {},
         "wall_s": {},
     }
+    start, _ = build_model_from_checkpoint(initial, preset=settings.preset, num_classes=2, device=device)
+    report["models"]["transplanted start"] = score(start, loaders, device)
 
     started = time.perf_counter()
     job = federated_job(job_source, workspace / "job", min_clients=len(dirs))
@@ -180,9 +182,10 @@ def format_report(report: dict) -> str:
 
 
 def main(argv=None) -> None:
+    from data_preparation.benchmark import OneLineErrorParser
     from fedxvit.paths import project_root
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m data_preparation.federated_gap",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -201,6 +204,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     data, initial = Path(args.data), Path(args.initial)
     job = Path(args.job) if args.job else project_root() / "jobs" / "fedxvit"
+    if args.timeout < 1:
+        raise FedXViTError(f"--timeout must be at least 1 second, got {args.timeout}")
     if not data.is_dir():
         raise FedXViTError(f"--data {data} does not exist: run `make data-skewed` first")
     if not initial.is_file():
