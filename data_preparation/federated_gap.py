@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.simulation import job_copy, run_simulator
 
 GAP_FILE = "federated_gap.json"
 CALIBRATION_SPLIT = "validation"
@@ -31,52 +28,8 @@ TARGET_GAP = 0.03  # issue #12: FedAvg at least 3 points of balanced accuracy be
 
 
 def federated_job(source: Path, dest: Path, min_clients: int) -> Path:
-    """A copy of the job whose only change is min_clients (the stock job waits for 3 sites)."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(source, dest)
-    config_path = dest / "app" / "config" / "config_fed_server.json"
-    config = json.loads(config_path.read_text())
-    if "min_clients" not in config:
-        raise FedXViTError(f"job config {config_path} has no min_clients variable")
-    config["min_clients"] = int(min_clients)
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
-    return dest
-
-
-def run_simulator(job: Path, workspace: Path, data: Path, sites: list, initial: Path, timeout_s: int) -> Path:
-    """NVFlare's simulator with one client thread per site; the server's run folder."""
-    bin_dir = Path(sys.executable).parent
-    env = dict(
-        os.environ,
-        FEDXVIT_DATA_ROOT=str(data.resolve()),
-        FEDXVIT_INITIAL_MODEL=str(initial.resolve()),
-        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    if workspace.exists():
-        shutil.rmtree(workspace)
-    command = [
-        str(bin_dir / "nvflare"),
-        "simulator",
-        str(job),
-        "-w",
-        str(workspace),
-        "-c",
-        ",".join(sites),
-        "-t",
-        str(len(sites)),
-    ]
-    try:
-        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise FedXViTError(
-            f"the simulator did not finish within --timeout {timeout_s} s (workspace {workspace})"
-        ) from None
-    run_dir = workspace / "server" / "simulate_job"
-    if run.returncode != 0 or not (run_dir / "app_server" / "FL_global_model.pt").is_file():
-        tail = (run.stdout + run.stderr).strip().splitlines()[-1:] or ["no output"]
-        raise FedXViTError(f"the simulator run in {workspace} failed (exit {run.returncode}): {tail[0]}")
-    return run_dir
+    """A copy of the job whose only change is min_clients (the stock job waits for fewer sites)."""
+    return job_copy(source, dest, server={"min_clients": int(min_clients)})
 
 
 def validation_loaders(site_dirs: dict, image_size: int) -> dict:

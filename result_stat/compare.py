@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fedxvit.errors import FedXViTError, run_cli
-from result_stat.simulation import CLIENT_CONFIG, GLOBAL_MODEL, SERVER_CONFIG, job_copy, read_job_config, run_simulator
+from fedxvit.simulation import CLIENT_CONFIG, GLOBAL_MODEL, SERVER_CONFIG, job_copy, read_job_config, run_simulator
 
 METHOD_JOBS = {  # method -> job folder; a personalized method joins by adding its job here (or --methods name=folder)
     "fedavg": "jobs/fedxvit",

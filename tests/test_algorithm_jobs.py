@@ -7,20 +7,16 @@ in the same order every round, passing the model on, and going on past a site wh
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import REPO, SITES, tiny_job, tiny_sites_and_initial_model
+from tiny import REPO, SITES, simulate, tiny_job, tiny_sites_and_initial_model
 
 from fedxvit.jobs import ALGORITHM_JOBS, BASE_JOB, CLIENT, SERVER, differences, render_jobs
 from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG
 
-TESTS = Path(__file__).resolve().parent
 JOBS = REPO / "jobs"
 
 
@@ -63,7 +59,7 @@ def federation(tmp_path_factory):
     return root, tiny_sites_and_initial_model(root)
 
 
-def simulate(root: Path, initial: Path, job_name: str):
+def simulate_job(root: Path, initial: Path, job_name: str):
     sites, executor_path, faults = EXPECTED[job_name]
     job = tiny_job(root / job_name, JOBS / job_name)
     if executor_path:
@@ -72,38 +68,16 @@ def simulate(root: Path, initial: Path, job_name: str):
         config["executors"][0]["executor"]["path"] = executor_path
         config["executors"][0]["executor"]["args"]["faults"] = faults
         client_config.write_text(json.dumps(config))
-    workspace = root / job_name / "workspace"
     store = f"sqlite:///{root / job_name / 'mlflow.db'}"
-    env = dict(
-        os.environ,
-        FEDXVIT_INITIAL_MODEL=str(initial),
-        FEDXVIT_DATA_ROOT=str(root / "data"),
-        MLFLOW_TRACKING_URI=store,
-        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    command = [
-        str(Path(sys.executable).parent / "nvflare"),
-        "simulator",
-        str(job),
-        "-w",
-        str(workspace),
-        "-c",
-        ",".join(sites),
-        "-t",
-        str(len(sites)),
-    ]
-    run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=400)
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log[-4000:]
-    return workspace / "server" / "simulate_job", log, store
+    run_dir, log = simulate(job, root / job_name / "workspace", root / "data", initial, sites, store)
+    return run_dir, log, store
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("job_name", list(EXPECTED))
 def test_algorithm_job_runs_in_the_simulator_with_its_mechanism_active(federation, job_name):
     root, initial = federation
-    run_dir, log, store = simulate(root, initial, job_name)
+    run_dir, log, store = simulate_job(root, initial, job_name)
     sites = EXPECTED[job_name][0]
     turns = [(int(r), site, float(loss), note) for site, r, loss, note in TURN.findall(log)]
     assert sorted((r, site) for r, site, _, _ in turns) == sorted((r, s) for r in (0, 1) for s in sites), log[-4000:]

@@ -9,14 +9,11 @@ reference on the good sites' validation images.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_job, write_tiny_site
+from tiny import simulate, tiny_job, write_tiny_site
 
 from fedxvit.checkpoint import save_checkpoint
 from fedxvit.classes import TASK_CLASSES
@@ -25,7 +22,6 @@ from fedxvit.model import build_model
 from fedxvit.training import apply_freeze_policy, evaluate, make_optimizer, seed_everything, train_epoch
 
 pytestmark = pytest.mark.slow
-TESTS = Path(__file__).resolve().parent
 GOOD = ("site1", "site2", "site3")
 FAULTS = {"site4": "nan", "site5": "raise_in_round_2", "site6": "scale:1e6"}
 ROUNDS = 3
@@ -51,7 +47,7 @@ def federation(tmp_path_factory):
     return root
 
 
-def simulate(root: Path, name: str, sites, faults: dict, **server_changes) -> Path:
+def simulate_faulty(root: Path, name: str, sites, faults: dict, **server_changes) -> Path:
     """Run the real job (its executor swapped for FaultyExecutor) in the simulator; the server's run folder."""
     job = tiny_job(root / name, num_rounds=ROUNDS, **server_changes)
     server_config = job / "app" / "config" / "config_fed_server.json"  # MLflow is not under test here:
@@ -64,31 +60,10 @@ def simulate(root: Path, name: str, sites, faults: dict, **server_changes) -> Pa
     executor["path"] = "faulty_executor.FaultyExecutor"
     executor["args"]["faults"] = faults
     client_config.write_text(json.dumps(config))
-    workspace = root / name / "workspace"
-    env = dict(
-        os.environ,
-        FEDXVIT_INITIAL_MODEL=str(root / "initial_global.pt"),
-        FEDXVIT_DATA_ROOT=str(root / "data"),
-        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    command = [
-        str(Path(sys.executable).parent / "nvflare"),
-        "simulator",
-        str(job),
-        "-w",
-        str(workspace),
-        "-c",
-        ",".join(sites),
-        "-t",
-        str(len(sites)),
-    ]  # one process per site: none waits for a turn
-    run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=400)
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log[-4000:]
+    run_dir, log = simulate(job, root / name / "workspace", root / "data", root / "initial_global.pt", sites)
     for r in range(ROUNDS):
         assert f"Round {r} finished." in log, log[-4000:]
-    return workspace / "server" / "simulate_job"
+    return run_dir
 
 
 def final_global_model(run_dir: Path) -> dict:
@@ -107,7 +82,7 @@ def good_sites_accuracy(root: Path, state: dict) -> float:
 
 @pytest.fixture(scope="module")
 def reference(federation):
-    run_dir = simulate(federation, "reference", GOOD, {})
+    run_dir = simulate_faulty(federation, "reference", GOOD, {})
     return good_sites_accuracy(federation, final_global_model(run_dir))
 
 
@@ -116,7 +91,9 @@ def rounds_of(run_dir: Path) -> list:
 
 
 def test_nan_crashing_and_absurd_sites_are_dropped_and_every_round_finishes(federation, reference):
-    run_dir = simulate(federation, "faulty", [*GOOD, *FAULTS], FAULTS, min_clients=3, wait_time_after_min_received=60)
+    run_dir = simulate_faulty(
+        federation, "faulty", [*GOOD, *FAULTS], FAULTS, min_clients=3, wait_time_after_min_received=60
+    )
     accuracy = good_sites_accuracy(federation, final_global_model(run_dir))
     assert abs(accuracy - reference) <= 0.02, (accuracy, reference)
 
@@ -141,7 +118,7 @@ def test_nan_crashing_and_absurd_sites_are_dropped_and_every_round_finishes(fede
 
 def test_median_aggregation_outvotes_an_absurd_site_without_screening(federation, reference):
     sites = [*GOOD, "site6"]
-    run_dir = simulate(federation, "median", sites, {"site6": FAULTS["site6"]}, aggregation="median", norm_k=0)
+    run_dir = simulate_faulty(federation, "median", sites, {"site6": FAULTS["site6"]}, aggregation="median", norm_k=0)
     rows = rounds_of(run_dir)
     assert all(sorted(r["aggregated_sites"]) == sorted(sites) for r in rows), "screening was off: site6 was aggregated"
     accuracy = good_sites_accuracy(federation, final_global_model(run_dir))

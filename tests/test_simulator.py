@@ -2,14 +2,11 @@
 tracked into a local MLflow store (via $MLFLOW_TRACKING_URI) and TensorBoard event files."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import SITES, tiny_job, tiny_sites_and_initial_model
+from tiny import SITES, simulate, tiny_job, tiny_sites_and_initial_model
 
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.datalist import read_dataset_info
@@ -30,30 +27,8 @@ def test_three_sites_two_rounds_in_the_simulator(tmp_path):
     workspace = tmp_path / "workspace"
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
 
-    env = dict(
-        os.environ,
-        FEDXVIT_INITIAL_MODEL=str(initial),
-        FEDXVIT_DATA_ROOT=str(tmp_path / "data"),
-        MLFLOW_TRACKING_URI=store,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    command = [
-        str(Path(sys.executable).parent / "nvflare"),
-        "simulator",
-        str(tiny_job(tmp_path)),
-        "-w",
-        str(workspace),
-        "-c",
-        ",".join(SITES),
-        "-t",
-        "3",
-    ]
-    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log[-4000:]
+    job_dir, log = simulate(tiny_job(tmp_path), workspace, tmp_path / "data", initial, SITES, store)
     assert "Round 1 finished." in log, log[-4000:]
-
-    job_dir = workspace / "server" / "simulate_job"
     global_model = torch.load(job_dir / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
     start = torch.load(initial, weights_only=True)
     assert set(global_model) == set(start)

@@ -3,19 +3,24 @@ built on them are in conftest.py). Everything uses the `tiny` preset at 32 px, s
 few dozen PNGs and a training step takes milliseconds."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from fedxvit.checkpoint import save_checkpoint
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.datalist import write_site
+from fedxvit.errors import FedXViTError
 from fedxvit.model import build_model
+from fedxvit.simulation import SIMULATOR_LOG, run_simulator
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 JOB = REPO / "jobs" / "fedxvit"
 SITES = ("site1", "site2", "site3")
 SQUARE = 10  # side of the bright "tumor" square, px
@@ -82,6 +87,20 @@ def tiny_job(tmp: Path, job_dir: Path = JOB, **server_changes) -> Path:
     shutil.copytree(job_dir, job)
     write_tiny_config(job / "app" / "config", server_changes, job_dir=job_dir)
     return job
+
+
+def simulate(job: Path, workspace: Path, data_root: Path, initial: Path, sites=SITES, store: str | None = None):
+    """The job in NVFlare's real simulator (fedxvit.simulation, as `make compare` runs it) with this
+    folder importable by the sites (test executors such as FaultyExecutor); (server run folder, log)."""
+    extra = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    if store:
+        extra["MLFLOW_TRACKING_URI"] = store
+    try:
+        run_dir = run_simulator(job, workspace, data_root, sites, initial, timeout_s=400, extra_env=extra)
+    except FedXViTError as error:
+        log = workspace / SIMULATOR_LOG
+        pytest.fail(f"{error}\n{log.read_text()[-4000:] if log.is_file() else ''}")
+    return run_dir, (workspace / SIMULATOR_LOG).read_text()
 
 
 def write_initial_model(path: Path) -> Path:

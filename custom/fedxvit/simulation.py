@@ -1,5 +1,6 @@
 """Run a job folder in NVFlare's simulator on a chosen set of sites: the one helper behind the
-comparison runner (result_stat.compare) and the benchmark's gap check.
+comparison runner (result_stat.compare), the benchmark's gap check (data_preparation.federated_gap)
+and the tests that run the simulator.
 
 The job itself is never edited: a copy gets new values for its *variables* (the keys at the top
 of config_fed_server.json / config_fed_client.json), so any job folder that follows the
@@ -43,6 +44,8 @@ def job_copy(
         shutil.rmtree(dest)
     shutil.copytree(source, dest)
     for which, changes in ((SERVER_CONFIG, server or {}), (CLIENT_CONFIG, client or {})):
+        if not changes:
+            continue  # an unchanged file stays byte for byte the job's own
         config = read_job_config(dest, which)
         for key, value in changes.items():
             if key in config:
@@ -53,10 +56,13 @@ def job_copy(
     return dest
 
 
-def simulator_env(data_root: Path, sites, initial: Path, environ: dict | None = None) -> dict:
+def simulator_env(
+    data_root: Path, sites, initial: Path, environ: dict | None = None, extra: dict | None = None
+) -> dict:
     """The environment of a simulator run: every site reads <data_root>/<site> (a per-site override
     such as FEDXVIT_DATA_SITE1 in the caller's shell is dropped, it would silently swap the data),
-    the job starts from `initial`, and the simulator's workers find this interpreter's nvflare."""
+    the job starts from `initial`, and the simulator's workers find this interpreter's nvflare.
+    `extra` adds variables (an MLflow store, a folder of test executors on PYTHONPATH)."""
     env = dict(os.environ if environ is None else environ)
     for site in sites:
         env.pop(site_env_var(site), None)
@@ -66,19 +72,28 @@ def simulator_env(data_root: Path, sites, initial: Path, environ: dict | None = 
             DATA_ROOT_ENV: str(Path(data_root).resolve()),
             INITIAL_MODEL_ENV: str(Path(initial).resolve()),
             "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+            **(extra or {}),
         }
     )
     return env
 
 
 def run_simulator(
-    job: os.PathLike, workspace: os.PathLike, data_root: os.PathLike, sites, initial: os.PathLike, timeout_s: int = 3600
+    job: os.PathLike,
+    workspace: os.PathLike,
+    data_root: os.PathLike,
+    sites,
+    initial: os.PathLike,
+    timeout_s: int = 3600,
+    extra_env: dict | None = None,
 ) -> Path:
     """`nvflare simulator <job> -w <workspace> -c <sites> -t <n sites>` (one client process per site,
-    so none waits for a turn); the server's run folder, or one line saying why there is none."""
+    so none waits for a turn); the server's run folder, or one line saying why there is none.
+    The whole output is kept in <workspace>/simulator_output.log."""
     job, workspace, sites = Path(job), Path(workspace), list(sites)
     if workspace.exists():
         shutil.rmtree(workspace)
+    workspace.parent.mkdir(parents=True, exist_ok=True)
     command = [
         str(Path(sys.executable).parent / "nvflare"),
         "simulator",
@@ -93,7 +108,7 @@ def run_simulator(
     try:
         run = subprocess.run(
             command,
-            env=simulator_env(Path(data_root), sites, Path(initial)),
+            env=simulator_env(Path(data_root), sites, Path(initial), extra=extra_env),
             capture_output=True,
             text=True,
             timeout=timeout_s,
