@@ -33,6 +33,12 @@ METHOD_JOBS = {  # method -> job folder; a personalized method joins by adding i
     "scaffold": "jobs/fedxvit_scaffold",
     "cyclic": "jobs/fedxvit_cyclic",
 }
+PRIVACY_METHOD_JOBS = {  # FedAvg behind one of NVFlare's privacy filters (make compare-privacy; docs/privacy.md)
+    "percentile": "jobs/fedxvit_percentile_privacy",
+    "svt": "jobs/fedxvit_svt_privacy",
+    "exclude": "jobs/fedxvit_exclude_vars",
+}
+KNOWN_METHODS = {**METHOD_JOBS, **PRIVACY_METHOD_JOBS}
 REFERENCE, CENTRALIZED, LOCAL_ONLY, START = "fedavg", "centralized", "local-only", "start"
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
 GAP_METRIC = "balanced_accuracy"
@@ -327,11 +333,11 @@ def parse_methods(text: str | None, root: Path) -> dict:
     for entry in [e.strip() for e in (text or ",".join(METHOD_JOBS)).split(",") if e.strip()]:
         name, _, folder = entry.partition("=")
         if not folder:
-            if name not in METHOD_JOBS:
+            if name not in KNOWN_METHODS:
                 raise FedXViTError(
-                    f"--methods: unknown method {name!r}; use one of {', '.join(METHOD_JOBS)} or name=<job folder>"
+                    f"--methods: unknown method {name!r}; use one of {', '.join(KNOWN_METHODS)} or name=<job folder>"
                 )
-            folder = root / METHOD_JOBS[name]
+            folder = root / KNOWN_METHODS[name]
         if name in (CENTRALIZED, LOCAL_ONLY, START):
             raise FedXViTError(f"--methods: {name!r} is a baseline name, always run; pick another method name")
         folder = Path(folder)
@@ -668,8 +674,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated methods, each a known name "
-        f"({', '.join(METHOD_JOBS)}) or name=<job folder> (default: all known; {REFERENCE} is required)",
+        help=f"comma-separated methods, each a known name ({', '.join(KNOWN_METHODS)}) or name=<job folder> "
+        f"(default: {','.join(METHOD_JOBS)}; {REFERENCE} is required)",
     )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     parser.add_argument(

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny import tiny_job, write_initial_model, write_tiny_site
+from tiny import REPO, tiny_job, write_initial_model, write_tiny_site
 
 from fedxvit.baselines import train_on_sites
 from fedxvit.checkpoint import save_checkpoint
@@ -286,3 +286,14 @@ def test_quick_comparison_of_two_methods_writes_the_report_and_reuses_every_run(
     assert (
         all(r["reused"] for r in again["runs"]) and again["methods"]["median"]["pooled"] == methods["median"]["pooled"]
     )
+
+
+def test_known_methods_include_the_privacy_jobs_and_default_to_the_algorithms():
+    assert list(compare.parse_methods(None, REPO)) == list(compare.METHOD_JOBS)
+    chosen = compare.parse_methods("fedavg,percentile,svt,exclude", REPO)
+    assert {name: folder.name for name, folder in chosen.items()} == {
+        "fedavg": "fedxvit",
+        "percentile": "fedxvit_percentile_privacy",
+        "svt": "fedxvit_svt_privacy",
+        "exclude": "fedxvit_exclude_vars",
+    }
