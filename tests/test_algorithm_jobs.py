@@ -2,7 +2,8 @@
 simulator (tiny preset and data, 2 rounds) with its mechanism visible in the run.
 
 One simulator run per job: FedProx's proximal term at every site, FedOpt's server SGD step every round,
-SCAFFOLD's control variates combined at the server every round, and the cyclic relay visiting the sites
+SCAFFOLD's control variates combined at the server every round, Ditto's personalized models kept and
+tracked at every site, and the cyclic relay visiting the sites
 in the same order every round, passing the model on, and going on past a site whose update is NaN.
 """
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from tiny import REPO, SITES, simulate, tiny_job, tiny_sites_and_initial_model
 
+from fedxvit.algorithms import PERSONALIZED_MODEL
 from fedxvit.jobs import ALGORITHM_JOBS, BASE_JOB, CLIENT, SERVER, differences, render_jobs
 from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG
 
@@ -48,6 +50,7 @@ EXPECTED = {  # job: (sites, the sites' executor, faults)
     "fedxvit_fedprox": (SITES[:2], None, {}),
     "fedxvit_fedopt": (SITES[:2], None, {}),
     "fedxvit_scaffold": (SITES[:2], None, {}),
+    "fedxvit_ditto": (SITES[:2], None, {}),
     "fedxvit_cyclic": (SITES, "faulty_executor.FaultyExecutor", {"site3": "nan"}),
 }
 TURN = re.compile(r"fedxvit (site\d) round (\d): global val_acc=\S+ val_loss=(\S+) -> .*; (.*)$", re.M)
@@ -115,8 +118,23 @@ def test_algorithm_job_runs_in_the_simulator_with_its_mechanism_active(federatio
         )
         assert all(norm > 0 for norm in sent) and [r for r, _ in combined] == ["0", "1"]
         assert all(float(norm) > 0 for _, norm in combined)
+    elif job_name == "fedxvit_ditto":
+        check_ditto(turns, run_dir.parents[1], sites, store)
     else:
         check_cyclic(turns, cross_site, log)
+
+
+def check_ditto(turns: list, workspace: Path, sites, store: str) -> None:
+    assert all(re.match(r"ditto lambda=0\.1: personalized model val_acc=\d", note) for _, _, _, note in turns), turns
+    for site in sites:  # each site keeps its personalized model; it never travels
+        app = workspace / site / "simulate_job" / f"app_{site}"
+        assert (app / PERSONALIZED_MODEL).is_file() and (app / "personalized_model.pt").is_file(), site
+    import mlflow
+
+    client = mlflow.MlflowClient(store)
+    experiment = client.get_experiment_by_name(FEDERATED_EXPERIMENT)
+    site_runs = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags[ROLE_TAG] == "site"]
+    assert len(site_runs) == len(sites) and all("personal_val_accuracy" in r.data.metrics for r in site_runs)
 
 
 def check_cyclic(turns: list, cross_site: dict, log: str) -> None:

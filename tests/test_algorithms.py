@@ -4,7 +4,8 @@ FedProx pulls the local update towards the global model; SCAFFOLD's control vari
 non-zero after a local round, follow the helper's formula, travel in the site's result (checked
 by the update filter, screened and combined by the server) and correct the next round; FedOpt's
 server step (NVFlare's generator, fed a real FLContext) differs from plain averaging; the cyclic
-job's filter lets the relay go on past a bad site.
+job's filter lets the relay go on past a bad site; Ditto's personalized model is pulled towards
+the global model by lambda, kept at the site across rounds, and leaves the global update alone.
 """
 
 import importlib
@@ -24,7 +25,16 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.fedopt import PTFedOptModelShareableGenerator
 
 from fedxvit.aggregation import AGGREGATION_REPORT
-from fedxvit.algorithms import FedAvg, FedProx, Scaffold, make_strategy
+from fedxvit.algorithms import (
+    PERSONALIZED_MODEL,
+    Ditto,
+    FedAvg,
+    FedProx,
+    RoundAborted,
+    Scaffold,
+    SiteTraining,
+    make_strategy,
+)
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
 from fedxvit.errors import FedXViTError
@@ -100,10 +110,16 @@ def test_fedprox_term_covers_the_trainable_tensors_only():
 
 
 def test_unknown_algorithm_or_negative_mu_is_one_line_naming_the_option():
-    with pytest.raises(FedXViTError, match=r"algorithm='fedsgd' is unknown; choose one of fedavg, fedprox, scaffold"):
+    with pytest.raises(
+        FedXViTError, match=r"algorithm='fedsgd' is unknown; choose one of fedavg, fedprox, scaffold, ditto"
+    ):
         make_strategy("fedsgd")
     with pytest.raises(FedXViTError, match=r"mu=-1"):
         make_strategy("fedprox", mu=-1)
+    with pytest.raises(FedXViTError, match=r"ditto_lambda=-0.5"):
+        make_strategy("ditto", ditto_lambda=-0.5)
+    with pytest.raises(FedXViTError, match=r"personal_epochs=0"):
+        make_strategy("ditto", personal_epochs=0)
 
 
 # ---- SCAFFOLD
@@ -324,3 +340,71 @@ def test_cyclic_filter_turns_a_bad_turn_into_an_update_that_changes_nothing():
     assert skip.process(good, server_ctx(global_model)) is good
     with pytest.raises(ValueError, match="on_bad_result='skip'"):
         RejectBadUpdates(on_bad_result="skip")
+
+
+# ---- Ditto
+def ditto_site(site_dir, app_dir) -> SiteTraining:
+    app_dir.mkdir(parents=True, exist_ok=True)  # NVFlare's app folder always exists
+
+    def new_model():
+        model = start_model()
+        apply_freeze_policy(model, "last-k", 1)
+        return model
+
+    return SiteTraining(
+        new_model=new_model,
+        train_loader=make_loader(site_dir, "training", 32, 2, train=True, seed=0),
+        val_loader=make_loader(site_dir, "validation", 32, 2, train=False),
+        device=CPU,
+        learning_rate=1e-2,
+        app_dir=app_dir,
+    )
+
+
+def ditto_round(strategy: Ditto, global_state: dict) -> dict:
+    """One round of the personalized model from the global weights `global_state`: its trainable tensors."""
+    model = start_model()
+    model.load_state_dict(global_state)
+    trainable = apply_freeze_policy(model, "last-k", 1)
+    strategy.start_round(model, make_optimizer(model, 1e-2))
+    assert strategy.finish_round() == {}  # nothing travels beside the global model's update
+    personal = strategy.helper.model.state_dict()
+    return {k: personal[k].clone() for k in trainable}
+
+
+def distance(a: dict, b: dict) -> float:
+    return norm({k: a[k] - b[k] for k in a})
+
+
+def test_ditto_lambda_pulls_the_personalized_model_towards_the_global_one(tiny_site_dir, tmp_path):
+    start = start_model().state_dict()
+    moved = {}
+    for lam in (0.0, 10.0):
+        strategy = Ditto(ditto_lambda=lam, personal_epochs=3)
+        strategy.attach(ditto_site(tiny_site_dir, tmp_path / f"lambda{lam}"))
+        moved[lam] = distance(ditto_round(strategy, start), start)
+        assert (tmp_path / f"lambda{lam}" / PERSONALIZED_MODEL).is_file()
+        assert set(strategy.round_metrics()) == {"personal_train_loss", "personal_val_accuracy", "personal_val_loss"}
+    assert moved[0.0] > 0 and moved[10.0] < 0.9 * moved[0.0], moved
+
+
+def test_ditto_keeps_the_personalized_model_across_rounds_and_the_update_is_fedavgs(tiny_site_dir, tmp_path):
+    plain, _ = local_round(tiny_site_dir, FedAvg())
+    strategy = Ditto(ditto_lambda=0.1)
+    strategy.attach(ditto_site(tiny_site_dir, tmp_path))
+    global_update, _ = local_round(tiny_site_dir, strategy)
+    assert_same(plain, global_update)  # Ditto changes nothing of what the site sends
+
+    start = start_model().state_dict()
+    after_one = ditto_round(strategy, start)
+    fresh = Ditto(ditto_lambda=0.1)
+    fresh.attach(ditto_site(tiny_site_dir, tmp_path / "fresh"))
+    assert_same(after_one, ditto_round(fresh, start))  # round 0 starts from the global model
+
+    # round 1 (told to stop at once) starts from round 0's personalized model, read back from its file
+    model = start_model()
+    strategy.start_round(model, make_optimizer(model, 1e-2))
+    with pytest.raises(RoundAborted):
+        strategy.finish_round(should_abort=lambda: True)
+    assert strategy.helper.epoch_of_start_time == 1
+    assert_same(after_one, {k: v for k, v in strategy.helper.model.state_dict().items() if k in after_one})

@@ -6,25 +6,53 @@
   the *trainable* tensors only (frozen ones cannot move, so they would only cost time);
 - `scaffold`: NVFlare's PTScaffoldHelper corrects every optimizer step by
   -lr * (c_global - c_local) and, at the end of the round, updates the site's control variate
-  c_local; its change travels to the server next to the weight difference.
+  c_local; its change travels to the server next to the weight difference;
+- `ditto`: FedAvg for the global model, plus a personalized model that never leaves the site,
+  trained each round with NVFlare's PTDittoHelper: cross-entropy + lambda/2 * ||v - w_global||^2
+  towards the global model the site received (Li et al., ICML 2021).
 
-The executor calls, per `train` task: `start_round(model, optimizer, global_controls)` once the
+The executor calls `attach(site)` once (the site's data and device, for a strategy that trains a
+model of its own), then per `train` task: `start_round(model, optimizer, global_controls)` once the
 global weights are loaded and the freeze policy is set, hands `extra_loss` and `after_step` to
-fedxvit.training.train_epoch, then `finish_round()`, which returns what travels beside the weight
-difference (SCAFFOLD's control-variate change, else nothing). No NVFlare runtime is involved:
-the tests drive the strategies with a plain loop.
+fedxvit.training.train_epoch, then `finish_round(should_abort)`, which returns what travels beside
+the weight difference (SCAFFOLD's control-variate change, else nothing), and `round_metrics()`,
+what the site tracks besides (Ditto's personalized model's validation scores). No NVFlare runtime
+is involved: the tests drive the strategies with a plain loop.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
 import torch
+from nvflare.app_opt.pt.ditto import PTDittoHelper
 from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
 from torch import nn
 
 from fedxvit.errors import FedXViTError
+from fedxvit.training import evaluate, make_optimizer, train_epoch
 
-ALGORITHMS = ("fedavg", "fedprox", "scaffold")
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "ditto")
+PERSONALIZED_MODEL = "best_personalized_model.pt"  # PTDittoHelper's file in the site's app folder
+
+
+class RoundAborted(Exception):
+    """The site was told to stop while a strategy was still working on the round."""
+
+
+@dataclass
+class SiteTraining:
+    """What a strategy that trains a model of its own needs from the site (Ditto's personalized model)."""
+
+    new_model: Callable[[], nn.Module]  # the job's model with its freeze policy applied, on the device
+    train_loader: Iterable
+    val_loader: Iterable
+    device: torch.device
+    learning_rate: float
+    app_dir: Path
 
 
 def trainable_parameters(model: nn.Module) -> dict:
@@ -40,6 +68,9 @@ class FedAvg:
     def __init__(self):
         self.model = self.optimizer = None
 
+    def attach(self, site: SiteTraining) -> None:
+        pass
+
     def start_round(self, model: nn.Module, optimizer: torch.optim.Optimizer, global_controls: dict | None = None):
         self.model, self.optimizer = model, optimizer
 
@@ -49,7 +80,10 @@ class FedAvg:
     def after_step(self) -> None:
         pass
 
-    def finish_round(self) -> dict:
+    def finish_round(self, should_abort: Callable[[], bool] | None = None) -> dict:
+        return {}
+
+    def round_metrics(self) -> dict:
         return {}
 
     def summary(self) -> str:
@@ -76,11 +110,7 @@ class FedProx(FedAvg):
 
     def start_round(self, model, optimizer, global_controls=None):
         super().start_round(model, optimizer)
-        # PTFedProxLoss pairs the named parameters of two modules; these two hold only the trainable
-        # tensors, live and as received, in the same order.
-        live = list(trainable_parameters(model).values())
-        self.local = nn.ParameterList(live)
-        self.reference = nn.ParameterList([nn.Parameter(p.detach().clone(), requires_grad=False) for p in live])
+        self.local, self.reference = proximal_pair(model, dict(model.named_parameters()))
         self.last_term = None
 
     def extra_loss(self) -> torch.Tensor:
@@ -146,7 +176,7 @@ class Scaffold(FedAvg):
     def after_step(self) -> None:
         self.helper.model_update(self.model, learning_rate(self.optimizer), self.c_global, self.c_local)
 
-    def finish_round(self) -> dict:
+    def finish_round(self, should_abort=None) -> dict:
         """{parameter name: float32 array}: the change of c_local this round, for the trainable tensors."""
         if self.helper.cnt == 0:
             raise FedXViTError("SCAFFOLD: the round made no optimizer step, so there is no control variate to update")
@@ -162,7 +192,108 @@ class Scaffold(FedAvg):
         return f"scaffold: control-variate change norm {norm} sent"
 
 
-def make_strategy(algorithm: str = "fedavg", mu: float = 0.01) -> FedAvg:
+def proximal_pair(model: nn.Module, reference: dict) -> tuple[nn.ParameterList, nn.ParameterList]:
+    """The trainable parameters of `model` (live) and their values in `reference` (fixed), in the same
+    order: what PTFedProxLoss pairs, so the term covers only what can move."""
+    live = trainable_parameters(model)
+    fixed = [
+        nn.Parameter(reference[name].detach().clone().to(p.device), requires_grad=False) for name, p in live.items()
+    ]
+    return nn.ParameterList(list(live.values())), nn.ParameterList(fixed)
+
+
+class DittoPersonalization(PTDittoHelper):
+    """NVFlare's Ditto helper (its proximal loss, model files and best-model bookkeeping) with
+    fedxvit's training loop as the task-dependent `local_train`."""
+
+    def local_train(self, train_loader, model_global, abort_signal, writer=None) -> dict:
+        """`model_global`: the global weights the site received this round ({name: tensor}).
+        `abort_signal`: a callable that is true once the site must stop."""
+        live, fixed = proximal_pair(self.model, model_global)
+        metrics = {"steps": 0}
+        for _ in range(self.model_epochs):
+            epoch = train_epoch(
+                self.model,
+                train_loader,
+                self.optimizer,
+                self.device,
+                should_abort=abort_signal,
+                extra_loss=lambda: self.prox_criterion(live, fixed),
+            )
+            if epoch["aborted"]:
+                raise RoundAborted("while training the personalized model")
+            metrics = {**epoch, "steps": metrics["steps"] + epoch["steps"]}
+            self.epoch_global += 1
+        return metrics
+
+
+class Ditto(FedAvg):
+    """FedAvg for the global model; after it, the site's personalized model trains `personal_epochs`
+    epochs pulled towards the global model it received (`ditto_lambda`; 0 = local-only training
+    started from the first global model). It is kept (and its best by validation accuracy saved) at
+    the site, in PTDittoHelper's files, and never sent."""
+
+    name = "ditto"
+
+    def __init__(self, ditto_lambda: float = 0.1, personal_epochs: int = 1):
+        super().__init__()
+        if float(ditto_lambda) < 0:
+            raise FedXViTError(f"job option ditto_lambda={ditto_lambda}: Ditto's weight must be >= 0")
+        if int(personal_epochs) < 1:
+            raise FedXViTError(f"job option personal_epochs={personal_epochs}: must be at least 1")
+        self.ditto_lambda, self.personal_epochs = float(ditto_lambda), int(personal_epochs)
+        self.site = self.helper = self.received = None
+        self.metrics = {}
+
+    def attach(self, site: SiteTraining) -> None:
+        self.site = site
+        personal = site.new_model()
+        self.helper = DittoPersonalization(
+            nn.CrossEntropyLoss(),  # the helper insists on a criterion; fedxvit's loop uses the same loss
+            personal,
+            make_optimizer(personal, site.learning_rate),
+            site.device,
+            str(site.app_dir),
+            ditto_lambda=self.ditto_lambda,
+            model_epochs=self.personal_epochs,
+        )
+
+    def start_round(self, model, optimizer, global_controls=None):
+        super().start_round(model, optimizer)
+        self.received = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.metrics = {}
+
+    def finish_round(self, should_abort=None) -> dict:
+        if self.helper is None:
+            raise FedXViTError("Ditto needs the site's data: the executor attaches it before the first round")
+        self.helper.load_model(self.received)  # the last round's personalized model, or the global one at first
+        trained = self.helper.local_train(self.site.train_loader, self.received, should_abort or (lambda: False))
+        scores = evaluate(self.helper.model, self.site.val_loader, self.site.device, should_abort=should_abort)
+        if scores["aborted"]:
+            raise RoundAborted("while scoring the personalized model")
+        self.helper.update_metric_save_model(scores["accuracy"])
+        self.metrics = {
+            "personal_train_loss": trained.get("loss", float("nan")),
+            "personal_val_accuracy": scores["accuracy"],
+            "personal_val_loss": scores["loss"],
+        }
+        return {}
+
+    def round_metrics(self) -> dict:
+        return dict(self.metrics)
+
+    def summary(self) -> str:
+        accuracy = self.metrics.get("personal_val_accuracy")
+        shown = "n/a" if accuracy is None else f"{accuracy:.4f}"
+        return f"ditto lambda={self.ditto_lambda:g}: personalized model val_acc={shown} (kept at the site)"
+
+    def params(self) -> dict:
+        return {"algorithm": self.name, "ditto_lambda": self.ditto_lambda, "personal_epochs": self.personal_epochs}
+
+
+def make_strategy(
+    algorithm: str = "fedavg", mu: float = 0.01, ditto_lambda: float = 0.1, personal_epochs: int = 1
+) -> FedAvg:
     """The strategy for the executor's `algorithm` job option."""
     if algorithm == "fedavg":
         return FedAvg()
@@ -170,6 +301,8 @@ def make_strategy(algorithm: str = "fedavg", mu: float = 0.01) -> FedAvg:
         return FedProx(mu)
     if algorithm == "scaffold":
         return Scaffold()
+    if algorithm == "ditto":
+        return Ditto(ditto_lambda, personal_epochs)
     raise FedXViTError(
         f"job option algorithm='{algorithm}' is unknown; choose one of {', '.join(ALGORITHMS)} "
         f"(FedOpt and cyclic sites run 'fedavg')"

@@ -29,7 +29,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 
-from fedxvit.algorithms import make_strategy
+from fedxvit.algorithms import RoundAborted, SiteTraining, make_strategy
 from fedxvit.checkpoint import load_checkpoint, save_checkpoint
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
@@ -154,6 +154,8 @@ class FedXViTExecutor(Executor):
         seed: int = 0,
         algorithm: str = "fedavg",
         mu: float = 0.01,
+        ditto_lambda: float = 0.1,
+        personal_epochs: int = 1,
         num_workers: int = 0,
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
@@ -171,7 +173,8 @@ class FedXViTExecutor(Executor):
         self.torch_threads = torch_threads
         self.seed = int(seed)
         self.algorithm = algorithm
-        self.strategy = make_strategy(algorithm, mu)  # an unknown algorithm or a negative mu fails the job at start
+        # an unknown algorithm or a bad option of it fails the job at start
+        self.strategy = make_strategy(algorithm, mu, ditto_lambda, personal_epochs)
         self.num_workers = int(num_workers)
         self.task_names = {"train": train_task_name, "validate": validate_task_name, "submit": submit_model_task_name}
         self.model = None
@@ -220,6 +223,16 @@ class FedXViTExecutor(Executor):
             )
         app_dir = fl_ctx.get_prop(FLContextKey.APP_ROOT) or workspace.get_app_dir(fl_ctx.get_job_id())
         self.best_model_path = Path(app_dir) / BEST_LOCAL_MODEL
+        self.strategy.attach(
+            SiteTraining(
+                new_model=self._new_model,
+                train_loader=self.train_loader,
+                val_loader=self.val_loader,
+                device=self.device,
+                learning_rate=self.learning_rate,
+                app_dir=Path(app_dir),
+            )
+        )
         self.log_info(
             fl_ctx,
             f"fedxvit {self.site_name}: data {data_dir} ({len(self.train_loader.dataset)} train, "
@@ -227,6 +240,12 @@ class FedXViTExecutor(Executor):
             f"{self.algorithm}, device {self.device}, "
             f"{threads} torch thread(s)",
         )
+
+    def _new_model(self) -> torch.nn.Module:
+        """Another model of the job's preset with its freeze policy, on the site's device (Ditto's personalized one)."""
+        model = build_model(self.preset, num_classes=len(TASK_CLASSES)).to(self.device)
+        apply_freeze_policy(model, self.freeze_policy, self.last_k)
+        return model
 
     def _load_weights(self, weights: dict) -> None:
         state = to_torch_state(weights)
@@ -327,7 +346,10 @@ class FedXViTExecutor(Executor):
                 },
             )
 
-        control_deltas = self.strategy.finish_round()
+        try:
+            control_deltas = self.strategy.finish_round(should_abort=lambda: abort_signal.triggered)
+        except RoundAborted as stopped:
+            return self._aborted(fl_ctx, f"{stopped} in round {current_round}")
         new_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         diff = trainable_weight_diff(new_state, global_state, trainable)
         last = history[-1] if history else {"loss": float("nan"), "accuracy": float("nan")}
@@ -338,7 +360,9 @@ class FedXViTExecutor(Executor):
             "local_val_accuracy": local_metrics["val_accuracy"],
             "local_val_loss": local_metrics["val_loss"],
         }
-        self._track(site_round_metrics(initial_metrics, train_metrics), current_round)
+        self._track(
+            {**site_round_metrics(initial_metrics, train_metrics), **self.strategy.round_metrics()}, current_round
+        )
         self.log_info(
             fl_ctx,
             f"fedxvit {self.site_name} round {current_round}: global val_acc="

@@ -1,14 +1,14 @@
 """One source for every algorithm's job: jobs/fedxvit plus a small per-algorithm change.
 
-`python -m fedxvit.jobs` (`make jobs`) writes jobs/fedxvit_fedprox, _fedopt, _scaffold and
-_cyclic, and the privacy variants _percentile_privacy, _svt_privacy and _exclude_vars, from
+`python -m fedxvit.jobs` (`make jobs`) writes jobs/fedxvit_fedprox, _fedopt, _scaffold, _ditto
+and _cyclic, and the privacy variants _percentile_privacy, _svt_privacy and _exclude_vars, from
 jobs/fedxvit, so a common setting (a default, a component, a timeout) is changed once, in
 jobs/fedxvit, and the generated folders follow. They are committed, so each is a plain NVFlare
 job (`nvflare simulator jobs/<job> ...`); `--check` (and a test) fails when a committed folder
 differs from what this writes. jobs/fedxvit itself, FedAvg, is never rewritten.
 
 Each change below is the whole difference from FedAvg, built from NVFlare's stock components:
-FedProx and SCAFFOLD switch the sites' strategy (fedxvit.algorithms); FedOpt swaps the
+FedProx, SCAFFOLD and Ditto switch the sites' strategy (fedxvit.algorithms); FedOpt swaps the
 shareable generator for PTFedOptModelShareableGenerator; SCAFFOLD runs ScatterAndGatherScaffold;
 cyclic replaces ScatterAndGather with CyclicController. The privacy variants are FedAvg with one
 of NVFlare's privacy filters on every site's `train` result (docs/privacy.md).
@@ -111,6 +111,11 @@ def scaffold(server: dict, client: dict) -> None:
     tracked_params(server)["algorithm"] = "scaffold"
 
 
+def ditto(server: dict, client: dict) -> None:
+    site_algorithm(client, "ditto", ditto_lambda=0.1, personal_epochs=1)
+    tracked_params(server)["algorithm"] = "ditto"
+
+
 def cyclic(server: dict, client: dict) -> None:
     # no rounds of collected updates: no aggregator, screening, round table or best-model selection
     drop_variables(
@@ -162,6 +167,13 @@ ALGORITHM_JOBS = {
         "SCAFFOLD: NVFlare's ScatterAndGatherScaffold and PTScaffoldHelper; each "
         "site's control-variate change travels with its update and is checked by the "
         "same update filter and norm screening.",
+    ),
+    "fedxvit_ditto": (
+        ditto,
+        "Ditto: FedAvg for the global model, plus a personalized model per site that never leaves it, "
+        "trained after each round with NVFlare's PTDittoHelper towards the global model (job variables "
+        "`ditto_lambda`, `personal_epochs`, client config); each site keeps its best one in "
+        "best_personalized_model.pt.",
     ),
     "fedxvit_cyclic": (
         cyclic,
