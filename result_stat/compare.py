@@ -7,8 +7,10 @@ the centralized baseline (all sites' training splits pooled) and the local-only 
 hospital alone) start from the same initial model and see every training image equally often
 (baselines: epochs = rounds x local epochs, fedxvit.baselines). Each final model is scored on
 every site's TEST split; nothing is selected or tuned on it (the curves use validation splits).
-Writes compare.json, compare.md and compare_curves.png into --out. Every finished run keeps its
-result in <workspace>/runs/<method>-<options hash>/result.json, so a re-run reuses it.
+A method whose sites keep personalized models (Ditto) gets a second row, "<method> (personalized)":
+each hospital's own model on its own test split (a hospital without one: the global model, said
+in one line). Writes compare.json, compare.md and compare_curves.png into --out. Every finished
+run keeps its result in <workspace>/runs/<method>-<options hash>/result.json, so a re-run reuses it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ METHOD_JOBS = {  # method -> job folder; a personalized method joins by adding i
     "fedopt": "jobs/fedxvit_fedopt",
     "scaffold": "jobs/fedxvit_scaffold",
     "cyclic": "jobs/fedxvit_cyclic",
+    "ditto": "jobs/fedxvit_ditto",  # also scored as "ditto (personalized)": each site's own model
 }
 PRIVACY_METHOD_JOBS = {  # FedAvg behind one of NVFlare's privacy filters (make compare-privacy; docs/privacy.md)
     "percentile": "jobs/fedxvit_percentile_privacy",
@@ -260,6 +263,26 @@ def validation_curve(run_dir: Path, rounds: int) -> list:
     return [row.get("global_val_accuracy") for row in rows[:rounds]]
 
 
+def personalized(name: str) -> str:
+    """The row of a method's personalized models (Ditto), beside the row of its global model."""
+    return f"{name} (personalized)"
+
+
+def personalized_models(simulator_dir: Path, scenario: Scenario) -> dict:
+    """{site: model or None} of the personalized models a run's sites kept (Ditto's best one, in each site's
+    app folder); {} when the job keeps none. None: that site has none, so it is scored with the global model."""
+    from fedxvit.algorithms import PERSONALIZED_MODEL
+    from fedxvit.checkpoint import load_global_model
+
+    files = {s: simulator_dir / s / "simulate_job" / f"app_{s}" / PERSONALIZED_MODEL for s in scenario.sites}
+    if not any(f.is_file() for f in files.values()):
+        return {}
+    return {
+        s: load_global_model(f, scenario.preset, device=scenario.device) if f.is_file() else None
+        for s, f in files.items()
+    }
+
+
 def federated_run(
     scenario: Scenario, job: Path, rounds: int, local_epochs: int, seed: int, tracking_uri: str, timeout_s: int
 ):
@@ -283,12 +306,20 @@ def federated_run(
         model = load_global_model(run_dir / GLOBAL_MODEL, scenario.preset, device=scenario.device)
         final_val = pooled_accuracy(scenario.predict(model, "validation"))
         curve = validation_curve(run_dir, rounds)
-        return {
+        result = {
             "run_dir": str(run_dir),
             "test": scenario.predict(model, "test"),
             "final_val_accuracy": final_val,
             "val_curve": (curve or [None] * rounds) + [final_val],
         }
+        personal = personalized_models(folder / "simulator", scenario)
+        if personal:  # each site's own model on its own test split; the global model where a site kept none
+            result["personalized_test"] = {
+                site: scenario.predict(m, "test", [site])[site] if m is not None else result["test"][site]
+                for site, m in personal.items()
+            }
+            result["personalized_fallback"] = [site for site, m in personal.items() if m is None]
+        return result
 
     return compute
 
@@ -461,6 +492,8 @@ def compare(
             log(f"{label}: FAILED after {time.perf_counter() - clock:.0f} s: {exc}", flush=True)
             continue
         results[(name, seed)] = result
+        for site in result.get("personalized_fallback", []):
+            log(f"{label}: {site} kept no personalized model; its {personalized(name)} score is the global model's")
         runs.append({"method": name, "seed": seed, "folder": str(folder), "reused": reused, "wall_s": result["wall_s"]})
         score = score_sites(result["test"])["pooled"][GAP_METRIC]
         log(
@@ -499,6 +532,10 @@ def aggregate(results: dict, methods: list, seeds: list, sites: list) -> dict:
     predictions = {}  # method -> {seed: {site: predictions}}
     for name in [*methods, CENTRALIZED]:
         predictions[name] = {seed: results[(name, seed)]["test"] for seed in seeds if (name, seed) in results}
+    for name in methods:
+        personal = {seed: results[(name, seed)].get("personalized_test") for seed in seeds if (name, seed) in results}
+        if any(personal.values()):
+            predictions[personalized(name)] = {seed: p for seed, p in personal.items() if p}
     predictions[LOCAL_ONLY] = {
         seed: {site: results[(f"{LOCAL_ONLY} {site}", seed)]["test"][site] for site in sites}
         for seed in seeds
@@ -531,7 +568,8 @@ def aggregate(results: dict, methods: list, seeds: list, sites: list) -> dict:
         table[name] = row
     if START in table and (START, None) in results:
         table[START]["final_val_accuracy"] = results[(START, None)]["final_val_accuracy"]
-    return {"metric_of_gap": GAP_METRIC, "methods": table, "order": [START, *methods, CENTRALIZED, LOCAL_ONLY]}
+    order = [START, *[row for name in methods for row in (name, personalized(name)) if row in table]]
+    return {"metric_of_gap": GAP_METRIC, "methods": table, "order": [*order, CENTRALIZED, LOCAL_ONLY]}
 
 
 # ---- outputs ----
@@ -556,6 +594,7 @@ def compare_markdown(report: dict) -> str:
         f"epochs from the same start. Seeds {seeds}: every cell is mean ± std over seeds, in percent.\n",
         "Scores: the final global model of each method on every hospital's **test** split, pooled and per hospital "
         "(nothing was tuned or selected on test). Local-only: each hospital's own model on its own test split. "
+        "`<method> (personalized)`: each hospital's personalized model of that method (Ditto) on its own test split. "
         "Start: the initial model, untrained (one value).\n",
         "## Pooled test set\n",
         "| method | accuracy | balanced accuracy | macro-F1 | ROC-AUC | worst hospital (balanced accuracy) | "

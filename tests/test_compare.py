@@ -297,3 +297,24 @@ def test_known_methods_include_the_privacy_jobs_and_default_to_the_algorithms():
         "svt": "fedxvit_svt_privacy",
         "exclude": "fedxvit_exclude_vars",
     }
+
+
+def test_personalized_models_get_a_row_of_their_own_beside_their_methods_global_model():
+    """Ditto's sites kept their own models: site a's is perfect, so its row differs from the global model's."""
+    perfect_a = {"labels": SITE_A["labels"], "probs": [[1.0, 0.0] if y == 0 else [0.0, 1.0] for y in SITE_A["labels"]]}
+    results = {}
+    for seed in (0, 1):
+        results[("fedavg", seed)] = {"test": {"a": SITE_A, "b": SITE_B}, "val_curve": [0.5, 0.6]}
+        results[("ditto", seed)] = {
+            "test": {"a": SITE_A, "b": SITE_B},
+            "val_curve": [0.5, 0.6],
+            "personalized_test": {"a": perfect_a, "b": SITE_B},
+        }
+    report = compare.aggregate(results, ["fedavg", "ditto"], [0, 1], ["a", "b"])
+    assert report["order"][:4] == ["start", "fedavg", "ditto", "ditto (personalized)"]
+    assert "fedavg (personalized)" not in report["methods"]
+    rows = report["methods"]
+    assert rows["ditto (personalized)"]["sites"]["a"]["balanced_accuracy"]["mean"] == 1.0
+    assert rows["ditto"]["sites"]["a"]["balanced_accuracy"]["mean"] < 1.0
+    assert rows["ditto (personalized)"]["sites"]["b"] == rows["ditto"]["sites"]["b"]
+    assert "val_curve" not in rows["ditto (personalized)"]  # the curves are the global model's
