@@ -98,7 +98,8 @@ compare-quick: setup
 	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results --quick $(COMPARE_ARGS)
 
 # What update privacy costs (docs/privacy.md): FedAvg against FedAvg behind each of NVFlare's privacy
-# filters, same runs and seeds as `make compare` (its FedAvg and baseline runs are reused) -> results/privacy/.
+# filters and with DP-SGD, same runs and seeds as `make compare` (its FedAvg and baseline runs are
+# reused) -> results/privacy/.
 .PHONY: compare-privacy
 compare-privacy: setup
-	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results/privacy --methods fedavg,percentile,svt,exclude $(COMPARE_ARGS)
+	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results/privacy --methods fedavg,percentile,svt,exclude,dp-sgd $(COMPARE_ARGS)

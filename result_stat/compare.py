@@ -40,6 +40,7 @@ PRIVACY_METHOD_JOBS = {  # FedAvg behind one of NVFlare's privacy filters (make 
     "percentile": "jobs/fedxvit_percentile_privacy",
     "svt": "jobs/fedxvit_svt_privacy",
     "exclude": "jobs/fedxvit_exclude_vars",
+    "dp-sgd": "jobs/fedxvit_dp_sgd",
 }
 KNOWN_METHODS = {**METHOD_JOBS, **PRIVACY_METHOD_JOBS}
 REFERENCE, CENTRALIZED, LOCAL_ONLY, START = "fedavg", "centralized", "local-only", "start"

@@ -290,12 +290,13 @@ def test_quick_comparison_of_two_methods_writes_the_report_and_reuses_every_run(
 
 def test_known_methods_include_the_privacy_jobs_and_default_to_the_algorithms():
     assert list(compare.parse_methods(None, REPO)) == list(compare.METHOD_JOBS)
-    chosen = compare.parse_methods("fedavg,percentile,svt,exclude", REPO)
+    chosen = compare.parse_methods("fedavg,percentile,svt,exclude,dp-sgd", REPO)
     assert {name: folder.name for name, folder in chosen.items()} == {
         "fedavg": "fedxvit",
         "percentile": "fedxvit_percentile_privacy",
         "svt": "fedxvit_svt_privacy",
         "exclude": "fedxvit_exclude_vars",
+        "dp-sgd": "fedxvit_dp_sgd",
     }
 
 

@@ -4,6 +4,7 @@ really changes what leaves the site (and only that: the update the executor made
 import copy
 import importlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from tiny import REPO, SITES, simulate, tiny_job, tiny_sites_and_initial_model
 from fedxvit.executor import train_result, trainable_weight_diff
 from fedxvit.jobs import CLIENT, PRIVACY_JOBS
 from fedxvit.model import build_model
+from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SITE_TAG
 from fedxvit.training import apply_freeze_policy
 
 STEPS = 4  # local steps of the update; the filters clip per step
@@ -51,10 +53,16 @@ def filtered(job: str, update: dict) -> tuple[dict, dict]:
     return from_shareable(privacy_filter.process(sent, FLContext())).data, args
 
 
-def test_every_privacy_job_filters_train_results_with_a_stock_nvflare_filter():
-    assert set(PRIVACY_JOBS) == {"fedxvit_percentile_privacy", "fedxvit_svt_privacy", "fedxvit_exclude_vars"}
+FILTER_JOBS = ("fedxvit_percentile_privacy", "fedxvit_svt_privacy", "fedxvit_exclude_vars")
+
+
+def test_every_privacy_job_is_tracked_as_such_and_the_filter_jobs_use_a_stock_nvflare_filter():
+    assert set(PRIVACY_JOBS) == {*FILTER_JOBS, "fedxvit_dp_sgd"}
+    client = json.loads((REPO / "jobs" / "fedxvit_dp_sgd" / CLIENT).read_text())
+    assert client["task_result_filters"] == [] and client["dp_epsilon"] > 0  # DP-SGD works inside training
     for job in PRIVACY_JOBS:
-        configured_filter(job)
+        if job in FILTER_JOBS:
+            configured_filter(job)
         server = json.loads((REPO / "jobs" / job / "app" / "config" / "config_fed_server.json").read_text())
         (receiver,) = [c for c in server["components"] if c["id"] == "mlflow_receiver"]
         assert receiver["args"]["params"]["privacy"]  # the tracked run says which filter protected it
@@ -106,3 +114,27 @@ def test_exclude_vars_job_runs_in_the_simulator_and_the_global_head_never_moves(
     moved = {k.split(".")[0] for k in start if not torch.equal(torch.as_tensor(final[k]), start[k])}
     assert moved == {"blocks", "norm"}  # last-k trained blocks and norm; the head stayed home
     assert (run_dir / "cross_site_val" / "cross_val_results.json").is_file()
+
+
+@pytest.mark.slow
+def test_dp_sgd_job_runs_in_the_simulator_and_each_site_reports_its_epsilon(tmp_path):
+    initial = tiny_sites_and_initial_model(tmp_path)
+    job = tiny_job(tmp_path, REPO / "jobs" / "fedxvit_dp_sgd")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir, log = simulate(job, tmp_path / "workspace", tmp_path / "data", initial, SITES[:2], store)
+    spent = {
+        (site, int(r)): float(eps)
+        for site, r, eps in re.findall(r"fedxvit (site\d) round (\d): .*DP-SGD epsilon (\S+) of 8 spent", log)
+    }
+    assert sorted(spent) == [(s, r) for s in SITES[:2] for r in (0, 1)], log[-3000:]
+    assert all(0 < spent[(s, 0)] < spent[(s, 1)] <= 8.0 for s in SITES[:2])  # 2 planned rounds spend the budget
+    rounds = json.loads((run_dir / "global_val.json").read_text())["rounds"]
+    assert all(r["aggregated_sites"] == list(SITES[:2]) for r in rounds)
+    import mlflow
+
+    client = mlflow.MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name(FEDERATED_EXPERIMENT).experiment_id])
+    tracked = {
+        r.data.tags.get(SITE_TAG): r.data.metrics.get("dp_epsilon") for r in runs if r.data.tags[ROLE_TAG] == "site"
+    }
+    assert tracked == {s: pytest.approx(spent[(s, 1)], rel=1e-3) for s in SITES[:2]}  # the last round's total

@@ -35,6 +35,7 @@ from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
 from fedxvit.datalist import read_dataset_info
 from fedxvit.errors import FedXViTError
+from fedxvit.filters import REJECT_REASON_HEADER
 from fedxvit.model import DEFAULT_PRESET, build_model, get_recipe
 from fedxvit.sites import site_data_dir
 from fedxvit.tracking import site_epoch_metrics, site_round_metrics
@@ -156,6 +157,9 @@ class FedXViTExecutor(Executor):
         mu: float = 0.01,
         ditto_lambda: float = 0.1,
         personal_epochs: int = 1,
+        dp_epsilon: float = 0.0,
+        dp_delta: float = 1e-5,
+        dp_max_grad_norm: float = 1.0,
         num_workers: int = 0,
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
@@ -175,6 +179,20 @@ class FedXViTExecutor(Executor):
         self.algorithm = algorithm
         # an unknown algorithm or a bad option of it fails the job at start
         self.strategy = make_strategy(algorithm, mu, ditto_lambda, personal_epochs)
+        self.privacy = None  # DP-SGD (fedxvit.privacy) when dp_epsilon > 0
+        if float(dp_epsilon) > 0:
+            if algorithm == "fedprox":
+                raise FedXViTError(
+                    "job options dp_epsilon and algorithm='fedprox' do not combine: DP-SGD noises per-image "
+                    "gradients and would silently drop FedProx's proximal term; use fedavg, scaffold or ditto"
+                )
+            try:  # Opacus only where DP-SGD is asked for: `pip install fedxvit[dp]`
+                from fedxvit.privacy import SitePrivacy
+            except ImportError as exc:
+                raise FedXViTError(
+                    f"job option dp_epsilon={dp_epsilon} needs Opacus ({exc}): pip install 'fedxvit[dp]'"
+                ) from None
+            self.privacy = SitePrivacy(dp_epsilon, dp_delta, dp_max_grad_norm)
         self.num_workers = int(num_workers)
         self.task_names = {"train": train_task_name, "validate": validate_task_name, "submit": submit_model_task_name}
         self.model = None
@@ -310,12 +328,20 @@ class FedXViTExecutor(Executor):
 
         trainable = shared_state_keys(self.model, apply_freeze_policy(self.model, self.freeze_policy, self.last_k))
         optimizer = make_optimizer(self.model, self.learning_rate)
+        train_loader = self.train_loader
+        if self.privacy is not None:
+            if not self.privacy.started:
+                planned = int(shareable.get_header(AppConstants.NUM_ROUNDS, 0) or 0) * self.local_epochs
+                self.privacy.start(self.model, self.train_loader, planned)
+            if not self.privacy.budget_left_for(self.local_epochs):
+                return self._budget_spent(fl_ctx, current_round)
+            optimizer, train_loader = self.privacy.private(optimizer), self.privacy.loader
         self.strategy.start_round(self.model, optimizer, global_controls)
         steps, history = 0, []
         for epoch in range(self.local_epochs):
             epoch_metrics = train_epoch(
                 self.model,
-                self.train_loader,
+                train_loader,
                 optimizer,
                 self.device,
                 should_abort=lambda: abort_signal.triggered,
@@ -329,6 +355,9 @@ class FedXViTExecutor(Executor):
             if isinstance(current_round, int):
                 self._track(site_epoch_metrics(epoch_metrics), current_round * self.local_epochs + epoch)
 
+        private = {}
+        if self.privacy is not None:  # the round's draws are spent once trained, whatever happens next
+            private = {"dp_epsilon": self.privacy.account(self.local_epochs)}
         local_metrics = self._scores(abort_signal)
         if local_metrics is None:
             return self._aborted(fl_ctx, f"while scoring the local model of round {current_round}")
@@ -361,7 +390,8 @@ class FedXViTExecutor(Executor):
             "local_val_loss": local_metrics["val_loss"],
         }
         self._track(
-            {**site_round_metrics(initial_metrics, train_metrics), **self.strategy.round_metrics()}, current_round
+            {**site_round_metrics(initial_metrics, train_metrics), **self.strategy.round_metrics(), **private},
+            current_round,
         )
         self.log_info(
             fl_ctx,
@@ -369,14 +399,26 @@ class FedXViTExecutor(Executor):
             f"{initial_metrics['val_accuracy']:.4f} val_loss={initial_metrics['val_loss']:.6f} -> "
             f"local val_acc={local_metrics['val_accuracy']:.4f}, "
             f"train_loss={last['loss']:.4f}, {steps} steps, {len(diff)} tensors sent; "
-            f"{self.strategy.summary()}",
+            f"{self.strategy.summary()}" + (f"; {self.privacy.summary()}" if self.privacy is not None else ""),
         )
         meta = {
             MetaKey.NUM_STEPS_CURRENT_ROUND: steps,
             MetaKey.INITIAL_METRICS: initial_metrics,
             "train_metrics": train_metrics,
+            **private,
         }
         return train_result(diff, meta, control_deltas).to_shareable()
+
+    def _budget_spent(self, fl_ctx: FLContext, current_round) -> Shareable:
+        """This site's privacy budget cannot pay for another round: it stops sending (the round goes on without it)."""
+        reason = (
+            f"privacy budget spent: another round would raise epsilon from {self.privacy.spent():.3g} to "
+            f"{self.privacy.would_spend(self.local_epochs):.3g}, over dp_epsilon={self.privacy.target_epsilon:g}"
+        )
+        self.log_warning(fl_ctx, f"fedxvit {self.site_name} round {current_round}: not training: {reason}")
+        reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        reply.set_header(REJECT_REASON_HEADER, reason)
+        return reply
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         dxo = from_shareable(shareable)

@@ -1,17 +1,17 @@
 """One source for every algorithm's job: jobs/fedxvit plus a small per-algorithm change.
 
 `python -m fedxvit.jobs` (`make jobs`) writes jobs/fedxvit_fedprox, _fedopt, _scaffold, _ditto
-and _cyclic, and the privacy variants _percentile_privacy, _svt_privacy and _exclude_vars, from
-jobs/fedxvit, so a common setting (a default, a component, a timeout) is changed once, in
-jobs/fedxvit, and the generated folders follow. They are committed, so each is a plain NVFlare
-job (`nvflare simulator jobs/<job> ...`); `--check` (and a test) fails when a committed folder
-differs from what this writes. jobs/fedxvit itself, FedAvg, is never rewritten.
+and _cyclic, and the privacy variants _percentile_privacy, _svt_privacy, _exclude_vars and
+_dp_sgd, from jobs/fedxvit, so a common setting (a default, a component, a timeout) is changed
+once, in jobs/fedxvit, and the generated folders follow. They are committed, so each is a plain
+NVFlare job (`nvflare simulator jobs/<job> ...`); `--check` (and a test) fails when a committed
+folder differs from what this writes. jobs/fedxvit itself, FedAvg, is never rewritten.
 
 Each change below is the whole difference from FedAvg, built from NVFlare's stock components:
 FedProx, SCAFFOLD and Ditto switch the sites' strategy (fedxvit.algorithms); FedOpt swaps the
 shareable generator for PTFedOptModelShareableGenerator; SCAFFOLD runs ScatterAndGatherScaffold;
 cyclic replaces ScatterAndGather with CyclicController. The privacy variants are FedAvg with one
-of NVFlare's privacy filters on every site's `train` result (docs/privacy.md).
+of NVFlare's privacy filters on every site's `train` result, or with DP-SGD (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -230,6 +230,11 @@ def exclude_vars(server: dict, client: dict) -> None:
     result_filter(server, client, "exclude", f"{NVFLARE_FILTERS}.exclude_vars.ExcludeVars", exclude_vars="^head\\.")
 
 
+def dp_sgd(server: dict, client: dict) -> None:
+    site_algorithm(client, "fedavg", dp_epsilon=8.0, dp_delta=1e-5, dp_max_grad_norm=1.0)
+    tracked_params(server)["privacy"] = "dp-sgd"
+
+
 PRIVACY_JOBS = {
     "fedxvit_percentile_privacy": (
         percentile_privacy,
@@ -240,6 +245,12 @@ PRIVACY_JOBS = {
         svt_privacy,
         "FedAvg whose sites send a noisy, sparse update chosen by the sparse vector technique: NVFlare's "
         "SVTPrivacy filter (job variables `fraction`, `epsilon`, `noise_var`, `gamma`, `tau`, client config).",
+    ),
+    "fedxvit_dp_sgd": (
+        dp_sgd,
+        "FedAvg whose sites train with record-level differential privacy (DP-SGD with Opacus: "
+        "per-image clipping and noise, one accountant per site across rounds; job variables "
+        "`dp_epsilon`, `dp_delta`, `dp_max_grad_norm`, client config).",
     ),
     "fedxvit_exclude_vars": (
         exclude_vars,
