@@ -59,6 +59,16 @@ def trainable_parameters(model: nn.Module) -> dict:
     return {name: param for name, param in model.named_parameters() if param.requires_grad}
 
 
+def proximal_pair(model: nn.Module, reference: dict) -> tuple[nn.ParameterList, nn.ParameterList]:
+    """The trainable parameters of `model` (live) and their values in `reference` (fixed), in the same
+    order: what PTFedProxLoss pairs, so the term covers only what can move."""
+    live = trainable_parameters(model)
+    fixed = [
+        nn.Parameter(reference[name].detach().clone().to(p.device), requires_grad=False) for name, p in live.items()
+    ]
+    return nn.ParameterList(list(live.values())), nn.ParameterList(fixed)
+
+
 class FedAvg:
     """Plain local training: no extra loss, no correction, nothing beside the weight difference."""
 
@@ -190,16 +200,6 @@ class Scaffold(FedAvg):
     def summary(self) -> str:
         norm = "n/a" if self.delta_norm is None else f"{self.delta_norm:.4g}"
         return f"scaffold: control-variate change norm {norm} sent"
-
-
-def proximal_pair(model: nn.Module, reference: dict) -> tuple[nn.ParameterList, nn.ParameterList]:
-    """The trainable parameters of `model` (live) and their values in `reference` (fixed), in the same
-    order: what PTFedProxLoss pairs, so the term covers only what can move."""
-    live = trainable_parameters(model)
-    fixed = [
-        nn.Parameter(reference[name].detach().clone().to(p.device), requires_grad=False) for name, p in live.items()
-    ]
-    return nn.ParameterList(list(live.values())), nn.ParameterList(fixed)
 
 
 class DittoPersonalization(PTDittoHelper):
