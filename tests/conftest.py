@@ -4,6 +4,13 @@
 benchmark generation) for a quick loop.
 """
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,3 +34,52 @@ def tiny_site_dir(tmp_path_factory) -> Path:
 def tiny_run(tmp_path_factory) -> dict:
     """A finished tiny run with its sites and initial model (tiny.write_tiny_run), written once."""
     return write_tiny_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` with a SQLite backend and proxied artifacts in tmp_path; yields its URI."""
+    with socket.socket() as sock:  # a free local port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "mlflow_server.log", "w")
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server" / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "mlflow_server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not come up:\n" + (tmp_path / "mlflow_server.log").read_text()[-2000:])
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine: do not leave it running
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+        log.close()

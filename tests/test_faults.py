@@ -1,11 +1,11 @@
 """A bad hospital never takes the federation down (real NVFlare simulator, tiny preset and data).
 
-Three good sites train alone (the reference run) and again beside three bad ones: one whose
-update is NaN every round (the update filter rejects it), one whose train task raises in round 2,
-and one whose update is multiplied by 10^6 (finite, so only the norm screening catches it). A
-third run sends the x10^6 site with screening off and the coordinate-wise median aggregator.
-Every run must finish every round with a finite global model that scores within 2 points of the
-reference on the good sites' validation images.
+Three good sites train beside three bad ones: one whose update is NaN every round (the update
+filter rejects it), one whose train task raises in round 2, and one whose update is multiplied by
+10^6 (finite, so only the norm screening catches it). A second run sends the x10^6 site with
+screening off and the coordinate-wise median aggregator. Every run must finish every round with a
+finite global model that scores on the good sites' validation images no worse (by 2 points) than
+the pre-trained start; one absurd update averaged in scores 50% (chance).
 """
 
 import json
@@ -82,8 +82,11 @@ def good_sites_accuracy(root: Path, state: dict) -> float:
 
 @pytest.fixture(scope="module")
 def reference(federation):
-    run_dir = simulate_faulty(federation, "reference", GOOD, {})
-    return good_sites_accuracy(federation, final_global_model(run_dir))
+    """The start's accuracy on the good sites: what a federation that is not harmed keeps (or improves)."""
+    start = torch.load(federation / "initial_global.pt", weights_only=True)
+    accuracy = good_sites_accuracy(federation, start)
+    assert accuracy > 0.8, "the pre-trained start must be good, or an untouched model would prove nothing"
+    return accuracy
 
 
 def rounds_of(run_dir: Path) -> list:
@@ -95,7 +98,7 @@ def test_nan_crashing_and_absurd_sites_are_dropped_and_every_round_finishes(fede
         federation, "faulty", [*GOOD, *FAULTS], FAULTS, min_clients=3, wait_time_after_min_received=60
     )
     accuracy = good_sites_accuracy(federation, final_global_model(run_dir))
-    assert abs(accuracy - reference) <= 0.02, (accuracy, reference)
+    assert accuracy >= reference - 0.02, (accuracy, reference)
 
     rows = rounds_of(run_dir)
     assert [r["round"] for r in rows] == list(range(ROUNDS))
@@ -122,4 +125,4 @@ def test_median_aggregation_outvotes_an_absurd_site_without_screening(federation
     rows = rounds_of(run_dir)
     assert all(sorted(r["aggregated_sites"]) == sorted(sites) for r in rows), "screening was off: site6 was aggregated"
     accuracy = good_sites_accuracy(federation, final_global_model(run_dir))
-    assert abs(accuracy - reference) <= 0.02, (accuracy, reference)
+    assert accuracy >= reference - 0.02, (accuracy, reference)
