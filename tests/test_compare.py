@@ -206,14 +206,13 @@ def trained_start(tmp: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_quick_comparison_of_two_methods_writes_the_report_and_reuses_every_run(
-    two_sites, tmp_path, monkeypatch, capsys
-):
-    """Two methods (FedAvg and FedAvg with the coordinate-wise median) on two tiny sites, --quick, in the real
-    simulator; then the same call again must run nothing."""
+def test_quick_comparison_writes_the_report_and_reuses_every_run(two_sites, tmp_path, monkeypatch, capsys):
+    """FedAvg with the coordinate-wise median (a job that differs from the shipped one in a variable), the
+    start and the baselines on two tiny sites, --quick, in the real simulator; then the same call again must
+    run nothing. (Several methods at once: the aggregation tests above, on hand-made runs.)"""
     data, _ = two_sites
     initial = trained_start(tmp_path)
-    fedavg, median = tiny_job(tmp_path / "fedavg"), tiny_job(tmp_path / "median", aggregation="median")
+    median = tiny_job(tmp_path / "median", aggregation="median")
     out, workspace = tmp_path / "results", tmp_path / "workspace"
     args = [
         "--scenario-data",
@@ -221,7 +220,7 @@ def test_quick_comparison_of_two_methods_writes_the_report_and_reuses_every_run(
         "--initial",
         str(initial),
         "--methods",
-        f"fedavg={fedavg},median={median}",
+        f"fedavg={median}",
         "--seeds",
         "3,4",
         "--quick",
@@ -233,9 +232,9 @@ def test_quick_comparison_of_two_methods_writes_the_report_and_reuses_every_run(
     report = compare.main(args)
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert (
-        len(progress) == 6
-        and progress[0].startswith("[1/6] start")
-        and progress[1].startswith("[2/6] fedavg seed 3: ran")
+        len(progress) == 5
+        and progress[0].startswith("[1/5] start")
+        and progress[1].startswith("[2/5] fedavg seed 3: ran")
     )
     assert not report["failures"] and {r["seed"] for r in report["runs"]} == {None, 3}  # --quick: the first seed only
     s = report["settings"]
@@ -243,35 +242,34 @@ def test_quick_comparison_of_two_methods_writes_the_report_and_reuses_every_run(
     training = s["baseline_training"]  # rounds x local epochs
     assert training["equivalent_epochs"] == 2 and training["preset"] == "tiny"
 
-    # the simulator ran the job copies with this comparison's variables, both sites in every round
+    # the simulator ran the job copy with this comparison's variables and kept the job's own, both sites every round
     fedavg_run = next(Path(r["folder"]) for r in report["runs"] if r["method"] == "fedavg")
     server = json.loads((fedavg_run / "job" / "app" / "config" / "config_fed_server.json").read_text())
     client = json.loads((fedavg_run / "job" / "app" / "config" / "config_fed_client.json").read_text())
     assert (server["num_rounds"], server["min_clients"], client["seed"], client["local_epochs"]) == (2, 2, 3, 1)
-    median_run = next(Path(r["folder"]) for r in report["runs"] if r["method"] == "median")
-    rounds = json.loads((median_run / "simulator" / "server" / "simulate_job" / "global_val.json").read_text())[
+    assert server["aggregation"] == "median"
+    rounds = json.loads((fedavg_run / "simulator" / "server" / "simulate_job" / "global_val.json").read_text())[
         "rounds"
     ]
     assert [sorted(r["aggregated_sites"]) for r in rounds] == [["site1", "site2"]] * 2
 
     methods = report["methods"]
-    assert set(methods) == {"start", "fedavg", "median", "centralized", "local-only"}
+    assert set(methods) == {"start", "fedavg", "centralized", "local-only"}
     # round 0 of the global validation scores the untouched initial model: the start's pooled validation accuracy
     start_accuracy = methods["start"]["final_val_accuracy"]
     assert start_accuracy > 0.5, "the trained start should beat chance, else round 0 == start proves nothing"
-    for name in ("fedavg", "median"):
-        curve = methods[name]["val_curve"]["per_seed"][0]
-        assert len(curve) == 3 and curve[0] == pytest.approx(start_accuracy, abs=1e-9)
+    curve = methods["fedavg"]["val_curve"]["per_seed"][0]
+    assert len(curve) == 3 and curve[0] == pytest.approx(start_accuracy, abs=1e-9)
     assert methods["fedavg"]["gap_share"]["per_seed"].keys() <= {3}
-    for name in ("fedavg", "median", "centralized", "local-only"):
+    for name in ("fedavg", "centralized", "local-only"):
         pooled = methods[name]["per_seed"]["3"]["pooled"]
         assert pooled["count"] == 8 and set(methods[name]["sites"]) == {"site1", "site2"}
     assert methods["fedavg"]["vs_fedavg"]["mean"] == 0
 
     written = json.loads((out / "compare.json").read_text())
-    assert written["methods"]["median"]["pooled"] == json.loads(json.dumps(methods["median"]["pooled"]))
+    assert written["methods"]["fedavg"]["pooled"] == json.loads(json.dumps(methods["fedavg"]["pooled"]))
     markdown = (out / "compare.md").read_text()
-    for row in ("| fedavg |", "| median |", "| centralized |", "| local-only |", "## Per hospital: balanced accuracy"):
+    for row in ("| fedavg |", "| centralized |", "| local-only |", "## Per hospital: balanced accuracy"):
         assert row in markdown
     assert (out / "compare_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -282,9 +280,9 @@ def test_quick_comparison_of_two_methods_writes_the_report_and_reuses_every_run(
     monkeypatch.setattr("fedxvit.baselines.train_on_sites", must_not_run)
     again = compare.main(args)
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
-    assert len(progress) == 6 and all(": reused" in line for line in progress)
+    assert len(progress) == 5 and all(": reused" in line for line in progress)
     assert (
-        all(r["reused"] for r in again["runs"]) and again["methods"]["median"]["pooled"] == methods["median"]["pooled"]
+        all(r["reused"] for r in again["runs"]) and again["methods"]["fedavg"]["pooled"] == methods["fedavg"]["pooled"]
     )
 
 

@@ -2,8 +2,6 @@
 accuracy), and its verdict. The simulator run itself is the calibration (docs/measurements.md)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from PIL import Image
 from data_preparation import federated_gap
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.datalist import write_site
+from fedxvit.errors import run_cli
 from fedxvit.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,15 +72,11 @@ def test_verdict_needs_the_gap_and_every_hospital_below_centralized():
 
 
 @pytest.mark.parametrize("bad", [["--data", "no/such/folder"], ["--timeout", "0"], ["--initial", "no/such.pt"]])
-def test_bad_option_is_one_line_error(bad, tmp_path):
+def test_bad_option_is_one_line_error(bad, tmp_path, capsys):
     (tmp_path / "data").mkdir()
     args = ["--data", str(tmp_path / "data"), "--initial", str(REPO / "pyproject.toml"), *bad]
-    run = subprocess.run(
-        [sys.executable, "-m", "data_preparation.federated_gap", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 2 and run.stderr.startswith("error:") and len(run.stderr.strip().splitlines()) == 1
-    assert bad[0] in run.stderr and not (tmp_path / "data" / federated_gap.GAP_FILE).exists()
+    with pytest.raises(SystemExit) as stopped:  # the module's entry point, as `python -m` runs it
+        run_cli(lambda: federated_gap.main(args))
+    stderr = capsys.readouterr().err
+    assert stopped.value.code == 2 and stderr.startswith("error:") and len(stderr.strip().splitlines()) == 1
+    assert bad[0] in stderr and not (tmp_path / "data" / federated_gap.GAP_FILE).exists()

@@ -98,30 +98,26 @@ def test_exclude_vars_keeps_the_head_at_the_site(site_update):
 
 
 @pytest.mark.slow
-def test_exclude_vars_job_runs_in_the_simulator_and_the_global_head_never_moves(tmp_path):
-    """The one filter that changes the update's shape (tensors go missing) through NVFlare's real
-    simulator, aggregation, update filter and cross-site evaluation."""
+def test_dp_sgd_with_the_head_kept_home_runs_in_the_simulator(tmp_path):
+    """One simulator run for both kinds of privacy: the DP-SGD job, with the exclude-vars job's filter
+    added (a combination a user may configure). Each site reports its epsilon; ExcludeVars, the one
+    filter that changes the update's shape (tensors go missing), passes NVFlare's aggregation, the
+    update filter and cross-site evaluation, and the global head never moves."""
     initial = tiny_sites_and_initial_model(tmp_path)
-    job = tiny_job(tmp_path, REPO / "jobs" / "fedxvit_exclude_vars")
-    run_dir, log = simulate(
-        job, tmp_path / "workspace", tmp_path / "data", initial, SITES[:2], f"sqlite:///{tmp_path / 'mlflow.db'}"
-    )
+    job = tiny_job(tmp_path, REPO / "jobs" / "fedxvit_dp_sgd")
+    exclude = json.loads((REPO / "jobs" / "fedxvit_exclude_vars" / CLIENT).read_text())
+    client = json.loads((job / CLIENT).read_text())
+    client["exclude_vars"], client["task_result_filters"] = exclude["exclude_vars"], exclude["task_result_filters"]
+    (job / CLIENT).write_text(json.dumps(client))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir, log = simulate(job, tmp_path / "workspace", tmp_path / "data", initial, SITES[:2], store)
     assert "rejected" not in log
-    rounds = json.loads((run_dir / "global_val.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [0, 1] and all(r["num_sites"] == 2 for r in rounds)
     start = torch.load(initial, weights_only=True)
     final = torch.load(run_dir / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
     moved = {k.split(".")[0] for k in start if not torch.equal(torch.as_tensor(final[k]), start[k])}
     assert moved == {"blocks", "norm"}  # last-k trained blocks and norm; the head stayed home
     assert (run_dir / "cross_site_val" / "cross_val_results.json").is_file()
 
-
-@pytest.mark.slow
-def test_dp_sgd_job_runs_in_the_simulator_and_each_site_reports_its_epsilon(tmp_path):
-    initial = tiny_sites_and_initial_model(tmp_path)
-    job = tiny_job(tmp_path, REPO / "jobs" / "fedxvit_dp_sgd")
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_dir, log = simulate(job, tmp_path / "workspace", tmp_path / "data", initial, SITES[:2], store)
     spent = {
         (site, int(r)): float(eps)
         for site, r, eps in re.findall(r"fedxvit (site\d) round (\d): .*DP-SGD epsilon (\S+) of 8 spent", log)
