@@ -6,7 +6,6 @@ benchmark generation) for a quick loop.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import write_tiny_run, write_tiny_site
+from tiny import free_port, write_tiny_run, write_tiny_site
 
 
 @pytest.fixture(autouse=True)
@@ -39,9 +38,7 @@ def tiny_run(tmp_path_factory) -> dict:
 @pytest.fixture
 def mlflow_server(tmp_path):
     """`mlflow server` with a SQLite backend and proxied artifacts in tmp_path; yields its URI."""
-    with socket.socket() as sock:  # a free local port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "mlflow_server.log", "w")
     server = subprocess.Popen(

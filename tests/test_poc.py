@@ -6,23 +6,16 @@ port, so it does not meet another POC system on NVFlare's default 8002."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_job, tiny_sites_and_initial_model
+from tiny import free_port, tiny_job, tiny_sites_and_initial_model
 
 from fedxvit.errors import FedXViTError
 from fedxvit.poc import RESUME_MODEL_FILE, continuation_job, validate
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_poc(tmp_path: Path, *drill: str) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@ The server's tracking widget around NVFlare's real MLflowReceiver, in process on
 the server's metrics, the end-of-run record (fedxvit.run_record), and a restarted job continuing its runs."""
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from nvflare.apis.fl_constant import EventScope, FLContextKey, ProcessType, Rese
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo
 from nvflare.apis.workspace import Workspace
-from tiny import write_tiny_run
+from tiny import free_port, write_tiny_run
 
 from fedxvit import run_record, tracking
 from fedxvit.errors import FedXViTError
@@ -30,13 +29,6 @@ WORKSPACE_PATH = (
     "/subscriptions/0b1f6471-1bf0-4dda-aec3-111122223333/resourceGroups/rg-hospitals"
     "/providers/Microsoft.MachineLearningServices/workspaces/fedxvit-ws"
 )
-
-
-def closed_port() -> int:
-    """A local port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -109,7 +101,7 @@ def test_unauthenticated_azure_stops_with_one_clear_line(tmp_path, no_tracking_e
     monkeypatch.setenv("AZURE_CLIENT_ID", "00000000-0000-0000-0000-00000000c11e")
     monkeypatch.setenv("AZURE_TENANT_ID", "00000000-0000-0000-0000-000000007e4")
     monkeypatch.setenv("AZURE_CLIENT_SECRET", "not-a-secret")
-    monkeypatch.setenv("AZURE_AUTHORITY_HOST", f"https://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("AZURE_AUTHORITY_HOST", f"https://127.0.0.1:{free_port()}")
     with pytest.raises(FedXViTError) as failure:
         tracking.resolve_tracking(timeout_s=20)
     message = str(failure.value)
@@ -124,7 +116,7 @@ def test_unreachable_server_fails_unless_the_local_fallback_is_asked_for(tmp_pat
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     local = f"sqlite:///{tmp_path / 'local' / 'mlflow.db'}"
     monkeypatch.setattr(tracking, "local_store", lambda: (local, None))
-    uri = f"http://tracker:s3cret@127.0.0.1:{closed_port()}"
+    uri = f"http://tracker:s3cret@127.0.0.1:{free_port()}"
     with pytest.raises(
         FedXViTError, match=r"MLflow tracking store http://\*\*\*@127\.0\.0\.1:\d+ is unreachable"
     ) as failure:
@@ -145,7 +137,7 @@ def test_a_store_that_hangs_is_cut_off():
 
 def test_the_widget_stops_the_run_instead_of_running_untracked(no_tracking_env):
     no_tracking_env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    widget = FederatedMLflowTracking(tracking_uri=f"http://127.0.0.1:{closed_port()}", timeout_s=20)
+    widget = FederatedMLflowTracking(tracking_uri=f"http://127.0.0.1:{free_port()}", timeout_s=20)
     panics = []
     widget.system_panic = lambda reason, fl_ctx: panics.append(reason)
     widget.handle_event(EventType.START_RUN, FLContext())

@@ -5,6 +5,7 @@ few dozen PNGs and a training step takes milliseconds."""
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,13 @@ def simulate(job: Path, workspace: Path, data_root: Path, initial: Path, sites=S
         log = workspace / SIMULATOR_LOG
         pytest.fail(f"{error}\n{log.read_text()[-4000:] if log.is_file() else ''}")
     return run_dir, (workspace / SIMULATOR_LOG).read_text()
+
+
+def free_port() -> int:
+    """A local port nothing listens on (bound, then released): for a server a test starts, or must not reach."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def write_initial_model(path: Path) -> Path:
