@@ -102,4 +102,4 @@ compare-quick: setup
 # reused) -> results/privacy/.
 .PHONY: compare-privacy
 compare-privacy: setup
-	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results/privacy --methods fedavg,percentile,svt,exclude,dp-sgd $(COMPARE_ARGS)
+	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results/privacy --methods fedavg,percentile,svt,exclude,dp-sgd-eps1,dp-sgd-eps3,dp-sgd-eps8 $(COMPARE_ARGS)

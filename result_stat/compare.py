@@ -40,9 +40,11 @@ PRIVACY_METHOD_JOBS = {  # FedAvg behind one of NVFlare's privacy filters (make 
     "percentile": "jobs/fedxvit_percentile_privacy",
     "svt": "jobs/fedxvit_svt_privacy",
     "exclude": "jobs/fedxvit_exclude_vars",
-    "dp-sgd": "jobs/fedxvit_dp_sgd",
+    **{f"dp-sgd-eps{eps}": "jobs/fedxvit_dp_sgd" for eps in (1, 3, 8)},
 }
 KNOWN_METHODS = {**METHOD_JOBS, **PRIVACY_METHOD_JOBS}
+# client variables a known method sets on its job copy: one job, several settings (DP-SGD's budget per run)
+METHOD_CLIENT_VARIABLES = {f"dp-sgd-eps{eps}": {"dp_epsilon": float(eps)} for eps in (1, 3, 8)}
 REFERENCE, CENTRALIZED, LOCAL_ONLY, START = "fedavg", "centralized", "local-only", "start"
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
 GAP_METRIC = "balanced_accuracy"
@@ -285,9 +287,17 @@ def personalized_models(simulator_dir: Path, scenario: Scenario) -> dict:
 
 
 def federated_run(
-    scenario: Scenario, job: Path, rounds: int, local_epochs: int, seed: int, tracking_uri: str, timeout_s: int
+    scenario: Scenario,
+    job: Path,
+    rounds: int,
+    local_epochs: int,
+    seed: int,
+    tracking_uri: str,
+    timeout_s: int,
+    client_variables: dict | None = None,
 ):
-    """compute() of one federated run: the job copy with this run's variables, the simulator, then scores."""
+    """compute() of one federated run: the job copy with this run's variables (and the method's own client
+    variables, e.g. DP-SGD's budget), the simulator, then scores."""
     from fedxvit.checkpoint import load_global_model
 
     def compute(folder: Path) -> dict:
@@ -300,7 +310,7 @@ def federated_run(
                 "preset": scenario.preset,
                 "tracking_uri": tracking_uri,
             },
-            client={"local_epochs": local_epochs, "seed": seed, "preset": scenario.preset},
+            client={**(client_variables or {}), "local_epochs": local_epochs, "seed": seed, "preset": scenario.preset},
             optional=("min_clients", "tracking_uri"),
         )
         run_dir = run_simulator(copy, folder / "simulator", scenario.data, scenario.sites, scenario.initial, timeout_s)
@@ -459,9 +469,11 @@ def compare(
                 "local_epochs": local_epochs,
                 "seed": seed,
             }
-            plan.append(
-                (name, seed, options, federated_run(scenario, job, rounds, local_epochs, seed, tracking_uri, timeout_s))
-            )
+            variables = METHOD_CLIENT_VARIABLES.get(name, {})
+            if variables:  # only then: the folders of runs without any keep their names
+                options["client_variables"] = variables
+            run = federated_run(scenario, job, rounds, local_epochs, seed, tracking_uri, timeout_s, variables)
+            plan.append((name, seed, options, run))
         settings = replace(base_settings, seed=seed)
         plan.append(
             (

@@ -288,14 +288,15 @@ def test_quick_comparison_writes_the_report_and_reuses_every_run(two_sites, tmp_
 
 def test_known_methods_include_the_privacy_jobs_and_default_to_the_algorithms():
     assert list(compare.parse_methods(None, REPO)) == list(compare.METHOD_JOBS)
-    chosen = compare.parse_methods("fedavg,percentile,svt,exclude,dp-sgd", REPO)
+    chosen = compare.parse_methods("fedavg,percentile,svt,exclude,dp-sgd-eps1", REPO)
     assert {name: folder.name for name, folder in chosen.items()} == {
         "fedavg": "fedxvit",
         "percentile": "fedxvit_percentile_privacy",
         "svt": "fedxvit_svt_privacy",
         "exclude": "fedxvit_exclude_vars",
-        "dp-sgd": "fedxvit_dp_sgd",
+        "dp-sgd-eps1": "fedxvit_dp_sgd",
     }
+    assert compare.METHOD_CLIENT_VARIABLES["dp-sgd-eps1"] == {"dp_epsilon": 1.0}
 
 
 def test_personalized_models_get_a_row_of_their_own_beside_their_methods_global_model():
