@@ -63,13 +63,25 @@ demo: data expert transfer simulate baselines results
 bench: setup
 	$(PY) bench/run.py
 
+# What HE costs: plain vs HE FedAvg in POC per freeze policy (time and bytes per round, test accuracy) -> bench/he.json.
+.PHONY: bench-he
+bench-he: setup
+	PYTHONPATH=$(CURDIR) $(PY) bench/he_cost.py --data $(DATA)
+
 # The same job in NVFlare's POC deployment (real server and client processes), then stopped.
 # Fault drills: make poc POC_ARGS="--kill-server-after-round 1" (or "--min-clients 2 --kill-site site3").
 POC_ARGS ?=
 poc: setup
 	$(PY) -m fedxvit.poc $(POC_ARGS)
 
-# The algorithm jobs (jobs/fedxvit_fedprox, _fedopt, _scaffold, _cyclic), generated from jobs/fedxvit by fedxvit.jobs.
+# FedAvg with homomorphic encryption (jobs/fedxvit_he) in a POC system provisioned for HE: the server
+# aggregates ciphertext only. Decrypt the final model at a site: python -m fedxvit.he decrypt (docs/privacy.md).
+.PHONY: poc-he
+poc-he: setup
+	$(PY) -m fedxvit.poc --job jobs/fedxvit_he --out workspace/poc-he $(POC_ARGS)
+
+# The algorithm and privacy jobs (jobs/fedxvit_fedprox, _fedopt, _scaffold, _cyclic, _ditto, _percentile_privacy,
+# _svt_privacy, _exclude_vars, _dp_sgd, _he), generated from jobs/fedxvit by fedxvit.jobs.
 jobs: setup
 	$(PY) -m fedxvit.jobs
 

@@ -157,6 +157,12 @@ def summarize_method(per_seed: dict) -> dict:
             "balanced_accuracy": mean_std(s["sites"][s["worst_site"]]["balanced_accuracy"] for s in scores),
             "sites": [s["worst_site"] for s in scores],
         },
+        # every hospital counts once, whatever its test split's size (pooled scores favour the large ones)
+        "hospital_mean": {
+            "balanced_accuracy": mean_std(
+                float(np.mean([site["balanced_accuracy"] for site in s["sites"].values()])) for s in scores
+            )
+        },
     }
 
 
@@ -286,6 +292,77 @@ def personalized_models(simulator_dir: Path, scenario: Scenario) -> dict:
     }
 
 
+FEDSM_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)  # 1.0: the global model only
+
+
+def fedsm_routed(selector: dict, personal: dict, global_preds: dict, sites: list, threshold: float) -> tuple:
+    """({site: {"labels", "probs"}} of FedSM's super-model, {site: routes}) from each model's predictions on
+    every site's images (fedxvit.fedsm.route)."""
+    from fedxvit.fedsm import route
+
+    out, routes = {}, {}
+    for site, preds in global_preds.items():
+        options = {i: personal[s][site]["probs"] for i, s in enumerate(sites) if s in personal}
+        routed = route(selector[site]["probs"], threshold, options, preds["probs"])
+        out[site] = {"labels": preds["labels"], "probs": routed["probs"].round(6).tolist()}
+        routes[site] = routed["routes"].tolist()
+    return out, routes
+
+
+def fedsm_super_model(run_dir: Path, scenario: Scenario, global_model) -> dict | None:
+    """FedSM's super-model of a run (None without fedsm_models.pt): the routing threshold that maximizes
+    pooled validation balanced accuracy (ties: the higher threshold, fewer routes), its test predictions,
+    the selector's site-identification accuracy on test and how often each route is taken."""
+    from fedxvit.fedsm import MODELS_FILE, load_fedsm_models
+
+    path = run_dir / "app_server" / MODELS_FILE
+    if not path.is_file():
+        return None
+    models = load_fedsm_models(path, global_model, scenario.preset, scenario.device)
+    sites = models["sites"]
+    preds = {}
+    for split in ("validation", "test"):
+        preds[split] = {
+            "global": scenario.predict(global_model, split),
+            "selector": scenario.predict(models["selector"], split),
+            "personal": {s: scenario.predict(m, split) for s, m in models["personalized"].items()},
+        }
+    by_threshold = {}
+    for threshold in FEDSM_THRESHOLDS:
+        routed, _ = fedsm_routed(
+            preds["validation"]["selector"],
+            preds["validation"]["personal"],
+            preds["validation"]["global"],
+            sites,
+            threshold,
+        )
+        by_threshold[threshold] = score_sites(routed)["pooled"][GAP_METRIC]
+    best = max(by_threshold.values())
+    threshold = max(t for t, v in by_threshold.items() if v == best)
+    test, routes = fedsm_routed(
+        preds["test"]["selector"], preds["test"]["personal"], preds["test"]["global"], sites, threshold
+    )
+    identified = [
+        int(np.argmax(p) == sites.index(site))
+        for site, selected in preds["test"]["selector"].items()
+        if site in sites
+        for p in selected["probs"]
+    ]
+    taken = [(site, r) for site, rs in routes.items() for r in rs]
+    return {
+        "test": test,
+        "missing_personalized": [s for s in sites if s not in models["personalized"]],  # routed to the global model
+        "threshold": threshold,
+        "validation_balanced_accuracy_by_threshold": {str(t): v for t, v in by_threshold.items()},
+        "selector_test_accuracy": float(np.mean(identified)) if identified else None,
+        "routes": {
+            "global": sum(r == -1 for _, r in taken) / len(taken),
+            "own_site": sum(r >= 0 and sites[r] == site for site, r in taken) / len(taken),
+            "other_site": sum(r >= 0 and sites[r] != site for site, r in taken) / len(taken),
+        },
+    }
+
+
 def federated_run(
     scenario: Scenario,
     job: Path,
@@ -323,6 +400,11 @@ def federated_run(
             "final_val_accuracy": final_val,
             "val_curve": (curve or [None] * rounds) + [final_val],
         }
+        super_model = fedsm_super_model(run_dir, scenario, model)
+        if super_model:  # FedSM: the selector routes each image; scored like a personalized model
+            result["personalized_test"] = super_model.pop("test")
+            result["personalized_fallback"] = super_model["missing_personalized"]
+            result["fedsm"] = super_model
         personal = personalized_models(folder / "simulator", scenario)
         if personal:  # each site's own model on its own test split; the global model where a site kept none
             result["personalized_test"] = {
@@ -607,12 +689,14 @@ def compare_markdown(report: dict) -> str:
         f"epochs from the same start. Seeds {seeds}: every cell is mean ± std over seeds, in percent.\n",
         "Scores: the final global model of each method on every hospital's **test** split, pooled and per hospital "
         "(nothing was tuned or selected on test). Local-only: each hospital's own model on its own test split. "
-        "`<method> (personalized)`: each hospital's personalized model of that method (Ditto) on its own test split. "
+        "`<method> (personalized)`: Ditto: each hospital's personalized model on its own test split; FedSM: the "
+        "super-model (the selector routes each image to a personalized model or the global one, threshold chosen on "
+        "validation). "
         "Start: the initial model, untrained (one value).\n",
         "## Pooled test set\n",
         "| method | accuracy | balanced accuracy | macro-F1 | ROC-AUC | worst hospital (balanced accuracy) | "
-        "FedAvg→centralized gap closed | vs FedAvg (balanced accuracy) |",
-        "|---|---:|---:|---:|---:|---|---:|---|",
+        "mean of hospitals (balanced accuracy) | FedAvg→centralized gap closed | vs FedAvg (balanced accuracy) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for name in names:
         row = table[name]
@@ -632,8 +716,8 @@ def compare_markdown(report: dict) -> str:
         lines.append(
             f"| {name} | "
             + " | ".join(_cell(row["pooled"][m]) for m in METRICS)
-            + f" | {_cell(row['worst_site']['balanced_accuracy'])} ({', '.join(worst_sites)}) | {share_text} | "
-            f"{versus_text} |"
+            + f" | {_cell(row['worst_site']['balanced_accuracy'])} ({', '.join(worst_sites)}) | "
+            f"{_cell(row['hospital_mean']['balanced_accuracy'])} | {share_text} | {versus_text} |"
         )
     gap = next((table[n]["gap_share"]["gap"] for n in names if table[n].get("gap_share")), None)
     if gap and gap["mean"] is not None:

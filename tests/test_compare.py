@@ -126,12 +126,13 @@ def test_aggregate_composes_local_only_and_closes_half_the_gap(tmp_path):
     )
     files = compare.write_outputs(report, tmp_path)
     markdown = files["markdown"].read_text()
-    # accuracy 5/6, balanced 5/6, macro-F1 (0.8 + 6/7)/2, ROC-AUC 8/9, worst a, half the gap, +1/6 over FedAvg
+    # accuracy 5/6, balanced 5/6, macro-F1 (0.8 + 6/7)/2, ROC-AUC 8/9, worst a, mean of a (5/6) and b (1),
+    # half the gap, +1/6 over FedAvg
     assert (
-        "| local-only | 83.3 ± 0.0 | 83.3 ± 0.0 | 82.9 ± 0.0 | 88.9 ± 0.0 | 83.3 ± 0.0 (a) | 50.0 ± 0.0 | "
+        "| local-only | 83.3 ± 0.0 | 83.3 ± 0.0 | 82.9 ± 0.0 | 88.9 ± 0.0 | 83.3 ± 0.0 (a) | 91.7 ± 0.0 | 50.0 ± 0.0 | "
         "+16.7 pts: better |"
     ) in markdown
-    assert "| start | 66.7 | 66.7 | 66.7 | 66.7 | 50.0 (b) | — | — |" in markdown  # one value: no ±
+    assert "| start | 66.7 | 66.7 | 66.7 | 66.7 | 50.0 (b) | 66.7 | — | — |" in markdown  # one value: no ±
     assert json.loads(files["json"].read_text())["methods"]["local-only"]["gap_share"]["per_seed"] == pytest.approx(
         {"0": 0.5, "1": 0.5}
     )

@@ -57,7 +57,7 @@ FILTER_JOBS = ("fedxvit_percentile_privacy", "fedxvit_svt_privacy", "fedxvit_exc
 
 
 def test_every_privacy_job_is_tracked_as_such_and_the_filter_jobs_use_a_stock_nvflare_filter():
-    assert set(PRIVACY_JOBS) == {*FILTER_JOBS, "fedxvit_dp_sgd"}
+    assert set(PRIVACY_JOBS) == {*FILTER_JOBS, "fedxvit_dp_sgd", "fedxvit_he"}
     client = json.loads((REPO / "jobs" / "fedxvit_dp_sgd" / CLIENT).read_text())
     assert client["task_result_filters"] == [] and client["dp_epsilon"] > 0  # DP-SGD works inside training
     for job in PRIVACY_JOBS:

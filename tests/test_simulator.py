@@ -41,6 +41,13 @@ def test_three_sites_two_rounds_in_the_simulator(tmp_path, mlflow_server):
     rounds = json.loads((job_dir / "global_val.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1]
     assert all(r["num_sites"] == 3 and r["val_count"] == 12 for r in rounds)
+    # UpdateSizeLog: every update the server received, in clear, 4 bytes per value (float32 differences)
+    updates = json.loads((job_dir / "update_sizes.json").read_text())["updates"]
+    assert sorted((u["round"], u["site"]) for u in updates) == [(r, s) for r in (0, 1) for s in SITES]
+    assert all(u["encrypted"] == 0 and u["in_clear"] == u["tensors"] > 0 for u in updates)
+    assert all(u["bytes"] == 4 * u["values"] for u in updates)
+    trained = sum(start[k].numel() for k in changed if start[k].is_floating_point())
+    assert updates[0]["values"] >= trained
 
     cross_site = json.loads((job_dir / "cross_site_val" / "cross_val_results.json").read_text())
     assert set(cross_site) == set(SITES)

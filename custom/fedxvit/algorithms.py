@@ -9,7 +9,9 @@
   c_local; its change travels to the server next to the weight difference;
 - `ditto`: FedAvg for the global model, plus a personalized model that never leaves the site,
   trained each round with NVFlare's PTDittoHelper: cross-entropy + lambda/2 * ||v - w_global||^2
-  towards the global model the site received (Li et al., ICML 2021).
+  towards the global model the site received (Li et al., ICML 2021);
+- `fedsm`: FedAvg for the global model, plus a personalized model and a site selector that travel
+  to the server's FedSM components (fedxvit.fedsm, Xu et al., CVPR 2022).
 
 The executor calls `attach(site)` once (the site's data and device, for a strategy that trains a
 model of its own), then per `train` task: `start_round(model, optimizer, global_controls)` once the
@@ -35,7 +37,7 @@ from torch import nn
 from fedxvit.errors import FedXViTError
 from fedxvit.training import evaluate, make_optimizer, train_epoch
 
-ALGORITHMS = ("fedavg", "fedprox", "scaffold", "ditto")
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "ditto", "fedsm")
 PERSONALIZED_MODEL = "best_personalized_model.pt"  # PTDittoHelper's file in the site's app folder
 
 
@@ -47,7 +49,9 @@ class RoundAborted(Exception):
 class SiteTraining:
     """What a strategy that trains a model of its own needs from the site (Ditto's personalized model)."""
 
-    new_model: Callable[[], nn.Module]  # the job's model with its freeze policy applied, on the device
+    new_model: Callable[
+        ..., nn.Module
+    ]  # the job's model (num_classes= another head) with its freeze policy, on the device
     train_loader: Iterable
     val_loader: Iterable
     device: torch.device
@@ -74,12 +78,20 @@ class FedAvg:
 
     name = "fedavg"
     needs_global_controls = False
+    task_parts = ()  # the parts of a train task's COLLECTION it reads besides the weights (FedSM's)
 
     def __init__(self):
         self.model = self.optimizer = None
 
     def attach(self, site: SiteTraining) -> None:
         pass
+
+    def receive(self, parts: dict, site_name: str) -> None:
+        """The train task's parts named in `task_parts` ({name: DXO}), before start_round."""
+
+    def parts(self) -> dict:
+        """{name: DXO} that travel beside the weight difference after finish_round (FedSM's models)."""
+        return {}
 
     def start_round(self, model: nn.Module, optimizer: torch.optim.Optimizer, global_controls: dict | None = None):
         self.model, self.optimizer = model, optimizer
@@ -303,6 +315,10 @@ def make_strategy(
         return Scaffold()
     if algorithm == "ditto":
         return Ditto(ditto_lambda, personal_epochs)
+    if algorithm == "fedsm":
+        from fedxvit.fedsm import FedSMSite
+
+        return FedSMSite(personal_epochs)
     raise FedXViTError(
         f"job option algorithm='{algorithm}' is unknown; choose one of {', '.join(ALGORITHMS)} "
         f"(FedOpt and cyclic sites run 'fedavg')"

@@ -91,6 +91,11 @@ def build_model_from_checkpoint(
     return model.to(device), meta
 
 
+def encrypted_tensors(state: dict) -> list[str]:
+    """Names of the tensors a saved global model holds as ciphertext (the HE job's server saves TenSEAL bytes)."""
+    return [name for name, value in state.items() if isinstance(value, (bytes, bytearray))]
+
+
 def load_global_model(
     path: os.PathLike, preset: str, num_classes: int = len(TASK_CLASSES), device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
@@ -108,6 +113,12 @@ def load_global_model(
     state = saved.get("model", saved) if isinstance(saved, dict) else None
     if not isinstance(state, dict):
         raise FedXViTError(f"global model {path} holds no state_dict")
+    encrypted = encrypted_tensors(state)
+    if encrypted:
+        raise FedXViTError(
+            f"global model {path} holds {len(encrypted)} encrypted tensors (the HE job): decrypt it at a site "
+            "first, `python -m fedxvit.he decrypt` with the site's client_context.tenseal"
+        )
     model = build_model(preset, num_classes=num_classes)
     try:
         missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)

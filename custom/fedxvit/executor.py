@@ -87,12 +87,19 @@ def simulator_parallel_clients(fl_ctx: FLContext) -> int:
     return max(1, len(meta.get(JobMetaKey.JOB_CLIENTS.value) or []))
 
 
-def to_torch_state(weights: dict) -> dict:
-    """DXO weights (numpy arrays or tensors) -> CPU tensors, dtypes kept (BN counters stay int64)."""
-    return {
-        name: torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value.cpu()
-        for name, value in weights.items()
-    }
+def to_torch_state(weights: dict, like: dict | None = None) -> dict:
+    """DXO weights (numpy arrays, lists or tensors) -> CPU tensors, dtypes kept (BN counters stay int64).
+
+    With `like` (the receiving model's state), a tensor with the right number of values takes that model's
+    shape and dtype: NVFlare's HE decryptor hands decrypted tensors back flat, in float64."""
+    state = {}
+    for name, value in weights.items():
+        tensor = value.cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        own = (like or {}).get(name)
+        if own is not None and tensor.numel() == own.numel() and (tensor.shape, tensor.dtype) != (own.shape, own.dtype):
+            tensor = tensor.reshape(own.shape).to(own.dtype)
+        state[name] = tensor
+    return state
 
 
 def to_numpy_state(state: dict) -> dict:
@@ -104,40 +111,39 @@ def trainable_weight_diff(new_state: dict, old_state: dict, trainable: list[str]
     return {name: diff.float().numpy() for name, diff in weight_diff(new_state, old_state, trainable).items()}
 
 
-def read_train_task(dxo: DXO) -> tuple[dict, dict | None]:
-    """(global weights, global SCAFFOLD control variates or None) of a `train` task: a WEIGHTS DXO, or
-    ScatterAndGatherScaffold's COLLECTION of the weights and the controls."""
-    controls = None
+def read_train_task(dxo: DXO) -> tuple[dict, dict | None, dict]:
+    """(global weights, global SCAFFOLD control variates or None, other parts {name: DXO}) of a `train` task:
+    a WEIGHTS DXO, or a COLLECTION of the weights and ScatterAndGatherScaffold's controls or FedSM's models."""
+    controls, parts = None, {}
     if dxo.data_kind == DataKind.COLLECTION:
-        parts = dxo.data or {}
+        parts = dict(dxo.data or {})
         weights_dxo, controls_dxo = (
-            parts.get(AppConstants.MODEL_WEIGHTS),
-            parts.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL),
+            parts.pop(AppConstants.MODEL_WEIGHTS, None),
+            parts.pop(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL, None),
         )
-        if not isinstance(weights_dxo, DXO) or not isinstance(controls_dxo, DXO):
+        if not isinstance(weights_dxo, DXO) or not (isinstance(controls_dxo, DXO) or parts):
             raise FedXViTError(
-                f"train task COLLECTION holds {sorted(parts)}, expected "
-                f"{AppConstants.MODEL_WEIGHTS} and {AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL}"
+                f"train task COLLECTION holds {sorted(dxo.data or {})}, expected {AppConstants.MODEL_WEIGHTS} "
+                f"and {AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL} (or FedSM's parts)"
             )
-        dxo, controls = weights_dxo, controls_dxo.data
+        dxo, controls = weights_dxo, (controls_dxo.data if isinstance(controls_dxo, DXO) else None)
     if dxo.data_kind != DataKind.WEIGHTS:
         raise FedXViTError(f"train task expects WEIGHTS, got {dxo.data_kind}")
-    return dxo.data, controls
+    return dxo.data, controls, parts
 
 
-def train_result(diff: dict, meta: dict, control_deltas: dict | None = None) -> DXO:
-    """The WEIGHT_DIFF DXO a site sends; with SCAFFOLD's control-variate change, a COLLECTION of both as
-    ScatterAndGatherScaffold expects. The meta (steps, scores) sits on the outer DXO, where the model
-    selector and the global-validation widget read it, and on the weights."""
+def train_result(diff: dict, meta: dict, control_deltas: dict | None = None, parts: dict | None = None) -> DXO:
+    """The WEIGHT_DIFF DXO a site sends; with SCAFFOLD's control-variate change or a strategy's parts (FedSM's
+    models), a COLLECTION of them all, as ScatterAndGatherScaffold and FedSM's assembler expect. The meta
+    (steps, scores) sits on the outer DXO, where the model selector and the global-validation widget read
+    it, and on the weights."""
     update = DXO(data_kind=DataKind.WEIGHT_DIFF, data=diff, meta=dict(meta))
-    if not control_deltas:
+    if not control_deltas and not parts:
         return update
-    controls = DXO(data_kind=DataKind.WEIGHT_DIFF, data=control_deltas)
-    return DXO(
-        data_kind=DataKind.COLLECTION,
-        meta=dict(meta),
-        data={AppConstants.MODEL_WEIGHTS: update, AlgorithmConstants.SCAFFOLD_CTRL_DIFF: controls},
-    )
+    data = {AppConstants.MODEL_WEIGHTS: update, **(parts or {})}
+    if control_deltas:
+        data[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = DXO(data_kind=DataKind.WEIGHT_DIFF, data=control_deltas)
+    return DXO(data_kind=DataKind.COLLECTION, meta=dict(meta), data=data)
 
 
 class FedXViTExecutor(Executor):
@@ -259,14 +265,15 @@ class FedXViTExecutor(Executor):
             f"{threads} torch thread(s)",
         )
 
-    def _new_model(self) -> torch.nn.Module:
-        """Another model of the job's preset with its freeze policy, on the site's device (Ditto's personalized one)."""
-        model = build_model(self.preset, num_classes=len(TASK_CLASSES)).to(self.device)
+    def _new_model(self, num_classes: int = len(TASK_CLASSES)) -> torch.nn.Module:
+        """Another model of the job's preset with its freeze policy, on the site's device (a personalized
+        model; FedSM's selector, with one output per site)."""
+        model = build_model(self.preset, num_classes=num_classes).to(self.device)
         apply_freeze_policy(model, self.freeze_policy, self.last_k)
         return model
 
     def _load_weights(self, weights: dict) -> None:
-        state = to_torch_state(weights)
+        state = to_torch_state(weights, like=self.model.state_dict())
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected:
             raise FedXViTError(
@@ -313,12 +320,20 @@ class FedXViTExecutor(Executor):
         return make_reply(ReturnCode.TASK_ABORTED)
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        weights, global_controls = read_train_task(from_shareable(shareable))
+        weights, global_controls, parts = read_train_task(from_shareable(shareable))
         if global_controls is not None and not self.strategy.needs_global_controls:
             raise FedXViTError(
                 f"the server sent SCAFFOLD control variates but this site runs algorithm "
                 f"'{self.algorithm}': use the same job's client config (algorithm 'scaffold')"
             )
+        unexpected = sorted(set(parts) - set(self.strategy.task_parts))
+        if unexpected:
+            raise FedXViTError(
+                f"the server sent {', '.join(unexpected)} but this site runs algorithm '{self.algorithm}': "
+                "use the same job's client config"
+            )
+        if self.strategy.task_parts:
+            self.strategy.receive(parts, self.site_name)
         self._load_weights(weights)
         global_state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, "?")
@@ -407,7 +422,7 @@ class FedXViTExecutor(Executor):
             "train_metrics": train_metrics,
             **private,
         }
-        return train_result(diff, meta, control_deltas).to_shareable()
+        return train_result(diff, meta, control_deltas, self.strategy.parts()).to_shareable()
 
     def _budget_spent(self, fl_ctx: FLContext, current_round) -> Shareable:
         """This site's privacy budget cannot pay for another round: it stops sending (the round goes on without it)."""

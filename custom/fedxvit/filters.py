@@ -1,4 +1,5 @@
-"""Server-side guard on `train` results: a broken or poisoned update never reaches the aggregator.
+"""Server-side filters on `train` results: a broken or poisoned update never reaches the aggregator
+(RejectBadUpdates), and what every update held is recorded (UpdateSizeLog).
 
 One NaN in one site's update would make the FedAvg sum, and so the global model, NaN for
 everyone. The filter checks every tensor (finite, known name, same shape as the global
@@ -15,6 +16,10 @@ WEIGHT_DIFF instead, and the model passes on unchanged to the next site.
 """
 
 from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
@@ -123,6 +128,70 @@ class RejectBadUpdates(Filter):
         reply = DXO(data_kind=DataKind.WEIGHT_DIFF, data={}).to_shareable()
         reply.set_header(REJECT_REASON_HEADER, reason)
         return reply
+
+
+# ---- what each site sent: sizes and encryption, per round
+
+UPDATE_SIZES_FILE = "update_sizes.json"  # in the server's run folder
+
+
+def update_size(update: dict) -> dict:
+    """{"tensors", "encrypted", "in_clear", "values", "bytes"} of one update as the server received it: an
+    encrypted tensor (a TenSEAL CKKS vector, or its serialized bytes) counts its ciphertext's bytes, a
+    clear one its array's."""
+    sizes = {"tensors": 0, "encrypted": 0, "in_clear": 0, "values": 0, "bytes": 0}
+    for value in update.values():
+        sizes["tensors"] += 1
+        if isinstance(value, (bytes, bytearray)) or hasattr(value, "serialize"):
+            payload = value if isinstance(value, (bytes, bytearray)) else value.serialize()
+            sizes["encrypted"] += 1
+            sizes["values"] += int(value.size()) if hasattr(value, "size") and callable(value.size) else 0
+            sizes["bytes"] += len(payload)
+        else:
+            array = _as_array(value)
+            sizes["in_clear"] += 1
+            sizes["values"] += int(array.size)
+            sizes["bytes"] += int(array.nbytes)
+    return sizes
+
+
+class UpdateSizeLog(Filter):
+    """Server task_result_filter for `train`: logs and records what each site's update holds when it
+    arrives (tensors encrypted or in clear, bytes), per round, in <run folder>/update_sizes.json. The
+    result passes unchanged. It shows a privacy officer that the server received ciphertext only (the HE
+    job) and an operator what a round costs in bandwidth."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+            return shareable
+        try:
+            dxo = from_shareable(shareable)
+        except ValueError:
+            return shareable
+        sizes = {"tensors": 0, "encrypted": 0, "in_clear": 0, "values": 0, "bytes": 0}
+        for _, update in updates_in(dxo):
+            for key, value in update_size(update).items():
+                sizes[key] += value
+        round_number = shareable.get_header(AppConstants.CURRENT_ROUND, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
+        row = {"round": round_number, "site": _site(fl_ctx), **sizes}
+        self.log_info(
+            fl_ctx,
+            f"fedxvit: update from {row['site']} (round {round_number}): {sizes['tensors']} tensors, "
+            f"{sizes['encrypted']} encrypted, {sizes['in_clear']} in clear, {sizes['bytes'] / 1e6:.3f} MB",
+        )
+        try:
+            run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+            with self._lock:
+                path = run_dir / UPDATE_SIZES_FILE
+                rows = json.loads(path.read_text())["updates"] if path.is_file() else []
+                path.write_text(json.dumps({"updates": [*rows, row]}, indent=1) + "\n")
+        except (OSError, ValueError, KeyError) as exc:  # a record that cannot be written must not stop the job
+            self.log_error(fl_ctx, f"fedxvit: update size not recorded: {exc}")
+        return shareable
 
 
 def _site(fl_ctx: FLContext) -> str:

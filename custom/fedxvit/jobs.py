@@ -1,8 +1,8 @@
 """One source for every algorithm's job: jobs/fedxvit plus a small per-algorithm change.
 
-`python -m fedxvit.jobs` (`make jobs`) writes jobs/fedxvit_fedprox, _fedopt, _scaffold, _ditto
-and _cyclic, and the privacy variants _percentile_privacy, _svt_privacy, _exclude_vars and
-_dp_sgd, from jobs/fedxvit, so a common setting (a default, a component, a timeout) is changed
+`python -m fedxvit.jobs` (`make jobs`) writes jobs/fedxvit_fedprox, _fedopt, _scaffold, _ditto,
+_fedsm and _cyclic, and the privacy variants _percentile_privacy, _svt_privacy, _exclude_vars, _dp_sgd
+and _he, from jobs/fedxvit, so a common setting (a default, a component, a timeout) is changed
 once, in jobs/fedxvit, and the generated folders follow. They are committed, so each is a plain
 NVFlare job (`nvflare simulator jobs/<job> ...`); `--check` (and a test) fails when a committed
 folder differs from what this writes. jobs/fedxvit itself, FedAvg, is never rewritten.
@@ -10,8 +10,10 @@ folder differs from what this writes. jobs/fedxvit itself, FedAvg, is never rewr
 Each change below is the whole difference from FedAvg, built from NVFlare's stock components:
 FedProx, SCAFFOLD and Ditto switch the sites' strategy (fedxvit.algorithms); FedOpt swaps the
 shareable generator for PTFedOptModelShareableGenerator; SCAFFOLD runs ScatterAndGatherScaffold;
+FedSM keeps ScatterAndGather with fedxvit.fedsm's generator, assembler and task-data filter;
 cyclic replaces ScatterAndGather with CyclicController. The privacy variants are FedAvg with one
-of NVFlare's privacy filters on every site's `train` result, or with DP-SGD (docs/privacy.md).
+of NVFlare's privacy filters on every site's `train` result, with DP-SGD, or with NVFlare's
+homomorphic-encryption components (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -55,6 +57,15 @@ def find(config: dict, section: str, entry_id: str) -> dict:
 def drop(config: dict, section: str, *entry_ids: str) -> None:
     for entry_id in entry_ids:
         config[section].remove(find(config, section, entry_id))
+
+
+def find_filter(config: dict, filter_id: str) -> dict:
+    """The filter `filter_id` in a config's task_result_filters."""
+    for chain in config["task_result_filters"]:
+        for entry in chain["filters"]:
+            if entry.get("id") == filter_id:
+                return entry
+    raise FedXViTError(f"jobs/{BASE_JOB}: no task result filter '{filter_id}' (the per-algorithm changes need it)")
 
 
 def tracked_params(server: dict) -> dict:
@@ -111,6 +122,22 @@ def scaffold(server: dict, client: dict) -> None:
     tracked_params(server)["algorithm"] = "scaffold"
 
 
+def fedsm(server: dict, client: dict) -> None:
+    site_algorithm(client, "fedsm", personal_epochs=1)
+    set_variables(server, softpull_lambda=0.3)
+    find(server, "components", "shareable_generator")["path"] = "fedxvit.fedsm.FedSMShareableGenerator"
+    assembler = find(server, "components", "assembler")
+    assembler["path"] = "fedxvit.fedsm.FedSMAssembler"
+    assembler["args"]["softpull_lambda"] = "{softpull_lambda}"
+    server["task_data_filters"] = [
+        {
+            "tasks": ["train"],
+            "filters": [{"id": "fedsm_site_models", "path": "fedxvit.fedsm.FedSMSiteModels", "args": {}}],
+        }
+    ]
+    tracked_params(server).update(algorithm="fedsm", softpull_lambda="{softpull_lambda}")
+
+
 def ditto(server: dict, client: dict) -> None:
     site_algorithm(client, "ditto", ditto_lambda=0.1, personal_epochs=1)
     tracked_params(server)["algorithm"] = "ditto"
@@ -143,7 +170,7 @@ def cyclic(server: dict, client: dict) -> None:
             "order": "{order}",
         },
     )
-    (update_filter,) = server["task_result_filters"][0]["filters"]
+    update_filter = find_filter(server, "reject_bad_updates")
     update_filter["args"]["on_bad_result"] = "empty_update"  # CyclicController stops on any error result
     params = tracked_params(server)
     del params["min_clients"]
@@ -174,6 +201,13 @@ ALGORITHM_JOBS = {
         "trained after each round with NVFlare's PTDittoHelper towards the global model (job variables "
         "`ditto_lambda`, `personal_epochs`, client config); each site keeps its best one in "
         "best_personalized_model.pt.",
+    ),
+    "fedxvit_fedsm": (
+        fedsm,
+        "FedSM: FedAvg for the global model, plus a personalized model per site (the server sends each site "
+        "its SoftPull aggregate of the sites' personalized models; job variable `softpull_lambda`, server "
+        "config) and a selector that learns which site an image comes from (weights and Adam moments "
+        "averaged); the server keeps them in app_server/fedsm_models.pt for routing (fedxvit.fedsm).",
     ),
     "fedxvit_cyclic": (
         cyclic,
@@ -235,6 +269,51 @@ def dp_sgd(server: dict, client: dict) -> None:
     tracked_params(server)["privacy"] = "dp-sgd"
 
 
+NVFLARE_HE = "nvflare.app_opt.he"
+HE_JOB = "fedxvit_he"
+
+
+def homomorphic_encryption(server: dict, client: dict) -> None:
+    # NVFlare's TenSEAL (CKKS) components: the sites encrypt every update (weighted by their local steps)
+    # and decrypt the global model; the server adds ciphertexts and keeps the global model encrypted.
+    # It cannot look into an update, so the plaintext screening (RejectBadUpdates, ScreenedAssembler)
+    # goes, and the sites' local models are not collected for cross-site evaluation (they would reach
+    # the server in clear): only the global model is scored, at each site, after decryption there.
+    drop_variables(server, "aggregation", "norm_k", "trim_fraction")
+    server["task_result_filters"][0]["filters"].remove(find_filter(server, "reject_bad_updates"))
+    server["components"].insert(
+        0, {"id": "serialize_filter", "path": f"{NVFLARE_HE}.model_serialize_filter.HEModelSerializeFilter", "args": {}}
+    )
+    find(server, "components", "persistor")["args"]["filter_id"] = "serialize_filter"
+    generator = find(server, "components", "shareable_generator")
+    generator["path"] = f"{NVFLARE_HE}.model_shareable_generator.HEModelShareableGenerator"
+    drop(server, "components", "assembler")
+    aggregator = find(server, "components", "aggregator")
+    aggregator["path"] = "fedxvit.he.HEPartialUpdateAggregator"  # NVFlare's, for updates of the trainable tensors
+    aggregator["args"] = {}
+    find(server, "components", "model_locator")["path"] = "fedxvit.he.SerializedModelLocator"
+    cross_site = find(server, "workflows", "cross_site_model_eval")
+    cross_site["path"] = f"{NVFLARE_HE}.cross_site_model_eval.HECrossSiteModelEval"
+    cross_site["args"]["submit_model_task_name"] = ""  # local models stay at the sites
+    receiver = find(server, "components", "mlflow_receiver")["args"]
+    receiver["registered_model_name"] = ""  # the server's model is ciphertext: nothing readable to register
+    tracked_params(server)["privacy"] = "he"
+    client["task_data_filters"] = [
+        {
+            "tasks": ["train", "validate"],
+            "filters": [{"path": f"{NVFLARE_HE}.model_decryptor.HEModelDecryptor", "args": {}}],
+        }
+    ]
+    client["task_result_filters"] = [
+        {
+            "tasks": ["train"],
+            "filters": [
+                {"path": f"{NVFLARE_HE}.model_encryptor.HEModelEncryptor", "args": {"weigh_by_local_iter": True}}
+            ],
+        }
+    ]
+
+
 PRIVACY_JOBS = {
     "fedxvit_percentile_privacy": (
         percentile_privacy,
@@ -252,6 +331,12 @@ PRIVACY_JOBS = {
         "per-image clipping and noise, one accountant per site across rounds; job variables "
         "`dp_epsilon`, `dp_delta`, `dp_max_grad_norm`, client config).",
     ),
+    HE_JOB: (
+        homomorphic_encryption,
+        "FedAvg with homomorphic encryption (NVFlare's TenSEAL CKKS components): the server aggregates "
+        "encrypted updates and never holds a plaintext update or model. Needs a deployment provisioned for HE "
+        "(`make poc-he`, or `nvflare poc prepare -he`); it does not run in the simulator, which has no keys.",
+    ),
     "fedxvit_exclude_vars": (
         exclude_vars,
         "FedAvg whose sites never send the tensors matching `exclude_vars` (a regular expression; "
@@ -262,11 +347,15 @@ GENERATED_JOBS = {**ALGORITHM_JOBS, **PRIVACY_JOBS}
 
 
 def readme(name: str, description: str) -> str:
+    command = (
+        f"python -m fedxvit.poc --job jobs/{name}   # make poc-he: a POC system provisioned for HE"
+        if name == HE_JOB
+        else f"nvflare simulator jobs/{name} -w workspace -c site1,site2,site3 -gpu 0 -t 3"
+    )
     return (
         f"# {name}\n\nGenerated by `python -m fedxvit.jobs` (`make jobs`) from `jobs/{BASE_JOB}` and the "
         f"`{GENERATED_JOBS[name][0].__name__}` change in `custom/fedxvit/jobs.py`: edit those, then regenerate; "
-        f"do not edit this folder.\n\n{description}\n\n```bash\n"
-        f"nvflare simulator jobs/{name} -w workspace -c site1,site2,site3 -gpu 0 -t 3\n```\n\n"
+        f"do not edit this folder.\n\n{description}\n\n```bash\n{command}\n```\n\n"
         f"See {'docs/privacy.md' if name in PRIVACY_JOBS else 'docs/federated-jobs.md#algorithms'}.\n"
     )
 

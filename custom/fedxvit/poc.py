@@ -7,10 +7,11 @@
 The system is NVFlare's own: `nvflare poc prepare -c site1 site2 site3` and `nvflare poc start -ex
 admin@nvidia.com` (server + clients, no console) are CLI commands; the job is submitted, waited for
 and downloaded through NVFlare's Flare API session, logged in with the POC admin's startup kit;
-`nvflare poc stop` ends it. The job is submitted unchanged unless --min-clients asks for a copy
-with fewer required sites. The processes inherit this environment, so FEDXVIT_DATA_ROOT /
-FEDXVIT_DATA_<SITE>, FEDXVIT_INITIAL_MODEL and MLFLOW_TRACKING_URI work as in the simulator. The
-POC system is stopped at the end, also on failure.
+`nvflare poc stop` ends it. A copy of the job is submitted (NVFlare signs the folder it submits, in
+place), unchanged unless --min-clients asks for fewer required sites; a job with NVFlare's HE
+components gets a POC provisioned for HE (`prepare -he`). The processes inherit this environment,
+so FEDXVIT_DATA_ROOT / FEDXVIT_DATA_<SITE>, FEDXVIT_INITIAL_MODEL and MLFLOW_TRACKING_URI work as in
+the simulator. The POC system is stopped at the end, also on failure.
 
 The server-crash drill kills the server's process tree once round K has finished and restarts it
 with its own startup script. NVFlare 2.9.0 does not restore a running job after a server restart
@@ -43,6 +44,8 @@ ADMIN = "admin@nvidia.com"
 DEFAULT_SITES = ("site1", "site2", "site3")
 DEFAULT_PORT = 8002  # NVFlare's POC server port
 RESUME_MODEL_FILE = "resume_global_model.pt"
+HE_COMPONENTS = "nvflare.app_opt.he."
+CONFIG_FILES = ("config_fed_server.json", "config_fed_client.json")
 
 
 def poc_env(workspace: Path) -> dict:
@@ -73,14 +76,20 @@ def nvflare(args: list[str], workspace: Path, timeout: float = 120, home: Path |
     return output
 
 
-def prepare(workspace: Path, sites=DEFAULT_SITES, port: int = DEFAULT_PORT) -> None:
-    """`nvflare poc prepare`. Another port than NVFlare's 8002 (two POC systems on one machine) is set in
+def uses_he(job: Path) -> bool:
+    """Whether the job holds NVFlare's homomorphic-encryption components (it then needs HE keys: `prepare -he`)."""
+    return any(HE_COMPONENTS in (job / "app" / "config" / name).read_text() for name in CONFIG_FILES)
+
+
+def prepare(workspace: Path, sites=DEFAULT_SITES, port: int = DEFAULT_PORT, he: bool = False) -> None:
+    """`nvflare poc prepare` (with `-he`, every kit gets TenSEAL keys: the sites the secret key, the server
+    only the public context). Another port than NVFlare's 8002 (two POC systems on one machine) is set in
     the project.yml it wrote, and the workspace prepared again from that. It runs with a HOME of its own
     (<workspace>-nvflare/): it would otherwise make these kits the default in ~/.nvflare/config.conf,
     where every `nvflare job submit` of this user would then send its jobs (this run names its kit itself)."""
     setup = workspace.with_name(f"{workspace.name}-nvflare")  # outside the workspace, which prepare replaces
     setup.mkdir(parents=True, exist_ok=True)
-    nvflare(["poc", "prepare", "-c", *sites, "--force"], workspace, home=setup)
+    nvflare(["poc", "prepare", "-c", *sites, "--force", *(["-he"] if he else [])], workspace, home=setup)
     if port != DEFAULT_PORT:
         import yaml
 
@@ -89,7 +98,11 @@ def prepare(workspace: Path, sites=DEFAULT_SITES, port: int = DEFAULT_PORT) -> N
             if participant["type"] == "server":
                 participant.update(fed_learn_port=port, admin_port=port)
         (setup / "project.yml").write_text(yaml.safe_dump(project))
-        nvflare(["poc", "prepare", "-i", str(setup / "project.yml"), "--force"], workspace, home=setup)
+        nvflare(
+            ["poc", "prepare", "-i", str(setup / "project.yml"), "--force", *(["-he"] if he else [])],
+            workspace,
+            home=setup,
+        )
 
 
 def start(workspace: Path) -> None:
@@ -429,10 +442,15 @@ def run(
     started = time.perf_counter()
     killed, server_crash = 0, None
     with tempfile.TemporaryDirectory(prefix="fedxvit-poc-job-") as tmp:
-        if min_clients:
-            job = job_with_min_clients(job, min_clients, Path(tmp))
-        print(f"POC workspace {workspace}: preparing {', '.join(sites)}", flush=True)
-        prepare(workspace, sites, port)
+        # NVFlare signs the folder it submits, in place: submit a copy, so the user's job folder stays as it was
+        job = (
+            job_with_min_clients(job, min_clients, Path(tmp))
+            if min_clients
+            else shutil.copytree(job, Path(tmp) / job.name)
+        )
+        he = uses_he(job)
+        print(f"POC workspace {workspace}: preparing {', '.join(sites)}{' with HE keys' if he else ''}", flush=True)
+        prepare(workspace, sites, port, he)
         try:
             start(workspace)
             with admin_session(workspace) as session:

@@ -249,6 +249,9 @@ def record_run(
         ]
         if existing:
             continue
+        if not registered_name:  # e.g. the HE job: the server's model is ciphertext
+            done.append(f"{kind} global model not registered (no registered model name)")
+            continue
         path = run_dir / SERVER_APP / file_name
         if not path.is_file():
             done.append(f"no {kind} global model ({path.name}) to register")

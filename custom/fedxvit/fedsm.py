@@ -1,0 +1,486 @@
+"""FedSM (Xu et al., CVPR 2022): a global model, one personalized model per site and a selector.
+
+Every round each site trains three models from what the server sent it:
+- the global model, as in FedAvg (its weight difference, step-weighted mean at the server);
+- its personalized model, from the server's *SoftPull* aggregate for this site: site i gets
+  lambda * p_i + (1 - lambda) / (N - 1) * sum over the other sites j of p_j (`softpull_lambda`; the
+  weight of a site's own model, the rest shared equally): close to its own model, pulled a little
+  toward the others'. Only the site's own aggregate is sent to it (a server task-data filter);
+- the selector: the same network with one output per training site, taught to tell which site an
+  image comes from. Each site holds images of its own label only, so plain averaging of weights
+  would let every round's local training collapse the selector onto that label; as the FedSM
+  example says, the Adam moments are averaged and sent back with the weights.
+
+At inference (fedxvit.fedsm.route, `result_stat`), the selector routes an image to the personalized
+model of the site it most likely comes from when its probability is above a threshold chosen on
+validation, else to the global model; threshold 1.0 means "global model only".
+
+Only trainable tensors travel (the freeze policy's; the frozen backbone is the same everywhere).
+The server keeps the personalized models and the selector (the method needs them for routing) in
+<run>/app_server/fedsm_models.pt, rewritten every round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.model import ModelLearnable
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
+from torch import nn
+
+from fedxvit.aggregation import AGGREGATION_REPORT, ScreenedAssembler, combine_updates, screen_updates
+from fedxvit.errors import FedXViTError
+from fedxvit.filters import find_bad_tensor
+
+PERSONALIZED = "fedsm_personalized"  # task/result part: {tensor name: array} of one site's personalized model
+SELECTOR = "fedsm_selector"  # task/result part: {"weights": {...}, "exp_avg": {...}, "exp_avg_sq": {...}, "step": n}
+SITES = "fedsm_sites"  # meta of the selector part: the training sites, in the selector's output order
+MODELS_FILE = "fedsm_models.pt"  # in the server's app folder
+SELECTOR_SEED = 20220  # every site builds the same initial selector head from it
+
+
+# ---- plain functions: the method's arithmetic
+
+
+def softpull_weights(sites: list, softpull_lambda: float) -> Dict[str, Dict[str, float]]:
+    """{site i: {site j: weight of p_j in site i's aggregate}}; each row sums to one. One site: its own model."""
+    if not 0.0 <= float(softpull_lambda) <= 1.0:
+        raise FedXViTError(f"job option softpull_lambda={softpull_lambda}: must be between 0 and 1")
+    if len(sites) == 1:
+        return {sites[0]: {sites[0]: 1.0}}
+    other = (1.0 - softpull_lambda) / (len(sites) - 1)
+    return {i: {j: (softpull_lambda if i == j else other) for j in sites} for i in sites}
+
+
+def weighted_sum(states: Dict[str, dict], weights: Dict[str, float]) -> dict:
+    """sum_j weights[j] * states[j], tensor by tensor (float32 arrays)."""
+    names = next(iter(states.values())).keys()
+    return {
+        name: sum(np.float64(w) * np.asarray(states[s][name], dtype=np.float64) for s, w in weights.items()).astype(
+            np.float32
+        )
+        for name in names
+    }
+
+
+def softpull(personalized: Dict[str, dict], softpull_lambda: float) -> Dict[str, dict]:
+    """Each site's SoftPull aggregate of the sites' personalized models (softpull_weights)."""
+    matrix = softpull_weights(sorted(personalized), softpull_lambda)
+    return {site: weighted_sum(personalized, row) for site, row in matrix.items()}
+
+
+def average_selector(selectors: Dict[str, dict]) -> dict:
+    """The mean of the sites' selector weights and Adam moments (exp_avg, exp_avg_sq), and the largest step."""
+    sites = sorted(selectors)
+    equal = {s: 1.0 / len(sites) for s in sites}
+    return {
+        key: weighted_sum({s: selectors[s][key] for s in sites}, equal) for key in ("weights", "exp_avg", "exp_avg_sq")
+    } | {"step": max(int(selectors[s]["step"]) for s in sites)}
+
+
+def flat(personalized: Dict[str, dict]) -> dict:
+    """{site: {name: array}} -> {"site/name": array}: the sites' models in one WEIGHTS DXO."""
+    return {f"{site}/{name}": value for site, state in personalized.items() for name, value in state.items()}
+
+
+def nested(flat_models: dict) -> Dict[str, dict]:
+    """The inverse of flat()."""
+    out: Dict[str, dict] = {}
+    for key, value in flat_models.items():
+        site, _, name = key.partition("/")
+        out.setdefault(site, {})[name] = value
+    return out
+
+
+def route(selector_probs, threshold: float, personalized_probs: Dict[int, np.ndarray], global_probs) -> dict:
+    """FedSM's super-model on a batch of images: each image goes to the personalized model of the site the
+    selector gives the highest probability when that probability is above `threshold` (strictly: 1.0 routes
+    nothing), else to the global model. `personalized_probs`: {selector output index: that site's model's
+    class probabilities}; an index without a model falls back to the global model.
+    Returns {"probs": the super-model's class probabilities, "routes": per image the index or -1 (global)}."""
+    selector_probs = np.asarray(selector_probs, dtype=float)
+    out = np.array(global_probs, dtype=float, copy=True)
+    chosen = selector_probs.argmax(axis=1)
+    confident = selector_probs.max(axis=1) > threshold
+    routes = np.full(len(out), -1, dtype=int)
+    for index, probs in personalized_probs.items():
+        mask = confident & (chosen == index)
+        out[mask] = np.asarray(probs, dtype=float)[mask]
+        routes[mask] = index
+    return {"probs": out, "routes": routes}
+
+
+# ---- the site's part: one strategy of fedxvit.algorithms
+
+
+class _Relabeled:
+    """A loader whose every image is labelled `label` (the selector learns 'this comes from my site')."""
+
+    def __init__(self, loader, label: int):
+        self.loader, self.label = loader, label
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield {**batch, "label": torch.full_like(batch["label"], self.label)}
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def adam_moments(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """{"exp_avg", "exp_avg_sq": {name: array}, "step"} of the trainable parameters (zeros before any step)."""
+    moments = {"exp_avg": {}, "exp_avg_sq": {}, "step": 0}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = state.get(key)
+            moments[key][name] = (value if value is not None else torch.zeros_like(param)).detach().cpu().numpy()
+        moments["step"] = max(moments["step"], int(float(state.get("step", 0))))
+    return moments
+
+
+def load_adam_moments(model: nn.Module, optimizer: torch.optim.Optimizer, moments: dict) -> None:
+    """Set the optimizer's Adam state of every trainable parameter to the (averaged) moments."""
+    step = int(moments.get("step", 0))
+    if step == 0:
+        return
+    for name, param in model.named_parameters():
+        if param.requires_grad and name in moments["exp_avg"]:
+            optimizer.state[param] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": torch.as_tensor(np.asarray(moments["exp_avg"][name])).to(param).reshape(param.shape),
+                "exp_avg_sq": torch.as_tensor(np.asarray(moments["exp_avg_sq"][name])).to(param).reshape(param.shape),
+            }
+
+
+def trainable_arrays(model: nn.Module) -> dict:
+    return {
+        name: p.detach().cpu().numpy().astype(np.float32) for name, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def overlay(model: nn.Module, arrays: dict) -> None:
+    """Copy {name: array} into the model's tensors of those names (the rest stays)."""
+    own = model.state_dict()
+    unknown = sorted(set(arrays) - set(own))
+    if unknown:
+        raise FedXViTError(f"FedSM: the server sent {len(unknown)} tensors this model lacks (first: {unknown[0]})")
+    with torch.no_grad():
+        for name, value in arrays.items():
+            own[name].copy_(torch.as_tensor(np.asarray(value)).reshape(own[name].shape))
+
+
+def build_selector(new_model, global_state: dict, num_sites: int) -> nn.Module:
+    """The job's model with one output per training site: the global model's backbone, a head every site
+    initializes alike (SELECTOR_SEED)."""
+    selector = new_model(num_classes=num_sites)
+    backbone = {k: v for k, v in global_state.items() if not k.startswith("head.")}
+    missing, unexpected = selector.load_state_dict(backbone, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise FedXViTError("FedSM: the selector does not fit the global model's backbone")
+    generator = torch.Generator().manual_seed(SELECTOR_SEED)
+    with torch.no_grad():
+        selector.head.weight.copy_(torch.randn(selector.head.weight.shape, generator=generator) * 0.02)
+        selector.head.bias.zero_()
+    return selector
+
+
+class FedSMSite:
+    """FedSM at a site (see the module doc), a strategy of fedxvit.algorithms: the executor's loop trains the
+    global model; finish_round then trains the personalized model and the selector, whose trainable tensors
+    (and the selector's Adam moments) travel beside the weight difference (`parts`)."""
+
+    name = "fedsm"
+    needs_global_controls = False
+    task_parts = (PERSONALIZED, SELECTOR)
+
+    def __init__(self, personal_epochs: int = 1):
+        if int(personal_epochs) < 1:
+            raise FedXViTError(f"job option personal_epochs={personal_epochs}: must be at least 1")
+        self.personal_epochs = int(personal_epochs)
+        self.site = self.model = self.optimizer = None
+        self.received = self.sent = None
+        self.metrics = {}
+
+    def attach(self, site) -> None:
+        self.site = site
+
+    def receive(self, parts: Dict[str, DXO], site_name: str) -> None:
+        personal, selector = parts.get(PERSONALIZED), parts.get(SELECTOR)
+        sites = list(selector.get_meta_prop(SITES) or []) if isinstance(selector, DXO) else []
+        if site_name not in sites:
+            raise FedXViTError(f"FedSM: site {site_name} is not among the selector's training sites {sites}")
+        self.received = {
+            "personalized": dict(personal.data or {}) if isinstance(personal, DXO) else {},
+            "selector": dict(selector.data or {}),
+            "sites": sites,
+            "index": sites.index(site_name),
+        }
+
+    def start_round(self, model, optimizer, global_controls=None):
+        if self.received is None:
+            raise FedXViTError(
+                "algorithm 'fedsm' needs FedSM's server (jobs/fedxvit_fedsm): the task held no FedSM parts"
+            )
+        self.model, self.optimizer = model, optimizer
+        self.received["global"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.metrics, self.sent = {}, None
+
+    def extra_loss(self):
+        return None
+
+    def after_step(self) -> None:
+        pass
+
+    def _train(self, model, optimizer, loader, should_abort, what: str) -> dict:
+        from fedxvit.algorithms import RoundAborted
+        from fedxvit.training import train_epoch
+
+        last = {}
+        for _ in range(self.personal_epochs):
+            last = train_epoch(model, loader, optimizer, self.site.device, should_abort=should_abort)
+            if last["aborted"]:
+                raise RoundAborted(f"while training the {what}")
+        return last
+
+    def finish_round(self, should_abort=None) -> dict:
+        from fedxvit.algorithms import RoundAborted
+        from fedxvit.training import evaluate, make_optimizer
+
+        should_abort = should_abort or (lambda: False)
+        received, site = self.received, self.site
+        personal = site.new_model()
+        personal.load_state_dict(received["global"])
+        overlay(personal, received["personalized"])  # round 0: none yet, it starts as the global model
+        self._train(
+            personal,
+            make_optimizer(personal, site.learning_rate),
+            site.train_loader,
+            should_abort,
+            "personalized model",
+        )
+        scores = evaluate(personal, site.val_loader, site.device, should_abort=should_abort)
+        if scores["aborted"]:
+            raise RoundAborted("while scoring the personalized model")
+
+        selector = build_selector(site.new_model, received["global"], len(received["sites"]))
+        overlay(selector, received["selector"].get("weights", {}))
+        optimizer = make_optimizer(selector, site.learning_rate)
+        load_adam_moments(selector, optimizer, received["selector"])
+        label = received["index"]
+        trained = self._train(selector, optimizer, _Relabeled(site.train_loader, label), should_abort, "selector")
+        picked = evaluate(selector, _Relabeled(site.val_loader, label), site.device, should_abort=should_abort)
+        if picked["aborted"]:
+            raise RoundAborted("while scoring the selector")
+        self.sent = {
+            PERSONALIZED: DXO(data_kind=DataKind.WEIGHTS, data=trainable_arrays(personal)),
+            SELECTOR: DXO(
+                data_kind=DataKind.COLLECTION,
+                data={"weights": trainable_arrays(selector), **adam_moments(selector, optimizer)},
+                meta={SITES: received["sites"]},
+            ),
+        }
+        self.metrics = {
+            "personal_val_accuracy": scores["accuracy"],
+            "personal_val_loss": scores["loss"],
+            "selector_train_loss": trained.get("loss", float("nan")),
+            "selector_val_accuracy": picked["accuracy"],  # share of this site's images the selector assigns to it
+        }
+        self.received = None
+        return {}
+
+    def parts(self) -> Dict[str, DXO]:
+        return dict(self.sent or {})
+
+    def round_metrics(self) -> dict:
+        return dict(self.metrics)
+
+    def summary(self) -> str:
+        if not self.metrics:
+            return "fedsm"
+        return (
+            f"fedsm: personalized val_acc={self.metrics['personal_val_accuracy']:.4f}, selector picks this site "
+            f"for {self.metrics['selector_val_accuracy']:.0%} of its validation images"
+        )
+
+    def params(self) -> dict:
+        return {"algorithm": self.name, "personal_epochs": self.personal_epochs}
+
+
+# ---- inference: the super-model's parts from a finished run
+
+
+def load_fedsm_models(path: Path, global_model: nn.Module, preset: str, device="cpu") -> dict:
+    """{"sites", "selector", "personalized": {site: model}} of a run's MODELS_FILE: each personalized model is the
+    final global model with that site's trainable tensors, the selector the global backbone with its own."""
+    from fedxvit.classes import TASK_CLASSES
+    from fedxvit.model import build_model
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        sites = list(saved["sites"])
+    except Exception as exc:
+        raise FedXViTError(f"cannot read FedSM models {path}: {type(exc).__name__}: {exc}") from None
+    global_state = {k: v.detach().cpu() for k, v in global_model.state_dict().items()}
+    personalized = {}
+    for site, state in saved["personalized"].items():
+        model = build_model(preset, num_classes=len(TASK_CLASSES))
+        model.load_state_dict(global_state)
+        overlay(model, state)
+        personalized[site] = model.to(device).eval()
+    selector = build_selector(
+        lambda num_classes: build_model(preset, num_classes=num_classes), global_state, len(sites)
+    )
+    overlay(selector, saved["selector"])
+    return {"sites": sites, "selector": selector.to(device).eval(), "personalized": personalized}
+
+
+# ---- the server's part: NVFlare's ScatterAndGather with these three components
+
+
+def sites_of(fl_ctx: FLContext) -> list:
+    """The training sites, sorted: the selector's output order."""
+    return sorted(client.name for client in fl_ctx.get_engine().get_clients())
+
+
+class FedSMShareableGenerator(FullModelShareableGenerator):
+    """NVFlare's full-model generator for the global model, plus FedSM's state: every site's personalized
+    model (its SoftPull aggregate) and the selector, kept here between rounds and saved to MODELS_FILE."""
+
+    def __init__(self):
+        super().__init__()
+        self.personalized: Dict[str, dict] = {}
+        self.selector: dict = {}
+        self.sites: list = []
+
+    def learnable_to_shareable(self, model_learnable: ModelLearnable, fl_ctx: FLContext) -> Shareable:
+        global_dxo = from_shareable(super().learnable_to_shareable(model_learnable, fl_ctx))
+        if not self.sites:
+            self.sites = sites_of(fl_ctx)
+        return DXO(
+            data_kind=DataKind.COLLECTION,
+            data={
+                AppConstants.MODEL_WEIGHTS: global_dxo,
+                PERSONALIZED: DXO(data_kind=DataKind.WEIGHTS, data=flat(self.personalized)),  # a site gets its own
+                SELECTOR: DXO(data_kind=DataKind.COLLECTION, data=dict(self.selector), meta={SITES: self.sites}),
+            },
+        ).to_shareable()
+
+    def shareable_to_learnable(self, shareable: Shareable, fl_ctx: FLContext) -> ModelLearnable:
+        dxo = from_shareable(shareable)
+        parts = dxo.data or {}
+        learnable = super().shareable_to_learnable(parts[AppConstants.MODEL_WEIGHTS].to_shareable(), fl_ctx)
+        if isinstance(parts.get(PERSONALIZED), DXO):
+            self.personalized.update(nested(parts[PERSONALIZED].data or {}))
+        if isinstance(parts.get(SELECTOR), DXO) and parts[SELECTOR].data:
+            self.selector = dict(parts[SELECTOR].data)
+        self.save(fl_ctx)
+        return learnable
+
+    def save(self, fl_ctx: FLContext) -> None:
+        app_dir = Path(fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id()))
+        tensors = lambda state: {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}  # noqa: E731
+        content = {
+            "sites": list(self.sites),
+            "personalized": {site: tensors(state) for site, state in self.personalized.items()},
+            "selector": tensors(self.selector.get("weights", {})),
+        }
+        tmp = app_dir / (MODELS_FILE + ".tmp")
+        torch.save(content, tmp)
+        tmp.replace(app_dir / MODELS_FILE)
+
+
+class FedSMSiteModels(Filter):
+    """Server task-data filter on `train`: a site receives its own personalized aggregate only."""
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        dxo = from_shareable(shareable)
+        part = (dxo.data or {}).get(PERSONALIZED) if dxo.data_kind == DataKind.COLLECTION else None
+        if not isinstance(part, DXO):
+            return shareable
+        site = fl_ctx.get_peer_context().get_identity_name(default="?")
+        prefix = f"{site}/"
+        part.data = {k[len(prefix) :]: v for k, v in (part.data or {}).items() if k.startswith(prefix)}
+        return dxo.update_shareable(shareable)  # the task's headers (round, number of rounds) stay
+
+
+class FedSMAssembler(ScreenedAssembler):
+    """For NVFlare's CollectAndAssembleAggregator: the global weight differences screened and combined as in
+    the FedAvg job; each kept site's personalized model replaced by its SoftPull aggregate over the kept
+    sites; the selector's weights and Adam moments averaged."""
+
+    def __init__(
+        self, aggregation: str = "mean", norm_k: float = 10.0, trim_fraction: float = 0.2, softpull_lambda: float = 0.3
+    ):
+        super().__init__(aggregation, norm_k, trim_fraction, data_kind=DataKind.COLLECTION)
+        softpull_weights(["a"], softpull_lambda)
+        self.softpull_lambda = float(softpull_lambda)
+
+    def get_model_params(self, dxo: DXO) -> dict:
+        parts = dxo.data or {}
+        data = {name: parts.get(name) for name in (AppConstants.MODEL_WEIGHTS, PERSONALIZED, SELECTOR)}
+        return {
+            "update": data[AppConstants.MODEL_WEIGHTS].data
+            if isinstance(data[AppConstants.MODEL_WEIGHTS], DXO)
+            else {},
+            "personalized": data[PERSONALIZED].data if isinstance(data[PERSONALIZED], DXO) else {},
+            "selector": data[SELECTOR].data if isinstance(data[SELECTOR], DXO) else {},
+            "weight": float(dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 1) or 1),
+        }
+
+    def assemble(self, data: Dict[str, dict], fl_ctx: FLContext) -> DXO:
+        round_number = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        rejected = {}
+        for site, entry in data.items():  # the personalized model and selector must be complete and finite
+            problem = (
+                None if entry["personalized"] and entry["selector"] else "sent no FedSM personalized model or selector"
+            )
+            for label, tensors in (
+                ("personalized", entry["personalized"]),
+                ("selector", entry["selector"].get("weights", {})),
+            ):
+                problem = problem or (lambda p: p and f"{label}: {p}")(find_bad_tensor(tensors))
+            if problem:
+                rejected[site] = problem
+        complete = {site: entry["update"] for site, entry in data.items() if site not in rejected}
+        kept, screened = screen_updates(complete, self.norm_k)
+        rejected.update(screened)
+        for site, reason in rejected.items():
+            self.log_warning(fl_ctx, f"fedxvit: round {round_number}: dropped the update of {site}: {reason}")
+        fl_ctx.set_prop(AGGREGATION_REPORT, {"aggregated": kept, "rejected": rejected}, private=True, sticky=False)
+        if not kept:
+            self.log_error(fl_ctx, f"fedxvit: round {round_number}: no update to aggregate; every model stays")
+            return DXO(
+                data_kind=DataKind.COLLECTION, data={AppConstants.MODEL_WEIGHTS: DXO(DataKind.WEIGHT_DIFF, data={})}
+            )
+        weights = combine_updates(
+            {s: data[s]["update"] for s in kept},
+            {s: data[s]["weight"] for s in kept},
+            self.aggregation,
+            self.trim_fraction,
+        )
+        pulled = softpull({s: data[s]["personalized"] for s in kept}, self.softpull_lambda)
+        selector = average_selector({s: data[s]["selector"] for s in kept})
+        self.log_info(
+            fl_ctx,
+            f"fedxvit: round {round_number}: FedSM personalized models of {', '.join(kept)} soft-pulled "
+            f"(own weight {self.softpull_lambda:g}), selector weights and Adam moments averaged",
+        )
+        return DXO(
+            data_kind=DataKind.COLLECTION,
+            data={
+                AppConstants.MODEL_WEIGHTS: DXO(data_kind=DataKind.WEIGHT_DIFF, data=weights),
+                PERSONALIZED: DXO(data_kind=DataKind.WEIGHTS, data=flat(pulled)),
+                SELECTOR: DXO(data_kind=DataKind.COLLECTION, data=selector),
+            },
+        )

@@ -1,0 +1,232 @@
+"""FedSM (fedxvit.fedsm, jobs/fedxvit_fedsm): SoftPull aggregation of the personalized models, the
+selector's averaged Adam moments, routing, and one real simulator run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import AppConstants
+from tiny import REPO, SITES, simulate, tiny_job, tiny_sites_and_initial_model
+
+from fedxvit.algorithms import SiteTraining
+from fedxvit.checkpoint import load_global_model
+from fedxvit.data import make_loader
+from fedxvit.errors import FedXViTError
+from fedxvit.fedsm import (
+    MODELS_FILE,
+    PERSONALIZED,
+    SELECTOR,
+    FedSMAssembler,
+    FedSMSite,
+    FedSMSiteModels,
+    adam_moments,
+    build_selector,
+    load_adam_moments,
+    route,
+    softpull,
+    softpull_weights,
+)
+from fedxvit.fedsm import (
+    SITES as SITES_META,
+)
+from fedxvit.model import build_model
+from fedxvit.training import apply_freeze_policy, make_optimizer
+from result_stat.compare import Scenario, fedsm_routed, fedsm_super_model
+
+CPU = torch.device("cpu")
+
+
+def test_softpull_gives_each_site_its_own_weight_lambda_and_shares_the_rest():
+    weights = softpull_weights(["a", "b", "c"], 0.4)
+    assert weights["a"] == {"a": 0.4, "b": 0.3, "c": 0.3} and all(
+        abs(sum(r.values()) - 1) < 1e-12 for r in weights.values()
+    )
+    states = {s: {"w": np.full(2, v, dtype=np.float32)} for s, v in (("a", 1.0), ("b", 2.0), ("c", 4.0))}
+    pulled = softpull(states, 0.4)
+    np.testing.assert_allclose(pulled["a"]["w"], 0.4 * 1 + 0.3 * 2 + 0.3 * 4)
+    np.testing.assert_allclose(pulled["c"]["w"], 0.4 * 4 + 0.3 * 1 + 0.3 * 2)
+    assert softpull({"a": states["a"]}, 0.4)["a"]["w"].tolist() == [1.0, 1.0]
+    with pytest.raises(FedXViTError, match="softpull_lambda=1.5"):
+        softpull_weights(["a"], 1.5)
+
+
+def test_threshold_one_is_the_global_model_exactly_and_a_missing_model_falls_back_to_it():
+    selector = np.array([[0.9, 0.1], [0.2, 0.8], [1.0, 0.0]])
+    global_probs = np.array([[0.6, 0.4], [0.3, 0.7], [0.5, 0.5]])
+    personal = {0: np.array([[1.0, 0.0]] * 3), 1: np.array([[0.0, 1.0]] * 3)}
+    only_global = route(selector, 1.0, personal, global_probs)
+    assert np.array_equal(only_global["probs"], global_probs) and (only_global["routes"] == -1).all()
+    routed = route(selector, 0.5, personal, global_probs)
+    assert routed["routes"].tolist() == [0, 1, 0] and routed["probs"].tolist() == [[1, 0], [0, 1], [1, 0]]
+    without_site1 = route(selector, 0.5, {0: personal[0]}, global_probs)
+    assert without_site1["routes"].tolist() == [0, -1, 0] and without_site1["probs"][1].tolist() == [0.3, 0.7]
+
+
+def site_result(steps, diff, personal, selector):
+    parts = {
+        AppConstants.MODEL_WEIGHTS: DXO(DataKind.WEIGHT_DIFF, diff),
+        PERSONALIZED: DXO(DataKind.WEIGHTS, personal),
+        SELECTOR: DXO(DataKind.COLLECTION, selector),
+    }
+    return DXO(DataKind.COLLECTION, parts, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps})
+
+
+def test_the_assembler_soft_pulls_each_sites_model_and_averages_the_selectors_moments():
+    assembler = FedSMAssembler(softpull_lambda=0.5)
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
+    values = {"site1": 1.0, "site2": 3.0}
+    data = {
+        site: assembler.get_model_params(
+            site_result(
+                steps,
+                {"w": np.full(2, v / 10, dtype=np.float32)},
+                {"w": np.full(2, v, dtype=np.float32)},
+                {
+                    "weights": {"h": np.full(2, v, dtype=np.float32)},
+                    "exp_avg": {"h": np.full(2, v / 100, dtype=np.float32)},
+                    "exp_avg_sq": {"h": np.full(2, v / 1000, dtype=np.float32)},
+                    "step": steps,
+                },
+            )
+        )
+        for steps, (site, v) in enumerate(values.items(), start=1)
+    }
+    out = assembler.assemble(data, fl_ctx).data
+    np.testing.assert_allclose(out[AppConstants.MODEL_WEIGHTS].data["w"], (1 * 0.1 + 2 * 0.3) / 3, rtol=1e-6)
+    personal = out[PERSONALIZED].data  # each site's own aggregate: 0.5 own + 0.5 the other's
+    np.testing.assert_allclose(personal["site1/w"], 2.0)
+    np.testing.assert_allclose(personal["site2/w"], 2.0)
+    selector = out[SELECTOR].data
+    np.testing.assert_allclose(selector["weights"]["h"], 2.0)
+    np.testing.assert_allclose(selector["exp_avg"]["h"], 0.02)
+    np.testing.assert_allclose(selector["exp_avg_sq"]["h"], 0.002)
+    assert selector["step"] == 2
+
+    lopsided = FedSMAssembler(softpull_lambda=0.8).assemble(data, fl_ctx).data[PERSONALIZED].data
+    np.testing.assert_allclose(lopsided["site1/w"], 0.8 * 1 + 0.2 * 3)  # the similarity weights decide
+    np.testing.assert_allclose(lopsided["site2/w"], 0.8 * 3 + 0.2 * 1)
+
+
+def test_a_site_receives_only_its_own_personalized_model():
+    task = DXO(
+        DataKind.COLLECTION,
+        {
+            AppConstants.MODEL_WEIGHTS: DXO(DataKind.WEIGHTS, {"w": np.zeros(1)}),
+            PERSONALIZED: DXO(DataKind.WEIGHTS, {"site1/w": np.ones(1), "site2/w": np.full(1, 2.0)}),
+        },
+    ).to_shareable()
+    task.set_header(AppConstants.CURRENT_ROUND, 3)
+    fl_ctx, peer = FLContext(), FLContext()
+    peer.set_prop(ReservedKey.IDENTITY_NAME, "site2", private=False, sticky=False)
+    fl_ctx.set_peer_context(peer)
+    sent = FedSMSiteModels().process(task, fl_ctx)
+    assert from_shareable(sent).data[PERSONALIZED].data == {"w": np.full(1, 2.0)}
+    assert sent.get_header(AppConstants.CURRENT_ROUND) == 3
+
+
+def tiny_site(site_dir) -> SiteTraining:
+    def new_model(num_classes=2):
+        model = build_model("tiny", num_classes=num_classes)
+        apply_freeze_policy(model, "last-k", 1)
+        return model
+
+    return SiteTraining(
+        new_model=new_model,
+        train_loader=make_loader(site_dir, "training", 32, 2, train=True, seed=0),
+        val_loader=make_loader(site_dir, "validation", 32, 2, train=False),
+        device=CPU,
+        learning_rate=1e-2,
+        app_dir=site_dir,
+    )
+
+
+def selector_after_one_round(site_dir, moments: dict) -> dict:
+    """The selector a site sends after one round that received `moments` (and no selector weights yet)."""
+    torch.manual_seed(0)
+    site = tiny_site(site_dir)
+    strategy = FedSMSite()
+    strategy.attach(site)
+    selector_part = DXO(DataKind.COLLECTION, {"weights": {}, **moments}, meta={SITES_META: ["site0", "site1"]})
+    strategy.receive({PERSONALIZED: DXO(DataKind.WEIGHTS, {}), SELECTOR: selector_part}, "site1")
+    model = site.new_model()
+    strategy.start_round(model, make_optimizer(model, 1e-2))
+    assert strategy.finish_round() == {}
+    return strategy.parts()[SELECTOR].data
+
+
+def test_the_selector_trains_from_the_averaged_adam_moments_it_received(tiny_site_dir):
+    model = build_selector(tiny_site(tiny_site_dir).new_model, build_model("tiny", 2).state_dict(), 2)
+    optimizer = make_optimizer(model, 1e-2)
+    fresh = adam_moments(model, optimizer)
+    assert fresh["step"] == 0
+    received = {
+        "exp_avg": {k: np.full_like(v, 0.05) for k, v in fresh["exp_avg"].items()},
+        "exp_avg_sq": {k: np.full_like(v, 1e-4) for k, v in fresh["exp_avg_sq"].items()},
+        "step": 7,
+    }
+    load_adam_moments(model, optimizer, received)
+    loaded = adam_moments(model, optimizer)
+    assert loaded["step"] == 7 and all(np.allclose(loaded["exp_avg"][k], 0.05) for k in received["exp_avg"])
+
+    with_moments = selector_after_one_round(tiny_site_dir, received)
+    without = selector_after_one_round(tiny_site_dir, {**fresh, "step": 0})
+    assert with_moments["step"] > 7  # the received step count went on
+    moved = max(float(np.abs(with_moments["weights"][k] - without["weights"][k]).max()) for k in without["weights"])
+    assert moved > 1e-4, "the received moments must change how the selector trains"
+
+
+def test_a_fedsm_site_needs_fedsms_server():
+    strategy = FedSMSite()
+    with pytest.raises(FedXViTError, match="jobs/fedxvit_fedsm"):
+        strategy.start_round(build_model("tiny", 2), None)
+    with pytest.raises(FedXViTError, match="site9 is not among"):
+        part = DXO(DataKind.COLLECTION, {}, meta={SITES_META: ["site1"]})
+        strategy.receive({SELECTOR: part}, "site9")
+
+
+@pytest.mark.slow
+def test_fedsm_in_the_simulator_personalizes_each_site_and_routes(tmp_path):
+    initial = tiny_sites_and_initial_model(tmp_path)
+    job = tiny_job(tmp_path, job_dir=REPO / "jobs" / "fedxvit_fedsm", num_rounds=2)
+    run_dir, log = simulate(job, tmp_path / "workspace", tmp_path / "data", initial)
+    assert "Round 1 finished." in log, log[-4000:]
+    server_log = (run_dir.parent / "log.txt").read_text() if (run_dir.parent / "log.txt").is_file() else log
+    assert "soft-pulled (own weight 0.3)" in server_log
+
+    saved = torch.load(run_dir / "app_server" / MODELS_FILE, weights_only=True)
+    assert saved["sites"] == list(SITES) and set(saved["personalized"]) == set(SITES)
+    global_state = torch.load(run_dir / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
+    personal = saved["personalized"]
+    names = list(personal["site1"])
+    assert names and set(names) <= set(global_state)  # trainable tensors only travelled
+
+    def gap(a, b):
+        return max(float((torch.as_tensor(a[k]) - torch.as_tensor(b[k])).abs().max()) for k in names)
+
+    assert min(gap(personal[a], personal[b]) for a in SITES for b in SITES if a < b) > 0  # they diverge
+    assert min(gap(personal[s], global_state) for s in SITES) > 0
+    assert saved["selector"]["head.weight"].shape[0] == len(SITES)
+    rounds = json.loads((run_dir / "global_val.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] and all(r["num_sites"] == 3 for r in rounds)
+
+    scenario = Scenario(tmp_path / "data", list(SITES), initial, "tiny", 32, "cpu")
+    global_model = load_global_model(run_dir / "app_server" / "FL_global_model.pt", "tiny")
+    super_model = fedsm_super_model(run_dir, scenario, global_model)
+    assert super_model["missing_personalized"] == [] and 0 <= super_model["selector_test_accuracy"] <= 1
+    assert abs(sum(super_model["routes"].values()) - 1) < 1e-9
+    # threshold 1.0 routes nothing: exactly the global model's predictions
+    from fedxvit.fedsm import load_fedsm_models
+
+    models = load_fedsm_models(run_dir / "app_server" / MODELS_FILE, global_model, "tiny")
+    selector = scenario.predict(models["selector"], "test")
+    personal_preds = {s: scenario.predict(m, "test") for s, m in models["personalized"].items()}
+    global_preds = scenario.predict(global_model, "test")
+    routed, routes = fedsm_routed(selector, personal_preds, global_preds, models["sites"], 1.0)
+    assert routed == global_preds and all(r == -1 for rs in routes.values() for r in rs)
+    routed_all, routes_all = fedsm_routed(selector, personal_preds, global_preds, models["sites"], 0.0)
+    assert all(r >= 0 for rs in routes_all.values() for r in rs)  # threshold 0: every image to a personalized model
