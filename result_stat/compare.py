@@ -7,9 +7,10 @@ the centralized baseline (all sites' training splits pooled) and the local-only 
 hospital alone) start from the same initial model and see every training image equally often
 (baselines: epochs = rounds x local epochs, fedxvit.baselines). Each final model is scored on
 every site's TEST split; nothing is selected or tuned on it (the curves use validation splits).
-A method whose sites keep personalized models (Ditto) gets a second row, "<method> (personalized)":
+A method whose sites keep personalized models gets a second row, "<method> (personalized)": Ditto's,
 each hospital's own model on its own test split (a hospital without one: the global model, said
-in one line). Writes compare.json, compare.md and compare_curves.png into --out. Every finished
+in one line); FedSM's, the super-model (fedsm_super_model: the selector routes each image, with
+the threshold chosen on validation). Writes compare.json, compare.md and compare_curves.png into --out. Every finished
 run keeps its result in <workspace>/runs/<method>-<options hash>/result.json, so a re-run reuses it.
 """
 
@@ -35,6 +36,7 @@ METHOD_JOBS = {  # method -> job folder; a personalized method joins by adding i
     "scaffold": "jobs/fedxvit_scaffold",
     "cyclic": "jobs/fedxvit_cyclic",
     "ditto": "jobs/fedxvit_ditto",  # also scored as "ditto (personalized)": each site's own model
+    "fedsm": "jobs/fedxvit_fedsm",  # also scored as "fedsm (personalized)": the selector-routed super-model
 }
 PRIVACY_METHOD_JOBS = {  # FedAvg behind one of NVFlare's privacy filters (make compare-privacy; docs/privacy.md)
     "percentile": "jobs/fedxvit_percentile_privacy",

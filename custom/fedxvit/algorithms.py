@@ -47,11 +47,10 @@ class RoundAborted(Exception):
 
 @dataclass
 class SiteTraining:
-    """What a strategy that trains a model of its own needs from the site (Ditto's personalized model)."""
+    """What a strategy that trains models of its own needs from the site (Ditto's and FedSM's)."""
 
-    new_model: Callable[
-        ..., nn.Module
-    ]  # the job's model (num_classes= another head) with its freeze policy, on the device
+    # the job's model with its freeze policy, on the device (num_classes=: another head, FedSM's selector)
+    new_model: Callable[..., nn.Module]
     train_loader: Iterable
     val_loader: Iterable
     device: torch.device

@@ -37,8 +37,10 @@ from nvflare.app_common.shareablegenerators.full_model_shareable_generator impor
 from torch import nn
 
 from fedxvit.aggregation import AGGREGATION_REPORT, ScreenedAssembler, combine_updates, screen_updates
+from fedxvit.algorithms import FedAvg, RoundAborted
 from fedxvit.errors import FedXViTError
 from fedxvit.filters import find_bad_tensor
+from fedxvit.training import evaluate, make_optimizer, train_epoch
 
 PERSONALIZED = "fedsm_personalized"  # task/result part: {tensor name: array} of one site's personalized model
 SELECTOR = "fedsm_selector"  # task/result part: {"weights": {...}, "exp_avg": {...}, "exp_avg_sq": {...}, "step": n}
@@ -195,21 +197,20 @@ def build_selector(new_model, global_state: dict, num_sites: int) -> nn.Module:
     return selector
 
 
-class FedSMSite:
+class FedSMSite(FedAvg):
     """FedSM at a site (see the module doc), a strategy of fedxvit.algorithms: the executor's loop trains the
     global model; finish_round then trains the personalized model and the selector, whose trainable tensors
     (and the selector's Adam moments) travel beside the weight difference (`parts`)."""
 
     name = "fedsm"
-    needs_global_controls = False
     task_parts = (PERSONALIZED, SELECTOR)
 
     def __init__(self, personal_epochs: int = 1):
+        super().__init__()
         if int(personal_epochs) < 1:
             raise FedXViTError(f"job option personal_epochs={personal_epochs}: must be at least 1")
         self.personal_epochs = int(personal_epochs)
-        self.site = self.model = self.optimizer = None
-        self.received = self.sent = None
+        self.site = self.received = self.sent = None
         self.metrics = {}
 
     def attach(self, site) -> None:
@@ -236,16 +237,7 @@ class FedSMSite:
         self.received["global"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.metrics, self.sent = {}, None
 
-    def extra_loss(self):
-        return None
-
-    def after_step(self) -> None:
-        pass
-
     def _train(self, model, optimizer, loader, should_abort, what: str) -> dict:
-        from fedxvit.algorithms import RoundAborted
-        from fedxvit.training import train_epoch
-
         last = {}
         for _ in range(self.personal_epochs):
             last = train_epoch(model, loader, optimizer, self.site.device, should_abort=should_abort)
@@ -254,9 +246,6 @@ class FedSMSite:
         return last
 
     def finish_round(self, should_abort=None) -> dict:
-        from fedxvit.algorithms import RoundAborted
-        from fedxvit.training import evaluate, make_optimizer
-
         should_abort = should_abort or (lambda: False)
         received, site = self.received, self.site
         personal = site.new_model()
