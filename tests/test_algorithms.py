@@ -23,6 +23,7 @@ from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_lear
 from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.fedopt import PTFedOptModelShareableGenerator
+from tiny import tiny_site_training
 
 from fedxvit.aggregation import AGGREGATION_REPORT
 from fedxvit.algorithms import (
@@ -344,21 +345,7 @@ def test_cyclic_filter_turns_a_bad_turn_into_an_update_that_changes_nothing():
 
 # ---- Ditto
 def ditto_site(site_dir, app_dir) -> SiteTraining:
-    app_dir.mkdir(parents=True, exist_ok=True)  # NVFlare's app folder always exists
-
-    def new_model():
-        model = start_model()
-        apply_freeze_policy(model, "last-k", 1)
-        return model
-
-    return SiteTraining(
-        new_model=new_model,
-        train_loader=make_loader(site_dir, "training", 32, 2, train=True, seed=0),
-        val_loader=make_loader(site_dir, "validation", 32, 2, train=False),
-        device=CPU,
-        learning_rate=1e-2,
-        app_dir=app_dir,
-    )
+    return tiny_site_training(site_dir, app_dir)
 
 
 def ditto_round(strategy: Ditto, global_state: dict) -> dict:

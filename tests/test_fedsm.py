@@ -10,11 +10,9 @@ from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
-from tiny import REPO, SITES, simulate, tiny_job, tiny_sites_and_initial_model
+from tiny import REPO, SITES, simulate, tiny_job, tiny_site_training, tiny_sites_and_initial_model
 
-from fedxvit.algorithms import SiteTraining
 from fedxvit.checkpoint import load_global_model
-from fedxvit.data import make_loader
 from fedxvit.errors import FedXViTError
 from fedxvit.fedsm import (
     MODELS_FILE,
@@ -34,7 +32,7 @@ from fedxvit.fedsm import (
     SITES as SITES_META,
 )
 from fedxvit.model import build_model
-from fedxvit.training import apply_freeze_policy, make_optimizer
+from fedxvit.training import make_optimizer
 from result_stat.compare import Scenario, fedsm_routed, fedsm_super_model
 
 CPU = torch.device("cpu")
@@ -129,26 +127,10 @@ def test_a_site_receives_only_its_own_personalized_model():
     assert sent.get_header(AppConstants.CURRENT_ROUND) == 3
 
 
-def tiny_site(site_dir) -> SiteTraining:
-    def new_model(num_classes=2):
-        model = build_model("tiny", num_classes=num_classes)
-        apply_freeze_policy(model, "last-k", 1)
-        return model
-
-    return SiteTraining(
-        new_model=new_model,
-        train_loader=make_loader(site_dir, "training", 32, 2, train=True, seed=0),
-        val_loader=make_loader(site_dir, "validation", 32, 2, train=False),
-        device=CPU,
-        learning_rate=1e-2,
-        app_dir=site_dir,
-    )
-
-
 def selector_after_one_round(site_dir, moments: dict) -> dict:
     """The selector a site sends after one round that received `moments` (and no selector weights yet)."""
     torch.manual_seed(0)
-    site = tiny_site(site_dir)
+    site = tiny_site_training(site_dir)
     strategy = FedSMSite()
     strategy.attach(site)
     selector_part = DXO(DataKind.COLLECTION, {"weights": {}, **moments}, meta={SITES_META: ["site0", "site1"]})
@@ -160,7 +142,7 @@ def selector_after_one_round(site_dir, moments: dict) -> dict:
 
 
 def test_the_selector_trains_from_the_averaged_adam_moments_it_received(tiny_site_dir):
-    model = build_selector(tiny_site(tiny_site_dir).new_model, build_model("tiny", 2).state_dict(), 2)
+    model = build_selector(tiny_site_training(tiny_site_dir).new_model, build_model("tiny", 2).state_dict(), 2)
     optimizer = make_optimizer(model, 1e-2)
     fresh = adam_moments(model, optimizer)
     assert fresh["step"] == 0

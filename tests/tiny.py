@@ -109,6 +109,31 @@ def simulate(job: Path, workspace: Path, data_root: Path, initial: Path, sites=S
     return run_dir, (workspace / SIMULATOR_LOG).read_text()
 
 
+def tiny_site_training(site_dir: Path, app_dir: Path | None = None):
+    """fedxvit.algorithms.SiteTraining of one tiny site: seeded last-k tiny models (any head size), its loaders
+    (training shuffled with seed 0), the CPU, learning rate 1e-2."""
+    from fedxvit.algorithms import SiteTraining
+    from fedxvit.data import make_loader
+    from fedxvit.training import apply_freeze_policy
+
+    def new_model(num_classes: int = len(TASK_CLASSES)):
+        torch.manual_seed(0)
+        model = build_model("tiny", num_classes)
+        apply_freeze_policy(model, "last-k", 1)
+        return model
+
+    if app_dir is not None:
+        app_dir.mkdir(parents=True, exist_ok=True)  # NVFlare's app folder always exists
+    return SiteTraining(
+        new_model=new_model,
+        train_loader=make_loader(site_dir, "training", 32, 2, train=True, seed=0),
+        val_loader=make_loader(site_dir, "validation", 32, 2, train=False),
+        device=torch.device("cpu"),
+        learning_rate=1e-2,
+        app_dir=app_dir or site_dir,
+    )
+
+
 def free_port() -> int:
     """A local port nothing listens on (bound, then released): for a server a test starts, or must not reach."""
     with socket.socket() as sock:
