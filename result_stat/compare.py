@@ -294,7 +294,9 @@ def personalized_models(simulator_dir: Path, scenario: Scenario) -> dict:
     }
 
 
-FEDSM_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)  # 1.0: the global model only
+# routing thresholds tried on validation: 0 routes every image (the selector's pick), 1.0 none (the global model);
+# with N sites a selector's top probability can be far below 0.5 and still be its pick
+FEDSM_THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
 def fedsm_routed(selector: dict, personal: dict, global_preds: dict, sites: list, threshold: float) -> tuple:
