@@ -294,77 +294,16 @@ def personalized_models(simulator_dir: Path, scenario: Scenario) -> dict:
     }
 
 
-# routing thresholds tried on validation: 0 routes every image (the selector's pick), 1.0 none (the global model);
-# with N sites a selector's top probability can be far below 0.5 and still be its pick
-FEDSM_THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-
-
-def fedsm_routed(selector: dict, personal: dict, global_preds: dict, sites: list, threshold: float) -> tuple:
-    """({site: {"labels", "probs"}} of FedSM's super-model, {site: routes}) from each model's predictions on
-    every site's images (fedxvit.fedsm.route)."""
-    from fedxvit.fedsm import route
-
-    out, routes = {}, {}
-    for site, preds in global_preds.items():
-        options = {i: personal[s][site]["probs"] for i, s in enumerate(sites) if s in personal}
-        routed = route(selector[site]["probs"], threshold, options, preds["probs"])
-        out[site] = {"labels": preds["labels"], "probs": routed["probs"].round(6).tolist()}
-        routes[site] = routed["routes"].tolist()
-    return out, routes
-
-
 def fedsm_super_model(run_dir: Path, scenario: Scenario, global_model) -> dict | None:
-    """FedSM's super-model of a run (None without fedsm_models.pt): the routing threshold that maximizes
-    pooled validation balanced accuracy (ties: the higher threshold, fewer routes), its test predictions,
-    the selector's site-identification accuracy on test and how often each route is taken."""
-    from fedxvit.fedsm import MODELS_FILE, load_fedsm_models
+    """FedSM's super-model of a run (fedxvit.fedsm.super_model; None without its saved models), its routing
+    threshold chosen on pooled validation balanced accuracy."""
+    from fedxvit.fedsm import MODELS_FILE, load_fedsm_models, super_model
 
     path = run_dir / "app_server" / MODELS_FILE
     if not path.is_file():
         return None
     models = load_fedsm_models(path, global_model, scenario.preset, scenario.device)
-    sites = models["sites"]
-    preds = {}
-    for split in ("validation", "test"):
-        preds[split] = {
-            "global": scenario.predict(global_model, split),
-            "selector": scenario.predict(models["selector"], split),
-            "personal": {s: scenario.predict(m, split) for s, m in models["personalized"].items()},
-        }
-    by_threshold = {}
-    for threshold in FEDSM_THRESHOLDS:
-        routed, _ = fedsm_routed(
-            preds["validation"]["selector"],
-            preds["validation"]["personal"],
-            preds["validation"]["global"],
-            sites,
-            threshold,
-        )
-        by_threshold[threshold] = score_sites(routed)["pooled"][GAP_METRIC]
-    best = max(by_threshold.values())
-    threshold = max(t for t, v in by_threshold.items() if v == best)
-    test, routes = fedsm_routed(
-        preds["test"]["selector"], preds["test"]["personal"], preds["test"]["global"], sites, threshold
-    )
-    identified = [
-        int(np.argmax(p) == sites.index(site))
-        for site, selected in preds["test"]["selector"].items()
-        if site in sites
-        for p in selected["probs"]
-    ]
-    taken = [(site, r) for site, rs in routes.items() for r in rs]
-    return {
-        "test": test,
-        "missing_personalized": [s for s in sites if s not in models["personalized"]],  # routed to the global model
-        "threshold": threshold,
-        "validation_balanced_accuracy_by_threshold": {str(t): v for t, v in by_threshold.items()},
-        "selector_test_accuracy": float(np.mean(identified)) if identified else None,
-        "routes": {
-            "global": sum(r == -1 for _, r in taken) / len(taken),
-            "own_site": sum(r >= 0 and sites[r] == site for site, r in taken) / len(taken),
-            "other_site": sum(r >= 0 and sites[r] != site for site, r in taken) / len(taken),
-        },
-    }
+    return super_model(models, global_model, scenario.predict, lambda p: score_sites(p)["pooled"][GAP_METRIC])
 
 
 def federated_run(

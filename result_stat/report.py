@@ -8,6 +8,8 @@ scikit-learn per-class report, confusion matrix (PNG), ROC-AUC. Then scores, on 
 pooled test set, the transplanted start (models/initial_global.pt) and the baselines that
 `make baselines` (fedxvit.baselines) trained with the run's own settings: a centralized model
 on the pooled site training data and one local-only model per site. Nothing is trained here.
+A FedSM run (jobs/fedxvit_fedsm) adds its super-model: the selector routes each image to a
+personalized model or the global model, with the threshold chosen on the sites' validation splits.
 Writes test_report.json and test_report.md (+ PNGs) into --out.
 """
 
@@ -49,17 +51,56 @@ def test_loaders(site_dirs: dict, image_size: int, batch_size: int = 32) -> dict
     return {site: make_loader(d, "testing", image_size, batch_size, train=False) for site, d in site_dirs.items()}
 
 
-def score_model(model: torch.nn.Module, loaders: dict, device: torch.device, class_names=TASK_CLASSES) -> dict:
+def predict(model: torch.nn.Module, loaders: dict, device: torch.device) -> dict:
+    """{site: {"labels", "probs"}} of a model on each site's loader."""
+    return {site: evaluate(model, loader, device) for site, loader in loaders.items()}
+
+
+def score_predictions(predictions: dict, class_names=TASK_CLASSES) -> dict:
     """{site: metrics, ..., "combined": metrics} with labels/probs kept under "_raw" for plots."""
     results, labels_all, probs_all = {}, [], []
-    for site, loader in loaders.items():
-        out = evaluate(model, loader, device)
+    for site, out in predictions.items():
         results[site] = classification_metrics(out["labels"], out["probs"], class_names)
-        labels_all += out["labels"]
-        probs_all += out["probs"]
+        labels_all += list(out["labels"])
+        probs_all += list(out["probs"])
     results[COMBINED] = classification_metrics(labels_all, probs_all, class_names)
     results["_raw"] = {"labels": labels_all, "probs": probs_all}
     return results
+
+
+def score_model(model: torch.nn.Module, loaders: dict, device: torch.device, class_names=TASK_CLASSES) -> dict:
+    return score_predictions(predict(model, loaders, device), class_names)
+
+
+def fedsm_row(run_dir: Path, dirs: dict, image_size: int, test: dict, preset: str, device: torch.device) -> dict | None:
+    """The comparison row of a FedSM run's super-model (fedxvit.fedsm.super_model: the routing threshold chosen
+    on the sites' validation splits, pooled balanced accuracy), or None for a run of another algorithm."""
+    from fedxvit.fedsm import MODELS_FILE, load_fedsm_models, super_model
+    from result_stat.compare import GAP_METRIC, score_sites
+
+    path = run_dir / "app_server" / MODELS_FILE
+    if not path.is_file():
+        return None
+    global_model = load_global_model(run_dir / "app_server" / GLOBAL_MODELS["final"], preset, device=device)
+    models = load_fedsm_models(path, global_model, preset, device)
+    loaders = {
+        "test": test,
+        "validation": {s: make_loader(d, "validation", image_size, 32, train=False) for s, d in dirs.items()},
+    }
+    chosen = super_model(
+        models,
+        global_model,
+        lambda model, split: predict(model, loaders[split], device),
+        lambda p: score_sites(p)["pooled"][GAP_METRIC],
+    )
+    routes = chosen["routes"]
+    return _summary_row(
+        f"FedSM super-model (threshold {chosen['threshold']:g} chosen on validation; routes: "
+        f"{routes['own_site']:.0%} own site, {routes['other_site']:.0%} other site, {routes['global']:.0%} global; "
+        f"selector identifies the site of {chosen['selector_test_accuracy']:.0%} of test images)",
+        score_predictions(chosen["test"]),
+        train_images=None,
+    )
 
 
 def _summary_row(name: str, scores: dict, **extra) -> dict:
@@ -152,6 +193,9 @@ def build_report(
         _summary_row("federated, final global model", report["models"]["final"], train_images=None),
         _summary_row("federated, best global model", report["models"]["best"], train_images=None),
     ]
+    fedsm = fedsm_row(run_dir, dirs, probe.preset.image_size, loaders, preset, torch_device)
+    if fedsm is not None:  # a FedSM run: its super-model beside its global model
+        rows.append(fedsm)
     if baselines is not False:
         baselines_dir = Path(baselines) if baselines not in (None, True) else project_root() / DEFAULT_BASELINES
         rows += baseline_rows(baselines_dir, settings, sites, loaders, torch_device)

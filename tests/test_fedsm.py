@@ -33,7 +33,7 @@ from fedxvit.fedsm import (
 )
 from fedxvit.model import build_model
 from fedxvit.training import make_optimizer
-from result_stat.compare import Scenario, fedsm_routed, fedsm_super_model
+from result_stat.compare import Scenario, fedsm_super_model
 
 CPU = torch.device("cpu")
 
@@ -172,7 +172,7 @@ def test_a_fedsm_site_needs_fedsms_server():
 
 
 @pytest.mark.slow
-def test_fedsm_in_the_simulator_personalizes_each_site_and_routes(tmp_path):
+def test_fedsm_in_the_simulator_personalizes_each_site_and_routes(tmp_path, monkeypatch):
     initial = tiny_sites_and_initial_model(tmp_path)
     job = tiny_job(tmp_path, job_dir=REPO / "jobs" / "fedxvit_fedsm", num_rounds=2)
     run_dir, log = simulate(job, tmp_path / "workspace", tmp_path / "data", initial)
@@ -202,13 +202,21 @@ def test_fedsm_in_the_simulator_personalizes_each_site_and_routes(tmp_path):
     assert super_model["missing_personalized"] == [] and 0 <= super_model["selector_test_accuracy"] <= 1
     assert abs(sum(super_model["routes"].values()) - 1) < 1e-9
     # threshold 1.0 routes nothing: exactly the global model's predictions
-    from fedxvit.fedsm import load_fedsm_models
+    from fedxvit.fedsm import load_fedsm_models, routed_predictions
 
     models = load_fedsm_models(run_dir / "app_server" / MODELS_FILE, global_model, "tiny")
     selector = scenario.predict(models["selector"], "test")
     personal_preds = {s: scenario.predict(m, "test") for s, m in models["personalized"].items()}
     global_preds = scenario.predict(global_model, "test")
-    routed, routes = fedsm_routed(selector, personal_preds, global_preds, models["sites"], 1.0)
+    routed, routes = routed_predictions(selector, personal_preds, global_preds, models["sites"], 1.0)
     assert routed == global_preds and all(r == -1 for rs in routes.values() for r in rs)
-    routed_all, routes_all = fedsm_routed(selector, personal_preds, global_preds, models["sites"], 0.0)
+    routed_all, routes_all = routed_predictions(selector, personal_preds, global_preds, models["sites"], 0.0)
     assert all(r >= 0 for rs in routes_all.values() for r in rs)  # threshold 0: every image to a personalized model
+
+    # the test report of the run shows the super-model beside the global model
+    from result_stat.report import build_report
+
+    monkeypatch.setenv("FEDXVIT_DATA_ROOT", str(tmp_path / "data"))
+    rows = build_report(run_dir, list(SITES), initial, baselines=False, device="cpu")["comparison"]
+    (row,) = [r for r in rows if r["model"].startswith("FedSM super-model (threshold ")]
+    assert "chosen on validation" in row["model"] and 0 <= row["test_accuracy"] <= 1

@@ -334,6 +334,76 @@ def load_fedsm_models(path: Path, global_model: nn.Module, preset: str, device="
     return {"sites": sites, "selector": selector.to(device).eval(), "personalized": personalized}
 
 
+# routing thresholds tried on validation: 0 routes every image (the selector's pick), 1.0 none (the global model);
+# with N sites a selector's top probability can be far below 0.5 and still be its pick
+THRESHOLDS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+def routed_predictions(selector: dict, personal: dict, global_preds: dict, sites: list, threshold: float) -> tuple:
+    """({site: {"labels", "probs"}} of the super-model, {site: routes}) from every model's predictions
+    ({site: {"labels", "probs"}}; `personal`: {training site: such predictions}) on each site's images."""
+    out, routes = {}, {}
+    for site, preds in global_preds.items():
+        options = {i: personal[s][site]["probs"] for i, s in enumerate(sites) if s in personal}
+        routed = route(selector[site]["probs"], threshold, options, preds["probs"])
+        out[site] = {"labels": preds["labels"], "probs": routed["probs"].round(6).tolist()}
+        routes[site] = routed["routes"].tolist()
+    return out, routes
+
+
+def super_model(models: dict, global_model: nn.Module, predict, score) -> dict:
+    """FedSM's super-model scored as the method prescribes: the threshold that maximizes `score` (higher is
+    better) on the validation split (ties: the higher threshold, fewer routes), then its test predictions,
+    the selector's site-identification accuracy on test and the share of each route.
+    `models`: load_fedsm_models(); `predict(model, split)` -> {site: {"labels", "probs"}} for "validation"
+    and "test"; `score(predictions)` -> float."""
+    sites = models["sites"]
+    preds = {
+        split: {
+            "global": predict(global_model, split),
+            "selector": predict(models["selector"], split),
+            "personal": {s: predict(m, split) for s, m in models["personalized"].items()},
+        }
+        for split in ("validation", "test")
+    }
+    by_threshold = {
+        t: score(
+            routed_predictions(
+                preds["validation"]["selector"],
+                preds["validation"]["personal"],
+                preds["validation"]["global"],
+                sites,
+                t,
+            )[0]
+        )
+        for t in THRESHOLDS
+    }
+    best = max(by_threshold.values())
+    threshold = max(t for t, v in by_threshold.items() if v == best)
+    test, routes = routed_predictions(
+        preds["test"]["selector"], preds["test"]["personal"], preds["test"]["global"], sites, threshold
+    )
+    identified = [
+        int(np.argmax(p) == sites.index(site))
+        for site, selected in preds["test"]["selector"].items()
+        if site in sites
+        for p in selected["probs"]
+    ]
+    taken = [(site, r) for site, rs in routes.items() for r in rs]
+    return {
+        "test": test,
+        "missing_personalized": [s for s in sites if s not in models["personalized"]],  # routed to the global model
+        "threshold": threshold,
+        "validation_score_by_threshold": {str(t): v for t, v in by_threshold.items()},
+        "selector_test_accuracy": float(np.mean(identified)) if identified else None,
+        "routes": {
+            "global": sum(r == -1 for _, r in taken) / len(taken),
+            "own_site": sum(r >= 0 and sites[r] == site for site, r in taken) / len(taken),
+            "other_site": sum(r >= 0 and sites[r] != site for site, r in taken) / len(taken),
+        },
+    }
+
+
 # ---- the server's part: NVFlare's ScatterAndGather with these three components
 
 
