@@ -92,6 +92,8 @@ def test_bad_options_are_one_line_naming_them():
         SitePrivacy(target_epsilon=3, delta=2)
     with pytest.raises(FedXViTError, match="fedprox"):
         FedXViTExecutor(preset="tiny", algorithm="fedprox", dp_epsilon=3)
+    with pytest.raises(FedXViTError, match="algorithm='fedsm' do not combine"):
+        FedXViTExecutor(preset="tiny", algorithm="fedsm", dp_epsilon=3)
 
 
 def train_task(model, round_number: int, num_rounds: int):

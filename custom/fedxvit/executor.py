@@ -192,6 +192,11 @@ class FedXViTExecutor(Executor):
                     "job options dp_epsilon and algorithm='fedprox' do not combine: DP-SGD noises per-image "
                     "gradients and would silently drop FedProx's proximal term; use fedavg, scaffold or ditto"
                 )
+            if algorithm == "fedsm":
+                raise FedXViTError(
+                    "job options dp_epsilon and algorithm='fedsm' do not combine: FedSM's personalized model and "
+                    "selector would leave the site trained without DP-SGD; use fedavg, scaffold or ditto"
+                )
             try:  # Opacus only where DP-SGD is asked for: `pip install fedxvit[dp]`
                 from fedxvit.privacy import SitePrivacy
             except ImportError as exc:

@@ -3,9 +3,9 @@
 Every round each site trains three models from what the server sent it:
 - the global model, as in FedAvg (its weight difference, step-weighted mean at the server);
 - its personalized model, from the server's *SoftPull* aggregate for this site: site i gets
-  lambda * p_i + (1 - lambda) / (N - 1) * sum over the other sites j of p_j (`softpull_lambda`; the
-  weight of a site's own model, the rest shared equally): close to its own model, pulled a little
-  toward the others'. Only the site's own aggregate is sent to it (a server task-data filter);
+  lambda * p_i + (1 - lambda) / (N - 1) * sum over the other sites j of p_j (`softpull_lambda`: the
+  weight of a site's own model; the rest is shared equally by the others'). Only the site's own
+  aggregate is sent to it (a server task-data filter);
 - the selector: the same network with one output per training site, taught to tell which site an
   image comes from. Each site holds images of its own label only, so plain averaging of weights
   would let every round's local training collapse the selector onto that label; as the FedSM
