@@ -12,6 +12,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
 from tiny import REPO, SITES, simulate, tiny_job, tiny_site_training, tiny_sites_and_initial_model
 
+from fedxvit.algorithms import FedSMSite
 from fedxvit.checkpoint import load_global_model
 from fedxvit.errors import FedXViTError
 from fedxvit.fedsm import (
@@ -19,7 +20,6 @@ from fedxvit.fedsm import (
     PERSONALIZED,
     SELECTOR,
     FedSMAssembler,
-    FedSMSite,
     FedSMSiteModels,
     adam_moments,
     build_selector,

@@ -21,6 +21,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from tiny import REPO
 
+from fedxvit.jobs import HE_JOB
+
 pytestmark = pytest.mark.slow
 
 
@@ -135,8 +137,13 @@ def venv_with(wheel: Path, extras: set, root: Path) -> Path:
     return python
 
 
-def import_side(python: Path, side: str, cwd: Path) -> dict:
-    configs = sorted(str(p) for p in (REPO / "jobs").glob(f"*/app/config/config_fed_{side}.json"))
+def import_side(python: Path, side: str, cwd: Path, jobs=None, skip=()) -> dict:
+    """Import every component of the jobs' `side` configs (all jobs, or `jobs`; none of `skip`) in `python`."""
+    configs = sorted(
+        str(p)
+        for p in (REPO / "jobs").glob(f"*/app/config/config_fed_{side}.json")
+        if (jobs is None or p.parents[2].name in jobs) and p.parents[2].name not in skip
+    )
     assert configs
     # -I: no PYTHONPATH, no user site, not the checkout: only what the venv holds
     run = subprocess.run(
@@ -151,6 +158,8 @@ def import_side(python: Path, side: str, cwd: Path) -> dict:
 
 
 def test_the_wheel_alone_makes_a_client_and_with_its_server_extra_a_server(tmp_path):
+    """Every job's client side imports from the wheel alone (the HE job's with the `he` extra), every job's
+    server side with the `server` and `he` extras."""
     wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         tops = {name.split("/")[0] for name in archive.namelist()}
@@ -160,7 +169,7 @@ def test_the_wheel_alone_makes_a_client_and_with_its_server_extra_a_server(tmp_p
     assert not declared & {"mlflow", "scipy", "psutil", "matplotlib"}, "tooling stays out of a hospital's install"
 
     client_python = venv_with(wheel, set(), tmp_path / "client")
-    client = import_side(client_python, "client", tmp_path)
+    client = import_side(client_python, "client", tmp_path, skip={HE_JOB})  # HE needs the `he` extra (TenSEAL)
     assert "fedxvit.executor.FedXViTExecutor" in client["imported"]
     assert client["fedxvit"].startswith(str(tmp_path / "client")), "the installed wheel, not the checkout"
     undeclared = subprocess.run(
@@ -168,9 +177,13 @@ def test_the_wheel_alone_makes_a_client_and_with_its_server_extra_a_server(tmp_p
     )
     assert "No module named 'mlflow'" in undeclared.stderr, "only the declared distributions are in the venv"
 
-    server_python = venv_with(wheel, {"server"}, tmp_path / "server")
+    he_client = import_side(venv_with(wheel, {"he"}, tmp_path / "client-he"), "client", tmp_path, jobs={HE_JOB})
+    assert "nvflare.app_opt.he.model_encryptor.HEModelEncryptor" in he_client["imported"]
+
+    server_python = venv_with(wheel, {"server", "he"}, tmp_path / "server")
     server = import_side(server_python, "server", tmp_path)
     assert "fedxvit.receivers.FederatedMLflowTracking" in server["imported"] and server["client_only_loaded"] == []
+    assert "fedxvit.he.HEPartialUpdateAggregator" in server["imported"]
     check = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(server_python), "check"],
         capture_output=True,

@@ -26,15 +26,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Dict, Iterable
 
 import torch
+from nvflare.apis.dxo import DXO, DataKind
 from nvflare.app_opt.pt.ditto import PTDittoHelper
 from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
 from torch import nn
 
 from fedxvit.errors import FedXViTError
+from fedxvit.fedsm import (
+    PERSONALIZED,
+    SELECTOR,
+    SITES,
+    Relabeled,
+    adam_moments,
+    build_selector,
+    load_adam_moments,
+    overlay,
+    trainable_arrays,
+)
 from fedxvit.training import evaluate, make_optimizer, train_epoch
 
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "ditto", "fedsm")
@@ -302,6 +314,115 @@ class Ditto(FedAvg):
         return {"algorithm": self.name, "ditto_lambda": self.ditto_lambda, "personal_epochs": self.personal_epochs}
 
 
+class FedSMSite(FedAvg):
+    """FedSM at a site (fedxvit.fedsm): the executor's loop trains the
+    global model; finish_round then trains the personalized model and the selector, whose trainable tensors
+    (and the selector's Adam moments) travel beside the weight difference (`parts`)."""
+
+    name = "fedsm"
+    task_parts = (PERSONALIZED, SELECTOR)
+
+    def __init__(self, personal_epochs: int = 1):
+        super().__init__()
+        if int(personal_epochs) < 1:
+            raise FedXViTError(f"job option personal_epochs={personal_epochs}: must be at least 1")
+        self.personal_epochs = int(personal_epochs)
+        self.site = self.received = self.sent = None
+        self.metrics = {}
+
+    def attach(self, site) -> None:
+        self.site = site
+
+    def receive(self, parts: Dict[str, DXO], site_name: str) -> None:
+        personal, selector = parts.get(PERSONALIZED), parts.get(SELECTOR)
+        sites = list(selector.get_meta_prop(SITES) or []) if isinstance(selector, DXO) else []
+        if site_name not in sites:
+            raise FedXViTError(f"FedSM: site {site_name} is not among the selector's training sites {sites}")
+        self.received = {
+            "personalized": dict(personal.data or {}) if isinstance(personal, DXO) else {},
+            "selector": dict(selector.data or {}),
+            "sites": sites,
+            "index": sites.index(site_name),
+        }
+
+    def start_round(self, model, optimizer, global_controls=None):
+        if self.received is None:
+            raise FedXViTError(
+                "algorithm 'fedsm' needs FedSM's server (jobs/fedxvit_fedsm): the task held no FedSM parts"
+            )
+        self.model, self.optimizer = model, optimizer
+        self.received["global"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.metrics, self.sent = {}, None
+
+    def _train(self, model, optimizer, loader, should_abort, what: str) -> dict:
+        last = {}
+        for _ in range(self.personal_epochs):
+            last = train_epoch(model, loader, optimizer, self.site.device, should_abort=should_abort)
+            if last["aborted"]:
+                raise RoundAborted(f"while training the {what}")
+        return last
+
+    def finish_round(self, should_abort=None) -> dict:
+        should_abort = should_abort or (lambda: False)
+        received, site = self.received, self.site
+        personal = site.new_model()
+        personal.load_state_dict(received["global"])
+        overlay(personal, received["personalized"])  # round 0: none yet, it starts as the global model
+        self._train(
+            personal,
+            make_optimizer(personal, site.learning_rate),
+            site.train_loader,
+            should_abort,
+            "personalized model",
+        )
+        scores = evaluate(personal, site.val_loader, site.device, should_abort=should_abort)
+        if scores["aborted"]:
+            raise RoundAborted("while scoring the personalized model")
+
+        selector = build_selector(site.new_model, received["global"], len(received["sites"]))
+        overlay(selector, received["selector"].get("weights", {}))
+        optimizer = make_optimizer(selector, site.learning_rate)
+        load_adam_moments(selector, optimizer, received["selector"])
+        label = received["index"]
+        trained = self._train(selector, optimizer, Relabeled(site.train_loader, label), should_abort, "selector")
+        picked = evaluate(selector, Relabeled(site.val_loader, label), site.device, should_abort=should_abort)
+        if picked["aborted"]:
+            raise RoundAborted("while scoring the selector")
+        self.sent = {
+            PERSONALIZED: DXO(data_kind=DataKind.WEIGHTS, data=trainable_arrays(personal)),
+            SELECTOR: DXO(
+                data_kind=DataKind.COLLECTION,
+                data={"weights": trainable_arrays(selector), **adam_moments(selector, optimizer)},
+                meta={SITES: received["sites"]},
+            ),
+        }
+        self.metrics = {
+            "personal_val_accuracy": scores["accuracy"],
+            "personal_val_loss": scores["loss"],
+            "selector_train_loss": trained.get("loss", float("nan")),
+            "selector_val_accuracy": picked["accuracy"],  # share of this site's images the selector assigns to it
+        }
+        self.received = None
+        return {}
+
+    def parts(self) -> Dict[str, DXO]:
+        return dict(self.sent or {})
+
+    def round_metrics(self) -> dict:
+        return dict(self.metrics)
+
+    def summary(self) -> str:
+        if not self.metrics:
+            return "fedsm"
+        return (
+            f"fedsm: personalized val_acc={self.metrics['personal_val_accuracy']:.4f}, selector picks this site "
+            f"for {self.metrics['selector_val_accuracy']:.0%} of its validation images"
+        )
+
+    def params(self) -> dict:
+        return {"algorithm": self.name, "personal_epochs": self.personal_epochs}
+
+
 def make_strategy(
     algorithm: str = "fedavg", mu: float = 0.01, ditto_lambda: float = 0.1, personal_epochs: int = 1
 ) -> FedAvg:
@@ -315,8 +436,6 @@ def make_strategy(
     if algorithm == "ditto":
         return Ditto(ditto_lambda, personal_epochs)
     if algorithm == "fedsm":
-        from fedxvit.fedsm import FedSMSite
-
         return FedSMSite(personal_epochs)
     raise FedXViTError(
         f"job option algorithm='{algorithm}' is unknown; choose one of {', '.join(ALGORITHMS)} "

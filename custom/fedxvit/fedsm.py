@@ -15,7 +15,10 @@ At inference (fedxvit.fedsm.route, `result_stat`), the selector routes an image 
 model of the site it most likely comes from when its probability is above a threshold chosen on
 validation, else to the global model; threshold 1.0 means "global model only".
 
-Only trainable tensors travel (the freeze policy's; the frozen backbone is the same everywhere).
+The site's side is the strategy fedxvit.algorithms.FedSMSite (client-only code); this module holds
+the method's arithmetic, the server's components and the inference, and never imports the training
+loop, so the server does not either. Only trainable tensors travel (the freeze policy's; the frozen
+backbone is the same everywhere).
 The server keeps the personalized models and the selector (the method needs them for routing) in
 <run>/app_server/fedsm_models.pt, rewritten every round.
 """
@@ -37,10 +40,8 @@ from nvflare.app_common.shareablegenerators.full_model_shareable_generator impor
 from torch import nn
 
 from fedxvit.aggregation import AGGREGATION_REPORT, ScreenedAssembler, combine_updates, screen_updates
-from fedxvit.algorithms import FedAvg, RoundAborted
 from fedxvit.errors import FedXViTError
 from fedxvit.filters import find_bad_tensor
-from fedxvit.training import evaluate, make_optimizer, train_epoch
 
 PERSONALIZED = "fedsm_personalized"  # task/result part: {tensor name: array} of one site's personalized model
 SELECTOR = "fedsm_selector"  # task/result part: {"weights": {...}, "exp_avg": {...}, "exp_avg_sq": {...}, "step": n}
@@ -120,10 +121,10 @@ def route(selector_probs, threshold: float, personalized_probs: Dict[int, np.nda
     return {"probs": out, "routes": routes}
 
 
-# ---- the site's part: one strategy of fedxvit.algorithms
+# ---- the site's helpers (fedxvit.algorithms.FedSMSite trains with them)
 
 
-class _Relabeled:
+class Relabeled:
     """A loader whose every image is labelled `label` (the selector learns 'this comes from my site')."""
 
     def __init__(self, loader, label: int):
@@ -195,115 +196,6 @@ def build_selector(new_model, global_state: dict, num_sites: int) -> nn.Module:
         selector.head.weight.copy_(torch.randn(selector.head.weight.shape, generator=generator) * 0.02)
         selector.head.bias.zero_()
     return selector
-
-
-class FedSMSite(FedAvg):
-    """FedSM at a site (see the module doc), a strategy of fedxvit.algorithms: the executor's loop trains the
-    global model; finish_round then trains the personalized model and the selector, whose trainable tensors
-    (and the selector's Adam moments) travel beside the weight difference (`parts`)."""
-
-    name = "fedsm"
-    task_parts = (PERSONALIZED, SELECTOR)
-
-    def __init__(self, personal_epochs: int = 1):
-        super().__init__()
-        if int(personal_epochs) < 1:
-            raise FedXViTError(f"job option personal_epochs={personal_epochs}: must be at least 1")
-        self.personal_epochs = int(personal_epochs)
-        self.site = self.received = self.sent = None
-        self.metrics = {}
-
-    def attach(self, site) -> None:
-        self.site = site
-
-    def receive(self, parts: Dict[str, DXO], site_name: str) -> None:
-        personal, selector = parts.get(PERSONALIZED), parts.get(SELECTOR)
-        sites = list(selector.get_meta_prop(SITES) or []) if isinstance(selector, DXO) else []
-        if site_name not in sites:
-            raise FedXViTError(f"FedSM: site {site_name} is not among the selector's training sites {sites}")
-        self.received = {
-            "personalized": dict(personal.data or {}) if isinstance(personal, DXO) else {},
-            "selector": dict(selector.data or {}),
-            "sites": sites,
-            "index": sites.index(site_name),
-        }
-
-    def start_round(self, model, optimizer, global_controls=None):
-        if self.received is None:
-            raise FedXViTError(
-                "algorithm 'fedsm' needs FedSM's server (jobs/fedxvit_fedsm): the task held no FedSM parts"
-            )
-        self.model, self.optimizer = model, optimizer
-        self.received["global"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.metrics, self.sent = {}, None
-
-    def _train(self, model, optimizer, loader, should_abort, what: str) -> dict:
-        last = {}
-        for _ in range(self.personal_epochs):
-            last = train_epoch(model, loader, optimizer, self.site.device, should_abort=should_abort)
-            if last["aborted"]:
-                raise RoundAborted(f"while training the {what}")
-        return last
-
-    def finish_round(self, should_abort=None) -> dict:
-        should_abort = should_abort or (lambda: False)
-        received, site = self.received, self.site
-        personal = site.new_model()
-        personal.load_state_dict(received["global"])
-        overlay(personal, received["personalized"])  # round 0: none yet, it starts as the global model
-        self._train(
-            personal,
-            make_optimizer(personal, site.learning_rate),
-            site.train_loader,
-            should_abort,
-            "personalized model",
-        )
-        scores = evaluate(personal, site.val_loader, site.device, should_abort=should_abort)
-        if scores["aborted"]:
-            raise RoundAborted("while scoring the personalized model")
-
-        selector = build_selector(site.new_model, received["global"], len(received["sites"]))
-        overlay(selector, received["selector"].get("weights", {}))
-        optimizer = make_optimizer(selector, site.learning_rate)
-        load_adam_moments(selector, optimizer, received["selector"])
-        label = received["index"]
-        trained = self._train(selector, optimizer, _Relabeled(site.train_loader, label), should_abort, "selector")
-        picked = evaluate(selector, _Relabeled(site.val_loader, label), site.device, should_abort=should_abort)
-        if picked["aborted"]:
-            raise RoundAborted("while scoring the selector")
-        self.sent = {
-            PERSONALIZED: DXO(data_kind=DataKind.WEIGHTS, data=trainable_arrays(personal)),
-            SELECTOR: DXO(
-                data_kind=DataKind.COLLECTION,
-                data={"weights": trainable_arrays(selector), **adam_moments(selector, optimizer)},
-                meta={SITES: received["sites"]},
-            ),
-        }
-        self.metrics = {
-            "personal_val_accuracy": scores["accuracy"],
-            "personal_val_loss": scores["loss"],
-            "selector_train_loss": trained.get("loss", float("nan")),
-            "selector_val_accuracy": picked["accuracy"],  # share of this site's images the selector assigns to it
-        }
-        self.received = None
-        return {}
-
-    def parts(self) -> Dict[str, DXO]:
-        return dict(self.sent or {})
-
-    def round_metrics(self) -> dict:
-        return dict(self.metrics)
-
-    def summary(self) -> str:
-        if not self.metrics:
-            return "fedsm"
-        return (
-            f"fedsm: personalized val_acc={self.metrics['personal_val_accuracy']:.4f}, selector picks this site "
-            f"for {self.metrics['selector_val_accuracy']:.0%} of its validation images"
-        )
-
-    def params(self) -> dict:
-        return {"algorithm": self.name, "personal_epochs": self.personal_epochs}
 
 
 # ---- inference: the super-model's parts from a finished run
