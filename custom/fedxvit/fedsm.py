@@ -63,21 +63,10 @@ def softpull_weights(sites: list, softpull_lambda: float) -> Dict[str, Dict[str,
     return {i: {j: (softpull_lambda if i == j else other) for j in sites} for i in sites}
 
 
-def weighted_sum(states: Dict[str, dict], weights: Dict[str, float]) -> dict:
-    """sum_j weights[j] * states[j], tensor by tensor (float32 arrays)."""
-    names = next(iter(states.values())).keys()
-    return {
-        name: sum(np.float64(w) * np.asarray(states[s][name], dtype=np.float64) for s, w in weights.items()).astype(
-            np.float32
-        )
-        for name in names
-    }
-
-
 def softpull(personalized: Dict[str, dict], softpull_lambda: float) -> Dict[str, dict]:
     """Each site's SoftPull aggregate of the sites' personalized models (softpull_weights)."""
     matrix = softpull_weights(sorted(personalized), softpull_lambda)
-    return {site: weighted_sum(personalized, row) for site, row in matrix.items()}
+    return {site: combine_updates(personalized, row) for site, row in matrix.items()}  # rows sum to one
 
 
 def average_selector(selectors: Dict[str, dict]) -> dict:
@@ -85,7 +74,8 @@ def average_selector(selectors: Dict[str, dict]) -> dict:
     sites = sorted(selectors)
     equal = {s: 1.0 / len(sites) for s in sites}
     return {
-        key: weighted_sum({s: selectors[s][key] for s in sites}, equal) for key in ("weights", "exp_avg", "exp_avg_sq")
+        key: combine_updates({s: selectors[s][key] for s in sites}, equal)
+        for key in ("weights", "exp_avg", "exp_avg_sq")
     } | {"step": max(int(selectors[s]["step"]) for s in sites)}
 
 
