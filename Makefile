@@ -109,6 +109,27 @@ compare: setup
 compare-quick: setup
 	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results --quick $(COMPARE_ARGS)
 
+# Long-tailed data (docs/imbalance.md): the 4-class scenario of 5 hospitals (notumor : pituitary = 22 : 1),
+# homo or Dirichlet partition; FedMAS's self-supervised prior, pretrained on the public images and cached in
+# models/; FedAvg with cross-entropy, FedAvg with Balanced Softmax and FedMAS, from the Phase-1 expert
+# (models/expert.pt), against centralized and local-only, 3 seeds -> results/longtail/.
+# Calibrating or tuning: COMPARE_ARGS="--split validation" scores the validation splits instead.
+LONGTAIL_PARTITION ?= homo
+LONGTAIL_ALPHA ?= 0.5
+LONGTAIL_DATA = $(DATA)/longtail/$(if $(filter dirichlet,$(LONGTAIL_PARTITION)),dirichlet-$(LONGTAIL_ALPHA),homo)
+.PHONY: data-longtail ssl-prior compare-longtail
+data-longtail: setup
+	$(PY) -m data_preparation.benchmark --scenario longtail --partition $(LONGTAIL_PARTITION) \
+		$(if $(filter dirichlet,$(LONGTAIL_PARTITION)),--alpha $(LONGTAIL_ALPHA)) --out $(LONGTAIL_DATA) --seed $(SEED)
+
+ssl-prior: data
+	$(PY) -m fedxvit.ssl_prior --data $(DATA)/public --out models/ssl_prior.pt
+
+compare-longtail: setup
+	$(PY) -m result_stat.compare --scenario-data $(LONGTAIL_DATA) --initial models/expert.pt \
+		--methods fedavg,fedavg-bsm,fedmas --workspace workspace/compare-longtail \
+		--out results/longtail$(if $(filter --split validation,$(COMPARE_ARGS)),-validation) $(COMPARE_ARGS)
+
 # What update privacy costs (docs/privacy.md): FedAvg against FedAvg behind each of NVFlare's privacy
 # filters and with DP-SGD, same runs and seeds as `make compare` (its FedAvg and baseline runs are
 # reused) -> results/privacy/.

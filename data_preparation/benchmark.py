@@ -5,12 +5,16 @@ the nilearn wheel. Each image is an axial slice of it, warped by a per-"patient"
 elastic deformation, with an inserted lesion (glioma, meningioma, pituitary or none) and a
 hospital "scanner profile" of MONAI intensity and MRI-artifact transforms.
 
-Two named scenarios (--scenario):
+Three named scenarios (--scenario):
   default  public/ + site1..site3 under --out (default: data), as `make data` writes them
   skewed   site1..site6 under --out (default: data/skewed), where federation is hard: long-tailed
            sizes (480 down to 40), each hospital's Tumor share drawn from a Dirichlet, a scanner of
            its own per hospital, smaller and fainter lesions. No public set: the expert made on the
            default scenario's data/public serves both.
+  longtail site1..site5 with the 4 Phase-1 classes (glioma, meningioma, notumor, pituitary), long-
+           tailed overall (notumor : pituitary = 22 : 1), each hospital its own scanner.
+           --partition homo: every hospital the same mix; dirichlet: each class cut among the
+           hospitals by Dirichlet(--alpha). Out: data/longtail/homo or data/longtail/dirichlet-<alpha>.
 
 Products under --out:
   public/        4-class set (glioma, meningioma, notumor, pituitary) for the Phase-1 expert (default only)
@@ -220,6 +224,22 @@ SCENARIOS = {
     },
 }
 DEFAULT_SCENARIO = "default"
+
+# The long-tailed 4-class scenario (FedMAS, issue #14): class shares of all hospitals' images together;
+# notumor : pituitary = 0.44 : 0.02 = 22 : 1. `homo` gives every hospital this mix; `dirichlet` cuts each
+# class among the hospitals by Dirichlet(alpha) from the scenario's own seed (same mix for every --seed).
+LONGTAIL_CLASS_SHARES = {"glioma": 0.34, "meningioma": 0.20, "notumor": 0.44, "pituitary": 0.02}
+PARTITIONS = ("homo", "dirichlet")
+DEFAULT_ALPHA = 0.5
+SCENARIOS["longtail"] = {
+    "out": "data/longtail",
+    "public": False,
+    "site_sizes": (600, 480, 360, 300, 240),
+    "class_shares": LONGTAIL_CLASS_SHARES,
+    "partition_seed": 3,
+    "lesion": LESION,
+    "site_scanners": (3, 4, 5, 6, 7),
+}
 
 
 # ----------------------------------------------------------------------------- anatomy
@@ -557,6 +577,46 @@ def site_plan(args, site_number: int, size: int, n_healthy: int) -> list:
     return [(classes[i], task_label(classes[i])) for i in rng.permutation(len(classes))]
 
 
+def apportion(total: int, proportions) -> list:
+    """Whole counts summing to `total` in the given proportions (largest remainder, ties to the first)."""
+    raw = np.asarray(proportions, dtype=float) * total / max(float(np.sum(proportions)), 1e-12)
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: total - int(counts.sum())]:
+        counts[i] += 1
+    return [int(c) for c in counts]
+
+
+def site_class_counts(args) -> list:
+    """{expert class: images} per hospital of a class-share scenario (longtail).
+
+    homo: each hospital its size x the shares. dirichlet: each class's total (all sizes x its share) cut
+    among the hospitals by Dirichlet(alpha); a hospital's share of a class too small to reach every split
+    goes to the hospital holding most of that class, so every class present at a hospital is trained,
+    validated and tested there."""
+    scenario = SCENARIOS[args.scenario]
+    shares = scenario["class_shares"]
+    if args.partition == "homo":
+        return [dict(zip(shares, apportion(size, list(shares.values())))) for size in args.site_sizes]
+    floor = min_class_images(args.val_frac, args.test_frac)
+    rng = np.random.default_rng([scenario["partition_seed"], int(round(args.alpha * 1000))])
+    totals = apportion(sum(args.site_sizes), list(shares.values()))
+    per_site = [dict.fromkeys(shares, 0) for _ in args.site_sizes]
+    for name, total in zip(shares, totals):
+        counts = apportion(total, rng.dirichlet([args.alpha] * len(args.site_sizes)))
+        keeper = int(np.argmax(counts))
+        for k, count in enumerate(counts):
+            target = k if count >= floor else keeper
+            per_site[target][name] += count
+    return per_site
+
+
+def class_count_plan(args, site_number: int, counts: dict) -> list:
+    """(expert class, 4-class label) per site image of a class-share scenario, shuffled."""
+    rng = image_rng(args.seed, site_number, 0, purpose=1)
+    classes = [name for name, n in counts.items() for _ in range(n)]
+    return [(classes[i], EXPERT_CLASSES.index(classes[i])) for i in rng.permutation(len(classes))]
+
+
 def split_entries(product_id: int, args, labels: list, entries: list) -> dict:
     """Stratified training/validation/testing lists, seeded per product."""
     from data_preparation.splits import train_val_test
@@ -578,10 +638,16 @@ def product_jobs(args, out: Path) -> list:
     scenario = SCENARIOS[args.scenario]
     site_scanners = scenario["site_scanners"]
     products = [(PUBLIC, PUBLIC_PRODUCT_ID, public_plan(args))] if scenario["public"] else []
-    products += [
-        (f"site{k}", k, site_plan(args, k, size, n_healthy))
-        for k, (size, n_healthy) in enumerate(zip(args.site_sizes, site_healthy_counts(args)), start=1)
-    ]
+    if "class_shares" in scenario:
+        products += [
+            (f"site{k}", k, class_count_plan(args, k, counts))
+            for k, counts in enumerate(site_class_counts(args), start=1)
+        ]
+    else:
+        products += [
+            (f"site{k}", k, site_plan(args, k, size, n_healthy))
+            for k, (size, n_healthy) in enumerate(zip(args.site_sizes, site_healthy_counts(args)), start=1)
+        ]
     for name, product_id, plan in products:
         for index, (expert_class, label) in enumerate(plan):
             profile_rng = image_rng(args.seed, product_id, index, purpose=3)
@@ -648,6 +714,7 @@ def write_products(args, out: Path, jobs: list, results: list) -> None:
             job0["product_id"], args, [j["label"] for j, _ in pairs], [r["entry"] for _, r in pairs]
         )
         is_public = name == PUBLIC
+        four_classes = is_public or "site_class_counts" in params
         provenance = {
             "generator": GENERATOR,
             "seed": args.seed,
@@ -658,7 +725,9 @@ def write_products(args, out: Path, jobs: list, results: list) -> None:
         }
         if "site_tumor_shares" in params and not is_public:
             provenance["tumor_share"] = params["site_tumor_shares"][job0["product_id"] - 1]
-        write_site(out / name, entries, EXPERT_CLASSES if is_public else TASK_CLASSES, provenance)
+        if "site_class_counts" in params and not is_public:
+            provenance["class_counts"] = params["site_class_counts"][job0["product_id"] - 1]
+        write_site(out / name, entries, EXPERT_CLASSES if four_classes else TASK_CLASSES, provenance)
 
 
 # ----------------------------------------------------------------------------- CLI and reuse
@@ -679,6 +748,27 @@ def generation_params(args) -> dict:
             "test_frac": args.test_frac,
         }
     scenario = SCENARIOS[args.scenario]
+    if "class_shares" in scenario:
+        counts = site_class_counts(args)
+        params = {
+            "format_version": FORMAT_VERSION,
+            "scenario": args.scenario,
+            "seed": args.seed,
+            "image_size": args.image_size,
+            "partition": args.partition,
+            **({"alpha": args.alpha} if args.partition == "dirichlet" else {}),
+            "class_shares": scenario["class_shares"],
+            "site_sizes": [sum(c.values()) for c in counts],
+            "site_class_counts": counts,
+            "site_scanners": [
+                SCANNER_PROFILES[scenario["site_scanners"][(k - 1) % len(scenario["site_scanners"])]]["name"]
+                for k in range(1, len(counts) + 1)
+            ],
+            "lesion": scenario["lesion"],
+            "val_frac": args.val_frac,
+            "test_frac": args.test_frac,
+        }
+        return json.loads(json.dumps(params))
     healthy = site_healthy_counts(args)
     params = {
         "format_version": FORMAT_VERSION,
@@ -770,6 +860,21 @@ def validate(args) -> None:
         )
     if any(size < 1 for size in args.site_sizes):
         raise FedXViTError(f"--site-sizes must all be at least 1, got {','.join(map(str, args.site_sizes))}")
+    if "class_shares" in SCENARIOS[args.scenario]:
+        if not args.alpha > 0:
+            raise FedXViTError(f"--alpha must be greater than 0, got {args.alpha}")
+        for k, counts in enumerate(site_class_counts(args), start=1):
+            short = [
+                f"{name} {n}"
+                for name, n in counts.items()
+                if n and not splits_possible(n, args.val_frac, args.test_frac)
+            ]
+            if short or sum(counts.values()) == 0:
+                raise FedXViTError(
+                    f"--site-sizes: site{k} gets {', '.join(short) or 'no image'}: too few to give every class "
+                    "images in training, validation and testing (larger sizes, or another --alpha)"
+                )
+        return
     for k, (size, n_healthy) in enumerate(zip(args.site_sizes, site_healthy_counts(args)), start=1):
         if not (
             splits_possible(n_healthy, args.val_frac, args.test_frac)
@@ -794,6 +899,15 @@ SCENARIO_FIXED_OPTIONS = {"public_per_class": "--public-per-class", "healthy_fra
 def apply_scenario(args) -> argparse.Namespace:
     """Fill the options left unset from the scenario; refuse those the scenario decides itself."""
     scenario = SCENARIOS[args.scenario]
+    if "class_shares" in scenario:
+        args.partition = args.partition or "homo"
+        args.alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
+        if args.alpha != DEFAULT_ALPHA and args.partition != "dirichlet":
+            raise FedXViTError("--alpha applies to --partition dirichlet only")
+        partition = "homo" if args.partition == "homo" else f"dirichlet-{args.alpha:g}"
+        args.out = args.out if args.out is not None else str(Path(scenario["out"]) / partition)
+    elif args.partition is not None or args.alpha is not None:
+        raise FedXViTError(f"--partition and --alpha apply to --scenario longtail, not {args.scenario}")
     args.out = args.out if args.out is not None else scenario["out"]
     args.site_sizes = args.site_sizes if args.site_sizes is not None else list(scenario["site_sizes"])
     if scenario["public"]:
@@ -818,7 +932,23 @@ def parse_args(argv=None):
         default=DEFAULT_SCENARIO,
         help="named benchmark layout (default: default; see above)",
     )
-    parser.add_argument("--out", default=None, help="output folder (default: data; data/skewed for --scenario skewed)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: data; data/skewed; data/longtail/homo or data/longtail/dirichlet-<alpha>)",
+    )
+    parser.add_argument(
+        "--partition",
+        choices=PARTITIONS,
+        default=None,
+        help="longtail only: homo (every hospital the same long-tailed mix, default) or dirichlet",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help=f"longtail --partition dirichlet: concentration, smaller = more skewed (default: {DEFAULT_ALPHA})",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="master seed; same seed and options give identical files (default: 0)"
     )
@@ -836,7 +966,7 @@ def parse_args(argv=None):
         type=site_sizes,
         default=None,
         help="comma-separated image count per private site; their number is the number of sites "
-        "(default: 150,300,450; skewed: 480,300,180,120,60,40)",
+        "(default: 150,300,450; skewed: 480,300,180,120,60,40; longtail: 600,480,360,300,240)",
     )
     parser.add_argument(
         "--healthy-fraction",

@@ -44,9 +44,16 @@ PRIVACY_METHOD_JOBS = {  # FedAvg behind one of NVFlare's privacy filters (make 
     "exclude": "jobs/fedxvit_exclude_vars",
     **{f"dp-sgd-eps{eps}": "jobs/fedxvit_dp_sgd" for eps in (1, 3, 8)},
 }
-KNOWN_METHODS = {**METHOD_JOBS, **PRIVACY_METHOD_JOBS}
+LONGTAIL_METHOD_JOBS = {  # long-tailed 4-class scenario (make compare-longtail; docs/imbalance.md)
+    "fedavg-bsm": "jobs/fedxvit",  # FedAvg, the sites training with Balanced Softmax
+    "fedmas": "jobs/fedxvit_fedmas",  # Balanced Softmax + MAS aggregation weights
+}
+KNOWN_METHODS = {**METHOD_JOBS, **PRIVACY_METHOD_JOBS, **LONGTAIL_METHOD_JOBS}
 # client variables a known method sets on its job copy: one job, several settings (DP-SGD's budget per run)
-METHOD_CLIENT_VARIABLES = {f"dp-sgd-eps{eps}": {"dp_epsilon": float(eps)} for eps in (1, 3, 8)}
+METHOD_CLIENT_VARIABLES = {
+    **{f"dp-sgd-eps{eps}": {"dp_epsilon": float(eps)} for eps in (1, 3, 8)},
+    "fedavg-bsm": {"loss": "bsm"},
+}
 REFERENCE, CENTRALIZED, LOCAL_ONLY, START = "fedavg", "centralized", "local-only", "start"
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc")
 GAP_METRIC = "balanced_accuracy"
@@ -59,19 +66,20 @@ SPLITS = {"test": "testing", "validation": "validation"}
 
 
 def headline_metrics(labels, probs) -> dict:
-    """accuracy, balanced accuracy, macro-F1, ROC-AUC and count of one set of predictions.
+    """accuracy, balanced accuracy, macro-F1, ROC-AUC, recall per class and count of one set of predictions.
 
-    Balanced accuracy and macro-F1 average over the classes present in `labels` (a hospital whose
-    test split holds one class is judged on that class, not punished for the absent one).
-    Accuracy and ROC-AUC come from result_stat.metrics, the project's one home for them."""
+    Balanced accuracy (the mean of the per-class recalls) and macro-F1 average over the classes present in
+    `labels` (a hospital whose test split holds one class is judged on that class, not punished for the
+    absent one); `recall` lists every class, None where absent. Accuracy and ROC-AUC come from
+    result_stat.metrics, the project's one home for them."""
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
-    from fedxvit.classes import TASK_CLASSES
     from result_stat.metrics import classification_metrics
 
-    full = classification_metrics(labels, probs, TASK_CLASSES)
+    num_classes = len(probs[0]) if len(probs) else 2
+    full = classification_metrics(labels, probs, [str(c) for c in range(num_classes)])
     if not full["count"]:
-        return {**{m: None for m in METRICS}, "count": 0}
+        return {**{m: None for m in METRICS}, "recall": [None] * num_classes, "count": 0}
     labels = np.asarray(labels, dtype=int)
     predictions = np.asarray(probs, dtype=float).argmax(1)
     with warnings.catch_warnings():  # one class present: sklearn warns about the absent one, which we leave out
@@ -80,11 +88,15 @@ def headline_metrics(labels, probs) -> dict:
     macro_f1 = float(
         f1_score(labels, predictions, labels=sorted(set(labels.tolist())), average="macro", zero_division=0)
     )
+    recall = [
+        float((predictions[labels == c] == c).mean()) if (labels == c).any() else None for c in range(num_classes)
+    ]
     return {
         "accuracy": full["accuracy"],
         "balanced_accuracy": balanced,
         "macro_f1": macro_f1,
         "roc_auc": full["roc_auc"],
+        "recall": recall,
         "count": full["count"],
     }
 
@@ -152,8 +164,10 @@ def summarize_method(per_seed: dict) -> dict:
     the worst site."""
     scores = list(per_seed.values())
     sites = list(scores[0]["sites"]) if scores else []
+    num_classes = len(scores[0]["pooled"].get("recall", [])) if scores else 0
     return {
         "pooled": {m: mean_std(s["pooled"][m] for s in scores) for m in METRICS},
+        "pooled_recall": [mean_std(s["pooled"]["recall"][c] for s in scores) for c in range(num_classes)],
         "sites": {site: {m: mean_std(s["sites"][site][m] for s in scores) for m in METRICS} for site in sites},
         "worst_site": {
             "balanced_accuracy": mean_std(s["sites"][s["worst_site"]]["balanced_accuracy"] for s in scores),
@@ -219,10 +233,22 @@ def run_or_reuse(folder: Path, compute) -> tuple[dict, bool]:
 class Scenario:
     """The fixed part of every run: data, sites, initial model, preset, device; loaders built once, on first use."""
 
-    def __init__(self, data: Path, sites: list, initial: Path, preset: str, image_size: int, device: str | None):
+    def __init__(
+        self,
+        data: Path,
+        sites: list,
+        initial: Path,
+        preset: str,
+        image_size: int,
+        device: str | None,
+        class_names: list | None = None,
+    ):
+        from fedxvit.classes import TASK_CLASSES
         from fedxvit.training import resolve_device
 
         self.data, self.sites, self.initial, self.preset = data, sites, initial, preset
+        self.class_names = list(class_names or TASK_CLASSES)
+        self.num_classes = len(self.class_names)
         self.image_size, self.device = image_size, resolve_device(device)
         self._loaders = {}
         self.fingerprint = {
@@ -231,6 +257,8 @@ class Scenario:
             "sites": sites,
             "preset": preset,
         }
+        if self.num_classes != len(TASK_CLASSES):  # only then: the 2-class runs keep their folder names
+            self.fingerprint["num_classes"] = self.num_classes
 
     def site_dir(self, site: str) -> Path:
         return self.data / site
@@ -328,18 +356,27 @@ def federated_run(
                 "num_rounds": rounds,
                 "min_clients": len(scenario.sites),
                 "preset": scenario.preset,
+                "num_classes": scenario.num_classes,
                 "tracking_uri": tracking_uri,
             },
-            client={**(client_variables or {}), "local_epochs": local_epochs, "seed": seed, "preset": scenario.preset},
+            client={
+                **(client_variables or {}),
+                "local_epochs": local_epochs,
+                "seed": seed,
+                "preset": scenario.preset,
+                "num_classes": scenario.num_classes,
+            },
             optional=("min_clients", "tracking_uri"),
         )
         run_dir = run_simulator(copy, folder / "simulator", scenario.data, scenario.sites, scenario.initial, timeout_s)
-        model = load_global_model(run_dir / GLOBAL_MODEL, scenario.preset, device=scenario.device)
-        final_val = pooled_accuracy(scenario.predict(model, "validation"))
+        model = load_global_model(run_dir / GLOBAL_MODEL, scenario.preset, scenario.num_classes, scenario.device)
+        validation = scenario.predict(model, "validation")
+        final_val = pooled_accuracy(validation)
         curve = validation_curve(run_dir, rounds)
         result = {
             "run_dir": str(run_dir),
             "test": scenario.predict(model, "test"),
+            "validation": validation,
             "final_val_accuracy": final_val,
             "val_curve": (curve or [None] * rounds) + [final_val],
         }
@@ -368,10 +405,12 @@ def baseline_run(scenario: Scenario, settings, sites: list):
         trained = train_on_sites(
             [scenario.site_dir(s) for s in sites], scenario.initial, settings, device=str(scenario.device)
         )
+        validation = scenario.predict(trained["model"], "validation", sites)
         return {
             "test": scenario.predict(trained["model"], "test", sites),
+            "validation": validation,
             "train_images": trained["train_images"],
-            "final_val_accuracy": pooled_accuracy(scenario.predict(trained["model"], "validation", sites)),
+            "final_val_accuracy": pooled_accuracy(validation),
         }
 
     return compute
@@ -383,9 +422,11 @@ def start_run(scenario: Scenario):
 
     def compute(folder: Path) -> dict:
         model, _ = build_model_from_checkpoint(scenario.initial, preset=scenario.preset, device=scenario.device)
+        validation = scenario.predict(model, "validation")
         return {
             "test": scenario.predict(model, "test"),
-            "final_val_accuracy": pooled_accuracy(scenario.predict(model, "validation")),
+            "validation": validation,
+            "final_val_accuracy": pooled_accuracy(validation),
         }
 
     return compute
@@ -416,8 +457,9 @@ def parse_methods(text: str | None, root: Path) -> dict:
     return methods
 
 
-def check_scenario(data: Path, sites: list | None, initial: Path, preset: str | None) -> tuple[list, str, int]:
-    """(sites, preset, image size) after checking every input; one line naming the option otherwise."""
+def check_scenario(data: Path, sites: list | None, initial: Path, preset: str | None) -> tuple[list, str, int, list]:
+    """(sites, preset, image size, class names) after checking every input; one line naming the option otherwise.
+    The initial model's class count decides the task (2: Tumor/Healthy, 4: the long-tailed scenario's)."""
     from fedxvit.checkpoint import read_meta
     from fedxvit.datalist import load_split
     from fedxvit.sites import DATA_ROOT_ENV, site_data_dir
@@ -433,7 +475,7 @@ def check_scenario(data: Path, sites: list | None, initial: Path, preset: str | 
                 f"--scenario-data {data} holds {len(sites)} site folders (site1, site2, ...): a federation needs 2"
             )
     for site in sites:
-        site_data_dir(site, environ={DATA_ROOT_ENV: str(data)})
+        site_data_dir(site, environ={DATA_ROOT_ENV: str(data)}, class_names=None)  # classes: checked below
         if not load_split(data / site, "testing"):
             raise FedXViTError(f"site {site}: {data / site} has no testing images to score on")
     if not initial.is_file():
@@ -441,7 +483,21 @@ def check_scenario(data: Path, sites: list | None, initial: Path, preset: str | 
     meta = read_meta(initial)
     if preset and preset != meta.get("preset"):
         raise FedXViTError(f"--preset {preset} does not match --initial {initial} (preset {meta.get('preset')!r})")
-    return list(sites), meta["preset"], int(meta["image_size"])
+    from fedxvit.classes import EXPERT_CLASSES, TASK_CLASSES
+    from fedxvit.datalist import read_dataset_info
+
+    num_classes = int(meta.get("num_classes", len(TASK_CLASSES)))
+    class_names = meta.get("class_names") or list(
+        EXPERT_CLASSES if num_classes == len(EXPERT_CLASSES) else TASK_CLASSES
+    )
+    for site in sites:
+        found = read_dataset_info(data / site).get("num_classes")
+        if found is not None and int(found) != num_classes:
+            raise FedXViTError(
+                f"site {site}: {data / site} holds {found} classes but --initial {initial} is a {num_classes}-class "
+                "model (the long-tailed 4-class scenario starts from models/expert.pt)"
+            )
+    return list(sites), meta["preset"], int(meta["image_size"]), list(class_names)
 
 
 def compare(
@@ -457,6 +513,7 @@ def compare(
     device: str | None = None,
     timeout_s: int = 3600,
     log=print,
+    split: str = "test",
 ) -> dict:
     """Run or reuse every run of the comparison and aggregate it (see the module doc); the report dict."""
     from dataclasses import replace
@@ -465,14 +522,14 @@ def compare(
 
     started = time.perf_counter()
     data, initial, workspace = Path(data).resolve(), Path(initial).resolve(), Path(workspace).resolve()
-    sites, preset, image_size = check_scenario(data, sites, initial, preset)
+    sites, preset, image_size, class_names = check_scenario(data, sites, initial, preset)
     reference_server = read_job_config(methods[REFERENCE], SERVER_CONFIG)
     reference_client = read_job_config(methods[REFERENCE], CLIENT_CONFIG)
     rounds = int(reference_server["num_rounds"] if rounds is None else rounds)
     local_epochs = int(reference_client.get("local_epochs", 1) if local_epochs is None else local_epochs)
     if rounds < 1 or local_epochs < 1:
         raise FedXViTError(f"--rounds {rounds} and --local-epochs {local_epochs} must be at least 1")
-    scenario = Scenario(data, sites, initial, preset, image_size, device)
+    scenario = Scenario(data, sites, initial, preset, image_size, device, class_names)
     tracking_uri = f"sqlite:///{workspace / 'mlflow.db'}"  # the comparison's runs stay out of the project's store
 
     # the baselines train like the reference job: its settings with this comparison's rounds, epochs and seed
@@ -533,20 +590,22 @@ def compare(
         for site in result.get("personalized_fallback", []):
             log(f"{label}: {site} kept no personalized model; its {personalized(name)} score is the global model's")
         runs.append({"method": name, "seed": seed, "folder": str(folder), "reused": reused, "wall_s": result["wall_s"]})
-        score = score_sites(result["test"])["pooled"][GAP_METRIC]
+        score = score_sites(result[split])["pooled"][GAP_METRIC] if split in result else float("nan")
         log(
             f"{label}: {'reused' if reused else 'ran'} in {time.perf_counter() - clock:.0f} s "
-            f"(computed in {result['wall_s']:.0f} s); pooled test balanced accuracy {score:.3f}",
+            f"(computed in {result['wall_s']:.0f} s); pooled {split} balanced accuracy {score:.3f}",
             flush=True,
         )
 
-    report = aggregate(results, list(methods), seeds, sites)
+    report = aggregate(results, list(methods), seeds, sites, split)
     report.update(
         settings={
             "data": str(data),
             "sites": sites,
             "initial": str(initial),
             "preset": preset,
+            "class_names": class_names,
+            "split": split,
             "rounds": rounds,
             "local_epochs": local_epochs,
             "seeds": seeds,
@@ -562,25 +621,33 @@ def compare(
     return report
 
 
-def aggregate(results: dict, methods: list, seeds: list, sites: list) -> dict:
+def aggregate(results: dict, methods: list, seeds: list, sites: list, split: str = "test") -> dict:
     """Per method: scores per seed, mean +- std, the gap share, the difference to FedAvg and the validation curves.
 
     `results`: {(run name, seed): result.json}; the local-only row scores each hospital's own model on its own
-    test split (what a hospital alone would deploy), pooled over hospitals."""
+    split (what a hospital alone would deploy), pooled over hospitals. `split`: "test" (the report), or
+    "validation" (calibrating a scenario or tuning a method; personalized models are scored on test only)."""
+    if split not in SPLITS:
+        raise FedXViTError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
+    stale = sorted({name for (name, _), result in results.items() if split not in result})
+    if stale:
+        raise FedXViTError(
+            f"--split {split}: the runs of {', '.join(stale)} predate validation scores; remove them from the workspace"
+        )
     predictions = {}  # method -> {seed: {site: predictions}}
     for name in [*methods, CENTRALIZED]:
-        predictions[name] = {seed: results[(name, seed)]["test"] for seed in seeds if (name, seed) in results}
-    for name in methods:
+        predictions[name] = {seed: results[(name, seed)][split] for seed in seeds if (name, seed) in results}
+    for name in methods if split == "test" else []:
         personal = {seed: results[(name, seed)].get("personalized_test") for seed in seeds if (name, seed) in results}
         if any(personal.values()):
             predictions[personalized(name)] = {seed: p for seed, p in personal.items() if p}
     predictions[LOCAL_ONLY] = {
-        seed: {site: results[(f"{LOCAL_ONLY} {site}", seed)]["test"][site] for site in sites}
+        seed: {site: results[(f"{LOCAL_ONLY} {site}", seed)][split][site] for site in sites}
         for seed in seeds
         if all((f"{LOCAL_ONLY} {site}", seed) in results for site in sites)
     }
     if (START, None) in results:
-        predictions[START] = {"-": results[(START, None)]["test"]}
+        predictions[START] = {"-": results[(START, None)][split]}
     scores = {name: {seed: score_sites(p) for seed, p in per_seed.items()} for name, per_seed in predictions.items()}
     pooled = {
         name: {seed: s["pooled"][GAP_METRIC] for seed, s in per_seed.items()} for name, per_seed in scores.items()
@@ -630,13 +697,14 @@ def compare_markdown(report: dict) -> str:
         f"Scenario `{s['data']}` ({', '.join(s['sites'])}), initial model `{s['initial']}` (preset {s['preset']}), "
         f"{s['rounds']} rounds x {s['local_epochs']} local epoch(s); baselines train {s['rounds'] * s['local_epochs']} "
         f"epochs from the same start. Seeds {seeds}: every cell is mean ± std over seeds, in percent.\n",
-        "Scores: the final global model of each method on every hospital's **test** split, pooled and per hospital "
-        "(nothing was tuned or selected on test). Local-only: each hospital's own model on its own test split. "
+        f"Scores: the final global model of each method on every hospital's **{SPLITS[s.get('split', 'test')]}** "
+        "split, pooled and per hospital (nothing was tuned or selected on test). Local-only: each hospital's own "
+        "model on its own split. "
         "`<method> (personalized)`: Ditto: each hospital's personalized model on its own test split; FedSM: the "
         "super-model (the selector routes each image to a personalized model or the global one, threshold chosen on "
         "validation). "
         "Start: the initial model, untrained (one value).\n",
-        "## Pooled test set\n",
+        f"## Pooled {SPLITS[s.get('split', 'test')]} set\n",
         "| method | accuracy | balanced accuracy | macro-F1 | ROC-AUC | worst hospital (balanced accuracy) | "
         "mean of hospitals (balanced accuracy) | FedAvg→centralized gap closed | vs FedAvg (balanced accuracy) |",
         "|---|---:|---:|---:|---:|---|---:|---:|---|",
@@ -677,6 +745,14 @@ def compare_markdown(report: dict) -> str:
     ]
     if not_helping:
         lines.append(f"\n**Does not help over FedAvg here:** {', '.join(not_helping)}.")
+    classes = s.get("class_names") or [str(c) for c in range(len(table[names[0]].get("pooled_recall", [])))]
+    if names and table[names[0]].get("pooled_recall"):
+        lines += [
+            f"\n## Pooled {SPLITS[s.get('split', 'test')]} set: recall per class\n",
+            "| method | " + " | ".join(classes) + " |",
+            "|---|" + "---:|" * len(classes),
+        ]
+        lines += [f"| {n} | " + " | ".join(_cell(r) for r in table[n].get("pooled_recall", [])) + " |" for n in names]
     for metric in METRICS:
         lines += [
             f"\n## Per hospital: {metric.replace('_', ' ')}\n",
@@ -765,6 +841,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help=f"one seed (the first), {QUICK_ROUNDS} rounds")
     parser.add_argument(
+        "--split",
+        choices=sorted(SPLITS),
+        default="test",
+        help="split every score is on: test (the report, default) or validation (calibrating a scenario, tuning)",
+    )
+    parser.add_argument(
         "--initial",
         default=None,
         help="initial global model (default: $FEDXVIT_INITIAL_MODEL, else models/initial_global.pt)",
@@ -810,6 +892,7 @@ def main(argv=None) -> dict:
         Path(args.workspace),
         args.device,
         args.timeout,
+        split=args.split,
     )
     files = write_outputs(report, Path(args.out))
     print(f"wrote {files['markdown']}, {files['json']} and {files['curves']} ({report['wall_s']:.0f} s)")

@@ -40,21 +40,24 @@ def write_tiny_site(
     size: int = 32,
     seed: int = 0,
     masks: bool = False,
+    class_names=TASK_CLASSES,
 ) -> Path:
     """A 2-class site of noise images in which a Tumor image holds a bright square: at a fixed place,
-    or with `masks` at a random place with its mask (for the heatmap scores). Returns root."""
+    or with `masks` at a random place with its mask (for the heatmap scores). Returns root.
+    With more `class_names`, label k > 0 puts its square at its own place; `train_per_class` may then be
+    a list (images of each class in training)."""
     rng = np.random.default_rng(seed)
     for folder in ("images", "masks") if masks else ("images",):
         (root / folder).mkdir(parents=True, exist_ok=True)
     entries = {}
     for split, count in (("training", train_per_class), ("validation", val_per_class), ("testing", test_per_class)):
         entries[split] = []
-        for label in range(len(TASK_CLASSES)):
-            for i in range(count):
+        for label in range(len(class_names)):
+            for i in range(count[label] if isinstance(count, (list, tuple)) else count):
                 pixels = (rng.random((size, size)) * 60).astype(np.uint8)
                 entry = {"image": f"images/{split}_{label}_{i}.png", "label": label}
                 if label:
-                    r, c = rng.integers(0, size - SQUARE, 2) if masks else (4, 4)
+                    r, c = rng.integers(0, size - SQUARE, 2) if masks else (4, 4 + 6 * (label - 1))
                     pixels[r : r + SQUARE, c : c + SQUARE] = 230
                     if masks:
                         mask = np.zeros((size, size), np.uint8)
@@ -63,7 +66,7 @@ def write_tiny_site(
                         Image.fromarray(mask).save(root / entry["mask"])
                 Image.fromarray(pixels).save(root / entry["image"])
                 entries[split].append(entry)
-    write_site(root, entries, TASK_CLASSES, {"generator": "tests", "seed": seed})
+    write_site(root, entries, class_names, {"generator": "tests", "seed": seed})
     return root
 
 

@@ -12,6 +12,11 @@ The survivors are combined by
 - `trimmed_mean`: per coordinate, the `ceil(trim_fraction x n)` largest and smallest values
   are dropped (never so many that nothing is left) and the rest averaged.
 
+`weighting` picks what a site's update weighs in `mean`: `steps` (FedAvg) or `mas`, the MAS factor
+each site reports from its measurement against the shared self-supervised prior (FedMAS,
+fedxvit.imbalance); a site without a factor, or that measured with another prior file than the
+round's majority, is dropped from that round with the reason.
+
 The plain functions (`update_norm`, `screen_updates`, `combine_updates`) carry the logic; the
 NVFlare shell is an `Assembler` for NVFlare's stock `CollectAndAssembleAggregator`, which
 collects one update per site and round. It leaves the round's decision in the FLContext
@@ -31,9 +36,13 @@ from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedA
 from nvflare.app_common.app_constant import AppConstants
 
 from fedxvit.errors import FedXViTError
+from fedxvit.imbalance import mas_weights
 
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
-AGGREGATION_REPORT = "fedxvit.aggregation_report"  # FLContext prop: {"aggregated": [...], "rejected": {site: reason}}
+WEIGHTINGS = ("steps", "mas")
+# FLContext prop: {"aggregated": [...], "rejected": {site: reason}, "weights": {site: share of the mean}}
+AGGREGATION_REPORT = "fedxvit.aggregation_report"
+MAS_FACTOR, MAS_PRIOR = "mas_factor", "mas_prior_sha256"  # what fedxvit.executor puts in a train result's meta
 
 
 def _as_float_array(value) -> np.ndarray:
@@ -65,6 +74,20 @@ def screen_updates(updates: Dict[str, dict], norm_k: float) -> tuple[list[str], 
                 f"({others:.4g}); limit {norm_k:g}x"
             )
     return [s for s in sites if s not in rejected], rejected
+
+
+def screen_mas(factors: Dict[str, float | None], priors: Dict[str, str | None]) -> tuple[list[str], dict]:
+    """(kept sites, {rejected site: reason}) for MAS weighting: a site must report a factor, measured with
+    the prior file most sites of the round used (by SHA-256; the first in name order breaks a tie)."""
+    hashes = [priors[s] for s in sorted(priors) if priors[s]]
+    majority = max(hashes, key=hashes.count) if hashes else None
+    rejected = {}
+    for site in sorted(factors):
+        if factors[site] is None or not priors.get(site):
+            rejected[site] = "reported no MAS factor (run the job's client config: mas_prior set)"
+        elif priors[site] != majority:
+            rejected[site] = f"measured with another MAS prior ({priors[site][:12]}, the round's is {majority[:12]})"
+    return [s for s in sorted(factors) if s not in rejected], rejected
 
 
 def trim_count(n: int, trim_fraction: float) -> int:
@@ -99,13 +122,15 @@ def combine_updates(
 
 
 class ScreenedAssembler(Assembler):
-    """Assembler for NVFlare's CollectAndAssembleAggregator: norm screening, then mean / median / trimmed mean."""
+    """Assembler for NVFlare's CollectAndAssembleAggregator: norm screening, then mean / median / trimmed mean,
+    the mean weighted by steps or by MAS factors."""
 
     def __init__(
         self,
         aggregation: str = "mean",
         norm_k: float = 10.0,
         trim_fraction: float = 0.2,
+        weighting: str = "steps",
         data_kind: str = DataKind.WEIGHT_DIFF,
     ):
         super().__init__(data_kind=data_kind)
@@ -115,24 +140,48 @@ class ScreenedAssembler(Assembler):
             )
         if 0 < float(norm_k) < 1:
             raise FedXViTError(f"job option norm_k={norm_k}: use 0 (no screening) or a factor >= 1")
+        if weighting not in WEIGHTINGS:
+            raise FedXViTError(f"job option weighting='{weighting}' is unknown; choose one of {', '.join(WEIGHTINGS)}")
+        if weighting == "mas" and aggregation != "mean":
+            raise FedXViTError(f"job option weighting='mas' weighs a mean; aggregation='{aggregation}' has no weights")
         self.aggregation = aggregation
+        self.weighting = weighting
         self.norm_k = float(norm_k)
         self.trim_fraction = float(trim_fraction)
 
     def get_model_params(self, dxo: DXO) -> dict:
-        return {"update": dxo.data, "weight": float(dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 1) or 1)}
+        return {
+            "update": dxo.data,
+            "weight": float(dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 1) or 1),
+            MAS_FACTOR: dxo.get_meta_prop(MAS_FACTOR),
+            MAS_PRIOR: dxo.get_meta_prop(MAS_PRIOR),
+        }
 
     def assemble(self, data: Dict[str, dict], fl_ctx: FLContext) -> DXO:
         updates = {site: entry["update"] for site, entry in data.items()}
         kept, rejected = screen_updates(updates, self.norm_k)
+        weights = {s: data[s]["weight"] for s in kept}
+        if self.weighting == "mas" and kept:
+            kept, unmeasured = screen_mas({s: data[s][MAS_FACTOR] for s in kept}, {s: data[s][MAS_PRIOR] for s in kept})
+            rejected.update(unmeasured)
+            weights = mas_weights({s: data[s][MAS_FACTOR] for s in kept})
         round_number = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         for site, reason in rejected.items():
             self.log_warning(fl_ctx, f"fedxvit: round {round_number}: dropped the update of {site}: {reason}")
-        fl_ctx.set_prop(AGGREGATION_REPORT, {"aggregated": kept, "rejected": rejected}, private=True, sticky=False)
+        if self.aggregation == "mean" and kept:
+            total = sum(weights[s] for s in kept) or 1.0
+            weights = {s: weights[s] / total for s in kept}
+            self.log_info(
+                fl_ctx,
+                f"fedxvit: round {round_number}: {self.weighting} weights "
+                + ", ".join(f"{s} {w:.3f}" for s, w in weights.items()),
+            )
+        report = {"aggregated": kept, "rejected": rejected}
+        if self.aggregation == "mean":
+            report["weights"] = {s: weights[s] for s in kept}
+        fl_ctx.set_prop(AGGREGATION_REPORT, report, private=True, sticky=False)
         if not kept:  # nothing collected (e.g. every result came late): keep the global model as it is
             self.log_error(fl_ctx, f"fedxvit: round {round_number}: no update to aggregate; the global model stays")
             return DXO(data_kind=self.expected_data_kind, data={})
-        combined = combine_updates(
-            {s: updates[s] for s in kept}, {s: data[s]["weight"] for s in kept}, self.aggregation, self.trim_fraction
-        )
+        combined = combine_updates({s: updates[s] for s in kept}, weights, self.aggregation, self.trim_fraction)
         return DXO(data_kind=self.expected_data_kind, data=combined)

@@ -14,3 +14,9 @@ HEALTHY_NAME = "notumor"
 def task_label(expert_class: str) -> int:
     """Map an expert class name to the 2-class task label (every tumor type -> Tumor)."""
     return TASK_CLASSES.index("Healthy" if expert_class == HEALTHY_NAME else "Tumor")
+
+
+def task_classes(num_classes: int) -> tuple | None:
+    """The class names a job of that many classes trains: the 2-class task's, the 4 expert classes (the
+    long-tailed scenario, a federated expert), else None (a user's own task, any names)."""
+    return {len(TASK_CLASSES): TASK_CLASSES, len(EXPERT_CLASSES): EXPERT_CLASSES}.get(int(num_classes))

@@ -29,14 +29,17 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 
+from fedxvit.aggregation import MAS_FACTOR, MAS_PRIOR
 from fedxvit.algorithms import RoundAborted, SiteTraining, make_strategy
 from fedxvit.checkpoint import load_checkpoint, save_checkpoint
-from fedxvit.classes import TASK_CLASSES
+from fedxvit.classes import TASK_CLASSES, task_classes
 from fedxvit.data import make_loader
-from fedxvit.datalist import read_dataset_info
+from fedxvit.datalist import load_split, read_dataset_info
 from fedxvit.errors import FedXViTError
 from fedxvit.filters import REJECT_REASON_HEADER
+from fedxvit.imbalance import balanced_softmax_shift, check_loss, class_counts, mas_factor, measure_divergence
 from fedxvit.model import DEFAULT_PRESET, build_model, get_recipe
+from fedxvit.paths import project_root
 from fedxvit.sites import site_data_dir
 from fedxvit.tracking import site_epoch_metrics, site_round_metrics
 from fedxvit.training import (
@@ -159,6 +162,9 @@ class FedXViTExecutor(Executor):
         last_k: int = 1,
         torch_threads: str | int = "auto",
         seed: int = 0,
+        num_classes: int = len(TASK_CLASSES),
+        loss: str = "ce",
+        mas_prior: str = "",
         algorithm: str = "fedavg",
         mu: float = 0.01,
         ditto_lambda: float = 0.1,
@@ -182,6 +188,12 @@ class FedXViTExecutor(Executor):
         self.last_k = int(last_k)
         self.torch_threads = torch_threads
         self.seed = int(seed)
+        self.num_classes = int(num_classes)
+        self.loss = check_loss(loss)
+        self.mas_prior_path = mas_prior  # the frozen self-supervised encoder MAS measures with ("" = no MAS)
+        self.logit_shift = None  # Balanced Softmax's log class counts (loss "bsm"), from the training split
+        self.prior, self.prior_sha256, self.features_loader = None, "", None
+        self.class_names = list(TASK_CLASSES)
         self.algorithm = algorithm
         # an unknown algorithm or a bad option of it fails the job at start
         self.strategy = make_strategy(algorithm, mu, ditto_lambda, personal_epochs)
@@ -221,12 +233,22 @@ class FedXViTExecutor(Executor):
             return
         self.site_name = fl_ctx.get_identity_name()
         workspace = fl_ctx.get_engine().get_workspace()
-        data_dir = site_data_dir(self.site_name, site_config_dir=workspace.get_site_config_dir())
+        data_dir = site_data_dir(
+            self.site_name, site_config_dir=workspace.get_site_config_dir(), class_names=task_classes(self.num_classes)
+        )
         threads = resolve_torch_threads(self.torch_threads, simulator_parallel_clients(fl_ctx))
         torch.set_num_threads(threads)
         self.device = resolve_device()
         seed_everything(self.seed)
-        model = build_model(self.preset, num_classes=len(TASK_CLASSES))
+        info = read_dataset_info(data_dir)
+        self.class_names = list(info.get("class_names") or TASK_CLASSES)
+        if len(self.class_names) != self.num_classes:
+            raise FedXViTError(
+                f"site {self.site_name}: {data_dir} holds {len(self.class_names)} classes "
+                f"({', '.join(self.class_names)}) but the job trains a {self.num_classes}-class model "
+                "(job option num_classes)"
+            )
+        model = build_model(self.preset, num_classes=self.num_classes)
         size = model.preset.image_size
         self.train_loader = make_loader(
             data_dir, "training", size, self.batch_size, train=True, num_workers=self.num_workers, seed=self.seed
@@ -235,6 +257,17 @@ class FedXViTExecutor(Executor):
             data_dir, "validation", size, self.batch_size, train=False, num_workers=self.num_workers
         )
         self.model = model.to(self.device)
+        if self.loss == "bsm":  # counted here, never sent
+            labels = [int(item["label"]) for item in load_split(data_dir, "training")]
+            self.logit_shift = balanced_softmax_shift(class_counts(labels, self.num_classes)).to(self.device)
+        if self.mas_prior_path:
+            from fedxvit.ssl_prior import load_prior
+
+            path = Path(self.mas_prior_path)
+            self.prior, self.prior_sha256 = load_prior(
+                path if path.is_absolute() else project_root() / path, self.device
+            )
+            self.features_loader = make_loader(data_dir, "training", size, self.batch_size, train=False)
         self.writer = fl_ctx.get_engine().get_component(self.analytic_sender_id) if self.analytic_sender_id else None
         if self.writer is not None:  # the run's settings and the data's content hash, never paths or images
             self.writer.log_params(
@@ -247,6 +280,8 @@ class FedXViTExecutor(Executor):
                     "learning_rate": self.learning_rate,
                     "batch_size": self.batch_size,
                     "seed": self.seed,
+                    "loss": self.loss,
+                    "mas": bool(self.mas_prior_path),
                     "data_hash": read_dataset_info(data_dir).get("data_hash", "unknown"),
                 }
             )
@@ -266,14 +301,15 @@ class FedXViTExecutor(Executor):
             fl_ctx,
             f"fedxvit {self.site_name}: data {data_dir} ({len(self.train_loader.dataset)} train, "
             f"{len(self.val_loader.dataset)} val), preset {self.preset}, algorithm "
-            f"{self.algorithm}, device {self.device}, "
+            f"{self.algorithm}, loss {self.loss}{', MAS prior ' + self.prior_sha256[:12] if self.prior else ''}, "
+            f"device {self.device}, "
             f"{threads} torch thread(s)",
         )
 
-    def _new_model(self, num_classes: int = len(TASK_CLASSES)) -> torch.nn.Module:
+    def _new_model(self, num_classes: int | None = None) -> torch.nn.Module:
         """Another model of the job's preset with its freeze policy, on the site's device (a personalized
         model; FedSM's selector, with one output per site)."""
-        model = build_model(self.preset, num_classes=num_classes).to(self.device)
+        model = build_model(self.preset, num_classes=num_classes or self.num_classes).to(self.device)
         apply_freeze_policy(model, self.freeze_policy, self.last_k)
         return model
 
@@ -345,6 +381,9 @@ class FedXViTExecutor(Executor):
         initial_metrics = self._scores(abort_signal)
         if initial_metrics is None:
             return self._aborted(fl_ctx, f"while scoring the global model of round {current_round}")
+        divergence_before = self._divergence(abort_signal)
+        if self.prior is not None and divergence_before is None:
+            return self._aborted(fl_ctx, f"while measuring the global model of round {current_round}")
 
         trainable = shared_state_keys(self.model, apply_freeze_policy(self.model, self.freeze_policy, self.last_k))
         optimizer = make_optimizer(self.model, self.learning_rate)
@@ -367,6 +406,7 @@ class FedXViTExecutor(Executor):
                 should_abort=lambda: abort_signal.triggered,
                 extra_loss=self.strategy.extra_loss,
                 after_step=self.strategy.after_step,
+                logit_shift=self.logit_shift,
             )
             if epoch_metrics["aborted"]:
                 return self._aborted(fl_ctx, f"while training in round {current_round}")
@@ -387,7 +427,7 @@ class FedXViTExecutor(Executor):
                 self.best_model_path,
                 self.model,
                 meta={
-                    "class_names": list(TASK_CLASSES),
+                    "class_names": self.class_names,
                     "site": self.site_name,
                     "round": current_round,
                     "val_accuracy": local_metrics["val_accuracy"],
@@ -399,6 +439,12 @@ class FedXViTExecutor(Executor):
             control_deltas = self.strategy.finish_round(should_abort=lambda: abort_signal.triggered)
         except RoundAborted as stopped:
             return self._aborted(fl_ctx, f"{stopped} in round {current_round}")
+        mas = {}
+        if self.prior is not None:  # one number per round leaves the site: how its divergence is spread
+            divergence_after = self._divergence(abort_signal)
+            if divergence_after is None:
+                return self._aborted(fl_ctx, f"while measuring the local model of round {current_round}")
+            mas = {MAS_FACTOR: mas_factor(divergence_before, divergence_after), MAS_PRIOR: self.prior_sha256}
         new_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         diff = trainable_weight_diff(new_state, global_state, trainable)
         last = history[-1] if history else {"loss": float("nan"), "accuracy": float("nan")}
@@ -410,7 +456,12 @@ class FedXViTExecutor(Executor):
             "local_val_loss": local_metrics["val_loss"],
         }
         self._track(
-            {**site_round_metrics(initial_metrics, train_metrics), **self.strategy.round_metrics(), **private},
+            {
+                **site_round_metrics(initial_metrics, train_metrics),
+                **self.strategy.round_metrics(),
+                **private,
+                **({MAS_FACTOR: mas[MAS_FACTOR]} if mas else {}),
+            },
             current_round,
         )
         self.log_info(
@@ -419,15 +470,27 @@ class FedXViTExecutor(Executor):
             f"{initial_metrics['val_accuracy']:.4f} val_loss={initial_metrics['val_loss']:.6f} -> "
             f"local val_acc={local_metrics['val_accuracy']:.4f}, "
             f"train_loss={last['loss']:.4f}, {steps} steps, {len(diff)} tensors sent; "
-            f"{self.strategy.summary()}" + (f"; {self.privacy.summary()}" if self.privacy is not None else ""),
+            f"{self.strategy.summary()}"
+            + (f"; {self.privacy.summary()}" if self.privacy is not None else "")
+            + (f"; MAS factor {mas[MAS_FACTOR]:.4f}" if mas else ""),
         )
         meta = {
             MetaKey.NUM_STEPS_CURRENT_ROUND: steps,
             MetaKey.INITIAL_METRICS: initial_metrics,
             "train_metrics": train_metrics,
             **private,
+            **mas,
         }
         return train_result(diff, meta, control_deltas, self.strategy.parts()).to_shareable()
+
+    def _divergence(self, abort_signal: Signal) -> list | None:
+        """Per-class divergence of the current model from the MAS prior on the training images (None: no MAS
+        or aborted)."""
+        if self.prior is None:
+            return None
+        return measure_divergence(
+            self.model, self.prior, self.features_loader, self.device, self.num_classes, lambda: abort_signal.triggered
+        )
 
     def _budget_spent(self, fl_ctx: FLContext, current_round) -> Shareable:
         """This site's privacy budget cannot pay for another round: it stops sending (the round goes on without it)."""
@@ -460,5 +523,5 @@ class FedXViTExecutor(Executor):
         if self.best_model_path is None or not self.best_model_path.is_file():
             self.log_error(fl_ctx, f"fedxvit {self.site_name}: no best local model yet (no train task finished)")
             return make_reply(ReturnCode.EMPTY_RESULT)
-        state, _ = load_checkpoint(self.best_model_path, self.preset, len(TASK_CLASSES))
+        state, _ = load_checkpoint(self.best_model_path, self.preset, self.num_classes)
         return DXO(data_kind=DataKind.WEIGHTS, data=to_numpy_state(state)).to_shareable()

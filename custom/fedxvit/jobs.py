@@ -1,7 +1,7 @@
 """One source for every algorithm's job: jobs/fedxvit plus a small per-algorithm change.
 
 `python -m fedxvit.jobs` (`make jobs`) writes jobs/fedxvit_fedprox, _fedopt, _scaffold, _ditto,
-_fedsm and _cyclic, and the privacy variants _percentile_privacy, _svt_privacy, _exclude_vars, _dp_sgd
+_fedsm, _fedmas and _cyclic, and the privacy variants _percentile_privacy, _svt_privacy, _exclude_vars, _dp_sgd
 and _he, from jobs/fedxvit, so a common setting (a default, a component, a timeout) is changed
 once, in jobs/fedxvit, and the generated folders follow. They are committed, so each is a plain
 NVFlare job (`nvflare simulator jobs/<job> ...`); `--check` (and a test) fails when a committed
@@ -10,7 +10,8 @@ folder differs from what this writes. jobs/fedxvit itself, FedAvg, is never rewr
 Each change below is the whole difference from FedAvg, built from NVFlare's stock components:
 FedProx, SCAFFOLD and Ditto switch the sites' strategy (fedxvit.algorithms); FedOpt swaps the
 shareable generator for PTFedOptModelShareableGenerator; SCAFFOLD runs ScatterAndGatherScaffold;
-FedSM keeps ScatterAndGather with fedxvit.fedsm's generator, assembler and task-data filter;
+FedSM keeps ScatterAndGather with fedxvit.fedsm's generator, assembler and task-data filter; FedMAS
+weighs the mean by the sites' MAS factors (fedxvit.aggregation) and trains with Balanced Softmax;
 cyclic replaces ScatterAndGather with CyclicController. The privacy variants are FedAvg with one
 of NVFlare's privacy filters on every site's `train` result, with DP-SGD, or with NVFlare's
 homomorphic-encryption components (docs/privacy.md).
@@ -143,6 +144,15 @@ def ditto(server: dict, client: dict) -> None:
     tracked_params(server)["algorithm"] = "ditto"
 
 
+def fedmas(server: dict, client: dict) -> None:
+    # the long-tailed 4-class scenario's job: Balanced Softmax at the sites, MAS weights on the server
+    set_variables(server, num_classes=4)
+    set_variables(client, num_classes=4, loss="bsm", mas_prior="models/ssl_prior.pt")
+    client["executors"][0]["executor"]["args"]["mas_prior"] = "{mas_prior}"
+    find(server, "components", "assembler")["args"]["weighting"] = "mas"
+    tracked_params(server).update(algorithm="fedmas", num_classes="{num_classes}")
+
+
 def cyclic(server: dict, client: dict) -> None:
     # no rounds of collected updates: no aggregator, screening, round table or best-model selection
     drop_variables(
@@ -208,6 +218,13 @@ ALGORITHM_JOBS = {
         "its SoftPull aggregate of the sites' personalized models; job variable `softpull_lambda`, server "
         "config) and a selector that learns which site an image comes from (weights and Adam moments "
         "averaged); the server keeps them in app_server/fedsm_models.pt for routing (fedxvit.fedsm).",
+    ),
+    "fedxvit_fedmas": (
+        fedmas,
+        "FedMAS for long-tailed data (4 classes, data/longtail): every site trains with Balanced Softmax "
+        "(`loss`, client config) and measures its model against the frozen self-supervised prior "
+        "`mas_prior` (make ssl-prior); the server weighs the updates by those MAS factors instead of by "
+        "steps (fedxvit.imbalance). Starts from the 4-class expert (models/expert.pt).",
     ),
     "fedxvit_cyclic": (
         cyclic,

@@ -2,7 +2,8 @@
 
 The job may not hold absolute paths, and PTFileModelPersistor resolves relative ones inside
 the app's custom folder, so this shell finds the checkpoint itself (env
-FEDXVIT_INITIAL_MODEL, else <project_root>/models/initial_global.pt), checks its sidecar
+FEDXVIT_INITIAL_MODEL, else <project_root>/models/initial_global.pt, or models/expert.pt for a
+4-class job such as the long-tailed scenario's), checks its sidecar
 against the job's preset and class count, then hands the absolute path to NVFlare's
 persistor, which does everything else (loading, saving the global and best models).
 """
@@ -16,21 +17,23 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from fedxvit.checkpoint import read_meta
-from fedxvit.classes import TASK_CLASSES
+from fedxvit.classes import EXPERT_CLASSES, TASK_CLASSES
 from fedxvit.errors import FedXViTError
 from fedxvit.model import DEFAULT_PRESET
 from fedxvit.paths import project_root
 
 INITIAL_MODEL_ENV = "FEDXVIT_INITIAL_MODEL"
 DEFAULT_INITIAL_MODEL = Path("models") / "initial_global.pt"
+DEFAULT_EXPERT_MODEL = Path("models") / "expert.pt"  # where a 4-class job starts: the Phase-1 expert
 
 
-def resolve_initial_model(environ: dict | None = None) -> Path:
-    """$FEDXVIT_INITIAL_MODEL, else <project_root>/models/initial_global.pt."""
+def resolve_initial_model(environ: dict | None = None, num_classes: int = len(TASK_CLASSES)) -> Path:
+    """$FEDXVIT_INITIAL_MODEL, else <project_root>/models/initial_global.pt (models/expert.pt for 4 classes)."""
     environ = os.environ if environ is None else environ
     if environ.get(INITIAL_MODEL_ENV):
         return Path(environ[INITIAL_MODEL_ENV]).expanduser().resolve()
-    return project_root() / DEFAULT_INITIAL_MODEL
+    default = DEFAULT_EXPERT_MODEL if num_classes == len(EXPERT_CLASSES) else DEFAULT_INITIAL_MODEL
+    return project_root() / default
 
 
 def check_initial_model(path: Path, preset: str, num_classes: int) -> dict:
@@ -43,10 +46,14 @@ def check_initial_model(path: Path, preset: str, num_classes: int) -> dict:
     meta = read_meta(path)
     found = (meta.get("preset"), meta.get("num_classes"))
     if found != (preset, num_classes):
+        remedy = (
+            "rerun `make transfer` for that preset or change the job's preset"
+            if num_classes == len(TASK_CLASSES)
+            else f"point {INITIAL_MODEL_ENV} at a {num_classes}-class checkpoint of that preset (`make expert`)"
+        )
         raise FedXViTError(
             f"initial global model {path} is preset '{found[0]}' with {found[1]} classes, but the job "
-            f"asks for preset '{preset}' with {num_classes} classes: rerun `make transfer` for that preset "
-            f"or change the job's preset"
+            f"asks for preset '{preset}' with {num_classes} classes: {remedy}"
         )
     return meta
 
@@ -62,7 +69,7 @@ class InitialModelPersistor(PTFileModelPersistor):
     def load_model(self, fl_ctx: FLContext):
         if not self.source_ckpt_file_full_name:
             try:
-                path = resolve_initial_model()
+                path = resolve_initial_model(num_classes=self.num_classes)
                 check_initial_model(path, self.preset, self.num_classes)
             except FedXViTError as exc:
                 self.log_error(fl_ctx, f"fedxvit: {exc}")

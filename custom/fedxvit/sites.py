@@ -63,7 +63,7 @@ def locate_site_data(
     return project_root() / "data" / site_name, "the default <project_root>/data/<site>"
 
 
-def check_site_data(site_name: str, data_dir: Path, how: str) -> None:
+def check_site_data(site_name: str, data_dir: Path, how: str, class_names=TASK_CLASSES) -> None:
     """Fail early, in one line, when the folder, its datalist, its images or its classes are wrong."""
     where = f"site {site_name}: data folder {data_dir} (from {how})"
     if not data_dir.is_dir():
@@ -74,16 +74,19 @@ def check_site_data(site_name: str, data_dir: Path, how: str) -> None:
         for split in ("training", "validation"):
             if not load_split(data_dir, split):
                 raise FedXViTError(f"no {split} images")
-        class_names = read_dataset_info(data_dir).get("class_names")
+        found = read_dataset_info(data_dir).get("class_names")
     except FedXViTError as exc:
         raise FedXViTError(f"{where} is not usable: {exc}") from None
-    if class_names is not None and list(class_names) != list(TASK_CLASSES):
-        raise FedXViTError(f"{where} has classes {class_names}, but the federated task expects {list(TASK_CLASSES)}")
+    if found is not None and class_names is not None and list(found) != list(class_names):
+        raise FedXViTError(f"{where} has classes {found}, but the federated task expects {list(class_names)}")
 
 
-def site_data_dir(site_name: str, site_config_dir: os.PathLike | None = None, environ: dict | None = None) -> Path:
-    """The checked data folder of a site (see the module docstring for the lookup order)."""
+def site_data_dir(
+    site_name: str, site_config_dir: os.PathLike | None = None, environ: dict | None = None, class_names=TASK_CLASSES
+) -> Path:
+    """The checked data folder of a site (see the module docstring for the lookup order); `class_names`: what
+    the job trains (None: any)."""
     data_dir, how = locate_site_data(site_name, site_config_dir, environ)
     data_dir = data_dir.resolve()
-    check_site_data(site_name, data_dir, how)
+    check_site_data(site_name, data_dir, how, class_names)
     return data_dir

@@ -65,6 +65,7 @@ SITE_ROUND_METRICS = tuple(_SITE_ROUND)
 SITE_EPOCH_METRICS = tuple(_SITE_EPOCH)
 SERVER_ROUND_METRICS = tuple(_SERVER_ROUND)
 AGGREGATED_METRIC_PREFIX = "aggregated."  # server metric aggregated.<site>: 1 = in the round's model, 0 = dropped
+WEIGHT_METRIC_PREFIX = "aggregation_weight."  # server metric aggregation_weight.<site>: its share of the mean
 
 
 # ---- where runs go
@@ -302,7 +303,8 @@ def site_epoch_metrics(epoch_metrics: dict) -> dict:
 
 def server_round_metrics(row: dict) -> dict:
     """The server's metrics for one round from a GlobalValidationTracker row; `aggregated.<site>` is 1
-    when that site's update went into the round's model, 0 when it was dropped."""
+    when that site's update went into the round's model, 0 when it was dropped; `aggregation_weight.<site>`
+    its share of the round's mean (steps or MAS weights)."""
     taking_part = {
         **{site: 0.0 for site in row.get("dropped_sites", {})},
         **{site: 1.0 for site in row.get("aggregated_sites", [])},
@@ -310,4 +312,5 @@ def server_round_metrics(row: dict) -> dict:
     return {
         **{name: row[key] for name, key in _SERVER_ROUND.items()},
         **{f"{AGGREGATED_METRIC_PREFIX}{site}": flag for site, flag in sorted(taking_part.items())},
+        **{f"{WEIGHT_METRIC_PREFIX}{site}": float(w) for site, w in sorted(row.get("aggregation_weights", {}).items())},
     }

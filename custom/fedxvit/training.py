@@ -123,6 +123,7 @@ def train_epoch(
     max_grad_norm: float | None = None,
     extra_loss: Callable[[], torch.Tensor | None] | None = None,
     after_step: Callable[[], None] | None = None,
+    logit_shift: torch.Tensor | None = None,
 ) -> dict:
     """One pass over loader; stops between batches as soon as should_abort() is true.
 
@@ -132,7 +133,9 @@ def train_epoch(
     The federated algorithms hook in here instead of copying the loop (fedxvit.algorithms):
     `extra_loss()` is added to each batch's loss before backward (FedProx's proximal term; None
     adds nothing) and `after_step()` runs after each optimizer step (SCAFFOLD's correction). The
-    reported loss is the cross-entropy alone, so runs of different algorithms compare.
+    reported loss is the classification loss alone, so runs of different algorithms compare.
+    `logit_shift` (per class) is added to the logits inside the loss only: Balanced Softmax with the
+    log class counts (fedxvit.imbalance); accuracy is read from the plain logits.
 
     The scheduler (if any) is stepped per batch. Returns loss/accuracy means over the images
     seen, the number of optimizer steps and images, and whether it was aborted.
@@ -145,7 +148,8 @@ def train_epoch(
             break
         inputs, labels = batch["image"].to(device), batch["label"].to(device).long()
         logits = model(inputs)
-        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        shifted = logits if logit_shift is None else logits + logit_shift
+        loss = F.cross_entropy(shifted, labels, label_smoothing=label_smoothing)
         term = extra_loss() if extra_loss is not None else None
         optimizer.zero_grad(set_to_none=True)
         (loss if term is None else loss + term).backward()

@@ -1,6 +1,7 @@
 """Transfer surgery: the 4-class expert's knowledge into the 2-class federated starting model.
 
     python -m fedxvit.transfer --expert models/expert.pt --out models/initial_global.pt
+    python -m fedxvit.transfer --expert <run>/app_server/FL_global_model.pt --preset cpu   (a federated expert)
 
 Every tensor whose name and shape match is copied (CNN, projection, tokens, ViT blocks, norms,
 BatchNorm statistics); the classifier, whose shape changes, starts fresh.
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import torch
 
-from fedxvit.checkpoint import load_checkpoint, save_checkpoint
-from fedxvit.classes import TASK_CLASSES
+from fedxvit.checkpoint import load_checkpoint, load_global_model, save_checkpoint, sidecar_path
+from fedxvit.classes import EXPERT_CLASSES, TASK_CLASSES
 from fedxvit.errors import FedXViTError, run_cli
 from fedxvit.model import HybridViT, build_model
 
@@ -52,13 +54,32 @@ def transplant(expert_state: dict, target_model: HybridViT) -> dict:
     }
 
 
+def load_expert(path: Path, preset: str | None) -> tuple[dict, dict]:
+    """(state, meta) of a central expert (sidecar) or of a federated one: the global model of a 4-class job
+    (e.g. jobs/fedxvit_fedmas on data/longtail), which NVFlare's persistor saves without a sidecar."""
+    if sidecar_path(path).is_file() or preset is None:
+        if not sidecar_path(path).is_file() and path.is_file():
+            raise FedXViTError(
+                f"--expert {path} has no sidecar: for a federated expert (FL_global_model.pt) give its --preset"
+            )
+        return load_checkpoint(path)
+    model = load_global_model(path, preset, num_classes=len(EXPERT_CLASSES))
+    meta = {"preset": preset, "num_classes": model.num_classes, "class_names": list(EXPERT_CLASSES), "federated": True}
+    return model.state_dict(), meta
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fedxvit.transfer",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--expert", default="models/expert.pt", help="expert checkpoint (with .json sidecar)")
+    parser.add_argument(
+        "--expert",
+        default="models/expert.pt",
+        help="expert checkpoint (with .json sidecar), or a federated expert (FL_global_model.pt, with --preset)",
+    )
+    parser.add_argument("--preset", default=None, help="preset of a federated expert, which has no sidecar")
     parser.add_argument("--out", default="models/initial_global.pt", help="initial global model to write")
     parser.add_argument("--num-classes", type=int, default=len(TASK_CLASSES), help="classes of the federated task")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh head")
@@ -67,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    state, meta = load_checkpoint(args.expert)
+    state, meta = load_expert(Path(args.expert), args.preset)
     if args.num_classes == len(TASK_CLASSES):
         class_names = list(TASK_CLASSES)
     elif args.num_classes >= 2:
@@ -85,6 +106,7 @@ def main(argv=None) -> dict:
             "data_hash": None,
             "transplanted_from": {
                 "checkpoint": os.fspath(args.expert),
+                "federated": bool(meta.get("federated")),
                 "class_names": meta.get("class_names"),
                 "data_hash": meta.get("data_hash"),
                 "metrics": meta.get("metrics", {}),

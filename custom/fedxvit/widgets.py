@@ -80,6 +80,8 @@ def format_round(row: dict) -> str:
     if "aggregated_sites" in row:
         line += f"; aggregated {', '.join(row['aggregated_sites']) or 'none'}"
         line += "".join(f"; dropped {site}: {reason}" for site, reason in row["dropped_sites"].items())
+    if row.get("aggregation_weights"):
+        line += "; weights " + ", ".join(f"{site} {w:.3f}" for site, w in row["aggregation_weights"].items())
     return line
 
 
@@ -165,6 +167,9 @@ class GlobalValidationTracker(Widget):
             "aggregated_sites": taking_part["aggregated"],
             "dropped_sites": taking_part["dropped"],
         }
+        weights = (fl_ctx.get_prop(AGGREGATION_REPORT) or {}).get("weights")
+        if weights:
+            row["aggregation_weights"] = dict(sorted(weights.items()))
         self.rows = [r for r in self.rows if r["round"] != current_round] + [row]
         self.publish(row, fl_ctx)
 
