@@ -307,19 +307,17 @@ def personalized(name: str) -> str:
     return f"{name} (personalized)"
 
 
-def personalized_models(simulator_dir: Path, scenario: Scenario) -> dict:
-    """{site: model or None} of the personalized models a run's sites kept (Ditto's best one, in each site's
-    app folder); {} when the job keeps none. None: that site has none, so it is scored with the global model."""
+def personalized_models(simulator_dir: Path, sites: list, preset: str, device, num_classes: int = 2) -> dict:
+    """{site: model or None} of the personalized models a simulator run's sites kept (Ditto's best one, in each
+    site's app folder); {} when the job keeps none. None: that site has none, so it is scored with the global
+    model."""
     from fedxvit.algorithms import PERSONALIZED_MODEL
     from fedxvit.checkpoint import load_global_model
 
-    files = {s: simulator_dir / s / "simulate_job" / f"app_{s}" / PERSONALIZED_MODEL for s in scenario.sites}
+    files = {s: simulator_dir / s / "simulate_job" / f"app_{s}" / PERSONALIZED_MODEL for s in sites}
     if not any(f.is_file() for f in files.values()):
         return {}
-    return {
-        s: load_global_model(f, scenario.preset, device=scenario.device) if f.is_file() else None
-        for s, f in files.items()
-    }
+    return {s: load_global_model(f, preset, num_classes, device) if f.is_file() else None for s, f in files.items()}
 
 
 def fedsm_super_model(run_dir: Path, scenario: Scenario, global_model) -> dict | None:
@@ -385,7 +383,9 @@ def federated_run(
             result["personalized_test"] = super_model.pop("test")
             result["personalized_fallback"] = super_model["missing_personalized"]
             result["fedsm"] = super_model
-        personal = personalized_models(folder / "simulator", scenario)
+        personal = personalized_models(
+            folder / "simulator", scenario.sites, scenario.preset, scenario.device, scenario.num_classes
+        )
         if personal:  # each site's own model on its own test split; the global model where a site kept none
             result["personalized_test"] = {
                 site: scenario.predict(m, "test", [site])[site] if m is not None else result["test"][site]

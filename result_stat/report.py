@@ -8,7 +8,8 @@ scikit-learn per-class report, confusion matrix (PNG), ROC-AUC. Then scores, on 
 pooled test set, the transplanted start (models/initial_global.pt) and the baselines that
 `make baselines` (fedxvit.baselines) trained with the run's own settings: a centralized model
 on the pooled site training data and one local-only model per site. Nothing is trained here.
-A FedSM run (jobs/fedxvit_fedsm) adds its super-model: the selector routes each image to a
+A Ditto run adds its sites' personalized models (each on its own test split); a FedSM run
+(jobs/fedxvit_fedsm) adds its super-model: the selector routes each image to a
 personalized model or the global model, with the threshold chosen on the sites' validation splits.
 Writes test_report.json and test_report.md (+ PNGs) into --out.
 """
@@ -99,6 +100,26 @@ def fedsm_row(run_dir: Path, dirs: dict, image_size: int, test: dict, preset: st
         f"{routes['own_site']:.0%} own site, {routes['other_site']:.0%} other site, {routes['global']:.0%} global; "
         f"selector identifies the site of {chosen['selector_test_accuracy']:.0%} of test images)",
         score_predictions(chosen["test"]),
+        train_images=None,
+    )
+
+
+def ditto_row(run_dir: Path, test: dict, preset: str, device: torch.device) -> dict | None:
+    """The comparison row of a Ditto run's personalized models: each site's own model on its own test split
+    (the global model where a site kept none), or None for a run of another algorithm."""
+    from result_stat.compare import personalized_models
+
+    personal = personalized_models(run_dir.parent.parent, list(test), preset, device)
+    if not personal:
+        return None
+    final = load_global_model(run_dir / "app_server" / GLOBAL_MODELS["final"], preset, device=device)
+    predictions = {site: predict(personal[site] or final, {site: test[site]}, device)[site] for site in test}
+    missing = [site for site, model in personal.items() if model is None]
+    return _summary_row(
+        "Ditto personalized models (each site's own, on its own test split"
+        + (f"; {', '.join(missing)} kept none: global model" if missing else "")
+        + ")",
+        score_predictions(predictions),
         train_images=None,
     )
 
@@ -196,6 +217,9 @@ def build_report(
     fedsm = fedsm_row(run_dir, dirs, probe.preset.image_size, loaders, preset, torch_device)
     if fedsm is not None:  # a FedSM run: its super-model beside its global model
         rows.append(fedsm)
+    ditto = ditto_row(run_dir, loaders, preset, torch_device)
+    if ditto is not None:  # a Ditto run: the sites' personalized models beside the global model
+        rows.append(ditto)
     if baselines is not False:
         baselines_dir = Path(baselines) if baselines not in (None, True) else project_root() / DEFAULT_BASELINES
         rows += baseline_rows(baselines_dir, settings, sites, loaders, torch_device)

@@ -319,3 +319,59 @@ def test_personalized_models_get_a_row_of_their_own_beside_their_methods_global_
     assert rows["ditto"]["sites"]["a"]["balanced_accuracy"]["mean"] < 1.0
     assert rows["ditto (personalized)"]["sites"]["b"] == rows["ditto"]["sites"]["b"]
     assert "val_curve" not in rows["ditto (personalized)"]  # the curves are the global model's
+
+
+def test_four_classes_get_recall_per_class_and_a_validation_split_scores_validation_only(tmp_path):
+    """The long-tailed 4-class comparison: recall per class (None where a class is absent), the pooled recall
+    row in the report, and --split validation reading each run's validation predictions, never its test ones."""
+    four = {
+        "labels": [0, 0, 1, 2, 3],
+        "probs": [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]] + [[0.1, 0.1, 0.7, 0.1]] * 3,
+    }
+    scores = compare.headline_metrics(four["labels"], four["probs"])
+    assert scores["recall"] == [0.5, 0.0, 1.0, 0.0]
+    assert scores["balanced_accuracy"] == pytest.approx(0.375)  # the mean of the recalls
+    assert compare.headline_metrics([2, 2], [[0, 0, 1, 0]] * 2)["recall"] == [None, None, 1.0, None]
+
+    perfect = {"labels": four["labels"], "probs": [[1.0 if c == y else 0.0 for c in range(4)] for y in four["labels"]]}
+    results = {}
+    for seed in (0, 1):
+        for name in ("fedavg", "fedmas", "centralized", "local-only a"):
+            results[(name, seed)] = {"test": {"a": perfect}, "validation": {"a": four}, "final_val_accuracy": 0.4}
+    report = compare.aggregate(results, ["fedavg", "fedmas"], [0, 1], ["a"], split="validation")
+    row = report["methods"]["fedmas"]
+    assert row["pooled"]["balanced_accuracy"]["mean"] == pytest.approx(0.375)
+    assert [r["mean"] for r in row["pooled_recall"]] == [0.5, 0.0, 1.0, 0.0]
+    report.update(
+        settings={
+            "data": "d",
+            "sites": ["a"],
+            "initial": "i",
+            "preset": "tiny",
+            "class_names": ["glioma", "meningioma", "notumor", "pituitary"],
+            "split": "validation",
+            "rounds": 2,
+            "local_epochs": 1,
+            "seeds": [0, 1],
+        },
+        runs=[],
+        failures=[],
+        wall_s=1.0,
+        compute_s=2.0,
+    )
+    markdown = compare.write_outputs(report, tmp_path)["markdown"].read_text()
+    assert "## Pooled validation set: recall per class" in markdown and "**validation** split" in markdown
+    assert "| fedmas | 50.0 ± 0.0 | 0.0 ± 0.0 | 100.0 ± 0.0 | 0.0 ± 0.0 |" in markdown
+    del results[("fedmas", 1)]["validation"]
+    with pytest.raises(FedXViTError, match="predate validation scores"):
+        compare.aggregate(results, ["fedavg", "fedmas"], [0, 1], ["a"], split="validation")
+
+
+def test_longtail_methods_are_fedavg_with_balanced_softmax_and_the_fedmas_job():
+    chosen = compare.parse_methods("fedavg,fedavg-bsm,fedmas", REPO)
+    assert {name: folder.name for name, folder in chosen.items()} == {
+        "fedavg": "fedxvit",
+        "fedavg-bsm": "fedxvit",
+        "fedmas": "fedxvit_fedmas",
+    }
+    assert compare.METHOD_CLIENT_VARIABLES["fedavg-bsm"] == {"loss": "bsm"}

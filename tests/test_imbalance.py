@@ -210,9 +210,9 @@ def test_longtail_options_are_checked():
 
 @pytest.mark.slow
 def test_fedmas_job_weighs_sites_by_mas_factors_and_its_expert_transfers(tmp_path, tiny_prior):
-    from fedxvit.checkpoint import load_global_model, read_meta, save_checkpoint
+    from fedxvit.checkpoint import load_global_model, read_meta
     from fedxvit.datalist import file_hash
-    from fedxvit.model import build_model
+    from fedxvit.expert import main as expert_cli
     from fedxvit.simulation import GLOBAL_MODEL
     from fedxvit.transfer import main as transfer
     from result_stat.plot_tensorboard_events import read_scalars
@@ -221,9 +221,8 @@ def test_fedmas_job_weighs_sites_by_mas_factors_and_its_expert_transfers(tmp_pat
     mixes = ([12, 6, 3, 3], [6, 12, 3, 3], [12, 3, 6, 3])  # long-tailed, and each hospital's tail differs
     for k, mix in enumerate(mixes, start=1):
         write_tiny_site(tmp_path / "data" / f"site{k}", train_per_class=mix, class_names=EXPERT_CLASSES, seed=k)
-    torch.manual_seed(0)
-    initial = tmp_path / "expert.pt"
-    save_checkpoint(initial, build_model("tiny", 4), meta={"class_names": list(EXPERT_CLASSES)})
+    initial = tmp_path / "untrained_expert.pt"  # a federated Phase 1 from scratch
+    expert_cli(["--untrained", str(initial), "--preset", "tiny"])
     job = tiny_job(tmp_path, REPO / "jobs" / "fedxvit_fedmas")
     client = job / "app" / "config" / "config_fed_client.json"
     config = json.loads(client.read_text())
@@ -240,7 +239,11 @@ def test_fedmas_job_weighs_sites_by_mas_factors_and_its_expert_transfers(tmp_pat
         assert sorted(weights) == ["site1", "site2", "site3"] and sum(weights.values()) == pytest.approx(1, abs=2e-3)
         assert max(weights.values()) - min(weights.values()) > 1e-3  # not the uniform split
     assert len(re.findall(r"MAS factor", log)) == 6 and "dropped the update" not in log
-    assert file_hash(prior) == meta["sha256"]  # training never touched the shared prior
+    # every site measured with the same frozen prior, and training never touched it
+    assert sorted(re.findall(r"fedxvit (site\d): .*MAS prior ([0-9a-f]{12})", log)) == [
+        (f"site{k}", meta["sha256"][:12]) for k in (1, 2, 3)
+    ]
+    assert file_hash(prior) == meta["sha256"]
     table = json.loads((run_dir / "global_val.json").read_text())["rounds"]
     assert sum(table[-1]["aggregation_weights"].values()) == pytest.approx(1)
     tracked = read_scalars(run_dir / "tb_events")  # the per-round weights reach TensorBoard (and MLflow alike)
@@ -252,3 +255,16 @@ def test_fedmas_job_weighs_sites_by_mas_factors_and_its_expert_transfers(tmp_pat
     out = tmp_path / "initial_global.pt"
     transfer(["--expert", str(run_dir / GLOBAL_MODEL), "--preset", "tiny", "--out", str(out)])
     assert read_meta(out)["num_classes"] == 2 and read_meta(out)["transplanted_from"]["federated"]
+
+
+def test_a_site_of_other_classes_or_an_unknown_loss_is_a_one_line_error(tmp_path):
+    from fedxvit.executor import FedXViTExecutor
+    from fedxvit.sites import site_data_dir
+
+    with pytest.raises(FedXViTError, match="loss='focal' is unknown"):
+        FedXViTExecutor(preset="tiny", loss="focal")
+    write_tiny_site(tmp_path / "site1")  # Healthy/Tumor
+    with pytest.raises(
+        FedXViTError, match=r"site site1: .* has classes \['Healthy', 'Tumor'\], but the federated task"
+    ):
+        site_data_dir("site1", environ={"FEDXVIT_DATA_ROOT": str(tmp_path)}, class_names=EXPERT_CLASSES)

@@ -262,3 +262,33 @@ def test_run_all_writes_summary_with_the_design_keys(site_data, tmp_path):
     assert {k: v for k, v in rewritten.items() if k not in ("timing_s", "peak_rss_mb")} == {
         k: v for k, v in saved.items() if k not in ("timing_s", "peak_rss_mb")
     }
+
+
+def test_a_ditto_run_adds_each_sites_personalized_model_on_its_own_test_split(tmp_path):
+    """site1 kept a personalized model (the global one with its classes swapped: accuracy exactly 1 - the
+    global model's there); site2 kept none and is scored with the global model."""
+    from tiny import opposite_model, write_tiny_site
+
+    from fedxvit.algorithms import PERSONALIZED_MODEL
+    from fedxvit.model import build_model
+
+    run_dir = tmp_path / "ws" / "server" / "simulate_job"
+    (run_dir / "app_server").mkdir(parents=True)
+    torch.manual_seed(0)
+    state = build_model("tiny", 2).state_dict()
+    for name in report.GLOBAL_MODELS.values():
+        torch.save({"model": state}, run_dir / "app_server" / name)
+    app = tmp_path / "ws" / "site1" / "simulate_job" / "app_site1"
+    app.mkdir(parents=True)
+    torch.save(opposite_model(state), app / PERSONALIZED_MODEL)
+    dirs = {s: write_tiny_site(tmp_path / "data" / s, seed=k) for k, s in enumerate(("site1", "site2"))}
+    loaders = report.test_loaders(dirs, 32)
+    device = torch.device("cpu")
+    row = report.ditto_row(run_dir, loaders, "tiny", device)
+    global_model = build_model("tiny", 2)
+    global_model.load_state_dict(state)
+    global_row = report._summary_row("global", report.score_model(global_model.eval(), loaders, device))
+    assert "site2 kept none" in row["model"]
+    assert row["per_site_accuracy"]["site1"] == pytest.approx(1 - global_row["per_site_accuracy"]["site1"])
+    assert row["per_site_accuracy"]["site2"] == pytest.approx(global_row["per_site_accuracy"]["site2"])
+    assert report.ditto_row(tmp_path / "other" / "server" / "simulate_job", loaders, "tiny", device) is None

@@ -11,6 +11,10 @@ The federated algorithm is a strategy (fedxvit.algorithms, job option `algorithm
 its proximal term to the loss; SCAFFOLD reads the global control variates from the task (a DXO
 COLLECTION from NVFlare's ScatterAndGatherScaffold), corrects each step and returns its
 control-variate change in a COLLECTION beside the weight difference.
+
+Long-tailed data (fedxvit.imbalance): `loss: bsm` trains with Balanced Softmax on the site's own class
+counts; with `mas_prior` the site measures its model against the frozen self-supervised prior before
+and after training and sends the resulting MAS factor in the result's meta for the server's weights.
 """
 
 from __future__ import annotations
@@ -204,6 +208,11 @@ class FedXViTExecutor(Executor):
                     "job options dp_epsilon and algorithm='fedprox' do not combine: DP-SGD noises per-image "
                     "gradients and would silently drop FedProx's proximal term; use fedavg, scaffold or ditto"
                 )
+            if mas_prior:
+                raise FedXViTError(
+                    "job options dp_epsilon and mas_prior do not combine: the MAS factor is measured on the training "
+                    "images outside DP-SGD's privacy accounting; drop one of them"
+                )
             if algorithm == "fedsm":
                 raise FedXViTError(
                     "job options dp_epsilon and algorithm='fedsm' do not combine: FedSM's personalized model and "
@@ -282,7 +291,7 @@ class FedXViTExecutor(Executor):
                     "seed": self.seed,
                     "loss": self.loss,
                     "mas": bool(self.mas_prior_path),
-                    "data_hash": read_dataset_info(data_dir).get("data_hash", "unknown"),
+                    "data_hash": info.get("data_hash", "unknown"),
                 }
             )
         app_dir = fl_ctx.get_prop(FLContextKey.APP_ROOT) or workspace.get_app_dir(fl_ctx.get_job_id())

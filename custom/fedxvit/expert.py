@@ -1,6 +1,7 @@
 """Phase 1: train the 4-class expert centrally on the public set and report its test accuracy.
 
     python -m fedxvit.expert --data data/public --out models [--preset cpu] [--epochs N] [--force]
+    python -m fedxvit.expert --untrained models/untrained_expert.pt   (the start of a federated Phase 1)
 
 Keeps the best-validation checkpoint as <out>/expert.pt (+ .json sidecar), writes TensorBoard
 events to <out>/tb/expert, logs to MLflow (local store unless MLFLOW_TRACKING_URI says otherwise)
@@ -97,6 +98,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
     parser.add_argument("--force", action="store_true", help="retrain even when a matching expert exists")
+    parser.add_argument(
+        "--untrained",
+        default=None,
+        metavar="PATH",
+        help="write the 4-class model before any training (seeded; --pretrained backbone if given) to PATH and "
+        "stop: the start of a federated Phase 1 (FEDXVIT_INITIAL_MODEL=PATH with a 4-class job; docs/imbalance.md)",
+    )
     return with_recipe_defaults(parser.parse_args(argv))
 
 
@@ -308,8 +316,24 @@ def train_expert(args: argparse.Namespace) -> dict:
     return report
 
 
+def write_untrained(args: argparse.Namespace) -> dict:
+    """The seeded 4-class model of the preset, untrained, as a checkpoint a federated job can start from."""
+    from fedxvit.classes import EXPERT_CLASSES
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.preset, num_classes=len(EXPERT_CLASSES), pretrained=args.pretrained)
+    meta = save_checkpoint(
+        args.untrained,
+        model,
+        {"class_names": list(EXPERT_CLASSES), "untrained": True, "pretrained": args.pretrained, "seed": args.seed},
+    )
+    print(f"wrote {args.untrained}: untrained 4-class '{args.preset}' model (seed {args.seed})")
+    return meta
+
+
 def main(argv=None) -> dict:
-    return train_expert(parse_args(argv))
+    args = parse_args(argv)
+    return write_untrained(args) if args.untrained else train_expert(args)
 
 
 if __name__ == "__main__":
