@@ -536,8 +536,8 @@ def compare(
     settings_job = job_copy(
         methods[REFERENCE],
         workspace / "reference_job",
-        server={"num_rounds": rounds, "preset": preset},
-        client={"local_epochs": local_epochs, "preset": preset},
+        server={"num_rounds": rounds, "preset": preset, "num_classes": len(class_names)},
+        client={"local_epochs": local_epochs, "preset": preset, "num_classes": len(class_names)},
     )
     base_settings = read_job_settings(settings_job)
 

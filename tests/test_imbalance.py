@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny import REPO, tiny_job, write_tiny_site
 from torch.nn import functional as F
 
 from fedxvit.aggregation import ScreenedAssembler, screen_mas
@@ -24,7 +26,6 @@ from fedxvit.imbalance import (
     mas_factor,
     mas_weights,
 )
-from tests.tiny import REPO, simulate, tiny_job, write_tiny_site
 
 # ---- Balanced Softmax
 
@@ -213,8 +214,9 @@ def test_fedmas_job_weighs_sites_by_mas_factors_and_its_expert_transfers(tmp_pat
     from fedxvit.checkpoint import load_global_model, read_meta
     from fedxvit.datalist import file_hash
     from fedxvit.expert import main as expert_cli
-    from fedxvit.simulation import GLOBAL_MODEL
+    from fedxvit.simulation import GLOBAL_MODEL, SIMULATOR_LOG
     from fedxvit.transfer import main as transfer
+    from result_stat.compare import main as compare_main
     from result_stat.plot_tensorboard_events import read_scalars
 
     prior, meta = tiny_prior
@@ -230,7 +232,16 @@ def test_fedmas_job_weighs_sites_by_mas_factors_and_its_expert_transfers(tmp_pat
     config["mas_prior"] = str(prior)
     client.write_text(json.dumps(config))
 
-    run_dir, log = simulate(job, tmp_path / "ws", tmp_path / "data", initial)
+    # through `make compare`'s own path: the 4-class job copies, the 4-class baselines, recall per class
+    report = compare_main(
+        ["--scenario-data", str(tmp_path / "data"), "--initial", str(initial), "--methods", f"fedavg={job}"]
+        + ["--seeds", "0", "--quick", "--out", str(tmp_path / "results"), "--workspace", str(tmp_path / "ws")]
+    )
+    assert not report["failures"] and report["settings"]["class_names"] == list(EXPERT_CLASSES)
+    for name in ("start", "fedavg", "centralized", "local-only"):
+        assert len(report["methods"][name]["pooled_recall"]) == 4
+    run = next(Path(r["folder"]) for r in report["runs"] if r["method"] == "fedavg")
+    run_dir, log = run / "simulator" / "server" / "simulate_job", (run / "simulator" / SIMULATOR_LOG).read_text()
 
     rounds = re.findall(r"round (\d+): mas weights (.+)", log)
     assert [r for r, _ in rounds] == ["0", "1"]
