@@ -85,8 +85,10 @@ poc-he: setup
 jobs: setup
 	$(PY) -m fedxvit.jobs
 
+# Two worker processes, one test file at a time each (--dist loadfile: a file's fixtures are built once).
+# One process for debugging: $(PY) -m pytest -p no:xdist (or -n 0).
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # ruff (settings in pyproject.toml): lint and format check; `ruff format . && ruff check --fix .` repairs most.
 lint: setup
@@ -125,7 +127,7 @@ data-longtail: setup
 ssl-prior: data
 	$(PY) -m fedxvit.ssl_prior --data $(DATA)/public --out models/ssl_prior.pt
 
-compare-longtail: setup
+compare-longtail: ssl-prior expert data-longtail
 	$(PY) -m result_stat.compare --scenario-data $(LONGTAIL_DATA) --initial models/expert.pt \
 		--methods fedavg,fedavg-bsm,fedmas --workspace workspace/compare-longtail \
 		--out results/longtail$(if $(filter --split validation,$(COMPARE_ARGS)),-validation) $(COMPARE_ARGS)
