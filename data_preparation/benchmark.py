@@ -750,37 +750,29 @@ def generation_params(args) -> dict:
     scenario = SCENARIOS[args.scenario]
     if "class_shares" in scenario:
         counts = site_class_counts(args)
-        params = {
-            "format_version": FORMAT_VERSION,
-            "scenario": args.scenario,
-            "seed": args.seed,
-            "image_size": args.image_size,
+        sizes = [sum(c.values()) for c in counts]
+        own = {
             "partition": args.partition,
             **({"alpha": args.alpha} if args.partition == "dirichlet" else {}),
             "class_shares": scenario["class_shares"],
-            "site_sizes": [sum(c.values()) for c in counts],
             "site_class_counts": counts,
-            "site_scanners": [
-                SCANNER_PROFILES[scenario["site_scanners"][(k - 1) % len(scenario["site_scanners"])]]["name"]
-                for k in range(1, len(counts) + 1)
-            ],
-            "lesion": scenario["lesion"],
-            "val_frac": args.val_frac,
-            "test_frac": args.test_frac,
         }
-        return json.loads(json.dumps(params))
-    healthy = site_healthy_counts(args)
+    else:
+        healthy, sizes = site_healthy_counts(args), list(args.site_sizes)
+        own = {
+            "tumor_share_dirichlet": scenario["tumor_share_dirichlet"],
+            "site_tumor_shares": [round(1 - h / size, 4) for h, size in zip(healthy, sizes)],
+        }
+    scanners = scenario["site_scanners"]
     params = {
         "format_version": FORMAT_VERSION,
         "scenario": args.scenario,
         "seed": args.seed,
         "image_size": args.image_size,
-        "site_sizes": list(args.site_sizes),
-        "tumor_share_dirichlet": scenario["tumor_share_dirichlet"],
-        "site_tumor_shares": [round(1 - h / size, 4) for h, size in zip(healthy, args.site_sizes)],
+        "site_sizes": sizes,
+        **own,
         "site_scanners": [
-            SCANNER_PROFILES[scenario["site_scanners"][(k - 1) % len(scenario["site_scanners"])]]["name"]
-            for k in range(1, len(args.site_sizes) + 1)
+            SCANNER_PROFILES[scanners[(k - 1) % len(scanners)]]["name"] for k in range(1, len(sizes) + 1)
         ],
         "lesion": scenario["lesion"],
         "val_frac": args.val_frac,

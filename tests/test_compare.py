@@ -85,6 +85,20 @@ def test_finished_runs_are_reused_and_unfinished_ones_redone(tmp_path):
     assert compare.options_digest({"rounds": 3, "seed": 0}) != compare.options_digest({"rounds": 2, "seed": 0})
 
 
+def finished(report: dict, **settings) -> dict:
+    """An aggregated report with what compare() adds around it: its settings (2 rounds x 1 epoch, seeds 0 and 1,
+    plus `settings`), no runs or failures, the times."""
+    report.update(
+        settings={"data": "d", "initial": "i", "preset": "tiny", "rounds": 2, "local_epochs": 1, "seeds": [0, 1]}
+        | settings,
+        runs=[],
+        failures=[],
+        wall_s=1.0,
+        compute_s=2.0,
+    )
+    return report
+
+
 def test_aggregate_composes_local_only_and_closes_half_the_gap(tmp_path):
     """Hand-made runs over two seeds: FedAvg = SITE_A + SITE_B, centralized perfect, local-only = site a's own
     model (SITE_A) + site b's own model (perfect): pooled balanced accuracy 2/3, 1 and 5/6 -> half the gap."""
@@ -109,22 +123,7 @@ def test_aggregate_composes_local_only_and_closes_half_the_gap(tmp_path):
     assert report["methods"]["fedavg"]["val_curve"]["mean"] == pytest.approx([0.5, 0.65, None])
     assert report["methods"]["start"]["pooled"]["roc_auc"]["std"] is None
 
-    report.update(
-        settings={
-            "data": "d",
-            "sites": ["a", "b"],
-            "initial": "i",
-            "preset": "tiny",
-            "rounds": 2,
-            "local_epochs": 1,
-            "seeds": [0, 1],
-        },
-        runs=[],
-        failures=[],
-        wall_s=1.0,
-        compute_s=2.0,
-    )
-    files = compare.write_outputs(report, tmp_path)
+    files = compare.write_outputs(finished(report, sites=["a", "b"]), tmp_path)
     markdown = files["markdown"].read_text()
     # accuracy 5/6, balanced 5/6, macro-F1 (0.8 + 6/7)/2, ROC-AUC 8/9, worst a, mean of a (5/6) and b (1),
     # half the gap, +1/6 over FedAvg
@@ -342,23 +341,7 @@ def test_four_classes_get_recall_per_class_and_a_validation_split_scores_validat
     row = report["methods"]["fedmas"]
     assert row["pooled"]["balanced_accuracy"]["mean"] == pytest.approx(0.375)
     assert [r["mean"] for r in row["pooled_recall"]] == [0.5, 0.0, 1.0, 0.0]
-    report.update(
-        settings={
-            "data": "d",
-            "sites": ["a"],
-            "initial": "i",
-            "preset": "tiny",
-            "class_names": ["glioma", "meningioma", "notumor", "pituitary"],
-            "split": "validation",
-            "rounds": 2,
-            "local_epochs": 1,
-            "seeds": [0, 1],
-        },
-        runs=[],
-        failures=[],
-        wall_s=1.0,
-        compute_s=2.0,
-    )
+    finished(report, sites=["a"], class_names=["glioma", "meningioma", "notumor", "pituitary"], split="validation")
     markdown = compare.write_outputs(report, tmp_path)["markdown"].read_text()
     assert "## Pooled validation set: recall per class" in markdown and "**validation** split" in markdown
     assert "| fedmas | 50.0 ± 0.0 | 0.0 ± 0.0 | 100.0 ± 0.0 | 0.0 ± 0.0 |" in markdown
