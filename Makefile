@@ -85,11 +85,11 @@ poc-he: setup
 jobs: setup
 	$(PY) -m fedxvit.jobs
 
-# Three worker processes on two cores (much of a simulator test is NVFlare waiting), one test file at a time
-# each (--dist loadfile: a file's fixtures are built once).
+# Two worker processes, one test file at a time each (--dist loadfile: a file's fixtures are built once):
+# 17 min instead of about 23 on 2 cores; three workers were slower (20.5 min) and starved a timed test.
 # One process for debugging: $(PY) -m pytest -p no:xdist (or -n 0).
 test: setup
-	$(PY) -m pytest -n 3 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # ruff (settings in pyproject.toml): lint and format check; `ruff format . && ruff check --fix .` repairs most.
 lint: setup

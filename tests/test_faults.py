@@ -126,3 +126,26 @@ def test_median_aggregation_outvotes_an_absurd_site_without_screening(federation
     assert all(sorted(r["aggregated_sites"]) == sorted(sites) for r in rows), "screening was off: site6 was aggregated"
     accuracy = good_sites_accuracy(federation, final_global_model(run_dir))
     assert accuracy >= reference - 0.02, (accuracy, reference)
+
+
+def test_a_simulator_run_over_its_time_limit_leaves_no_process_behind(tmp_path):
+    """A run that hangs is stopped whole: the simulator and its client workers, not just the simulator."""
+    import time
+
+    import psutil
+    from tiny import tiny_sites_and_initial_model
+
+    from fedxvit.errors import FedXViTError
+    from fedxvit.simulation import SIMULATOR_LOG, run_simulator
+
+    initial = tiny_sites_and_initial_model(tmp_path)
+    workspace = tmp_path / "workspace"
+    with pytest.raises(FedXViTError, match="did not finish within 8 s"):
+        run_simulator(tiny_job(tmp_path), workspace, tmp_path / "data", ["site1", "site2"], initial, timeout_s=8)
+    time.sleep(1)
+    left = [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if any(str(workspace) in part for part in (p.info["cmdline"] or []))
+    ]
+    assert left == [] and (workspace / SIMULATOR_LOG).is_file()

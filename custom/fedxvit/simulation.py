@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,18 +106,26 @@ def run_simulator(
         "-t",
         str(len(sites)),
     ]
+    # its own process group: on a timeout the simulator's client workers are stopped with it, not orphaned
+    process = subprocess.Popen(
+        command,
+        env=simulator_env(Path(data_root), sites, Path(initial), extra=extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        run = subprocess.run(
-            command,
-            env=simulator_env(Path(data_root), sites, Path(initial), extra=extra_env),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
+        stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        workspace.mkdir(parents=True, exist_ok=True)
+        (workspace / SIMULATOR_LOG).write_text(stdout + stderr)
         raise FedXViTError(
             f"the simulator run of {job} did not finish within {timeout_s} s (workspace {workspace})"
         ) from None
+    run = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     workspace.mkdir(parents=True, exist_ok=True)
     (workspace / SIMULATOR_LOG).write_text(run.stdout + run.stderr)
     run_dir = workspace / "server" / "simulate_job"
