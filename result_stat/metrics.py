@@ -16,8 +16,9 @@ from sklearn.metrics import classification_report, confusion_matrix, log_loss, r
 def classification_metrics(labels, probs, class_names) -> dict:
     """accuracy, loss (mean cross-entropy), count, per_class (sklearn report), confusion_matrix, roc_auc.
 
-    ROC-AUC is the Tumor-vs-rest AUC for two classes, macro one-vs-rest otherwise, and None when
-    the labels hold a single class (AUC is undefined then).
+    ROC-AUC is the Tumor-vs-rest AUC for two classes, macro one-vs-rest over the classes present
+    otherwise (scikit-learn's macro OvR when every class is present), and None when the labels hold a
+    single class (AUC is undefined then).
     """
     labels = np.asarray(labels, dtype=int)
     probs = np.asarray(probs, dtype=float)
@@ -32,8 +33,9 @@ def classification_metrics(labels, probs, class_names) -> dict:
     if len(set(labels.tolist())) > 1:
         if len(class_names) == 2:
             roc_auc = float(roc_auc_score(labels, probs[:, 1]))
-        else:
-            roc_auc = float(roc_auc_score(labels, probs, multi_class="ovr", labels=class_ids))
+        else:  # a hospital may lack a class (long-tailed data): its one-vs-rest AUC does not exist
+            present = sorted(set(labels.tolist()))
+            roc_auc = float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
     report = classification_report(
         labels, predictions, labels=class_ids, target_names=list(class_names), output_dict=True, zero_division=0
     )

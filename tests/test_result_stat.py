@@ -292,3 +292,16 @@ def test_a_ditto_run_adds_each_sites_personalized_model_on_its_own_test_split(tm
     assert row["per_site_accuracy"]["site1"] == pytest.approx(1 - global_row["per_site_accuracy"]["site1"])
     assert row["per_site_accuracy"]["site2"] == pytest.approx(global_row["per_site_accuracy"]["site2"])
     assert report.ditto_row(tmp_path / "other" / "server" / "simulate_job", loaders, "tiny", device) is None
+
+
+def test_four_class_roc_auc_averages_the_classes_a_hospital_has():
+    """sklearn's macro one-vs-rest AUC when every class is present; over the present classes otherwise,
+    where sklearn's has no value (a long-tailed hospital without pituitary images)."""
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), size=40)
+    labels = np.arange(40) % 4
+    every = classification_metrics(labels, probs, list("abcd"))["roc_auc"]
+    assert every == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr", labels=[0, 1, 2, 3]))
+    some = np.where(labels == 3, 0, labels)  # no class 3 here
+    expected = np.mean([roc_auc_score(some == c, probs[:, c]) for c in (0, 1, 2)])
+    assert classification_metrics(some, probs, list("abcd"))["roc_auc"] == pytest.approx(expected)
