@@ -88,9 +88,8 @@ def headline_metrics(labels, probs) -> dict:
     macro_f1 = float(
         f1_score(labels, predictions, labels=sorted(set(labels.tolist())), average="macro", zero_division=0)
     )
-    recall = [
-        float((predictions[labels == c] == c).mean()) if (labels == c).any() else None for c in range(num_classes)
-    ]
+    present = set(labels.tolist())  # scikit-learn's report gives an absent class recall 0; here it has none
+    recall = [float(full["per_class"][str(c)]["recall"]) if c in present else None for c in range(num_classes)]
     return {
         "accuracy": full["accuracy"],
         "balanced_accuracy": balanced,
