@@ -340,9 +340,10 @@ def federated_run(
     tracking_uri: str,
     timeout_s: int,
     client_variables: dict | None = None,
+    server_variables: dict | None = None,
 ):
-    """compute() of one federated run: the job copy with this run's variables (and the method's own client
-    variables, e.g. DP-SGD's budget), the simulator, then scores."""
+    """compute() of one federated run: the job copy with this run's variables (and the method's own
+    variables, e.g. DP-SGD's budget or a --set value), the simulator, then scores."""
     from fedxvit.checkpoint import load_global_model
 
     def compute(folder: Path) -> dict:
@@ -350,6 +351,7 @@ def federated_run(
             job,
             folder / "job",
             server={
+                **(server_variables or {}),
                 "num_rounds": rounds,
                 "min_clients": len(scenario.sites),
                 "preset": scenario.preset,
@@ -380,16 +382,18 @@ def federated_run(
         super_model = fedsm_super_model(run_dir, scenario, model)
         if super_model:  # FedSM: the selector routes each image; scored like a personalized model
             result["personalized_test"] = super_model.pop("test")
+            result["personalized_validation"] = super_model.pop("validation")  # at the threshold chosen on it
             result["personalized_fallback"] = super_model["missing_personalized"]
             result["fedsm"] = super_model
         personal = personalized_models(
             folder / "simulator", scenario.sites, scenario.preset, scenario.device, scenario.num_classes
         )
-        if personal:  # each site's own model on its own test split; the global model where a site kept none
-            result["personalized_test"] = {
-                site: scenario.predict(m, "test", [site])[site] if m is not None else result["test"][site]
-                for site, m in personal.items()
-            }
+        if personal:  # each site's own model on its own split; the global model where a site kept none
+            for split in SPLITS:
+                result[f"personalized_{split}"] = {
+                    site: scenario.predict(m, split, [site])[site] if m is not None else result[split][site]
+                    for site, m in personal.items()
+                }
             result["personalized_fallback"] = [site for site, m in personal.items() if m is None]
         return result
 
@@ -435,10 +439,13 @@ def start_run(scenario: Scenario):
 
 
 def parse_methods(text: str | None, root: Path) -> dict:
-    """ "fedavg,fedprox" or "name=job folder" entries -> {method: job folder}; the reference FedAvg must be one."""
+    """ "fedavg,fedprox", "name=job folder" or "name=known method" entries -> {method: job folder}; the reference
+    FedAvg must be one."""
     methods = {}
     for entry in [e.strip() for e in (text or ",".join(METHOD_JOBS)).split(",") if e.strip()]:
         name, _, folder = entry.partition("=")
+        if folder in KNOWN_METHODS:  # "ditto-l1=ditto": a known method's job under another name (with --set)
+            folder = root / KNOWN_METHODS[folder]
         if not folder:
             if name not in KNOWN_METHODS:
                 raise FedXViTError(
@@ -454,6 +461,32 @@ def parse_methods(text: str | None, root: Path) -> dict:
     if REFERENCE not in methods:
         raise FedXViTError(f"--methods must include {REFERENCE!r}: it is the reference of the gap and of every verdict")
     return methods
+
+
+def parse_settings(entries: list | None, methods: dict) -> dict:
+    """--set "method.variable=value" entries -> {method: {"server": {...}, "client": {...}}}: the variable goes
+    to whichever of the method's job configs defines it (both, if both do); the value is read as JSON
+    (1, 0.5, true, "x"), else kept as text."""
+    out: dict = {}
+    for entry in entries or []:
+        target, equals, text = entry.partition("=")
+        name, dot, variable = target.strip().partition(".")
+        if not (equals and dot and name and variable):
+            raise FedXViTError(f"--set {entry!r}: expected method.variable=value, e.g. ditto.ditto_lambda=1.0")
+        if name not in methods:
+            raise FedXViTError(f"--set {entry!r}: method {name!r} is not among --methods ({', '.join(methods)})")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        found = False
+        for side, which in (("server", SERVER_CONFIG), ("client", CLIENT_CONFIG)):
+            if variable in read_job_config(methods[name], which):
+                out.setdefault(name, {}).setdefault(side, {})[variable] = value
+                found = True
+        if not found:
+            raise FedXViTError(f"--set {entry!r}: job folder {methods[name]} has no job variable {variable!r}")
+    return out
 
 
 def check_scenario(data: Path, sites: list | None, initial: Path, preset: str | None) -> tuple[list, str, int, list]:
@@ -513,8 +546,10 @@ def compare(
     timeout_s: int = 3600,
     log=print,
     split: str = "test",
+    method_variables: dict | None = None,
 ) -> dict:
-    """Run or reuse every run of the comparison and aggregate it (see the module doc); the report dict."""
+    """Run or reuse every run of the comparison and aggregate it (see the module doc); the report dict.
+    `method_variables`: {method: {"server": {...}, "client": {...}}} set on that method's job copies (--set)."""
     from dataclasses import replace
 
     from fedxvit.jobconfig import read_job_settings
@@ -550,10 +585,18 @@ def compare(
                 "local_epochs": local_epochs,
                 "seed": seed,
             }
-            variables = METHOD_CLIENT_VARIABLES.get(name, {})
+            variables = {
+                **METHOD_CLIENT_VARIABLES.get(name, {}),
+                **(method_variables or {}).get(name, {}).get("client", {}),
+            }
+            server_variables = (method_variables or {}).get(name, {}).get("server", {})
             if variables:  # only then: the folders of runs without any keep their names
                 options["client_variables"] = variables
-            run = federated_run(scenario, job, rounds, local_epochs, seed, tracking_uri, timeout_s, variables)
+            if server_variables:
+                options["server_variables"] = server_variables
+            run = federated_run(
+                scenario, job, rounds, local_epochs, seed, tracking_uri, timeout_s, variables, server_variables
+            )
             plan.append((name, seed, options, run))
         settings = replace(base_settings, seed=seed)
         plan.append(
@@ -610,6 +653,7 @@ def compare(
             "seeds": seeds,
             "baseline_training": base_settings.as_dict() | {"seed": "per seed"},
             "methods": {name: str(job) for name, job in methods.items()},
+            "method_variables": method_variables or {},
             "workspace": str(workspace),
         },
         runs=runs,
@@ -625,10 +669,17 @@ def aggregate(results: dict, methods: list, seeds: list, sites: list, split: str
 
     `results`: {(run name, seed): result.json}; the local-only row scores each hospital's own model on its own
     split (what a hospital alone would deploy), pooled over hospitals. `split`: "test" (the report), or
-    "validation" (calibrating a scenario or tuning a method; personalized models are scored on test only)."""
+    "validation" (calibrating a scenario or tuning a method: FedSM's super-model is then scored with the
+    threshold chosen on that same split, an optimistic score)."""
     if split not in SPLITS:
         raise FedXViTError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
-    stale = sorted({name for (name, _), result in results.items() if split not in result})
+    stale = sorted(
+        {
+            name
+            for (name, _), result in results.items()
+            if split not in result or ("personalized_test" in result and f"personalized_{split}" not in result)
+        }
+    )
     if stale:
         raise FedXViTError(
             f"--split {split}: the runs of {', '.join(stale)} predate validation scores; remove them from the workspace"
@@ -636,8 +687,10 @@ def aggregate(results: dict, methods: list, seeds: list, sites: list, split: str
     predictions = {}  # method -> {seed: {site: predictions}}
     for name in [*methods, CENTRALIZED]:
         predictions[name] = {seed: results[(name, seed)][split] for seed in seeds if (name, seed) in results}
-    for name in methods if split == "test" else []:
-        personal = {seed: results[(name, seed)].get("personalized_test") for seed in seeds if (name, seed) in results}
+    for name in methods:
+        personal = {
+            seed: results[(name, seed)].get(f"personalized_{split}") for seed in seeds if (name, seed) in results
+        }
         if any(personal.values()):
             predictions[personalized(name)] = {seed: p for seed, p in personal.items() if p}
     predictions[LOCAL_ONLY] = {
@@ -699,7 +752,7 @@ def compare_markdown(report: dict) -> str:
         f"Scores: the final global model of each method on every hospital's **{SPLITS[s.get('split', 'test')]}** "
         "split, pooled and per hospital (nothing was tuned or selected on test). Local-only: each hospital's own "
         "model on its own split. "
-        "`<method> (personalized)`: Ditto: each hospital's personalized model on its own test split; FedSM: the "
+        "`<method> (personalized)`: Ditto: each hospital's personalized model on its own split; FedSM: the "
         "super-model (the selector routes each image to a personalized model or the global one, threshold chosen on "
         "validation). "
         "Start: the initial model, untrained (one value).\n",
@@ -831,6 +884,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"comma-separated methods, each a known name ({', '.join(KNOWN_METHODS)}) or name=<job folder> "
         f"(default: {','.join(METHOD_JOBS)}; {REFERENCE} is required)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="METHOD.VARIABLE=VALUE",
+        help="a job variable of one method's runs, e.g. ditto.ditto_lambda=1.0 (repeatable; for tuning, "
+        "add a method twice under two names: --methods fedavg,ditto,ditto-l1=ditto)",
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     parser.add_argument(
         "--rounds", type=int, default=None, help="rounds of every method (default: the FedAvg job's num_rounds)"
@@ -892,6 +952,7 @@ def main(argv=None) -> dict:
         args.device,
         args.timeout,
         split=args.split,
+        method_variables=parse_settings(args.set, methods),
     )
     files = write_outputs(report, Path(args.out))
     print(f"wrote {files['markdown']}, {files['json']} and {files['curves']} ({report['wall_s']:.0f} s)")

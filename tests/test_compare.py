@@ -299,16 +299,32 @@ def test_known_methods_include_the_privacy_jobs_and_default_to_the_algorithms():
     assert compare.METHOD_CLIENT_VARIABLES["dp-sgd-eps1"] == {"dp_epsilon": 1.0}
 
 
+def test_set_puts_a_variable_on_the_config_that_defines_it_for_one_method_only():
+    """Tuning: the same job under two names, one with another value; a wrong name fails in one line."""
+    methods = compare.parse_methods("fedavg,ditto,ditto-l1=ditto,fedsm", REPO)
+    assert methods["ditto-l1"] == methods["ditto"]
+    chosen = compare.parse_settings(["ditto-l1.ditto_lambda=1", "fedsm.softpull_lambda=0.8"], methods)
+    assert chosen == {"ditto-l1": {"client": {"ditto_lambda": 1}}, "fedsm": {"server": {"softpull_lambda": 0.8}}}
+    with pytest.raises(FedXViTError, match="has no job variable 'lambda'"):
+        compare.parse_settings(["ditto.lambda=1"], methods)
+    with pytest.raises(FedXViTError, match="method 'fedprox' is not among --methods"):
+        compare.parse_settings(["fedprox.mu=1"], methods)
+    with pytest.raises(FedXViTError, match="expected method.variable=value"):
+        compare.parse_settings(["ditto_lambda=1"], methods)
+
+
 def test_personalized_models_get_a_row_of_their_own_beside_their_methods_global_model():
     """Ditto's sites kept their own models: site a's is perfect, so its row differs from the global model's."""
     perfect_a = {"labels": SITE_A["labels"], "probs": [[1.0, 0.0] if y == 0 else [0.0, 1.0] for y in SITE_A["labels"]]}
     results = {}
     for seed in (0, 1):
-        results[("fedavg", seed)] = {"test": {"a": SITE_A, "b": SITE_B}, "val_curve": [0.5, 0.6]}
+        both = {"test": {"a": SITE_A, "b": SITE_B}, "validation": {"a": SITE_B, "b": SITE_B}}
+        results[("fedavg", seed)] = {**both, "val_curve": [0.5, 0.6]}
         results[("ditto", seed)] = {
-            "test": {"a": SITE_A, "b": SITE_B},
+            **both,
             "val_curve": [0.5, 0.6],
             "personalized_test": {"a": perfect_a, "b": SITE_B},
+            "personalized_validation": {"a": SITE_B, "b": SITE_B},
         }
     report = compare.aggregate(results, ["fedavg", "ditto"], [0, 1], ["a", "b"])
     assert report["order"][:4] == ["start", "fedavg", "ditto", "ditto (personalized)"]
@@ -318,6 +334,11 @@ def test_personalized_models_get_a_row_of_their_own_beside_their_methods_global_
     assert rows["ditto"]["sites"]["a"]["balanced_accuracy"]["mean"] < 1.0
     assert rows["ditto (personalized)"]["sites"]["b"] == rows["ditto"]["sites"]["b"]
     assert "val_curve" not in rows["ditto (personalized)"]  # the curves are the global model's
+    tuning = compare.aggregate(results, ["fedavg", "ditto"], [0, 1], ["a", "b"], split="validation")
+    assert tuning["methods"]["ditto (personalized)"]["sites"] == tuning["methods"]["fedavg"]["sites"]
+    del results[("ditto", 1)]["personalized_validation"]  # a run from before personalized validation scores
+    with pytest.raises(FedXViTError, match="the runs of ditto predate validation scores"):
+        compare.aggregate(results, ["fedavg", "ditto"], [0, 1], ["a", "b"], split="validation")
 
 
 def test_four_classes_get_recall_per_class_and_a_validation_split_scores_validation_only(tmp_path):

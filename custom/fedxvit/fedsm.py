@@ -235,7 +235,7 @@ def routed_predictions(selector: dict, personal: dict, global_preds: dict, sites
 
 def super_model(models: dict, global_model: nn.Module, predict, score) -> dict:
     """FedSM's super-model scored as the method prescribes: the threshold that maximizes `score` (higher is
-    better) on the validation split (ties: the higher threshold, fewer routes), then its test predictions,
+    better) on the validation split (ties: the higher threshold, fewer routes), then its predictions,
     the selector's site-identification accuracy on test and the share of each route.
     `models`: load_fedsm_models(); `predict(model, split)` -> {site: {"labels", "probs"}} for "validation"
     and "test"; `score(predictions)` -> float."""
@@ -262,9 +262,13 @@ def super_model(models: dict, global_model: nn.Module, predict, score) -> dict:
     }
     best = max(by_threshold.values())
     threshold = max(t for t, v in by_threshold.items() if v == best)
-    test, routes = routed_predictions(
-        preds["test"]["selector"], preds["test"]["personal"], preds["test"]["global"], sites, threshold
-    )
+    routed = {
+        split: routed_predictions(
+            preds[split]["selector"], preds[split]["personal"], preds[split]["global"], sites, threshold
+        )
+        for split in ("validation", "test")
+    }
+    test, routes = routed["test"]
     identified = [
         int(np.argmax(p) == sites.index(site))
         for site, selected in preds["test"]["selector"].items()
@@ -274,6 +278,7 @@ def super_model(models: dict, global_model: nn.Module, predict, score) -> dict:
     taken = [(site, r) for site, rs in routes.items() for r in rs]
     return {
         "test": test,
+        "validation": routed["validation"][0],  # at the threshold chosen on it: for tuning, not for reporting
         "missing_personalized": [s for s in sites if s not in models["personalized"]],  # routed to the global model
         "threshold": threshold,
         "validation_score_by_threshold": {str(t): v for t, v in by_threshold.items()},
