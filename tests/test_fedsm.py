@@ -12,6 +12,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
 from tiny import REPO, SITES, simulate, tiny_job, tiny_site_training, tiny_sites_and_initial_model
 
+from fedxvit.aggregation import AGGREGATION_REPORT
 from fedxvit.algorithms import FedSMSite
 from fedxvit.checkpoint import load_global_model
 from fedxvit.errors import FedXViTError
@@ -24,9 +25,12 @@ from fedxvit.fedsm import (
     adam_moments,
     build_selector,
     load_adam_moments,
+    personalized_after_round,
     route,
+    selector_after_round,
     softpull,
     softpull_weights,
+    trainable_arrays,
 )
 from fedxvit.fedsm import (
     SITES as SITES_META,
@@ -67,47 +71,84 @@ def test_threshold_one_is_the_global_model_exactly_and_a_missing_model_falls_bac
 def site_result(steps, diff, personal, selector):
     parts = {
         AppConstants.MODEL_WEIGHTS: DXO(DataKind.WEIGHT_DIFF, diff),
-        PERSONALIZED: DXO(DataKind.WEIGHTS, personal),
+        PERSONALIZED: DXO(DataKind.WEIGHT_DIFF, personal),
         SELECTOR: DXO(DataKind.COLLECTION, selector),
     }
     return DXO(DataKind.COLLECTION, parts, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps})
 
 
-def test_the_assembler_soft_pulls_each_sites_model_and_averages_the_selectors_moments():
-    assembler = FedSMAssembler(softpull_lambda=0.5)
+def full(value):
+    return np.full(2, value, dtype=np.float32)
+
+
+def selector_difference(v, steps):
+    return {
+        "weights": {"h": full(v)},
+        "exp_avg": {"h": full(v / 100)},
+        "exp_avg_sq": {"h": full(v / 1000)},
+        "step": steps,
+    }
+
+
+def test_the_assembler_averages_the_selector_differences_and_passes_each_sites_personalized_difference():
+    assembler = FedSMAssembler()
     fl_ctx = FLContext()
     fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
-    values = {"site1": 1.0, "site2": 3.0}
+    values = {"site1": 1.0, "site2": 3.0, "site3": float("nan")}
     data = {
         site: assembler.get_model_params(
-            site_result(
-                steps,
-                {"w": np.full(2, v / 10, dtype=np.float32)},
-                {"w": np.full(2, v, dtype=np.float32)},
-                {
-                    "weights": {"h": np.full(2, v, dtype=np.float32)},
-                    "exp_avg": {"h": np.full(2, v / 100, dtype=np.float32)},
-                    "exp_avg_sq": {"h": np.full(2, v / 1000, dtype=np.float32)},
-                    "step": steps,
-                },
-            )
+            site_result(steps, {"w": full(v / 10)}, {"w": full(v)}, selector_difference(v, steps))
         )
         for steps, (site, v) in enumerate(values.items(), start=1)
     }
     out = assembler.assemble(data, fl_ctx).data
+    assert fl_ctx.get_prop(AGGREGATION_REPORT)["rejected"]["site3"].startswith("personalized: w: holds NaN")
     np.testing.assert_allclose(out[AppConstants.MODEL_WEIGHTS].data["w"], (1 * 0.1 + 2 * 0.3) / 3, rtol=1e-6)
-    personal = out[PERSONALIZED].data  # each site's own aggregate: 0.5 own + 0.5 the other's
-    np.testing.assert_allclose(personal["site1/w"], 2.0)
-    np.testing.assert_allclose(personal["site2/w"], 2.0)
-    selector = out[SELECTOR].data
+    assert out[PERSONALIZED].data_kind == DataKind.WEIGHT_DIFF
+    assert {k: v.tolist() for k, v in out[PERSONALIZED].data.items()} == {"site1/w": [1.0, 1.0], "site2/w": [3.0, 3.0]}
+    selector = out[SELECTOR].data  # every site started from the same selector: the mean difference
     np.testing.assert_allclose(selector["weights"]["h"], 2.0)
     np.testing.assert_allclose(selector["exp_avg"]["h"], 0.02)
     np.testing.assert_allclose(selector["exp_avg_sq"]["h"], 0.002)
     assert selector["step"] == 2
 
-    lopsided = FedSMAssembler(softpull_lambda=0.8).assemble(data, fl_ctx).data[PERSONALIZED].data
-    np.testing.assert_allclose(lopsided["site1/w"], 0.8 * 1 + 0.2 * 3)  # the similarity weights decide
-    np.testing.assert_allclose(lopsided["site2/w"], 0.8 * 3 + 0.2 * 1)
+
+def test_the_server_rebuilds_each_personalized_model_from_its_own_start_and_soft_pulls_with_the_weights():
+    """site1 started from its last aggregate, site2 (its first round) from the round's global model."""
+    global_start = {"w": full(10.0), "frozen": full(7.0)}
+    last = {"site1": {"w": full(20.0)}}
+    differences = {"site1": {"w": full(1.0)}, "site2": {"w": full(-2.0)}}  # trained: 21 and 8
+    pulled = personalized_after_round(last, global_start, differences, 0.5)
+    assert set(pulled) == {"site1", "site2"} and set(pulled["site1"]) == {"w"}  # trainable tensors only
+    np.testing.assert_allclose(pulled["site1"]["w"], 0.5 * 21 + 0.5 * 8)
+    lopsided = personalized_after_round(last, global_start, differences, 0.8)  # the similarity weights decide
+    np.testing.assert_allclose(lopsided["site1"]["w"], 0.8 * 21 + 0.2 * 8)
+    np.testing.assert_allclose(lopsided["site2"]["w"], 0.8 * 8 + 0.2 * 21)
+    with pytest.raises(FedXViTError, match="a difference for other has no starting tensor"):
+        personalized_after_round(last, global_start, {"site1": {"other": full(1.0)}}, 0.5)
+
+
+def test_the_server_starts_from_the_selector_every_site_built_and_adds_the_mean_differences(tiny_site_dir):
+    global_state = build_model("tiny", 2).state_dict()
+    site_start = build_selector(tiny_site_training(tiny_site_dir).new_model, global_state, 3)
+    trainable = trainable_arrays(site_start)
+    assert "head.weight" in trainable and len(trainable) < len(site_start.state_dict())
+    start = {k: v.numpy() for k, v in global_state.items()}
+    no_change = {
+        "weights": {k: np.zeros_like(v) for k, v in trainable.items()},
+        "exp_avg": {k: np.zeros_like(v) for k, v in trainable.items()},
+        "exp_avg_sq": {k: np.zeros_like(v) for k, v in trainable.items()},
+        "step": 4,
+    }
+    first = selector_after_round({}, start, no_change, 3)
+    assert set(first["weights"]) == set(trainable) and first["step"] == 4
+    assert all(np.array_equal(first["weights"][k], trainable[k]) for k in trainable)  # the very same start
+    moved = {**no_change, "exp_avg": {k: np.ones_like(v) for k, v in trainable.items()}}
+    second = selector_after_round(first, start, moved, 3)
+    assert all(np.array_equal(second["weights"][k], first["weights"][k]) for k in trainable)
+    assert all(np.all(second["exp_avg"][k] == 1.0) for k in trainable)
+    third = selector_after_round(second, start, moved, 3)
+    assert all(np.all(third["exp_avg"][k] == 2.0) for k in trainable)  # moments accumulate from the last ones
 
 
 def test_a_site_receives_only_its_own_personalized_model():
@@ -138,6 +179,7 @@ def selector_after_one_round(site_dir, moments: dict) -> dict:
     model = site.new_model()
     strategy.start_round(model, make_optimizer(model, 1e-2))
     assert strategy.finish_round() == {}
+    assert strategy.parts()[PERSONALIZED].data_kind == DataKind.WEIGHT_DIFF  # differences travel, not models
     return strategy.parts()[SELECTOR].data
 
 

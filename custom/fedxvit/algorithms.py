@@ -45,6 +45,7 @@ from fedxvit.fedsm import (
     build_selector,
     load_adam_moments,
     overlay,
+    subtracted,
     trainable_arrays,
 )
 from fedxvit.training import evaluate, make_optimizer, train_epoch
@@ -368,6 +369,7 @@ class FedSMSite(FedAvg):
         personal = site.new_model()
         personal.load_state_dict(received["global"])
         overlay(personal, received["personalized"])  # round 0: none yet, it starts as the global model
+        personal_start = trainable_arrays(personal)
         self._train(
             personal,
             make_optimizer(personal, site.learning_rate),
@@ -383,16 +385,26 @@ class FedSMSite(FedAvg):
         overlay(selector, received["selector"].get("weights", {}))
         optimizer = make_optimizer(selector, site.learning_rate)
         load_adam_moments(selector, optimizer, received["selector"])
+        selector_start = {"weights": trainable_arrays(selector), **adam_moments(selector, optimizer)}
         label = received["index"]
         trained = self._train(selector, optimizer, Relabeled(site.train_loader, label), should_abort, "selector")
         picked = evaluate(selector, Relabeled(site.val_loader, label), site.device, should_abort=should_abort)
         if picked["aborted"]:
             raise RoundAborted("while scoring the selector")
-        self.sent = {
-            PERSONALIZED: DXO(data_kind=DataKind.WEIGHTS, data=trainable_arrays(personal)),
+        selector_end = {"weights": trainable_arrays(selector), **adam_moments(selector, optimizer)}
+        self.sent = {  # differences from what this round started from (fedxvit.fedsm's module doc)
+            PERSONALIZED: DXO(
+                data_kind=DataKind.WEIGHT_DIFF, data=subtracted(trainable_arrays(personal), personal_start)
+            ),
             SELECTOR: DXO(
                 data_kind=DataKind.COLLECTION,
-                data={"weights": trainable_arrays(selector), **adam_moments(selector, optimizer)},
+                data={
+                    **{
+                        key: subtracted(selector_end[key], selector_start[key])
+                        for key in ("weights", "exp_avg", "exp_avg_sq")
+                    },
+                    "step": selector_end["step"],
+                },
                 meta={SITES: received["sites"]},
             ),
         }

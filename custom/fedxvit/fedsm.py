@@ -11,6 +11,13 @@ Every round each site trains three models from what the server sent it:
   would let every round's local training collapse the selector onto that label; as the FedSM
   example says, the Adam moments are averaged and sent back with the weights.
 
+Sites send differences, never whole models: the global model's, the personalized model's and the
+selector's (weights and Adam moments) trainable tensors minus what the site started the round from.
+The server knows every starting point (it sent them; in a site's first round the personalized model
+starts as the global model and the selector as the global backbone with a head drawn from
+SELECTOR_SEED), so it rebuilds each model as start + difference before SoftPull and averaging
+(FedSMShareableGenerator, which holds FedSM's state between rounds).
+
 At inference (fedxvit.fedsm.route, `result_stat`), the selector routes an image to the personalized
 model of the site it most likely comes from when its probability is above a threshold chosen on
 validation, else to the global model; threshold 1.0 means "global model only".
@@ -34,7 +41,7 @@ from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.app_common.abstract.model import ModelLearnable
+from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 from torch import nn
@@ -69,14 +76,71 @@ def softpull(personalized: Dict[str, dict], softpull_lambda: float) -> Dict[str,
     return {site: combine_updates(personalized, row) for site, row in matrix.items()}  # rows sum to one
 
 
+def added(start: dict, difference: dict) -> dict:
+    """{name: start + difference} for every tensor of the difference (a tensor without a start is refused)."""
+    missing = sorted(set(difference) - set(start))
+    if missing:
+        raise FedXViTError(f"FedSM: a difference for {missing[0]} has no starting tensor on the server")
+    return {
+        name: (np.asarray(start[name], dtype=np.float32) + np.asarray(value, dtype=np.float32)).reshape(
+            np.shape(start[name])
+        )
+        for name, value in difference.items()
+    }
+
+
+def subtracted(after: dict, start: dict) -> dict:
+    """{name: after - start}: what a site sends of a model it trained from `start`."""
+    return {
+        name: np.asarray(value, dtype=np.float32) - np.asarray(start[name], dtype=np.float32)
+        for name, value in after.items()
+    }
+
+
+def initial_selector_head(in_features: int, num_sites: int) -> dict:
+    """The selector's head in a site's first round, the same at every site and at the server (SELECTOR_SEED)."""
+    generator = torch.Generator().manual_seed(SELECTOR_SEED)
+    return {
+        "head.weight": (torch.randn((num_sites, in_features), generator=generator) * 0.02).numpy(),
+        "head.bias": np.zeros(num_sites, dtype=np.float32),
+    }
+
+
 def average_selector(selectors: Dict[str, dict]) -> dict:
-    """The mean of the sites' selector weights and Adam moments (exp_avg, exp_avg_sq), and the largest step."""
+    """The mean of the sites' selector weight and Adam-moment (exp_avg, exp_avg_sq) differences (every site
+    started from the same selector, so the mean difference is the difference of the mean), and the largest
+    step."""
     sites = sorted(selectors)
     equal = {s: 1.0 / len(sites) for s in sites}
     return {
         key: combine_updates({s: selectors[s][key] for s in sites}, equal)
         for key in ("weights", "exp_avg", "exp_avg_sq")
     } | {"step": max(int(selectors[s]["step"]) for s in sites)}
+
+
+def personalized_after_round(
+    personalized: Dict[str, dict], global_start: dict, differences: Dict[str, dict], softpull_lambda: float
+) -> Dict[str, dict]:
+    """The SoftPull aggregates sent next round to the sites that sent a difference: each site's trained model
+    rebuilt as its start (its last aggregate, or the round's global model in its first round) + difference."""
+    trained = {site: added({**global_start, **personalized.get(site, {})}, d) for site, d in differences.items()}
+    return softpull(trained, softpull_lambda)
+
+
+def selector_after_round(selector: dict, global_start: dict, mean: dict, num_sites: int) -> dict:
+    """The selector (weights, Adam moments, step) after adding the round's mean differences (average_selector)
+    to the one every site started from: the last one, or in the first round the round's global backbone
+    with initial_selector_head()."""
+    weights = selector.get("weights")
+    if weights is None:
+        head = initial_selector_head(np.shape(global_start["head.weight"])[1], num_sites)
+        weights = {**{k: v for k, v in global_start.items() if not k.startswith("head.")}, **head}
+    zeros = {k: np.zeros(np.shape(weights[k]), dtype=np.float32) for k in mean["weights"]}
+    return {
+        "weights": added(weights, mean["weights"]),  # the trainable tensors: those the sites changed
+        **{key: added({**zeros, **selector.get(key, {})}, mean[key]) for key in ("exp_avg", "exp_avg_sq")},
+        "step": int(mean["step"]),
+    }
 
 
 def flat(personalized: Dict[str, dict]) -> dict:
@@ -174,17 +238,14 @@ def overlay(model: nn.Module, arrays: dict) -> None:
 
 
 def build_selector(new_model, global_state: dict, num_sites: int) -> nn.Module:
-    """The job's model with one output per training site: the global model's backbone, a head every site
-    initializes alike (SELECTOR_SEED)."""
+    """The job's model with one output per training site: the global model's backbone, the head
+    initial_selector_head() (the server rebuilds the same starting point)."""
     selector = new_model(num_classes=num_sites)
     backbone = {k: v for k, v in global_state.items() if not k.startswith("head.")}
     missing, unexpected = selector.load_state_dict(backbone, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise FedXViTError("FedSM: the selector does not fit the global model's backbone")
-    generator = torch.Generator().manual_seed(SELECTOR_SEED)
-    with torch.no_grad():
-        selector.head.weight.copy_(torch.randn(selector.head.weight.shape, generator=generator) * 0.02)
-        selector.head.bias.zero_()
+    overlay(selector, initial_selector_head(selector.head.weight.shape[1], num_sites))
     return selector
 
 
@@ -300,11 +361,15 @@ def sites_of(fl_ctx: FLContext) -> list:
 
 
 class FedSMShareableGenerator(FullModelShareableGenerator):
-    """NVFlare's full-model generator for the global model, plus FedSM's state: every site's personalized
-    model (its SoftPull aggregate) and the selector, kept here between rounds and saved to MODELS_FILE."""
+    """NVFlare's full-model generator for the global model, plus FedSM's state, kept here between rounds and
+    saved to MODELS_FILE: every site's personalized model (the SoftPull aggregate it is sent) and the selector
+    with its averaged Adam moments. It rebuilds the sites' personalized models and the selector from their
+    differences and the starting points it sent (module doc), then soft-pulls."""
 
-    def __init__(self):
+    def __init__(self, softpull_lambda: float = 0.3):
         super().__init__()
+        softpull_weights(["a"], softpull_lambda)  # a bad value fails when the job starts, in one line
+        self.softpull_lambda = float(softpull_lambda)
         self.personalized: Dict[str, dict] = {}
         self.selector: dict = {}
         self.sites: list = []
@@ -323,13 +388,22 @@ class FedSMShareableGenerator(FullModelShareableGenerator):
         ).to_shareable()
 
     def shareable_to_learnable(self, shareable: Shareable, fl_ctx: FLContext) -> ModelLearnable:
-        dxo = from_shareable(shareable)
-        parts = dxo.data or {}
+        parts = from_shareable(shareable).data or {}
+        # the round's global model, before its difference is added: the start of a site's first personalized model
+        start = dict(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)[ModelLearnableKey.WEIGHTS])
         learnable = super().shareable_to_learnable(parts[AppConstants.MODEL_WEIGHTS].to_shareable(), fl_ctx)
-        if isinstance(parts.get(PERSONALIZED), DXO):
-            self.personalized.update(nested(parts[PERSONALIZED].data or {}))
+        differences = nested(parts[PERSONALIZED].data or {}) if isinstance(parts.get(PERSONALIZED), DXO) else {}
+        if differences:
+            self.personalized.update(
+                personalized_after_round(self.personalized, start, differences, self.softpull_lambda)
+            )
+            self.log_info(
+                fl_ctx,
+                f"fedxvit: round {fl_ctx.get_prop(AppConstants.CURRENT_ROUND)}: FedSM personalized models of "
+                f"{', '.join(sorted(differences))} soft-pulled (own weight {self.softpull_lambda:g})",
+            )
         if isinstance(parts.get(SELECTOR), DXO) and parts[SELECTOR].data:
-            self.selector = dict(parts[SELECTOR].data)
+            self.selector = selector_after_round(self.selector, start, parts[SELECTOR].data, len(self.sites))
         self.save(fl_ctx)
         return learnable
 
@@ -362,15 +436,12 @@ class FedSMSiteModels(Filter):
 
 class FedSMAssembler(ScreenedAssembler):
     """For NVFlare's CollectAndAssembleAggregator: the global weight differences screened and combined as in
-    the FedAvg job; each kept site's personalized model replaced by its SoftPull aggregate over the kept
-    sites; the selector's weights and Adam moments averaged."""
+    the FedAvg job; the personalized-model differences of the kept sites passed on per site (the generator
+    soft-pulls them); the selector's weight and Adam-moment differences averaged. A site whose personalized
+    or selector difference is missing or not finite is dropped like a bad update."""
 
-    def __init__(
-        self, aggregation: str = "mean", norm_k: float = 10.0, trim_fraction: float = 0.2, softpull_lambda: float = 0.3
-    ):
+    def __init__(self, aggregation: str = "mean", norm_k: float = 10.0, trim_fraction: float = 0.2):
         super().__init__(aggregation, norm_k, trim_fraction, data_kind=DataKind.COLLECTION)
-        softpull_weights(["a"], softpull_lambda)
-        self.softpull_lambda = float(softpull_lambda)
 
     def get_model_params(self, dxo: DXO) -> dict:
         parts = dxo.data or {}
@@ -387,13 +458,18 @@ class FedSMAssembler(ScreenedAssembler):
     def assemble(self, data: Dict[str, dict], fl_ctx: FLContext) -> DXO:
         round_number = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         rejected = {}
-        for site, entry in data.items():  # the personalized model and selector must be complete and finite
+        for site, entry in data.items():  # the personalized and selector differences must be complete and finite
             problem = (
                 None if entry["personalized"] and entry["selector"] else "sent no FedSM personalized model or selector"
             )
+            for key in ("weights", "exp_avg", "exp_avg_sq"):
+                problem = problem or (None if isinstance(entry["selector"].get(key), dict) else f"selector: no {key}")
             for label, tensors in (
                 ("personalized", entry["personalized"]),
-                ("selector", entry["selector"].get("weights", {})),
+                *(
+                    (f"selector {key}", entry["selector"].get(key) or {})
+                    for key in ("weights", "exp_avg", "exp_avg_sq")
+                ),
             ):
                 problem = problem or (lambda p: p and f"{label}: {p}")(find_bad_tensor(tensors))
             if problem:
@@ -415,18 +491,15 @@ class FedSMAssembler(ScreenedAssembler):
             self.aggregation,
             self.trim_fraction,
         )
-        pulled = softpull({s: data[s]["personalized"] for s in kept}, self.softpull_lambda)
-        selector = average_selector({s: data[s]["selector"] for s in kept})
-        self.log_info(
-            fl_ctx,
-            f"fedxvit: round {round_number}: FedSM personalized models of {', '.join(kept)} soft-pulled "
-            f"(own weight {self.softpull_lambda:g}), selector weights and Adam moments averaged",
-        )
         return DXO(
             data_kind=DataKind.COLLECTION,
             data={
                 AppConstants.MODEL_WEIGHTS: DXO(data_kind=DataKind.WEIGHT_DIFF, data=weights),
-                PERSONALIZED: DXO(data_kind=DataKind.WEIGHTS, data=flat(pulled)),
-                SELECTOR: DXO(data_kind=DataKind.COLLECTION, data=selector),
+                PERSONALIZED: DXO(
+                    data_kind=DataKind.WEIGHT_DIFF, data=flat({s: data[s]["personalized"] for s in kept})
+                ),
+                SELECTOR: DXO(
+                    data_kind=DataKind.COLLECTION, data=average_selector({s: data[s]["selector"] for s in kept})
+                ),
             },
         )

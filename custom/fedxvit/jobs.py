@@ -126,10 +126,10 @@ def scaffold(server: dict, client: dict) -> None:
 def fedsm(server: dict, client: dict) -> None:
     site_algorithm(client, "fedsm", personal_epochs=1)
     set_variables(server, softpull_lambda=0.3)
-    find(server, "components", "shareable_generator")["path"] = "fedxvit.fedsm.FedSMShareableGenerator"
-    assembler = find(server, "components", "assembler")
-    assembler["path"] = "fedxvit.fedsm.FedSMAssembler"
-    assembler["args"]["softpull_lambda"] = "{softpull_lambda}"
+    generator = find(server, "components", "shareable_generator")
+    generator["path"] = "fedxvit.fedsm.FedSMShareableGenerator"
+    generator["args"]["softpull_lambda"] = "{softpull_lambda}"
+    find(server, "components", "assembler")["path"] = "fedxvit.fedsm.FedSMAssembler"
     server["task_data_filters"] = [
         {
             "tasks": ["train"],
