@@ -371,7 +371,14 @@ def test_ditto_lambda_pulls_the_personalized_model_towards_the_global_one(tiny_s
         strategy.attach(ditto_site(tiny_site_dir, tmp_path / f"lambda{lam}"))
         moved[lam] = distance(ditto_round(strategy, start), start)
         assert (tmp_path / f"lambda{lam}" / PERSONALIZED_MODEL).is_file()
-        assert set(strategy.round_metrics()) == {"personal_train_loss", "personal_val_accuracy", "personal_val_loss"}
+        metrics = strategy.round_metrics()
+        assert set(metrics) == {
+            "personal_train_loss",
+            "personal_val_accuracy",
+            "personal_val_balanced_accuracy",
+            "personal_val_loss",
+        }
+        assert strategy.helper.best_metric == metrics["personal_val_balanced_accuracy"]  # the best kept by it
     assert moved[0.0] > 0 and moved[10.0] < 0.9 * moved[0.0], moved
 
 

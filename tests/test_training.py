@@ -16,6 +16,7 @@ from fedxvit.errors import FedXViTError
 from fedxvit.model import build_model
 from fedxvit.training import (
     apply_freeze_policy,
+    balanced_accuracy,
     evaluate,
     make_optimizer,
     make_scheduler,
@@ -282,3 +283,13 @@ def test_max_grad_norm_bounds_every_step():
     unclipped = distance_moved(None)
     assert unclipped > 0.01, "the bound below must be one the gradient really exceeds"
     assert 0 < distance_moved(1e-3) <= 2 * 1e-3 + 1e-7  # two steps of at most 1e-3 each
+
+
+def test_balanced_accuracy_is_sklearns_mean_recall_over_the_present_classes():
+    from sklearn.metrics import balanced_accuracy_score
+
+    labels, predicted = [1] * 9 + [0], [1] * 10  # a 90% Tumor site, a model that calls everything Tumor
+    assert balanced_accuracy(labels, predicted) == 0.5 == balanced_accuracy_score(labels, predicted)
+    labels, predicted = [0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2]
+    assert balanced_accuracy(labels, predicted) == pytest.approx(balanced_accuracy_score(labels, predicted))
+    assert balanced_accuracy([], []) == 0.0

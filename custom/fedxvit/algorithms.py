@@ -254,8 +254,8 @@ class DittoPersonalization(PTDittoHelper):
 class Ditto(FedAvg):
     """FedAvg for the global model; after it, the site's personalized model trains `personal_epochs`
     epochs pulled towards the global model it received (`ditto_lambda`; 0 = local-only training
-    started from the first global model). It is kept (and its best by validation accuracy saved) at
-    the site, in PTDittoHelper's files, and never sent."""
+    started from the first global model). It is kept (and its best by validation balanced accuracy
+    saved) at the site, in PTDittoHelper's files, and never sent."""
 
     name = "ditto"
 
@@ -295,10 +295,13 @@ class Ditto(FedAvg):
         scores = evaluate(self.helper.model, self.site.val_loader, self.site.device, should_abort=should_abort)
         if scores["aborted"]:
             raise RoundAborted("while scoring the personalized model")
-        self.helper.update_metric_save_model(scores["accuracy"])
+        # the best personalized model by balanced accuracy: by accuracy, a skewed hospital's best would be the
+        # model that calls everything its majority class
+        self.helper.update_metric_save_model(scores["balanced_accuracy"])
         self.metrics = {
             "personal_train_loss": trained.get("loss", float("nan")),
             "personal_val_accuracy": scores["accuracy"],
+            "personal_val_balanced_accuracy": scores["balanced_accuracy"],
             "personal_val_loss": scores["loss"],
         }
         return {}
@@ -410,6 +413,7 @@ class FedSMSite(FedAvg):
         }
         self.metrics = {
             "personal_val_accuracy": scores["accuracy"],
+            "personal_val_balanced_accuracy": scores["balanced_accuracy"],
             "personal_val_loss": scores["loss"],
             "selector_train_loss": trained.get("loss", float("nan")),
             "selector_val_accuracy": picked["accuracy"],  # share of this site's images the selector assigns to it

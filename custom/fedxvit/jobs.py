@@ -209,8 +209,8 @@ ALGORITHM_JOBS = {
         ditto,
         "Ditto: FedAvg for the global model, plus a personalized model per site that never leaves it, "
         "trained after each round with NVFlare's PTDittoHelper towards the global model (job variables "
-        "`ditto_lambda`, `personal_epochs`, client config); each site keeps its best one in "
-        "best_personalized_model.pt.",
+        "`ditto_lambda`, `personal_epochs`, client config); each site keeps its best one (by validation "
+        "balanced accuracy) in best_personalized_model.pt.",
     ),
     "fedxvit_fedsm": (
         fedsm,
