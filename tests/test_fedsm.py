@@ -2,6 +2,7 @@
 selector's averaged Adam moments, routing, and one real simulator run."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import make_copy
 from nvflare.app_common.app_constant import AppConstants
 from tiny import REPO, SITES, simulate, tiny_job, tiny_site_training, tiny_sites_and_initial_model
 
@@ -151,7 +153,9 @@ def test_the_server_starts_from_the_selector_every_site_built_and_adds_the_mean_
     assert all(np.all(third["exp_avg"][k] == 2.0) for k in trainable)  # moments accumulate from the last ones
 
 
-def test_a_site_receives_only_its_own_personalized_model():
+def test_each_site_receives_only_its_own_personalized_model_from_the_one_broadcast_task():
+    """NVFlare hands every site a shallow copy of the same task (make_copy): filtering one site's copy must not
+    strip the task of the sites that ask after it."""
     task = DXO(
         DataKind.COLLECTION,
         {
@@ -160,12 +164,16 @@ def test_a_site_receives_only_its_own_personalized_model():
         },
     ).to_shareable()
     task.set_header(AppConstants.CURRENT_ROUND, 3)
-    fl_ctx, peer = FLContext(), FLContext()
-    peer.set_prop(ReservedKey.IDENTITY_NAME, "site2", private=False, sticky=False)
-    fl_ctx.set_peer_context(peer)
-    sent = FedSMSiteModels().process(task, fl_ctx)
-    assert from_shareable(sent).data[PERSONALIZED].data == {"w": np.full(1, 2.0)}
-    assert sent.get_header(AppConstants.CURRENT_ROUND) == 3
+    received = {}
+    for site in ("site2", "site1", "site3"):
+        fl_ctx, peer = FLContext(), FLContext()
+        peer.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
+        fl_ctx.set_peer_context(peer)
+        sent = FedSMSiteModels().process(make_copy(task), fl_ctx)
+        assert sent.get_header(AppConstants.CURRENT_ROUND) == 3
+        received[site] = from_shareable(sent).data[PERSONALIZED].data
+    assert received == {"site2": {"w": np.full(1, 2.0)}, "site1": {"w": np.ones(1)}, "site3": {}}
+    assert set(from_shareable(task).data[PERSONALIZED].data) == {"site1/w", "site2/w"}  # the task is unchanged
 
 
 def selector_after_one_round(site_dir, moments: dict) -> dict:
@@ -200,6 +208,9 @@ def test_the_selector_trains_from_the_averaged_adam_moments_it_received(tiny_sit
     with_moments = selector_after_one_round(tiny_site_dir, received)
     without = selector_after_one_round(tiny_site_dir, {**fresh, "step": 0})
     assert with_moments["step"] > 7  # the received step count went on
+    # the change of the moments travels (Adam updates its state in place: a start that aliased it would send 0)
+    assert max(float(np.abs(v).max()) for v in with_moments["exp_avg"].values()) > 0
+    assert all(np.all(v == 0.05) for v in received["exp_avg"].values())  # what was received stays as received
     moved = max(float(np.abs(with_moments["weights"][k] - without["weights"][k]).max()) for k in without["weights"])
     assert moved > 1e-4, "the received moments must change how the selector trains"
 
@@ -221,6 +232,9 @@ def test_fedsm_in_the_simulator_personalizes_each_site_and_routes(tmp_path, monk
     assert "Round 1 finished." in log, log[-4000:]
     server_log = (run_dir.parent / "log.txt").read_text() if (run_dir.parent / "log.txt").is_file() else log
     assert "soft-pulled (own weight 0.3)" in server_log
+    for site in SITES:  # round 0 from the global model, round 1 from the aggregate the server sent this very site
+        assert re.search(rf"{site} round 0: .*fedsm: personalized \(from the global model\)", log), site
+        assert re.search(rf"{site} round 1: .*fedsm: personalized \(from its aggregate\)", log), site
 
     saved = torch.load(run_dir / "app_server" / MODELS_FILE, weights_only=True)
     assert saved["sites"] == list(SITES) and set(saved["personalized"]) == set(SITES)

@@ -331,7 +331,7 @@ class FedSMSite(FedAvg):
         if int(personal_epochs) < 1:
             raise FedXViTError(f"job option personal_epochs={personal_epochs}: must be at least 1")
         self.personal_epochs = int(personal_epochs)
-        self.site = self.received = self.sent = None
+        self.site = self.received = self.sent = self.started_from = None
         self.metrics = {}
 
     def attach(self, site) -> None:
@@ -356,7 +356,7 @@ class FedSMSite(FedAvg):
             )
         self.model, self.optimizer = model, optimizer
         self.received["global"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.metrics, self.sent = {}, None
+        self.metrics, self.sent, self.started_from = {}, None, None
 
     def _train(self, model, optimizer, loader, should_abort, what: str) -> dict:
         last = {}
@@ -372,6 +372,7 @@ class FedSMSite(FedAvg):
         personal = site.new_model()
         personal.load_state_dict(received["global"])
         overlay(personal, received["personalized"])  # round 0: none yet, it starts as the global model
+        self.started_from = "its aggregate" if received["personalized"] else "the global model"
         personal_start = trainable_arrays(personal)
         self._train(
             personal,
@@ -431,7 +432,8 @@ class FedSMSite(FedAvg):
         if not self.metrics:
             return "fedsm"
         return (
-            f"fedsm: personalized val_acc={self.metrics['personal_val_accuracy']:.4f}, selector picks this site "
+            f"fedsm: personalized (from {self.started_from}) val_acc={self.metrics['personal_val_accuracy']:.4f}, "
+            f"selector picks this site "
             f"for {self.metrics['selector_val_accuracy']:.0%} of its validation images"
         )
 

@@ -201,7 +201,8 @@ def adam_moments(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         state = optimizer.state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq"):
             value = state.get(key)
-            moments[key][name] = (value if value is not None else torch.zeros_like(param)).detach().cpu().numpy()
+            # a copy: Adam updates its state in place, and a round's start must not move with it
+            moments[key][name] = (value if value is not None else torch.zeros_like(param)).detach().cpu().numpy().copy()
         moments["step"] = max(moments["step"], int(float(state.get("step", 0))))
     return moments
 
@@ -215,8 +216,9 @@ def load_adam_moments(model: nn.Module, optimizer: torch.optim.Optimizer, moment
         if param.requires_grad and name in moments["exp_avg"]:
             optimizer.state[param] = {
                 "step": torch.tensor(float(step)),
-                "exp_avg": torch.as_tensor(np.asarray(moments["exp_avg"][name])).to(param).reshape(param.shape),
-                "exp_avg_sq": torch.as_tensor(np.asarray(moments["exp_avg_sq"][name])).to(param).reshape(param.shape),
+                # copies: Adam updates them in place, and the received arrays stay what was received
+                "exp_avg": torch.tensor(np.asarray(moments["exp_avg"][name])).to(param).reshape(param.shape),
+                "exp_avg_sq": torch.tensor(np.asarray(moments["exp_avg_sq"][name])).to(param).reshape(param.shape),
             }
 
 
@@ -421,7 +423,11 @@ class FedSMShareableGenerator(FullModelShareableGenerator):
 
 
 class FedSMSiteModels(Filter):
-    """Server task-data filter on `train`: a site receives its own personalized aggregate only."""
+    """Server task-data filter on `train`: a site receives its own personalized aggregate only.
+
+    NVFlare gives each site a shallow copy of one broadcast task: the DXOs inside are shared by every site,
+    so this filter builds new ones and never changes what it received (changing it would strip the task of
+    every site that asks after this one)."""
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         dxo = from_shareable(shareable)
@@ -430,8 +436,9 @@ class FedSMSiteModels(Filter):
             return shareable
         site = fl_ctx.get_peer_context().get_identity_name(default="?")
         prefix = f"{site}/"
-        part.data = {k[len(prefix) :]: v for k, v in (part.data or {}).items() if k.startswith(prefix)}
-        return dxo.update_shareable(shareable)  # the task's headers (round, number of rounds) stay
+        own = {k[len(prefix) :]: v for k, v in (part.data or {}).items() if k.startswith(prefix)}
+        parts = {**dxo.data, PERSONALIZED: DXO(data_kind=part.data_kind, data=own, meta=dict(part.meta or {}))}
+        return DXO(data_kind=dxo.data_kind, data=parts, meta=dict(dxo.meta or {})).update_shareable(shareable)
 
 
 class FedSMAssembler(ScreenedAssembler):
