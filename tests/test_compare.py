@@ -334,6 +334,9 @@ def test_personalized_models_get_a_row_of_their_own_beside_their_methods_global_
     assert rows["ditto"]["sites"]["a"]["balanced_accuracy"]["mean"] < 1.0
     assert rows["ditto (personalized)"]["sites"]["b"] == rows["ditto"]["sites"]["b"]
     assert "val_curve" not in rows["ditto (personalized)"]  # the curves are the global model's
+    # its own verdict on the mean of hospitals: (1.0 + b) / 2 against FedAvg's (a + b) / 2, every seed
+    assert rows["ditto (personalized)"]["vs_fedavg_hospitals"]["verdict"] == "better"
+    assert rows["ditto"]["vs_fedavg_hospitals"]["verdict"] == "no clear difference"
     tuning = compare.aggregate(results, ["fedavg", "ditto"], [0, 1], ["a", "b"], split="validation")
     assert tuning["methods"]["ditto (personalized)"]["sites"] == tuning["methods"]["fedavg"]["sites"]
     del results[("ditto", 1)]["personalized_validation"]  # a run from before personalized validation scores
