@@ -139,6 +139,10 @@ def test_evaluate_stops_between_batches_and_scores_what_it_saw():
     assert partial["aborted"] and not first_two["aborted"] and len(reads) == 3
     assert partial["count"] == 8 and partial["labels"] == first_two["labels"]
     assert partial["loss"] == pytest.approx(first_two["loss"]) and partial["accuracy"] == first_two["accuracy"]
+    grad_enabled = []
+    model.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    evaluate(model, batches[:1], CPU)
+    assert grad_enabled == [False]  # scoring builds no autograd graph
 
 
 def test_scheduler_warms_up_then_decays():

@@ -466,21 +466,18 @@ class FedSMAssembler(ScreenedAssembler):
         round_number = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         rejected = {}
         for site, entry in data.items():  # the personalized and selector differences must be complete and finite
-            problem = (
-                None if entry["personalized"] and entry["selector"] else "sent no FedSM personalized model or selector"
-            )
-            for key in ("weights", "exp_avg", "exp_avg_sq"):
-                problem = problem or (None if isinstance(entry["selector"].get(key), dict) else f"selector: no {key}")
-            for label, tensors in (
-                ("personalized", entry["personalized"]),
-                *(
-                    (f"selector {key}", entry["selector"].get(key) or {})
-                    for key in ("weights", "exp_avg", "exp_avg_sq")
-                ),
-            ):
-                problem = problem or (lambda p: p and f"{label}: {p}")(find_bad_tensor(tensors))
-            if problem:
-                rejected[site] = problem
+            selector = entry["selector"] or {}
+            parts = [("personalized", entry["personalized"])]
+            parts += [(f"selector {key}", selector.get(key)) for key in ("weights", "exp_avg", "exp_avg_sq")]
+            for label, tensors in parts:
+                if not tensors or not isinstance(tensors, dict):
+                    problem = f"sent no FedSM {label}"
+                else:
+                    bad = find_bad_tensor(tensors)
+                    problem = bad and f"{label}: {bad}"
+                if problem:
+                    rejected[site] = problem
+                    break
         complete = {site: entry["update"] for site, entry in data.items() if site not in rejected}
         kept, screened = screen_updates(complete, self.norm_k)
         rejected.update(screened)

@@ -175,7 +175,6 @@ def train_epoch(
     }
 
 
-@torch.no_grad()
 def balanced_accuracy(labels: list, predicted: list) -> float:
     """The mean recall over the classes present in `labels` (0.0 without labels): a site that is 91% Tumor
     scores 0.5, not 0.91, with a model that calls everything Tumor. The same definition as scikit-learn's
@@ -186,6 +185,7 @@ def balanced_accuracy(labels: list, predicted: list) -> float:
     return sum(recalls) / len(recalls) if recalls else 0.0
 
 
+@torch.no_grad()
 def evaluate(
     model: nn.Module, loader: Iterable, device: torch.device, should_abort: Callable[[], bool] | None = None
 ) -> dict:
