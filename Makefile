@@ -41,9 +41,12 @@ expert: data
 transfer: expert
 	$(TIMED) $(PY) -m fedxvit.transfer --expert models/expert.pt --out models/initial_global.pt
 
-# NVFlare simulator: 3 hospitals as client processes (-t 3); -gpu 0 is ignored on CPU-only machines.
+# NVFlare simulator: 3 hospitals as client processes (-t 3); -gpu 0 is ignored on CPU-only machines. First the
+# job's site options are checked (fedxvit.jobconfig): a bad job variable is one line, not a failed run.
 # Outputs: workspace/server/simulate_job/ (global_val.json, cross_site_val/, app_server/*.pt).
 simulate: setup
+	$(PY) -m fedxvit.jobconfig jobs/fedxvit
+	$(PY) -m fedxvit.site_policy workspace/local >/dev/null  # jobs carry no code: these participants allow fedxvit's classes
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(TIMED) $(VENV)/bin/nvflare simulator jobs/fedxvit -w workspace -c site1,site2,site3 -gpu 0 -t 3
 
 # Centralized and local-only models with the run's own settings -> models/baselines/ (fedxvit.baselines).
@@ -85,11 +88,11 @@ poc-he: setup
 jobs: setup
 	$(PY) -m fedxvit.jobs
 
-# Two worker processes, one test file at a time each (--dist loadfile: a file's fixtures are built once):
-# 17 min instead of about 23 on 2 cores; three workers were slower (20.5 min) and starved a timed test.
-# One process for debugging: $(PY) -m pytest -p no:xdist (or -n 0).
+# Two worker processes; a test file is one xdist group (its fixtures are built once), and the tests that share the
+# plain FedAvg simulator run and the one POC system form one group of their own (tests/conftest.py), so no two POC
+# systems ever run at once. One process for debugging: $(PY) -m pytest -p no:xdist (or -n 0).
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
 # ruff (settings in pyproject.toml): lint and format check; `ruff format . && ruff check --fix .` repairs most.
 lint: setup

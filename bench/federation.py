@@ -35,6 +35,7 @@ from fedxvit.baselines import train_on_sites
 from fedxvit.errors import FedXViTError, run_cli
 from fedxvit.jobconfig import JobSettings, read_job_settings
 from fedxvit.paths import project_root
+from fedxvit.site_policy import allow_classes
 
 SITES = ("site1", "site2", "site3")
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
@@ -68,6 +69,7 @@ def time_simulator(job: Path, data: Path, initial: Path, scratch: Path) -> dict:
     nvflare = Path(sys.executable).with_name("nvflare")
     env["PATH"] = f"{nvflare.parent}{os.pathsep}{env.get('PATH', '')}"
     workspace = scratch / "workspace"
+    allow_classes(workspace / "local")  # jobs carry no code: the participants allow fedxvit's classes
     command = [str(nvflare), "simulator", str(job), "-w", str(workspace), "-c", ",".join(SITES), "-gpu", "0", "-t", "3"]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -10,7 +10,6 @@ repetitions is reported, after warm-up; on a shared CPU the numbers are noisy (l
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fedxvit.errors import ArgumentParser
 from fedxvit.model import PRESETS, build_model
 
 DEFAULT_BATCH = {"tiny": 32, "cpu": 32, "anchor": 2}
@@ -68,7 +68,7 @@ def measure(preset: str, batch: int, repeats: int, train: bool, device: torch.de
 
 
 def main(argv=None) -> list:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=5)

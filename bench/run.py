@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ import federation
 import model_throughput
 import torch
 
-from fedxvit.errors import run_cli
+from fedxvit.errors import ArgumentParser, run_cli
 from fedxvit.paths import project_root
 
 
@@ -40,7 +39,7 @@ def demo_timing(summary_path: Path) -> dict | None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-federation", action="store_true", help="only the model and demo numbers")
     parser.add_argument("--out", default="bench/results.json")
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedxvit.datalist import load_split, read_dataset_info
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 
 CALIBRATION_FILE = "calibration.json"
 EVAL_SPLITS = ("validation", "testing")
@@ -164,7 +164,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m data_preparation.calibrate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

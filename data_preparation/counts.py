@@ -8,11 +8,11 @@ import argparse
 from pathlib import Path
 
 from fedxvit.datalist import count_table, write_counts
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data", help="folder holding one sub-folder per site (default: data)")
     args = parser.parse_args(argv)
     root = Path(args.data)

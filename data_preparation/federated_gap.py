@@ -28,7 +28,8 @@ TARGET_GAP = 0.03  # issue #12: FedAvg at least 3 points of balanced accuracy be
 
 
 def federated_job(source: Path, dest: Path, min_clients: int) -> Path:
-    """A copy of the job whose only change is min_clients (the stock job waits for fewer sites)."""
+    """A copy of the job whose only change is min_clients (the stock job waits for fewer sites). Waiting for
+    every site, a round ends on the job's train_timeout when one hangs (job_copy refuses a copy without it)."""
     return job_copy(source, dest, server={"min_clients": int(min_clients)})
 
 

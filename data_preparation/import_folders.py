@@ -28,7 +28,7 @@ from tqdm import tqdm
 from data_preparation.splits import METHODS, assign_sites, train_val_test
 from fedxvit.classes import EXPERT_CLASSES, TASK_CLASSES
 from fedxvit.datalist import DATASET_FILE, SPLITS, format_counts, pixel_hash, write_counts, write_site
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 
 REPORT_JSON = "import_report.json"
 REPORT_MD = "import_report.md"
@@ -260,10 +260,11 @@ def decode(path: Path) -> np.ndarray:
         return to_gray8(ImageOps.exif_transpose(image))
 
 
-def safe_name(path: Path, digest: str) -> str:
-    """Unique, shell- and URL-safe file name that still hints at the original."""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", path.stem).strip("_")[:40] or "image"
-    return f"{digest[:12]}_{stem}.png"
+def content_name(digest: str) -> str:
+    """An imported file's name: the start of its decoded pixels' hash, unique after de-duplication. Never the
+    source's name: real exports often name a file by patient ID, and names travel into reports and logs. The
+    datalist keeps each image's `source` path for the site itself."""
+    return f"{digest[:20]}.png"
 
 
 def stage_images(files: list, source: Path, staging: Path, report: Report) -> list:
@@ -289,7 +290,7 @@ def stage_images(files: list, source: Path, staging: Path, report: Report) -> li
                 {"source": rel, "duplicate_of": first.rel, "label_conflict": first.label != folder.label}
             )
             continue
-        staged = staging / safe_name(path, digest)
+        staged = staging / content_name(digest)
         Image.fromarray(pixels).save(staged, format="PNG")
         seen[digest] = Candidate(rel, folder.label, folder.site, folder.split, digest, staged)
         kept.append(seen[digest])
@@ -457,7 +458,7 @@ def import_folders(args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m data_preparation.import_folders",
         description=__doc__.split("\n\n", 2)[1].strip() + "\n\n" + __doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.simulation import CLIENT_CONFIG, GLOBAL_MODEL, SERVER_CONFIG, job_copy, read_job_config, run_simulator
 
 METHOD_JOBS = {  # method -> job folder; a personalized method joins by adding its job here (or --methods name=folder)
@@ -880,7 +880,7 @@ def write_outputs(report: dict, out: Path) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m result_stat.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--scenario-data", default="data/skewed", help="folder of site1..siteN (default: data/skewed)")

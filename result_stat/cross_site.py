@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.jobconfig import default_run_dir, run_sites
 
 CROSS_VAL_FILE = Path("cross_site_val") / "cross_val_results.json"
@@ -159,7 +159,7 @@ def write_cross_site(run_dir: os.PathLike | None, out: os.PathLike) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m result_stat.cross_site",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

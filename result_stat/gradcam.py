@@ -31,7 +31,7 @@ from monai.transforms import Compose
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import deterministic_transforms
 from fedxvit.datalist import load_split
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.model import PATCH_STRIDE
 from fedxvit.training import resolve_device
 
@@ -446,7 +446,7 @@ def gradcam_markdown(result: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m result_stat.gradcam",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

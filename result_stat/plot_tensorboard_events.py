@@ -18,7 +18,7 @@ import math
 import os
 from pathlib import Path
 
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.jobconfig import DEFAULT_RUN_DIR
 from fedxvit.paths import project_root
 from fedxvit.tracking import SERVER_ROUND_METRICS, SITE_ROUND_METRICS
@@ -144,7 +144,7 @@ def plot_events(events: os.PathLike, out: os.PathLike, smooth_weight: float = 0.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m result_stat.plot_tensorboard_events",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

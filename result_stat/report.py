@@ -29,7 +29,7 @@ from fedxvit.baselines import read_baselines
 from fedxvit.checkpoint import build_model_from_checkpoint, load_global_model
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.jobconfig import DEFAULT_RUN_DIR, default_run_dir, read_job_settings, run_sites
 from fedxvit.model import build_model
 from fedxvit.paths import project_root
@@ -303,7 +303,7 @@ def write_report(report: dict, out: os.PathLike) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m result_stat.report",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -11,7 +11,8 @@ Reads what the run and `make baselines` left; trains nothing.
    occlusion and Integrated Gradients checks beside them;
 5. summary.json (the keys docs/results.md lists, written by result_stat.summary from the files
    above) and report.md;
-6. when the job tracked to MLflow, the results folder is attached to the job's server run.
+6. when the job tracked to MLflow, the results folder is attached to the job's server run: its aggregates,
+   the per-image parts (overlays of test images, their names and probabilities) only with --upload-per-image.
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ import argparse
 import time
 from pathlib import Path
 
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from result_stat.summary import CHECKS, write_summary
 
 
-def attach_to_mlflow(out: Path, run_dir: Path, uri: str | None = None) -> str:
+def attach_to_mlflow(out: Path, run_dir: Path, uri: str | None = None, per_image: bool = False) -> str:
     """Attach the results folder (under `results/`) to the job's server run, found through the run record
-    the job's tracking wrote into its run folder (fedxvit.run_record); returns what happened."""
+    the job's tracking wrote into its run folder (fedxvit.run_record); its aggregates only, unless `per_image`
+    (the test images' overlays, names and probabilities); returns what happened."""
     from fedxvit.run_record import record_run
 
     try:
-        return "; ".join(record_run(run_dir, uri, results=out))
+        return "; ".join(record_run(run_dir, uri, results=out, per_image=per_image))
     except FedXViTError as exc:
         return f"not attached to MLflow: {exc}"
     except Exception as exc:  # a store that cannot be read must not cost the results themselves
@@ -74,7 +76,7 @@ def report_markdown(summary: dict, parts_md: list[str], tb_files: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m result_stat.run_all",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -104,18 +106,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="auto",
         help="auto: attach the results to the job's MLflow run when one is found",
     )
+    parser.add_argument(
+        "--upload-per-image",
+        action="store_true",
+        help="attach the per-image parts too (Grad-CAM overlays of test images, image names, probabilities); "
+        "default: aggregates only",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    from fedxvit.jobconfig import default_run_dir
+    from fedxvit.jobconfig import config_dir, default_run_dir
     from fedxvit.sites import site_data_dir
     from result_stat import cross_site, gradcam, plot_tensorboard_events, report
 
     args = parse_args(argv)
     started = time.perf_counter()
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
+    if not run_dir.is_dir():  # checked before anything is written: no empty results folder for a typo
+        raise FedXViTError(f"run folder {run_dir} does not exist: run `make simulate` first, or pass --run-dir")
+    config_dir(run_dir)  # a finished run's folder, not any folder
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -160,7 +171,7 @@ def main(argv=None) -> dict:
     summary = write_summary(out)
     (out / "report.md").write_text(report_markdown(summary, parts_md, tb_files))
     if args.mlflow == "auto":
-        print(attach_to_mlflow(out, run_dir))
+        print(attach_to_mlflow(out, run_dir, per_image=args.upload_per_image))
     print(report.comparison_markdown(test_report["comparison"], test_report["sites"]))
     print(
         f"Grad-CAM pointing game {_pct(cams['pointing_game'])} "

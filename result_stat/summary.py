@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.paths import project_root
 
 SUMMARY_FILE = "summary.json"
@@ -221,7 +221,7 @@ def format_summary(summary: dict, results_dir) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m result_stat.summary",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

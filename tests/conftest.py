@@ -4,17 +4,30 @@
 benchmark generation) for a quick loop.
 """
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import free_port, write_tiny_run, write_tiny_site
+from sent_recorder import add_update_recorder
+from tiny import (
+    SHARED_RUN_GROUP,
+    SITES,
+    TINY_SERVER,
+    free_port,
+    simulate,
+    tiny_job,
+    tiny_sites_and_initial_model,
+    write_tiny_run,
+    write_tiny_site,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -35,12 +48,13 @@ def tiny_run(tmp_path_factory) -> dict:
     return write_tiny_run(tmp_path_factory.mktemp("run"))
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` with a SQLite backend and proxied artifacts in tmp_path; yields its URI."""
+@contextmanager
+def running_mlflow_server(folder: Path):
+    """`mlflow server` with a SQLite backend and proxied artifacts in `folder`; yields its URI."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "mlflow_server.log", "w")
+    folder.mkdir(parents=True, exist_ok=True)
+    log = open(folder / "mlflow_server.log", "w")
     server = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "mlflow"),
@@ -52,9 +66,9 @@ def mlflow_server(tmp_path):
             "--workers",
             "1",
             "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
+            f"sqlite:///{folder / 'server' / 'mlflow.db'}",
             "--artifacts-destination",
-            str(tmp_path / "server" / "artifacts"),
+            str(folder / "server" / "artifacts"),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -67,10 +81,10 @@ def mlflow_server(tmp_path):
                     if answer.status == 200:
                         break
             except OSError:
-                assert server.poll() is None, (tmp_path / "mlflow_server.log").read_text()[-2000:]
+                assert server.poll() is None, (folder / "mlflow_server.log").read_text()[-2000:]
                 time.sleep(0.5)
         else:
-            pytest.fail("mlflow server did not come up:\n" + (tmp_path / "mlflow_server.log").read_text()[-2000:])
+            pytest.fail("mlflow server did not come up:\n" + (folder / "mlflow_server.log").read_text()[-2000:])
         yield uri
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
@@ -80,3 +94,65 @@ def mlflow_server(tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` for one test; yields its URI."""
+    with running_mlflow_server(tmp_path) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def plain_fedavg_run(tmp_path_factory) -> dict:
+    """The design card's FedAvg job (jobs/fedxvit), tiny: 3 sites x 2 rounds in NVFlare's real simulator,
+    tracked into a real `mlflow server`. One run serves the simulator, tracking, HE-equality and POC tests:
+    they carry the xdist group tiny.SHARED_RUN_GROUP, so one worker builds it once. Each site also saves what
+    it sent for `train` (sent_recorder.RecordUpdates), for the exact-aggregate check."""
+    tmp = tmp_path_factory.mktemp("fedavg")
+    initial = tiny_sites_and_initial_model(tmp)
+    with running_mlflow_server(tmp / "mlflow") as store:
+        job = tiny_job(tmp, tracking_uri=store)
+        client_config = job / "app" / "config" / "config_fed_client.json"
+        client_config.write_text(json.dumps(add_update_recorder(json.loads(client_config.read_text()))))
+        job_dir, log = simulate(job, tmp / "workspace", tmp / "data", initial, SITES)
+        yield {
+            "initial": initial,
+            "data": tmp / "data",
+            "job": job,
+            "job_dir": job_dir,
+            "workspace": tmp / "workspace",
+            "log": log,
+            "store": store,
+            "rounds": TINY_SERVER["num_rounds"],
+        }
+
+
+# Handed out right after the shared group, so the other worker starts on them: the site-policy file's POC system
+# then runs while the shared group's worker is still in the plain simulator run (one_poc_system_at_a_time).
+EARLY_GROUPS = ["tests/test_site_policy.py"]
+
+
+def group_of(item) -> str:
+    marker = item.get_closest_marker("xdist_group")
+    return str(marker.args[0] if marker.args else marker.kwargs.get("name", "default"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """`make test` runs `pytest -n 2 --dist loadgroup --no-loadscope-reorder`: a test file is one group (its module
+    fixtures are built once) unless its tests name a group of their own, as the tests sharing `plain_fedavg_run` and
+    the one POC system do (SHARED_RUN_GROUP): those run on one worker, one after another. Groups are handed out in
+    collection order, so the longest go first (the shared run and POC system, then groups with slow tests) and the
+    short ones fill the gaps at the end."""
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    slow_groups = {group_of(item) for item in items if item.get_closest_marker("slow")}
+    first = [SHARED_RUN_GROUP, *EARLY_GROUPS]
+
+    def rank(item) -> int:
+        group = group_of(item)
+        return first.index(group) if group in first else len(first) + (group not in slow_groups)
+
+    items.sort(key=rank)  # stable: the order within a group stays the file order

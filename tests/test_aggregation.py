@@ -11,8 +11,13 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedxvit.aggregation import (
     AGGREGATION_REPORT,
+    MAS_FACTOR,
+    MAS_PRIOR,
     ScreenedAssembler,
+    bound_weights,
+    clamp_mas_factors,
     combine_updates,
+    reported_steps,
     screen_updates,
     trim_count,
     update_norm,
@@ -78,6 +83,9 @@ def test_bad_options_fail_with_one_line():
         ScreenedAssembler(aggregation="mode")
     with pytest.raises(FedXViTError, match="norm_k=0.5"):
         ScreenedAssembler(norm_k=0.5)
+    for bad in (0.5, -1, float("nan"), float("inf")):
+        with pytest.raises(FedXViTError, match="max_weight_ratio="):
+            ScreenedAssembler(max_weight_ratio=bad)
 
 
 class FakeEngine:
@@ -157,3 +165,107 @@ def test_round_row_is_logged_and_tracked_with_who_took_part():
     metrics = server_round_metrics(row)
     assert (metrics["aggregated.site1"], metrics["aggregated.site2"], metrics["aggregated.site3"]) == (1.0, 1.0, 0.0)
     assert metrics["clients_per_round"] == 2
+
+
+# ---- no site sets its own share of the mean
+
+
+def test_a_weight_over_the_bound_of_the_other_sites_median_is_clipped():
+    weights, clipped = bound_weights({"a": 10, "b": 20, "liar": 1e9}, max_ratio=4)
+    assert weights == {"a": 10, "b": 20, "liar": 60}  # 4 x median(10, 20)
+    assert list(clipped) == ["liar"] and "over 4x the median of the other sites' (15)" in clipped["liar"]
+    # honest spread within the ratio is left alone (the largest, 30, is 2x the median of the others)
+    assert bound_weights({"a": 10, "b": 20, "c": 30}, 4) == ({"a": 10, "b": 20, "c": 30}, {})
+    assert bound_weights({"a": 1, "liar": 1e9}, 0) == ({"a": 1, "liar": 1e9}, {})  # bound off
+    assert bound_weights({"alone": 1e9}, 4) == ({"alone": 1e9}, {})
+    assert bound_weights({"a": 0.0, "b": 0.0, "c": 0.5}, 4) == ({"a": 0.0, "b": 0.0, "c": 0.5}, {})  # weightless
+
+
+def test_reported_steps_that_are_not_a_positive_finite_number_drop_the_site():
+    assert reported_steps(12) == (12.0, None)
+    assert reported_steps(None) == (1.0, None) and reported_steps(0) == (1.0, None)  # as before: weight 1
+    for bad in (-5, float("nan"), float("inf"), "many", True):
+        weight, reason = reported_steps(bad)
+        assert weight is None and "not a positive finite number" in reason, bad
+
+
+def test_mas_factors_are_clamped_to_their_range():
+    factors, reasons = clamp_mas_factors({"a": 0.3, "b": 7.0, "c": -2.0, "d": None})
+    assert factors == {"a": 0.3, "b": 1.0, "c": 0.0, "d": None}
+    assert set(reasons) == {"b", "c"} and "outside its range [0, 1]; clamped to 1" in reasons["b"]
+
+
+def run_assembler(assembler, contributions: dict) -> tuple[dict, dict]:
+    """assembler.assemble over {site: DXO} as NVFlare's CollectAndAssembleAggregator calls it: (result, report)."""
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
+    result = assembler.assemble({site: assembler.get_model_params(d) for site, d in contributions.items()}, fl_ctx)
+    return result, fl_ctx.get_prop(AGGREGATION_REPORT)
+
+
+def test_a_site_claiming_a_billion_steps_gets_the_bounds_share_and_no_more():
+    honest_update = {"w": np.array([1.0, 1.0], np.float32)}
+    turned = {"w": np.array([-1.0, -1.0], np.float32)}  # honest size, wrong direction
+    contributions = {
+        "site1": DXO(DataKind.WEIGHT_DIFF, honest_update, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: 10}),
+        "site2": DXO(DataKind.WEIGHT_DIFF, honest_update, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: 10}),
+        "site3": DXO(DataKind.WEIGHT_DIFF, honest_update, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: 10}),
+        "liar": DXO(DataKind.WEIGHT_DIFF, turned, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: 10**9}),
+    }
+    result, report = run_assembler(ScreenedAssembler(max_weight_ratio=2), contributions)
+    # weighed as 2 x 10 steps against 3 x 10: share 2 / (2 + 3), exactly
+    assert report["weights"] == pytest.approx({"site1": 0.2, "site2": 0.2, "site3": 0.2, "liar": 0.4})
+    np.testing.assert_allclose(result.data["w"], 0.6 - 0.4, rtol=1e-6)
+    assert report["aggregated"] == ["liar", "site1", "site2", "site3"] and list(report["clipped"]) == ["liar"]
+    assert report["clipped"]["liar"].startswith("steps 1e+09 is over 2x the median of the other sites' (10)")
+    # a negative count would turn the liar's update round in the mean: it is dropped instead
+    contributions["liar"] = DXO(DataKind.WEIGHT_DIFF, turned, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: -30})
+    result, report = run_assembler(ScreenedAssembler(), contributions)
+    assert "liar" in report["rejected"] and report["aggregated"] == ["site1", "site2", "site3"]
+    np.testing.assert_allclose(result.data["w"], 1.0, rtol=1e-6)
+
+
+def test_a_mas_factor_out_of_range_is_clamped_then_bounded():
+    def mas(factor):
+        meta = {MAS_FACTOR: factor, MAS_PRIOR: "f" * 64, MetaKey.NUM_STEPS_CURRENT_ROUND: 3}
+        return DXO(DataKind.WEIGHT_DIFF, {"w": np.ones(1, np.float32)}, meta=meta)
+
+    contributions = {"site1": mas(0.2), "site2": mas(0.2), "site3": mas(0.3), "liar": mas(1e9)}
+    _, report = run_assembler(ScreenedAssembler(weighting="mas", max_weight_ratio=4), contributions)
+    # clamped to 1, then 4 x median(0.2, 0.2, 0.3) = 0.8: share 0.8 / (0.2 + 0.2 + 0.3 + 0.8)
+    assert report["weights"]["liar"] == pytest.approx(0.8 / 1.5)
+    assert report["weights"]["site3"] == pytest.approx(0.3 / 1.5)
+    assert "clamped to 1" in report["clipped"]["liar"] and "over 4x the median" in report["clipped"]["liar"]
+
+
+def test_scaffold_and_fedsm_assemblers_bound_the_steps_too():
+    from nvflare.app_common.app_constant import AlgorithmConstants
+
+    from fedxvit.fedsm import PERSONALIZED, SELECTOR, FedSMAssembler
+    from fedxvit.server_algorithms import ScaffoldScreenedAssembler
+
+    def collection(value: float, steps: int, second: str, second_data: dict):
+        data = {
+            AppConstants.MODEL_WEIGHTS: DXO(DataKind.WEIGHT_DIFF, {"w": np.full(2, value, np.float32)}),
+            second: DXO(DataKind.COLLECTION if second == SELECTOR else DataKind.WEIGHT_DIFF, second_data),
+        }
+        return DXO(DataKind.COLLECTION, data, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps})
+
+    small = {"w": np.full(2, 0.1, np.float32)}
+    scaffold = {
+        site: collection(v, steps, AlgorithmConstants.SCAFFOLD_CTRL_DIFF, small)
+        for site, v, steps in (("site1", 1.0, 5), ("site2", 1.0, 5), ("liar", -1.0, 10**9))
+    }
+    result, report = run_assembler(ScaffoldScreenedAssembler(max_weight_ratio=3), scaffold)
+    assert report["weights"] == pytest.approx({"site1": 0.2, "site2": 0.2, "liar": 0.6})  # 3 x 5 against 5 + 5
+    np.testing.assert_allclose(result.data[AppConstants.MODEL_WEIGHTS].data["w"], 0.4 - 0.6, rtol=1e-6)
+
+    fedsm_parts = {"weights": small, "exp_avg": small, "exp_avg_sq": small, "step": 1}
+    fedsm = {}
+    for site, v, steps in (("site1", 1.0, 5), ("site2", 1.0, 5), ("liar", -1.0, 10**9)):
+        fedsm[site] = collection(v, steps, SELECTOR, fedsm_parts)
+        fedsm[site].data[PERSONALIZED] = DXO(DataKind.WEIGHT_DIFF, small)
+    result, report = run_assembler(FedSMAssembler(max_weight_ratio=3), fedsm)
+    assert report["weights"] == pytest.approx({"site1": 0.2, "site2": 0.2, "liar": 0.6})
+    np.testing.assert_allclose(result.data[AppConstants.MODEL_WEIGHTS].data["w"], 0.4 - 0.6, rtol=1e-6)
+    assert "liar" in report["clipped"]

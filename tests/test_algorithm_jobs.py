@@ -1,23 +1,24 @@
 """The generated algorithm jobs: up to date with their one source, and each one running in NVFlare's real
 simulator (tiny preset and data, 2 rounds) with its mechanism visible in the run.
 
-One simulator run per job: FedProx's proximal term at every site, FedOpt's server SGD step every round,
-SCAFFOLD's control variates combined at the server every round, Ditto's personalized models kept and
-tracked at every site, and the cyclic relay visiting the sites
+One simulator run per server: FedProx's proximal term at its site and Ditto's personalized model kept and tracked at
+its site (one run: their servers agree), FedOpt's server SGD step every round, SCAFFOLD's control variates combined
+at the server every round, and the cyclic relay visiting the sites
 in the same order every round, passing the model on, and going on past a site whose update is NaN.
 """
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import REPO, SITES, simulate, tiny_job, tiny_sites_and_initial_model
+from tiny import REPO, SITES, simulate, tiny_job, tiny_sites_and_initial_model, write_tiny_config
 
 from fedxvit.algorithms import PERSONALIZED_MODEL
 from fedxvit.jobs import ALGORITHM_JOBS, BASE_JOB, CLIENT, SERVER, differences, render_jobs
-from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG
+from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SITE_TAG
 
 JOBS = REPO / "jobs"
 
@@ -46,14 +47,21 @@ def test_a_common_setting_changed_once_reaches_every_algorithm_job(tmp_path):
 
 
 # ---- the simulator runs
-EXPECTED = {  # job: (sites, the sites' executor, faults)
-    "fedxvit_fedprox": (SITES[:2], None, {}),
+# FedProx and Ditto change only the sites (their server configs agree but for the tracked algorithm name), so one
+# run serves both: NVFlare's deploy_map gives site1 FedProx's client app and site2 Ditto's.
+SHARED_SERVER_JOBS = {"site1": "fedxvit_fedprox", "site2": "fedxvit_ditto"}
+EXPECTED = {  # run: (sites, the sites' executor, faults)
+    "fedprox+ditto": (SITES[:2], None, {}),
     "fedxvit_fedopt": (SITES[:2], None, {}),
     "fedxvit_scaffold": (SITES[:2], None, {}),
-    "fedxvit_ditto": (SITES[:2], None, {}),
     "fedxvit_cyclic": (SITES, "faulty_executor.FaultyExecutor", {"site3": "nan"}),
 }
+JOBS_BY_RUN = [name for name in EXPECTED if name.startswith("fedxvit_")]
 TURN = re.compile(r"fedxvit (site\d) round (\d): global val_acc=\S+ val_loss=(\S+) -> .*; (.*)$", re.M)
+
+
+def test_every_algorithm_job_is_run():
+    assert {*JOBS_BY_RUN, *SHARED_SERVER_JOBS.values()} == set(ALGORITHM_JOBS) - {"fedxvit_fedsm", "fedxvit_fedmas"}
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +70,29 @@ def federation(tmp_path_factory):
     return root, tiny_sites_and_initial_model(root)
 
 
+def site_apps_job(root: Path, apps: dict) -> Path:
+    """One job whose sites run other algorithm jobs' client apps ({site: job}) under the first job's server app."""
+    first = tiny_job(root / "first", JOBS / next(iter(apps.values())))
+    job = root / "job"
+    job.mkdir()
+    shutil.copytree(first / "app", job / "app_server")
+    (job / "app_server" / "config" / "config_fed_client.json").unlink()
+    for site, name in apps.items():
+        config = job / f"app_{site}" / "config"
+        write_tiny_config(config, job_dir=JOBS / name)
+        (config / "config_fed_server.json").unlink()
+    meta = json.loads((first / "meta.json").read_text())
+    meta["deploy_map"] = {"app_server": ["server"], **{f"app_{site}": [site] for site in apps}}
+    (job / "meta.json").write_text(json.dumps(meta))
+    return job
+
+
 def simulate_job(root: Path, initial: Path, job_name: str):
     sites, executor_path, faults = EXPECTED[job_name]
-    job = tiny_job(root / job_name, JOBS / job_name)
+    if job_name in JOBS_BY_RUN:
+        job = tiny_job(root / job_name, JOBS / job_name)
+    else:
+        job = site_apps_job(root / job_name, SHARED_SERVER_JOBS)
     if executor_path:
         client_config = job / "app" / "config" / "config_fed_client.json"
         config = json.loads(client_config.read_text())
@@ -93,14 +121,17 @@ def test_algorithm_job_runs_in_the_simulator_with_its_mechanism_active(federatio
     assert changed and all(k.startswith(("blocks.", "norm.", "head.")) for k in changed), changed
     cross_site = json.loads((run_dir / "cross_site_val" / "cross_val_results.json").read_text())
     assert set(cross_site) == set(sites) and all("SRV_FL_global_model.pt" in cross_site[s] for s in sites)
-    assert server_params(store)["algorithm"] == job_name.split("_")[1]
+    server_job = job_name if job_name in JOBS_BY_RUN else next(iter(SHARED_SERVER_JOBS.values()))
+    assert server_params(store)["algorithm"] == server_job.split("_")[1]
 
     if job_name != "fedxvit_cyclic":
         rounds = json.loads((run_dir / "global_val.json").read_text())["rounds"]
         assert [r["aggregated_sites"] for r in rounds] == [list(sites)] * 2
-    if job_name == "fedxvit_fedprox":
-        terms = [float(re.search(r"last proximal term (\S+)$", note).group(1)) for _, _, _, note in turns]
-        assert all(note.startswith("fedprox mu=0.01,") for _, _, _, note in turns) and all(t > 0 for t in terms)
+    if job_name == "fedprox+ditto":
+        fedprox = [turn for turn in turns if turn[1] == "site1"]
+        terms = [float(re.search(r"last proximal term (\S+)$", note).group(1)) for _, _, _, note in fedprox]
+        assert all(note.startswith("fedprox mu=0.01,") for _, _, _, note in fedprox) and all(t > 0 for t in terms)
+        check_ditto([turn for turn in turns if turn[1] == "site2"], run_dir.parents[1], ["site2"], store)
     elif job_name == "fedxvit_fedopt":
         steps = re.findall(
             r"FedOpt \(torch\.optim\.SGD, \w+\) server model update round (\d).* lr: 1\.0, "
@@ -118,8 +149,6 @@ def test_algorithm_job_runs_in_the_simulator_with_its_mechanism_active(federatio
         )
         assert all(norm > 0 for norm in sent) and [r for r, _ in combined] == ["0", "1"]
         assert all(float(norm) > 0 for _, norm in combined)
-    elif job_name == "fedxvit_ditto":
-        check_ditto(turns, run_dir.parents[1], sites, store)
     else:
         check_cyclic(turns, cross_site, log)
 
@@ -134,7 +163,8 @@ def check_ditto(turns: list, workspace: Path, sites, store: str) -> None:
     client = mlflow.MlflowClient(store)
     experiment = client.get_experiment_by_name(FEDERATED_EXPERIMENT)
     site_runs = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags[ROLE_TAG] == "site"]
-    assert len(site_runs) == len(sites) and all("personal_val_accuracy" in r.data.metrics for r in site_runs)
+    ditto_runs = [r for r in site_runs if r.data.tags.get(SITE_TAG) in sites]
+    assert len(ditto_runs) == len(sites) and all("personal_val_accuracy" in r.data.metrics for r in ditto_runs)
 
 
 def check_cyclic(turns: list, cross_site: dict, log: str) -> None:

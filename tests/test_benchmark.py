@@ -389,6 +389,7 @@ def test_skewed_is_deterministic_and_disjoint(skewed, tmp_path):
                 assert owner.setdefault(h, (k, split)) == (k, split)
 
 
+@pytest.mark.slow
 def test_rerun_of_the_other_scenario_is_refused_without_force(skewed):
     with pytest.raises(FedXViTError, match="scenario"):
         generate(skewed)

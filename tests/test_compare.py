@@ -264,7 +264,10 @@ def test_quick_comparison_writes_the_report_and_reuses_every_run(two_sites, tmp_
     for name in ("fedavg", "centralized", "local-only"):
         pooled = methods[name]["per_seed"]["3"]["pooled"]
         assert pooled["count"] == 8 and set(methods[name]["sites"]) == {"site1", "site2"}
-    assert methods["fedavg"]["vs_fedavg"]["mean"] == 0
+    for name in ("centralized", "local-only"):  # each baseline against FedAvg on the same seed and test images
+        delta = methods[name]["vs_fedavg"]["per_seed"][3]
+        expected = methods[name]["per_seed"]["3"]["pooled"][compare.GAP_METRIC]
+        assert delta == pytest.approx(expected - methods["fedavg"]["per_seed"]["3"]["pooled"][compare.GAP_METRIC])
 
     written = json.loads((out / "compare.json").read_text())
     assert written["methods"]["fedavg"]["pooled"] == json.loads(json.dumps(methods["fedavg"]["pooled"]))

@@ -1,6 +1,7 @@
 """The site format: written once, read back with absolute paths, counted, and bad sites named."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from fedxvit.datalist import (
     write_site,
 )
 from fedxvit.errors import FedXViTError
+from fedxvit.paths import ALLOWED_ROOTS_ENV
 
 
 def _site(tmp_path, name="site1", n=3):
@@ -116,3 +118,38 @@ def test_counts_make_one_table_per_class_set(tmp_path):
     assert markdown.count("| site | split |") == 2
     assert "| public | training | 2 | 2 | 0 | 0 | 4 |" in markdown
     assert "| site1 | training | 2 | 1 | 3 |" in markdown
+
+
+def test_entries_that_lead_out_of_the_site_folder_are_refused_unless_the_site_allows_their_root(tmp_path, monkeypatch):
+    monkeypatch.delenv(ALLOWED_ROOTS_ENV, raising=False)
+    site, entries = _site(tmp_path / "data")
+    write_site(site, entries, ["Healthy", "Tumor"], {})
+    store = tmp_path / "store"  # another hospital folder, or anything else on the machine
+    store.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(store / "x.png")
+    (site / "images" / "link.png").symlink_to(store / "x.png")
+    datalist = json.loads((site / DATALIST_FILE).read_text())
+    for key, entry in [
+        ("image", "../../store/x.png"),
+        ("image", str(store / "x.png")),
+        ("image", "images/link.png"),
+        ("mask", "/etc/hostname"),
+    ]:
+        changed = json.loads(json.dumps(datalist))
+        changed["training"][1][key] = entry
+        (site / DATALIST_FILE).write_text(json.dumps(changed))
+        with pytest.raises(FedXViTError) as refused:
+            load_split(site, "training")
+        message = str(refused.value)
+        assert (
+            message.startswith(f"site1/{DATALIST_FILE}: training {key} {entry!r} lies outside") and "\n" not in message
+        )
+        assert ALLOWED_ROOTS_ENV in message
+        load_split(site, "validation")  # the other splits are untouched
+        if key == "image":  # the site's own setting lets a root in, and only that one
+            monkeypatch.setenv(ALLOWED_ROOTS_ENV, str(store))
+            assert load_split(site, "training")[1]["image"] == os.path.normpath(site / entry)
+            monkeypatch.delenv(ALLOWED_ROOTS_ENV)
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, str(store))
+    with pytest.raises(FedXViTError, match="mask '/etc/hostname' lies outside"):
+        load_split(site, "training")

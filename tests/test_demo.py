@@ -66,6 +66,11 @@ def dry_run(target: str, stamp) -> list[str]:
 def test_make_demo_is_a_chain_of_timed_phases_then_the_summary(tmp_path):
     stamp = tmp_path / "installed"
     plan = dry_run("demo", stamp)
+    # before the simulator: the job's site options checked and the workspace's class allow list written (a second)
+    checks = ["py -m fedxvit.jobconfig jobs/fedxvit", "py -m fedxvit.site_policy workspace/local"]
+    at = next(i for i, line in enumerate(plan) if "--phase simulate" in line)
+    assert [line.split(" >")[0] for line in plan[at - 2 : at]] == checks, plan
+    plan = plan[: at - 2] + plan[at:]
     timed_phases = [re.search(r"py bench/timed.py --phase (\w+) --log results/timings.json -- ", line) for line in plan]
     assert [m.group(1) for m in timed_phases if m] == list(PHASES), plan
     assert all(timed_phases[: len(PHASES)]) and len(plan) == len(PHASES) + 1, "every phase is timed, nothing else runs"

@@ -210,7 +210,7 @@ def test_longtail_options_are_checked():
 
 
 @pytest.mark.slow
-def test_fedmas_job_weighs_sites_by_mas_factors_and_its_expert_transfers(tmp_path, tiny_prior):
+def test_fedmas_job_weighs_sites_by_mas_factors_and_its_expert_transfers(tmp_path, tiny_prior, monkeypatch):
     from fedxvit.checkpoint import load_global_model, read_meta
     from fedxvit.datalist import file_hash
     from fedxvit.expert import main as expert_cli
@@ -230,6 +230,7 @@ def test_fedmas_job_weighs_sites_by_mas_factors_and_its_expert_transfers(tmp_pat
     config = json.loads(client.read_text())
     assert (config["loss"], config["num_classes"]) == ("bsm", 4)
     config["mas_prior"] = str(prior)
+    monkeypatch.setenv("FEDXVIT_ALLOWED_ROOTS", str(prior.parent))  # outside the checkout: the sites allow it
     client.write_text(json.dumps(config))
 
     # through `make compare`'s own path: the 4-class job copies, the 4-class baselines, recall per class

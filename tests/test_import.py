@@ -14,7 +14,7 @@ from tiny import REPO
 
 from data_preparation.import_folders import main
 from fedxvit.classes import EXPERT_CLASSES, TASK_CLASSES
-from fedxvit.datalist import SPLITS, read_dataset_info
+from fedxvit.datalist import SPLITS, pixel_hash, read_dataset_info
 from fedxvit.errors import FedXViTError
 
 RNG = np.random.default_rng(0)
@@ -134,6 +134,14 @@ def test_every_good_image_is_imported_once_with_its_label(public):
         assert TASK_CLASSES[item["label"]] == ("Healthy" if expected[item["source"]] == "notumor" else "Tumor")
     assert {site for site, _, _ in found} == {"site1", "site2"}
     assert public["report"]["num_imported"] == len(expected)
+
+
+def test_imported_file_names_are_content_hashes_never_source_names(public):
+    found = entries(public["out"])
+    for site, _, item in found:
+        pixels = np.asarray(Image.open(public["out"] / site / item["image"]))
+        assert item["image"] == f"images/{pixel_hash(pixels)[:20]}.png"  # nothing of e.g. "Tr-gl (1).jpg"
+    assert len({item["image"] for _, _, item in found}) == len(found)
 
 
 def test_imported_files_are_8bit_grayscale_pngs_of_the_original_size(public):

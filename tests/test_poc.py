@@ -1,85 +1,172 @@
-"""The job in NVFlare's real POC deployment (server + 3 client processes over the network): a hospital
-killed mid-run (min_clients = 2 of 3 lets the other two finish every round), and the server killed
-mid-run and restarted (the training resumes after the last finished round). Each run gets a free
-port, so it does not meet another POC system on NVFlare's default 8002."""
+"""Jobs in NVFlare's real POC deployment (server + 3 client processes over the network), on ONE POC
+system provisioned for HE (`nvflare poc prepare -he`), which the slow tests below share in file order:
+the HE job (compared with conftest.plain_fedavg_run's plain FedAvg on the same sites, initial model,
+rounds and seeds), a hospital killed mid-run (min_clients = 2 of 3 lets the other two finish every
+round; it comes back for the next job), the server killed mid-run and restarted (the training resumes
+after the last finished round), and the stop. One system at a time: they carry the xdist group of the
+shared plain run, and the system gets a free port. The fast tests check that the driver never deletes a
+folder it did not create and kills only the processes it started."""
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import free_port, tiny_job, tiny_sites_and_initial_model
+from tiny import REPO, SHARED_RUN_GROUP, SITES, free_port, one_poc_system_at_a_time, tiny_job
 
+from fedxvit.checkpoint import encrypted_tensors
 from fedxvit.errors import FedXViTError
-from fedxvit.poc import RESUME_MODEL_FILE, continuation_job, validate
+from fedxvit.filters import UPDATE_SIZES_FILE
+from fedxvit.he import decrypt_main
+from fedxvit.poc import (
+    MARKER,
+    RESUME_MODEL_FILE,
+    PocSystem,
+    ProcessTrees,
+    alive,
+    claim_workspace,
+    continuation_job,
+    main,
+    round_rows,
+    site_dir,
+    uses_he,
+    validate,
+)
+
+ON_THE_POC_SYSTEM = pytest.mark.xdist_group(SHARED_RUN_GROUP)  # the worker that holds the plain run
+JOB_TIMEOUT_S = 400
+# Cross-site evaluation waits out these timeouts for a dead site; tiny models submit and score in a second or two
+DRILL_SETTINGS = dict(num_rounds=3, wait_time_after_min_received=5, submit_model_timeout=6, validation_timeout=12)
 
 
-def run_poc(tmp_path: Path, *drill: str) -> subprocess.CompletedProcess:
-    """`python -m fedxvit.poc` on the tiny sites and a 3-round tiny job, with a fault drill."""
-    initial = tiny_sites_and_initial_model(tmp_path)
-    job = tiny_job(  # cross-site evaluation waits out these timeouts for a dead site; tiny models score in seconds
-        tmp_path, num_rounds=3, wait_time_after_min_received=5, submit_model_timeout=10, validation_timeout=20
-    )
-    env = dict(
-        os.environ,
-        FEDXVIT_INITIAL_MODEL=str(initial),
-        FEDXVIT_DATA_ROOT=str(tmp_path / "data"),
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "fedxvit.poc",
-        "--job",
-        str(job),
-        "--workspace",
-        str(tmp_path / "poc"),
-        "--out",
-        str(tmp_path / "results"),
-        "--port",
-        str(free_port()),
-        "--timeout",
-        "400",
-        *drill,
-    ]
-    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "poc")], capture_output=True, text=True).stdout.split()
-    assert not leftovers, f"POC processes left running: {leftovers}"
-    return run
+@pytest.fixture(scope="module")
+def poc(plain_fedavg_run, tmp_path_factory):
+    """The one POC system of this file, on the plain run's sites and initial model; the shared tmp folder."""
+    tmp = tmp_path_factory.mktemp("poc")
+    env = {
+        "FEDXVIT_INITIAL_MODEL": str(plain_fedavg_run["initial"]),
+        "FEDXVIT_DATA_ROOT": str(plain_fedavg_run["data"]),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+    }
+    with (
+        one_poc_system_at_a_time(tmp_path_factory),
+        PocSystem(tmp / "poc", SITES, free_port(), he=True, env=env) as system,
+    ):
+        yield {"system": system, "tmp": tmp}
+
+
+def drill_job(tmp: Path, name: str) -> Path:
+    """A 3-round tiny job without the MLflow tracker: the drills are about the run, not its tracking (tested in
+    test_tracking.py), and registering the model at the end of a run costs tens of seconds on a busy machine."""
+    (tmp / name).mkdir()
+    job = tiny_job(tmp / name, **DRILL_SETTINGS)
+    server = job / "app" / "config" / "config_fed_server.json"
+    config = json.loads(server.read_text())
+    config["components"] = [c for c in config["components"] if c["id"] != "mlflow_receiver"]
+    server.write_text(json.dumps(config, indent=2))
+    return job
 
 
 @pytest.mark.slow
-def test_poc_run_survives_a_site_killed_after_round_one(tmp_path):
-    run = run_poc(tmp_path, "--min-clients", "2", "--kill-site", "site3", "--kill-after-round", "1")
-    assert "SERVER_FINISHED" in run.stdout  # the server ran every workflow to its end without site3
-    assert "killed" in run.stdout and "killed 0 process" not in run.stdout
+@ON_THE_POC_SYSTEM
+def test_he_in_poc_sends_only_ciphertext_and_matches_plain_fedavg(poc, plain_fedavg_run):
+    system, tmp = poc["system"], poc["tmp"]
+    rounds = plain_fedavg_run["rounds"]
+    (tmp / "he").mkdir()
+    he_job = tiny_job(
+        tmp / "he",
+        job_dir=REPO / "jobs" / "fedxvit_he",
+        num_rounds=rounds,
+        submit_model_timeout=10,
+        validation_timeout=60,
+    )
+    assert uses_he(he_job)  # the CLI provisions such a job's POC with HE keys, as this system is
+    # every site in every round, as in the plain run (whose 30 s wait after 2 of 3 takes all three)
+    result = system.run_job(he_job, tmp / "he-results", JOB_TIMEOUT_S, min_clients=len(SITES))
+    assert result["status"] == "FINISHED:COMPLETED"
+    he_run = result["result_dir"] / "workspace"
 
-    rounds = {line.split(":")[0].strip(): line for line in run.stdout.splitlines() if line.strip().startswith("round ")}
-    assert set(rounds) == {"round 0", "round 1", "round 2"}, run.stdout  # every round completed
-    assert "site3" in rounds["round 0"]  # all three trained before the kill ...
-    assert "site3" not in rounds["round 2"] and "site1, site2" in rounds["round 2"]  # ... two after it
+    # what reached the server's aggregator: every tensor of every update was ciphertext
+    updates = json.loads((he_run / UPDATE_SIZES_FILE).read_text())["updates"]
+    assert {(u["round"], u["site"]) for u in updates} == {(r, s) for r in range(rounds) for s in SITES}
+    assert all(u["encrypted"] == u["tensors"] > 0 and u["in_clear"] == 0 for u in updates), updates
+    # what the server kept: its global model's trained tensors are ciphertext, the frozen ones the start's
+    saved = torch.load(he_run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
+    start = torch.load(plain_fedavg_run["initial"], weights_only=True)
+    encrypted = set(encrypted_tensors(saved))
+    assert len(encrypted) == updates[0]["tensors"]
+    assert all(torch.equal(torch.as_tensor(saved[k]), start[k]) for k in saved if k not in encrypted)
+
+    # plain FedAvg on the same sites, start, rounds and seeds, in the simulator
+    plain_run = plain_fedavg_run["job_dir"]
+    plain = torch.load(plain_run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
+    context = system.site_dir("site1") / "startup" / "client_context.tenseal"
+    decrypted = torch.load(
+        decrypt_main(
+            [
+                str(he_run / "app_server" / "FL_global_model.pt"),
+                "--context",
+                str(context),
+                "--preset",
+                "tiny",
+                "--out",
+                str(tmp / "he_model.pt"),
+            ]
+        ),
+        weights_only=True,
+    )
+    moved = max(float((torch.as_tensor(plain[k]).float() - start[k].float()).abs().max()) for k in encrypted)
+    off = max(float((decrypted[k].float() - torch.as_tensor(plain[k]).float()).abs().max()) for k in encrypted)
+    assert moved > 1e-3 and off < moved / 100, (moved, off)  # the same training, up to CKKS's rounding
+
+    he_scores = json.loads((he_run / "cross_site_val" / "cross_val_results.json").read_text())
+    plain_scores = json.loads((plain_run / "cross_site_val" / "cross_val_results.json").read_text())
+    for site in SITES:  # each site decrypted the server's final model and scored it
+        he_final, plain_final = he_scores[site]["SRV_FL_global_model.pt"], plain_scores[site]["SRV_FL_global_model.pt"]
+        assert abs(he_final["val_accuracy"] - plain_final["val_accuracy"]) <= 0.01, (site, he_final, plain_final)
+        assert abs(he_final["val_loss"] - plain_final["val_loss"]) < 1e-3, (site, he_final, plain_final)
+        assert not any(name.startswith(site) for name in he_scores[site])  # no local model reached the server
 
 
 @pytest.mark.slow
-def test_poc_server_killed_after_round_one_resumes_at_round_two(tmp_path):
-    run = run_poc(tmp_path, "--min-clients", "3", "--kill-server-after-round", "1", "--restore-wait", "10")
-    out = run.stdout
-    killed_job = re.search(r"submitted job as job (\S+)", out).group(1)
-    assert re.search(r"killed [1-9]\d* server process\(es\) after round 1 finished", out), out
+@ON_THE_POC_SYSTEM
+def test_poc_run_survives_a_site_killed_after_round_one(poc):
+    system, tmp = poc["system"], poc["tmp"]
+    job = drill_job(tmp, "kill-site")
+    drill = system.kill_site_drill(job, "site3", 1, tmp / "kill-site-results", JOB_TIMEOUT_S, min_clients=2)
+    assert drill["status"] == "SERVER_FINISHED"  # the server ran every workflow to its end without site3
+    assert drill["killed_processes"] > 0
+
+    rounds = {row["round"]: row["sites"] for row in round_rows(drill["result_dir"])}
+    assert set(rounds) == {0, 1, 2}, rounds  # every round completed
+    assert "site3" in rounds[0]  # all three trained before the kill ...
+    assert rounds[2] == ["site1", "site2"]  # ... two after it
+    assert system.processes.tree("site3")  # site3 runs again, from its own startup script, for the next job
+
+
+@pytest.mark.slow
+@ON_THE_POC_SYSTEM
+def test_poc_server_killed_after_round_one_resumes_at_round_two(poc):
+    system, tmp = poc["system"], poc["tmp"]
+    job = drill_job(tmp, "kill-server")
+    drill = system.server_crash_drill(job, 1, tmp / "kill-server-results", 5, JOB_TIMEOUT_S, min_clients=3)
+    killed_job, resumed_job = drill["job_id"], drill["resumed_job_id"]
+    assert drill["killed_processes"] >= 1
     # NVFlare 2.9.0 writes no run snapshots and brings no job back after a server restart (see fedxvit.poc)
-    assert f"NVFlare did not restore job {killed_job}" in out and "holds 0 file(s)" in out, out
-    resumed_job = re.search(r"resuming as job (\S+):", out).group(1)
-    assert f"job {resumed_job}: FINISHED:COMPLETED" in out, out
+    assert not drill["nvflare_restored"] and drill["snapshot_files"] == 0, drill
+    assert resumed_job != killed_job and drill["status"] == "FINISHED:COMPLETED", drill
 
-    killed_run = tmp_path / "poc" / "example_project" / "prod_00" / "server" / killed_job
-    resumed_run = tmp_path / "results" / resumed_job / "workspace"
+    killed_run = system.site_dir("server") / killed_job
+    resumed_run = drill["result_dir"] / "workspace"
     log = (resumed_run / "log.txt").read_text()
     assert re.findall(r"Round (\d+) started", log) == ["2"]  # not round 0: only the round the crash cut off
+    assert drill["resumed_at_round"] == 2
     assert "Loading checkpoint from " in log and RESUME_MODEL_FILE in log  # from the killed run's round-1 model
 
     rows = json.loads((resumed_run / "global_val.json").read_text())["rounds"]
@@ -92,6 +179,105 @@ def test_poc_server_killed_after_round_one_resumes_at_round_two(tmp_path):
     assert final.keys() == round_one.keys()
     assert all(torch.isfinite(tensor).all() for tensor in final.values())
     assert any(not torch.equal(final[name], round_one[name]) for name in final)  # round 2 trained on from round 1
+
+
+@pytest.mark.slow
+@ON_THE_POC_SYSTEM
+def test_poc_stop_ends_what_it_started_and_nothing_else(poc):
+    system = poc["system"]
+    assert (system.workspace / MARKER).is_file()  # `poc prepare --force` replaced the workspace: marked again
+    claim_workspace(system.workspace)  # so a later run may use it again
+    started = [proc for name in ("server", *SITES) for proc in system.processes.tree(name)]
+    assert len(started) >= 8  # a daemon and a participant process each, at least
+    bystander = sleeper(system.site_dir("server"))  # a user's process in the workspace, naming it
+    try:
+        system.stop()
+        assert not [proc.pid for proc in started if alive(proc)]
+        assert bystander.poll() is None, "stop killed a process it did not start"
+        leftovers = subprocess.run(["pgrep", "-f", str(system.workspace)], capture_output=True, text=True).stdout
+        assert leftovers.split() == [str(bystander.pid)], f"POC processes left running: {leftovers}"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def sleeper(cwd: Path) -> subprocess.Popen:
+    """A process whose working directory and arguments lie in `cwd`, as a user's own might."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", str(cwd)], cwd=cwd)
+
+
+def test_an_existing_folder_it_did_not_create_is_refused_and_kept(tmp_path):
+    job = tiny_job(tmp_path)
+    for folder in (tmp_path / "mine", tmp_path / "empty"):
+        folder.mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")
+    for folder in (tmp_path / "mine", tmp_path / "empty"):
+        with pytest.raises(FedXViTError, match=rf"^POC workspace {re.escape(str(folder))} exists and was not created"):
+            main(["--job", str(job), "--workspace", str(folder), "--out", str(tmp_path / "out")])
+        assert not (folder / MARKER).exists()
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "a user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "job", "mine"]  # nothing else was made
+
+
+def test_a_workspace_it_created_is_reused(tmp_path):
+    workspace = tmp_path / "new" / "poc"
+    claim_workspace(workspace)  # a new folder: created and marked
+    assert (workspace / MARKER).is_file()
+    (workspace / "project.yml").write_text("what `nvflare poc prepare` left")
+    claim_workspace(workspace)  # its own: accepted (prepare may replace it)
+    assert (workspace / "project.yml").is_file()
+
+
+def fake_daemon(kit: Path) -> subprocess.Popen:
+    """A participant's daemon as NVFlare's sub_start.sh runs: it writes its id to <kit>/daemon_pid.fl and
+    runs a child, which runs a grandchild."""
+    script = kit / "startup" / "sub_start.sh"
+    script.parent.mkdir(parents=True)
+    script.write_text(
+        '#!/usr/bin/env bash\necho $BASHPID > "$(dirname "$0")/../daemon_pid.fl"\nbash -c "sleep 300; :" &\nwait\n'
+    )
+    script.chmod(0o755)
+    return subprocess.Popen([str(script)], cwd=kit, start_new_session=True)
+
+
+def test_stop_kills_the_process_trees_it_recorded_and_spares_others_in_the_workspace(tmp_path):
+    workspace = tmp_path / "poc"
+    claim_workspace(workspace)
+    kit = site_dir(workspace, "site1")
+    daemon = fake_daemon(kit)
+    bystander = sleeper(kit)  # not started by the driver, though its cwd and arguments lie in the workspace
+    try:
+        trees = ProcessTrees()
+        assert trees.record("site1", kit, timeout_s=30).pid == daemon.pid
+        deadline = time.monotonic() + 30
+        while len(tree := trees.tree("site1")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(tree) == 3  # the daemon, its child and its grandchild
+        assert trees.kill() == 3
+        assert not [proc.pid for proc in tree if alive(proc)]
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+        try:
+            os.killpg(daemon.pid, signal.SIGKILL)  # the fake daemon's group, should the test fail
+        except ProcessLookupError:
+            pass
+        daemon.wait()
+
+
+def test_a_daemon_id_that_names_another_process_is_not_recorded(tmp_path):
+    kit = tmp_path / "site1"
+    kit.mkdir()
+    other = sleeper(kit)
+    (kit / "daemon_pid.fl").write_text(f"{other.pid}\n")  # a stale file whose id was reused
+    try:
+        with pytest.raises(FedXViTError, match=r"no live NVFlare daemon of site1 in .*daemon_pid.fl"):
+            ProcessTrees().record("site1", kit, timeout_s=0)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
 
 
 def write_killed_run(run_dir: Path, rounds: list[int]) -> None:

@@ -2,10 +2,12 @@
 the site stops sending at the budget; per-image clipping and noise really change the update;
 frozen BatchNorm stays frozen; options that cannot work say so in one line."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
-from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
@@ -58,9 +60,10 @@ def test_epsilon_grows_every_round_up_to_the_target_and_no_further(tiny_site_dir
     privacy.start(model, loader(tiny_site_dir), planned_epochs=3)  # 3 rounds x 1 local epoch
     assert privacy.spent() == 0.0 and privacy.noise_multiplier > 0
     spent = []
-    for _ in range(3):
+    for _ in range(3):  # each round wraps a fresh optimizer, as the executor does
         assert privacy.budget_left_for(1)
-        spent.append(privacy.account(1))
+        train_epoch(model, privacy.loader, privacy.private(make_optimizer(model, 1e-3)), CPU)
+        spent.append(privacy.spent())
     assert 0 < spent[0] < spent[1] < spent[2] <= 3.0
     assert spent[2] > 2.9  # the noise is chosen so that the planned training spends the budget
     assert not privacy.budget_left_for(1) and privacy.would_spend(1) > 3.0  # a fourth round does not fit
@@ -119,3 +122,59 @@ def test_a_site_stops_sending_once_its_budget_is_spent(tmp_path, tiny_site_dir, 
     assert refused.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
     assert refused.get_header(REJECT_REASON_HEADER).startswith("privacy budget spent")
     assert np.isclose(site.privacy.spent(), spent[1])  # refusing spent nothing
+
+
+def independent_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon of `steps` Poisson-sampled Gaussian steps, straight from Opacus' RDP analysis (not the site's
+    accountant object, nor its history)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=orders)
+    return get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0]
+
+
+def test_epsilon_counts_the_optimizer_steps_that_ran_an_aborted_round_too(tmp_path, tiny_site_dir, monkeypatch):
+    monkeypatch.setenv(site_env_var("site1"), str(tiny_site_dir))
+    fl_ctx = make_fl_ctx(tmp_path / "site1")
+    site = FedXViTExecutor(preset="tiny", batch_size=2, torch_threads=1, dp_epsilon=2.0, dp_delta=1e-5)
+    model, _ = start_model()
+    result = site.execute("train", train_task(model, 0, 3), fl_ctx, Signal())
+    steps = from_shareable(result).get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
+    privacy = site.privacy
+    assert steps == len(privacy.loader) == 3 and privacy.sample_rate == pytest.approx(1 / 3)  # 6 images, batches of 2
+    assert from_shareable(result).get_meta_prop("dp_epsilon") == pytest.approx(
+        independent_epsilon(privacy.noise_multiplier, privacy.sample_rate, 3, 1e-5), rel=1e-9
+    )
+
+    # the next round is stopped after its first optimizer step: that step was noised and is spent
+    stop = Signal()
+    trained = []
+
+    def after_training_forward(module, args, output):
+        if module.training:
+            trained.append(1)
+            stop.trigger("the server ended the round")
+
+    hook = site.model.register_forward_hook(after_training_forward)
+    aborted = site.execute("train", train_task(model, 1, 3), fl_ctx, stop)
+    hook.remove()
+    assert aborted.get_return_code() == ReturnCode.TASK_ABORTED and len(trained) == 1
+    assert privacy.steps_taken() == 4
+    assert privacy.spent() == pytest.approx(
+        independent_epsilon(privacy.noise_multiplier, privacy.sample_rate, 4, 1e-5), rel=1e-9
+    )
+    assert privacy.spent() > independent_epsilon(privacy.noise_multiplier, privacy.sample_rate, 3, 1e-5)
+
+
+def test_an_empty_poisson_batch_is_a_noised_step_but_leaves_the_loss_a_number(tiny_site_dir):
+    privacy = SitePrivacy(target_epsilon=3.0)
+    model, _ = start_model()
+    batches = loader(tiny_site_dir)
+    privacy.start(model, batches, planned_epochs=1)
+    batch = next(iter(batches))
+    empty = {"image": batch["image"][:0], "label": batch["label"][:0]}  # what DPDataLoader yields when it draws none
+    metrics = train_epoch(model, [empty, batch], privacy.private(make_optimizer(model, 1e-3)), CPU)
+    assert metrics["steps"] == privacy.steps_taken() == 2 and metrics["images"] == len(batch["label"])
+    assert math.isfinite(metrics["loss"]) and metrics["loss"] > 0

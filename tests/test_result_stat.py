@@ -4,12 +4,15 @@ table, the TensorBoard plots on events written by TensorBoard's own writer, and 
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
 
+from fedxvit import run_record
+from fedxvit.datalist import load_split
 from fedxvit.errors import FedXViTError
 from fedxvit.training import evaluate
 from result_stat import cross_site, plot_tensorboard_events, report, run_all
@@ -253,6 +256,19 @@ def test_run_all_writes_summary_with_the_design_keys(site_data, tmp_path):
     assert "Is federation worth it?" in text and "pointing game" in text
     assert (out / "gradcam_site1.png").is_file()
 
+    # what goes to a tracking server by default: no overlay of a test image, no image name, no probability
+    shared = tmp_path / "shared"
+    left_out = run_record.aggregate_results(out, shared)
+    assert {"gradcam/", "integrated_gradients/", "gradcam_site1.png", "gradcam.json: images"} <= set(left_out)
+    assert {p.name for p in shared.iterdir()} >= {"summary.json", "report.md", "test_report.json", "roc_curve.png"}
+    assert not [p for p in shared.iterdir() if p.is_dir() or p.name.startswith(("gradcam_", "integrated_gradients_"))]
+    tested = [e["image"] for site in ("site1", "site2") for e in load_split(site_data["data"] / site, "testing")]
+    names = [Path(image).stem for image in tested]
+    texts = {p.name: p.read_text() for p in shared.iterdir() if p.suffix in (".json", ".md")}
+    assert not [(f, n) for f, text in texts.items() for n in names if n in text] and "p_tumor" not in str(texts)
+    gradcam = json.loads(texts["gradcam.json"])
+    assert gradcam["pointing_game"] == saved["xai"]["pointing_game"] and "images" not in gradcam["per_site"]["site1"]
+
     # summary.json is a function of the files alone: a later phase's timing comes in on a rewrite
     (out / "timings.json").write_text(
         json.dumps({"results": {"wall_s": 5.0, "peak_rss_mb": 300.0}, "data": {"wall_s": 1.0, "peak_rss_mb": 100.0}})
@@ -262,6 +278,14 @@ def test_run_all_writes_summary_with_the_design_keys(site_data, tmp_path):
     assert {k: v for k, v in rewritten.items() if k not in ("timing_s", "peak_rss_mb")} == {
         k: v for k, v in saved.items() if k not in ("timing_s", "peak_rss_mb")
     }
+
+
+def test_run_all_on_a_missing_run_folder_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "results"
+    for run_dir in (tmp_path / "nope", tmp_path):  # a typo; a folder that is not a run
+        with pytest.raises(FedXViTError, match=f"{run_dir}.*(does not exist|no config_fed_server.json)"):
+            run_all.main(["--run-dir", str(run_dir), "--out", str(out), "--mlflow", "off"])
+        assert not out.exists()
 
 
 def test_a_ditto_run_adds_each_sites_personalized_model_on_its_own_test_split(tmp_path):

@@ -329,11 +329,28 @@ def test_a_job_tracked_through_nvflares_receiver_and_recorded_once(tmp_path, no_
 
     # `make results` attaches its folder to the same server run and registers nothing twice
     out = tmp_path / "results"
-    out.mkdir()
+    (out / "gradcam" / "site1").mkdir(parents=True)  # result_stat.gradcam's per-image parts stay by default
+    (out / "gradcam" / "site1" / "3f2a.png").write_bytes(b"overlay")
+    (out / "gradcam_site1.png").write_bytes(b"contact sheet")
+    per_site = {"n": 1, "images": [{"image": "3f2a", "p_tumor": 0.9}], "contact_sheet": str(out / "gradcam_site1.png")}
+    (out / "gradcam.json").write_text(json.dumps({"pointing_game": 1.0, "per_site": {"site1": per_site}}))
     (out / "summary.json").write_text("{}")
     message = run_all.attach_to_mlflow(out, run_dir, uri)
     assert runs[SERVER].info.run_id in message and "registered" not in message and "no best global model" in message
-    assert [a.path for a in client.list_artifacts(runs[SERVER].info.run_id, "results")] == ["results/summary.json"]
+    assert "without its 4 per-image parts" in message
+    assert [a.path for a in client.list_artifacts(runs[SERVER].info.run_id, "results")] == [
+        "results/gradcam.json",
+        "results/summary.json",
+    ]
+    uploaded = client.download_artifacts(runs[SERVER].info.run_id, "results/gradcam.json", str(tmp_path))
+    assert json.loads(Path(uploaded).read_text()) == {"pointing_game": 1.0, "per_site": {"site1": {"n": 1}}}
+    run_all.attach_to_mlflow(out, run_dir, uri, per_image=True)  # opted in: all of it
+    assert {a.path for a in client.list_artifacts(runs[SERVER].info.run_id, "results")} == {
+        "results/gradcam",
+        "results/gradcam.json",
+        "results/gradcam_site1.png",
+        "results/summary.json",
+    }
     assert client.list_artifacts(runs["site1"].info.run_id) == []
     assert len(client.search_model_versions("name='fedxvit-global'")) == 1
     (run_dir / run_record.RUN_RECORD).unlink()

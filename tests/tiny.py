@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,10 @@ TINY_CLIENT = {"preset": "tiny", "batch_size": 4, "torch_threads": 1}
 # NVFlare's server tells a site to ask for its next task 2 s after finishing one; a tiny task takes
 # milliseconds, so a tiny run would mostly wait (cross-site evaluation is a dozen tasks in a row).
 TINY_TASK_REQUEST_INTERVAL_S = 0.5
+# what the tests' jobs may build besides NVFlare's classes: fedxvit's and the test components in this folder
+TEST_CLASSES = ("fedxvit.", "faulty_executor.", "sent_recorder.")
+# The xdist group of the tests that use the shared plain FedAvg run (conftest.plain_fedavg_run) and the POC system
+SHARED_RUN_GROUP = "fedavg-run"
 
 
 def write_tiny_site(
@@ -105,7 +110,9 @@ def simulate(job: Path, workspace: Path, data_root: Path, initial: Path, sites=S
     if store:
         extra["MLFLOW_TRACKING_URI"] = store
     try:
-        run_dir = run_simulator(job, workspace, data_root, sites, initial, timeout_s=400, extra_env=extra)
+        run_dir = run_simulator(
+            job, workspace, data_root, sites, initial, timeout_s=400, extra_env=extra, allow=TEST_CLASSES
+        )
     except FedXViTError as error:
         log = workspace / SIMULATOR_LOG
         pytest.fail(f"{error}\n{log.read_text()[-4000:] if log.is_file() else ''}")
@@ -205,3 +212,15 @@ def write_tiny_run(tmp: Path, sites=("site1", "site2")) -> dict:
     (run / "cross_site_val").mkdir()
     (run / "cross_site_val" / "cross_val_results.json").write_text(json.dumps(cross))
     return {"run_dir": run, "data": data, "initial": initial, "sites": list(sites)}
+
+
+@contextmanager
+def one_poc_system_at_a_time(tmp_path_factory):
+    """Held for as long as a test's POC system lives. pytest-xdist's workers share the parent of their base
+    temporary folders, so a lock file there keeps two workers from running two POC systems at once."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    folder = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    with FileLock(str(folder / "poc-system.lock")):
+        yield

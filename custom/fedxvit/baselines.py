@@ -28,7 +28,7 @@ from fedxvit.checkpoint import build_model_from_checkpoint, save_checkpoint
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
 from fedxvit.datalist import read_dataset_info
-from fedxvit.errors import FedXViTError, read_json, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, read_json, run_cli
 from fedxvit.jobconfig import JobSettings, default_run_dir, read_job_settings, run_sites
 from fedxvit.paths import project_root
 from fedxvit.training import apply_freeze_policy, make_optimizer, resolve_device, seed_everything, train_epoch
@@ -170,7 +170,7 @@ def train_baselines(
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fedxvit.baselines",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

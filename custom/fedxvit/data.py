@@ -27,7 +27,9 @@ from monai.transforms import (
     Transform,
 )
 
-from fedxvit.datalist import load_split
+from fedxvit.datalist import load_split, shown
+from fedxvit.errors import FedXViTError
+from fedxvit.paths import resolve_inside
 
 KEYS = ("image",)
 
@@ -37,10 +39,34 @@ def _to_grayscale(image):
     return image.convert("L")
 
 
+class UnreadableImage(FedXViTError):
+    """A site's image that cannot be decoded: the file and the first line of why."""
+
+    def __init__(self, path: str, exc: Exception):
+        self.path, self.why = path, (str(exc).splitlines() or [type(exc).__name__])[0]
+        super().__init__(f"{path}: {self.why}")
+
+
+class NamingLoad(Transform):
+    """MONAI's LoadImaged, failing with the file's name: a corrupt image otherwise surfaces as a 100-line chain of
+    MONAI's transform wrappers that never says which of a site's images it is."""
+
+    def __init__(self, load: LoadImaged):
+        self.load = load
+
+    def __call__(self, data):
+        try:
+            return self.load(data)
+        except Exception as exc:
+            raise UnreadableImage(str(data[KEYS[0]]), exc) from None
+
+
 def deterministic_transforms(image_size: int) -> list:
     """Decode -> (1, H, W) float in [0, 1] at image_size x image_size (rows = image rows)."""
     return [
-        LoadImaged(keys=KEYS, reader=PILReader(converter=_to_grayscale, reverse_indexing=False), image_only=True),
+        NamingLoad(
+            LoadImaged(keys=KEYS, reader=PILReader(converter=_to_grayscale, reverse_indexing=False), image_only=True)
+        ),
         EnsureChannelFirstd(keys=KEYS, channel_dim="no_channel"),
         ScaleIntensityd(keys=KEYS, minv=0.0, maxv=1.0),
         Resized(keys=KEYS, spatial_size=(image_size, image_size), mode="area"),
@@ -122,12 +148,28 @@ def make_dataset(
     Several site folders give their split pooled (the centralized baseline of result_stat)."""
     site_dirs = [site_dir] if isinstance(site_dir, (str, os.PathLike)) else list(site_dir)
     items = [{"image": e["image"], "label": int(e["label"])} for d in site_dirs for e in load_split(d, split)]
-    return CacheDataset(
-        items,
-        transform=make_transforms(image_size, train, seed),
-        cache_rate=1.0,
-        num_workers=cache_workers,
-        progress=progress,
+    try:  # every image is decoded here, once (cache_rate 1)
+        return CacheDataset(
+            items,
+            transform=make_transforms(image_size, train, seed),
+            cache_rate=1.0,
+            num_workers=cache_workers,
+            progress=progress,
+        )
+    except RuntimeError as exc:  # MONAI wraps what a transform raises, once per Compose level
+        cause = exc
+        while cause is not None and not isinstance(cause, UnreadableImage):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        path, why = cause.path, cause.why
+        del cause
+    # raised outside the handler: the chain would keep MONAI's cache threads' frames alive until exit
+    owner = next((d for d in site_dirs if resolve_inside(path, d, environ={}) is not None), site_dirs[0])
+    name = shown(path, owner)
+    raise FedXViTError(
+        f"{name}: this {split} image cannot be decoded ({why.replace(path, name)}); replace it, or remove it and "
+        "rewrite the site's datalist"
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedxvit.errors import FedXViTError, read_json
+from fedxvit.paths import ALLOWED_ROOTS_ENV, resolve_inside
 
 DATALIST_FILE = "datalist.json"
 DATASET_FILE = "dataset.json"
@@ -88,8 +89,33 @@ def read_dataset_info(site_dir: os.PathLike) -> dict:
     )
 
 
+def shown(path: os.PathLike, site_dir: os.PathLike) -> str:
+    """A path as the site's logs and errors show it: relative to the data root holding the site folder
+    (`site1/images/x.png`), so no log line carries where the hospital keeps its data."""
+    root = Path(os.path.abspath(site_dir)).parent
+    try:
+        return Path(os.path.abspath(path)).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def check_entries(site_dir: Path, raw: dict, split: str) -> None:
+    """Every image and mask of a split lies inside the site folder (no absolute path, `..` or symlink leads out of
+    it), or inside a root the site allows in $FEDXVIT_ALLOWED_ROOTS; else one line naming the file and the entry."""
+    for item in raw.get(split) or []:
+        for key in ("image", "mask"):
+            entry = item.get(key) if isinstance(item, dict) else None
+            if isinstance(entry, str) and resolve_inside(entry, site_dir) is None:
+                raise FedXViTError(
+                    f"{shown(site_dir / DATALIST_FILE, site_dir)}: {split} {key} {entry!r} lies outside the site's "
+                    f"data folder (absolute path, '..' or a symlink); a site that keeps images elsewhere lists that "
+                    f"folder in ${ALLOWED_ROOTS_ENV}"
+                )
+
+
 def load_split(site_dir: os.PathLike, split: str) -> list:
-    """The entries of one split with absolute paths (MONAI's decathlon datalist loader)."""
+    """The entries of one split with absolute paths (MONAI's decathlon datalist loader), each checked to lie inside
+    the site folder or a root the site allows (check_entries)."""
     from monai.data import load_decathlon_datalist
 
     site_dir = Path(site_dir)
@@ -104,10 +130,13 @@ def load_split(site_dir: os.PathLike, split: str) -> list:
     try:
         items = load_decathlon_datalist(str(path), is_segmentation=False, data_list_key=split, base_dir=str(site_dir))
     except (ValueError, json.JSONDecodeError) as exc:
-        raise FedXViTError(f"{path}: {exc}") from None
+        raise FedXViTError(f"{shown(path, site_dir)}: {exc}") from None
+    check_entries(site_dir, read_json(path, f"no {DATALIST_FILE} in {site_dir}"), split)
     missing = [item["image"] for item in items if not os.path.isfile(item["image"])]
     if missing:
-        raise FedXViTError(f"{path}: {len(missing)} {split} image(s) missing, first {missing[0]}")
+        raise FedXViTError(
+            f"{shown(path, site_dir)}: {len(missing)} {split} image(s) missing, first {shown(missing[0], site_dir)}"
+        )
     return items
 
 

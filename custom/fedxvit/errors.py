@@ -4,6 +4,7 @@ Anything raised as `FedXViTError` is a problem with the user's input (a path, a 
 option) and its message already names it; CLIs print it and exit 2 instead of a traceback.
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -35,3 +36,10 @@ def run_cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad option is one line naming it (argparse prints its whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -43,10 +43,12 @@ from fedxvit.errors import FedXViTError
 from fedxvit.filters import REJECT_REASON_HEADER
 from fedxvit.imbalance import balanced_softmax_shift, check_loss, class_counts, mas_factor, measure_divergence
 from fedxvit.model import DEFAULT_PRESET, build_model, get_recipe
-from fedxvit.paths import project_root
+from fedxvit.paths import job_path
+from fedxvit.site_policy import allowed_metrics, job_default, site_may_leave
 from fedxvit.sites import site_data_dir
 from fedxvit.tracking import site_epoch_metrics, site_round_metrics
 from fedxvit.training import (
+    FREEZE_POLICIES,
     apply_freeze_policy,
     evaluate,
     make_optimizer,
@@ -92,6 +94,21 @@ def simulator_parallel_clients(fl_ctx: FLContext) -> int:
         return 1
     meta = fl_ctx.get_prop(FLContextKey.JOB_META) or {}
     return max(1, len(meta.get(JobMetaKey.JOB_CLIENTS.value) or []))
+
+
+def job_option(name: str, value, kind=int, minimum: float = 1):
+    """A numeric job option as `kind`, at least `minimum` (learning rates: above 0), or one line naming it."""
+    try:
+        number = kind(value)
+        if isinstance(value, bool) or (kind is int and number != float(value)):
+            raise ValueError
+    except (TypeError, ValueError):
+        what = "a whole number" if kind is int else "a number"
+        raise FedXViTError(f"job option {name}={value!r} is not {what}") from None
+    if (kind is float and not number > 0) or (kind is int and number < minimum):
+        bound = "above 0" if kind is float else f"at least {minimum}"
+        raise FedXViTError(f"job option {name}={value!r} must be {bound}")
+    return number
 
 
 def to_torch_state(weights: dict, like: dict | None = None) -> dict:
@@ -181,18 +198,29 @@ class FedXViTExecutor(Executor):
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
         analytic_sender_id: str = "log_writer",
+        may_leave: str = "all",
     ):
         super().__init__()
+        # Every option is checked here, when NVFlare builds the site's app and before its first task, so a bad
+        # job variable stops the run with one line naming it instead of failing inside a task.
         recipe = get_recipe(preset).site  # what the job does not set comes from the preset's recipe
         self.preset = preset
-        self.local_epochs = int(recipe.local_epochs if local_epochs is None else local_epochs)
-        self.learning_rate = float(recipe.learning_rate if learning_rate is None else learning_rate)
-        self.batch_size = int(recipe.batch_size if batch_size is None else batch_size)
+        self.local_epochs = job_option("local_epochs", recipe.local_epochs if local_epochs is None else local_epochs)
+        self.learning_rate = job_option(
+            "learning_rate", recipe.learning_rate if learning_rate is None else learning_rate, float
+        )
+        self.batch_size = job_option("batch_size", recipe.batch_size if batch_size is None else batch_size)
+        if freeze_policy not in FREEZE_POLICIES:
+            raise FedXViTError(
+                f"job option freeze_policy={freeze_policy!r} is unknown; choose one of {', '.join(FREEZE_POLICIES)}"
+            )
         self.freeze_policy = freeze_policy
-        self.last_k = int(last_k)
+        self.last_k = job_option("last_k", last_k)
+        if str(torch_threads) != "auto":
+            job_option("torch_threads", torch_threads)
         self.torch_threads = torch_threads
-        self.seed = int(seed)
-        self.num_classes = int(num_classes)
+        self.seed = job_option("seed", seed, minimum=0)
+        self.num_classes = job_option("num_classes", num_classes, minimum=2)
         self.loss = check_loss(loss)
         self.mas_prior_path = mas_prior  # the frozen self-supervised encoder MAS measures with ("" = no MAS)
         self.logit_shift = None  # Balanced Softmax's log class counts (loss "bsm"), from the training split
@@ -235,6 +263,7 @@ class FedXViTExecutor(Executor):
         self.site_name = "?"
         self.analytic_sender_id = analytic_sender_id
         self.writer = None  # NVFlare's MLflowWriter: metrics travel to the server's receivers as analytics events
+        self.may_leave_default, self.may_leave = may_leave, job_default(may_leave)  # the site's answer at setup
 
     # ---- setup, once per run, lazily so a data problem fails the first task cleanly
     def _setup(self, fl_ctx: FLContext) -> None:
@@ -272,12 +301,10 @@ class FedXViTExecutor(Executor):
         if self.mas_prior_path:
             from fedxvit.ssl_prior import load_prior
 
-            path = Path(self.mas_prior_path)
-            self.prior, self.prior_sha256 = load_prior(
-                path if path.is_absolute() else project_root() / path, self.device
-            )
+            self.prior, self.prior_sha256 = load_prior(job_path("mas_prior", self.mas_prior_path), self.device)
             self.features_loader = make_loader(data_dir, "training", size, self.batch_size, train=False)
         self.writer = fl_ctx.get_engine().get_component(self.analytic_sender_id) if self.analytic_sender_id else None
+        self.may_leave, _ = site_may_leave(workspace.get_site_config_dir(), self.may_leave_default)
         if self.writer is not None:  # the run's settings and the data's content hash, never paths or images
             self.writer.log_params(
                 {
@@ -308,7 +335,7 @@ class FedXViTExecutor(Executor):
         )
         self.log_info(
             fl_ctx,
-            f"fedxvit {self.site_name}: data {data_dir} ({len(self.train_loader.dataset)} train, "
+            f"fedxvit {self.site_name}: data {data_dir.name} ({len(self.train_loader.dataset)} train, "
             f"{len(self.val_loader.dataset)} val), preset {self.preset}, algorithm "
             f"{self.algorithm}, loss {self.loss}{', MAS prior ' + self.prior_sha256[:12] if self.prior else ''}, "
             f"device {self.device}, "
@@ -355,7 +382,7 @@ class FedXViTExecutor(Executor):
     def _track(self, metrics: dict, step) -> None:
         """Metrics to the server's TensorBoard/MLflow receivers as NVFlare analytics events (no-op without a writer)."""
         if self.writer is not None and isinstance(step, int):
-            for tag, value in metrics.items():
+            for tag, value in allowed_metrics(metrics, self.may_leave).items():
                 self.writer.log_metric(tag, value, step=step)
 
     def _scores(self, abort_signal: Signal) -> dict | None:
@@ -425,8 +452,8 @@ class FedXViTExecutor(Executor):
                 self._track(site_epoch_metrics(epoch_metrics), current_round * self.local_epochs + epoch)
 
         private = {}
-        if self.privacy is not None:  # the round's draws are spent once trained, whatever happens next
-            private = {"dp_epsilon": self.privacy.account(self.local_epochs)}
+        if self.privacy is not None:  # accounted step by step as they ran (an aborted round's steps too)
+            private = {"dp_epsilon": self.privacy.spent()}
         local_metrics = self._scores(abort_signal)
         if local_metrics is None:
             return self._aborted(fl_ctx, f"while scoring the local model of round {current_round}")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from fedxvit.checkpoint import build_model_from_checkpoint, read_meta, save_checkpoint, sidecar_path
 from fedxvit.datalist import read_dataset_info
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.model import DEFAULT_PRESET, PRESETS, RECIPES, build_model, get_preset, get_recipe
 from fedxvit.training import (
     evaluate,
@@ -40,7 +40,7 @@ EXPERIMENT = "fedxvit-expert"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fedxvit.expert",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

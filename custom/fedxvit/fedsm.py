@@ -46,7 +46,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 from torch import nn
 
-from fedxvit.aggregation import AGGREGATION_REPORT, ScreenedAssembler, combine_updates, screen_updates
+from fedxvit.aggregation import ScreenedAssembler, combine_updates, screen_updates
 from fedxvit.errors import FedXViTError
 from fedxvit.filters import find_bad_tensor
 
@@ -443,12 +443,16 @@ class FedSMSiteModels(Filter):
 
 class FedSMAssembler(ScreenedAssembler):
     """For NVFlare's CollectAndAssembleAggregator: the global weight differences screened and combined as in
-    the FedAvg job; the personalized-model differences of the kept sites passed on per site (the generator
-    soft-pulls them); the selector's weight and Adam-moment differences averaged. A site whose personalized
-    or selector difference is missing or not finite is dropped like a bad update."""
+    the FedAvg job (bounded step weights); the personalized-model differences of the kept sites passed on per
+    site (the generator soft-pulls them); the selector's weight and Adam-moment differences averaged (unweighted).
+    A site whose personalized or selector difference is missing or not finite is dropped like a bad update."""
 
-    def __init__(self, aggregation: str = "mean", norm_k: float = 10.0, trim_fraction: float = 0.2):
-        super().__init__(aggregation, norm_k, trim_fraction, data_kind=DataKind.COLLECTION)
+    def __init__(
+        self, aggregation: str = "mean", norm_k: float = 10.0, trim_fraction: float = 0.2, max_weight_ratio: float = 4.0
+    ):
+        super().__init__(
+            aggregation, norm_k, trim_fraction, data_kind=DataKind.COLLECTION, max_weight_ratio=max_weight_ratio
+        )
 
     def get_model_params(self, dxo: DXO) -> dict:
         parts = dxo.data or {}
@@ -459,11 +463,10 @@ class FedSMAssembler(ScreenedAssembler):
             else {},
             "personalized": data[PERSONALIZED].data if isinstance(data[PERSONALIZED], DXO) else {},
             "selector": data[SELECTOR].data if isinstance(data[SELECTOR], DXO) else {},
-            "weight": float(dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 1) or 1),
+            "steps": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
         }
 
     def assemble(self, data: Dict[str, dict], fl_ctx: FLContext) -> DXO:
-        round_number = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         rejected = {}
         for site, entry in data.items():  # the personalized and selector differences must be complete and finite
             selector = entry["selector"] or {}
@@ -480,20 +483,13 @@ class FedSMAssembler(ScreenedAssembler):
                     break
         complete = {site: entry["update"] for site, entry in data.items() if site not in rejected}
         kept, screened = screen_updates(complete, self.norm_k)
-        rejected.update(screened)
-        for site, reason in rejected.items():
-            self.log_warning(fl_ctx, f"fedxvit: round {round_number}: dropped the update of {site}: {reason}")
-        fl_ctx.set_prop(AGGREGATION_REPORT, {"aggregated": kept, "rejected": rejected}, private=True, sticky=False)
-        if not kept:
-            self.log_error(fl_ctx, f"fedxvit: round {round_number}: no update to aggregate; every model stays")
+        kept, site_weights = self.decide(data, kept, {**rejected, **screened}, fl_ctx)
+        if not kept:  # every model stays
             return DXO(
                 data_kind=DataKind.COLLECTION, data={AppConstants.MODEL_WEIGHTS: DXO(DataKind.WEIGHT_DIFF, data={})}
             )
         weights = combine_updates(
-            {s: data[s]["update"] for s in kept},
-            {s: data[s]["weight"] for s in kept},
-            self.aggregation,
-            self.trim_fraction,
+            {s: data[s]["update"] for s in kept}, site_weights, self.aggregation, self.trim_fraction
         )
         return DXO(
             data_kind=DataKind.COLLECTION,

@@ -99,8 +99,22 @@ class SerializedModelLocator(PTFileModelLocator):
         return dxo
 
 
+def decrypt_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model", help="the global model the HE job's server saved (app_server/FL_global_model.pt)")
+    parser.add_argument("--context", required=True, help="a site's client_context.tenseal (its startup kit)")
+    parser.add_argument("--preset", required=True, help="the job's model preset")
+    parser.add_argument("--out", required=True, help="where to write the decrypted checkpoint (with its sidecar)")
+    return parser
+
+
 def decrypt_main(argv=None) -> Path:
     """`python -m fedxvit.he decrypt`: the server's encrypted global model -> a plain fedxvit checkpoint."""
+    from fedxvit.errors import ArgumentParser
+
+    return decrypt(decrypt_parser(ArgumentParser(prog="python -m fedxvit.he decrypt")).parse_args(argv))
+
+
+def decrypt(args: argparse.Namespace) -> Path:
     import torch
 
     from fedxvit.checkpoint import save_checkpoint
@@ -108,12 +122,6 @@ def decrypt_main(argv=None) -> Path:
     from fedxvit.errors import FedXViTError
     from fedxvit.model import build_model
 
-    parser = argparse.ArgumentParser(prog="python -m fedxvit.he decrypt", description=decrypt_main.__doc__)
-    parser.add_argument("model", help="the global model the HE job's server saved (app_server/FL_global_model.pt)")
-    parser.add_argument("--context", required=True, help="a site's client_context.tenseal (its startup kit)")
-    parser.add_argument("--preset", required=True, help="the job's model preset")
-    parser.add_argument("--out", required=True, help="where to write the decrypted checkpoint (with its sidecar)")
-    args = parser.parse_args(argv)
     path = Path(args.model)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -131,13 +139,14 @@ def decrypt_main(argv=None) -> Path:
     return Path(args.out)
 
 
-def main(argv=None):
-    import sys
+def main(argv=None) -> Path:
+    """`python -m fedxvit.he COMMAND`: the site-side tools of the HE job (today one: decrypt)."""
+    from fedxvit.errors import ArgumentParser
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] != "decrypt":
-        raise SystemExit("usage: python -m fedxvit.he decrypt MODEL --context FILE --preset P --out FILE")
-    return decrypt_main(argv[1:])
+    parser = ArgumentParser(prog="python -m fedxvit.he", description="Tools for jobs/fedxvit_he (docs/privacy.md).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    decrypt_parser(commands.add_parser("decrypt", help=decrypt_main.__doc__))
+    return decrypt(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -188,3 +188,49 @@ def run_sites(run_dir: os.PathLike) -> list[str]:
             "cross-site results): pass --sites"
         )
     return names
+
+
+def check_site_options(path: os.PathLike | None = None) -> list[str]:
+    """Build every fedxvit executor a job's sites would build, with the arguments NVFlare would hand it, so a bad
+    job variable is one line naming the file before any simulator, POC or production run starts; what was checked.
+    (The executor checks the same at start-up; here it is caught before a run spends minutes waiting on it.)"""
+    import importlib
+
+    folder = config_dir(path)
+    client = resolved_config(folder / CLIENT_CONFIG)
+    checked = []
+    for entry in client.get("executors", []):
+        executor = entry.get("executor") if isinstance(entry, dict) else None
+        if not isinstance(executor, dict) or not str(executor.get("path", "")).startswith("fedxvit."):
+            continue
+        module, _, name = executor["path"].rpartition(".")
+        try:
+            getattr(importlib.import_module(module), name)(**(executor.get("args") or {}))
+        except FedXViTError as exc:
+            raise FedXViTError(f"{folder / CLIENT_CONFIG}: {exc}") from None
+        except TypeError as exc:  # an argument the executor does not take
+            raise FedXViTError(f"{folder / CLIENT_CONFIG}: {executor['path']}: {exc}") from None
+        checked.append(executor["path"])
+    return checked
+
+
+def main(argv=None) -> None:
+    from fedxvit.errors import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="python -m fedxvit.jobconfig",
+        description="Check a job's site options before running it (make simulate does, first).",
+    )
+    parser.add_argument("job", nargs="?", default=str(DEFAULT_JOB), help="job folder (default jobs/fedxvit)")
+    args = parser.parse_args(argv)
+    settings = read_job_settings(args.job)
+    checked = check_site_options(args.job)
+    print(
+        f"{args.job}: {', '.join(checked)} accept the job's options ({settings.preset}, {settings.num_rounds} rounds)"
+    )
+
+
+if __name__ == "__main__":
+    from fedxvit.errors import run_cli
+
+    run_cli(main)

@@ -14,7 +14,10 @@ FedSM keeps ScatterAndGather with fedxvit.fedsm's generator, assembler and task-
 weighs the mean by the sites' MAS factors (fedxvit.aggregation) and trains with Balanced Softmax;
 cyclic replaces ScatterAndGather with CyclicController. The privacy variants are FedAvg with one
 of NVFlare's privacy filters on every site's `train` result, with DP-SGD, or with NVFlare's
-homomorphic-encryption components (docs/privacy.md).
+homomorphic-encryption components; their sites send only what aggregation and evaluation need beside
+the weights, and the filter and HE jobs keep each site's local model at the site (docs/privacy.md).
+Job folders carry no code (no app/custom/): every participant allows fedxvit's classes itself
+(fedxvit.site_policy), and nothing here writes one.
 """
 
 from __future__ import annotations
@@ -161,6 +164,7 @@ def cyclic(server: dict, client: dict) -> None:
         "aggregation",
         "norm_k",
         "trim_fraction",
+        "max_weight_ratio",
         "key_metric",
         "wait_time_after_min_received",
         "train_timeout",
@@ -238,14 +242,38 @@ ALGORITHM_JOBS = {
 # ---- update privacy: one of NVFlare's stock privacy filters on every site's `train` result
 
 
+def privacy_results(client: dict, train_filters: list, local_model_leaves: bool) -> None:
+    """The sites' result chains of a privacy job: `train_filters` on every update, then the base job's
+    MetadataPolicy with the privacy default (only what aggregation and evaluation need: may_leave
+    'aggregation'; a site's own answer replaces it); the local model either leaves under the same policy
+    or stays at the site (KeepLocalModel answers the request with an error reply)."""
+    set_variables(client, may_leave="aggregation")
+    policy = {key: value for key, value in find_filter(client, "metadata_policy").items() if key != "id"}
+    keep = {"path": "fedxvit.site_policy.KeepLocalModel", "args": {}}
+    client["task_result_filters"] = [
+        {"tasks": ["train"], "filters": [*train_filters, policy]},
+        {"tasks": ["validate"], "filters": [policy]},
+        {"tasks": ["submit_model"], "filters": [policy if local_model_leaves else keep]},
+    ]
+
+
+def no_local_models(server: dict) -> None:
+    """Cross-site evaluation scores the global model only: the server asks for no site's local model (and the
+    sites' KeepLocalModel answers a server that asks anyway with an error reply, not the model)."""
+    find(server, "workflows", "cross_site_model_eval")["args"]["submit_model_task_name"] = ""
+
+
 def result_filter(server: dict, client: dict, name: str, path: str, **variables) -> None:
     """The sites pass every update through NVFlare filter `path` before it leaves; its options become
-    client job variables of the same names. The server's run records which filter (MLflow `privacy`)."""
+    client job variables of the same names. The server's run records which filter (MLflow `privacy`).
+    The filter's promise is about everything a site sends, and a site's best local model would leave whole
+    and in clear in cross-site evaluation (the filters treat their input as an update: they zero and clip
+    values, so a filtered model is not a model), so these jobs collect no local model (no_local_models)."""
     set_variables(client, **variables)
-    client["task_result_filters"] = [
-        {"tasks": ["train"], "filters": [{"path": path, "args": {key: "{" + key + "}" for key in variables}}]}
-    ]
+    train_filter = {"path": path, "args": {key: "{" + key + "}" for key in variables}}
+    privacy_results(client, [train_filter], local_model_leaves=False)
     tracked_params(server)["privacy"] = name
+    no_local_models(server)
 
 
 def percentile_privacy(server: dict, client: dict) -> None:
@@ -282,7 +310,11 @@ def exclude_vars(server: dict, client: dict) -> None:
 
 
 def dp_sgd(server: dict, client: dict) -> None:
+    # the local model a site submits for cross-site evaluation was trained with DP-SGD like every update it
+    # sent (its best round's model, picked on validation images outside the training data): it is covered
+    # by the same (epsilon, delta), so this job keeps cross-site evaluation of the local models
     site_algorithm(client, "fedavg", dp_epsilon=8.0, dp_delta=1e-5, dp_max_grad_norm=1.0)
+    privacy_results(client, [], local_model_leaves=True)
     tracked_params(server)["privacy"] = "dp-sgd"
 
 
@@ -296,7 +328,7 @@ def homomorphic_encryption(server: dict, client: dict) -> None:
     # It cannot look into an update, so the plaintext screening (RejectBadUpdates, ScreenedAssembler)
     # goes, and the sites' local models are not collected for cross-site evaluation (they would reach
     # the server in clear): only the global model is scored, at each site, after decryption there.
-    drop_variables(server, "aggregation", "norm_k", "trim_fraction")
+    drop_variables(server, "aggregation", "norm_k", "trim_fraction", "max_weight_ratio")
     server["task_result_filters"][0]["filters"].remove(find_filter(server, "reject_bad_updates"))
     server["components"].insert(
         0, {"id": "serialize_filter", "path": f"{NVFLARE_HE}.model_serialize_filter.HEModelSerializeFilter", "args": {}}
@@ -311,7 +343,7 @@ def homomorphic_encryption(server: dict, client: dict) -> None:
     find(server, "components", "model_locator")["path"] = "fedxvit.he.SerializedModelLocator"
     cross_site = find(server, "workflows", "cross_site_model_eval")
     cross_site["path"] = f"{NVFLARE_HE}.cross_site_model_eval.HECrossSiteModelEval"
-    cross_site["args"]["submit_model_task_name"] = ""  # local models stay at the sites
+    no_local_models(server)  # local models would reach the server in clear
     receiver = find(server, "components", "mlflow_receiver")["args"]
     receiver["registered_model_name"] = ""  # the server's model is ciphertext: nothing readable to register
     tracked_params(server)["privacy"] = "he"
@@ -321,14 +353,8 @@ def homomorphic_encryption(server: dict, client: dict) -> None:
             "filters": [{"path": f"{NVFLARE_HE}.model_decryptor.HEModelDecryptor", "args": {}}],
         }
     ]
-    client["task_result_filters"] = [
-        {
-            "tasks": ["train"],
-            "filters": [
-                {"path": f"{NVFLARE_HE}.model_encryptor.HEModelEncryptor", "args": {"weigh_by_local_iter": True}}
-            ],
-        }
-    ]
+    encryptor = {"path": f"{NVFLARE_HE}.model_encryptor.HEModelEncryptor", "args": {"weigh_by_local_iter": True}}
+    privacy_results(client, [encryptor], local_model_leaves=False)
 
 
 PRIVACY_JOBS = {
@@ -367,7 +393,8 @@ def readme(name: str, description: str) -> str:
     command = (
         f"python -m fedxvit.poc --job jobs/{name}   # make poc-he: a POC system provisioned for HE"
         if name == HE_JOB
-        else f"nvflare simulator jobs/{name} -w workspace -c site1,site2,site3 -gpu 0 -t 3"
+        else "python -m fedxvit.site_policy workspace/local   # once: allow fedxvit's classes (jobs carry no code)\n"
+        f"nvflare simulator jobs/{name} -w workspace -c site1,site2,site3 -gpu 0 -t 3"
     )
     return (
         f"# {name}\n\nGenerated by `python -m fedxvit.jobs` (`make jobs`) from `jobs/{BASE_JOB}` and the "

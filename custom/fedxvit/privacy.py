@@ -6,8 +6,10 @@ clips each image's gradient of the trainable tensors to `max_grad_norm` and adds
 `noise_multiplier` x max_grad_norm to their sum (Opacus' GradSampleModule, DPOptimizer and
 DPDataLoader). The noise is chosen once, at the first round, so that the whole planned training
 (num_rounds x local_epochs epochs) spends exactly the target epsilon; one RDP accountant then
-carries the site's spending across rounds. A round that would spend past the target is not
-trained: the site stops sending, with one log line, and the federation goes on without it.
+carries the site's spending across rounds. The accountant is stepped by Opacus' own hook on every
+noised optimizer step that ran, not by the plan: a round aborted midway spends what it trained. A round
+that would spend past the target is not trained: the site stops sending, with one log line, and the
+federation goes on without it.
 Frozen tensors (the freeze policy) get no gradient, so frozen BatchNorm stays frozen and needs no
 replacement. The model's validation scores are not private (they are a few numbers per round).
 """
@@ -68,17 +70,25 @@ class SitePrivacy:
         return int(epochs) * len(self.loader)
 
     def private(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
-        """The round's optimizer with per-image clipping and noise."""
+        """The round's optimizer with per-image clipping and noise; each of its steps is accounted as it is taken
+        (Opacus' accountant hook, as its PrivacyEngine attaches it)."""
         expected_batch = max(1, round(self.sample_rate * len(self.loader.dataset)))
-        return DPOptimizer(
+        optimizer = DPOptimizer(
             optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
             expected_batch_size=expected_batch,
         )
+        optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+        return optimizer
 
     def spent(self) -> float:
+        """Epsilon spent by the optimizer steps taken so far."""
         return self.accountant.get_epsilon(self.delta) if self.accountant.history else 0.0
+
+    def steps_taken(self) -> int:
+        """Noised optimizer steps accounted so far."""
+        return sum(steps for _, _, steps in self.accountant.history)
 
     def would_spend(self, epochs: int) -> float:
         """Epsilon spent after `epochs` more epochs."""
@@ -92,14 +102,8 @@ class SitePrivacy:
         """The noise is chosen so that the planned epochs spend at most the target; more do not fit."""
         return self.would_spend(epochs) <= self.target_epsilon * (1 + 1e-6)
 
-    def account(self, epochs: int) -> float:
-        """Record a finished round of `epochs` epochs; the epsilon spent so far."""
-        for _ in range(self.steps(epochs)):
-            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        return self.spent()
-
     def summary(self) -> str:
         return (
-            f"DP-SGD epsilon {self.spent():.3g} of {self.target_epsilon:g} spent (delta {self.delta:g}, "
-            f"noise {self.noise_multiplier:.3g}, clip {self.max_grad_norm:g})"
+            f"DP-SGD epsilon {self.spent():.3g} of {self.target_epsilon:g} spent in {self.steps_taken()} steps "
+            f"(delta {self.delta:g}, noise {self.noise_multiplier:.3g}, clip {self.max_grad_norm:g})"
         )

@@ -14,9 +14,10 @@ each model is registered once per run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from nvflare.app_common.app_constant import DefaultCheckpointFileName
 from fedxvit import tracking
 from fedxvit.checkpoint import load_global_model
 from fedxvit.classes import TASK_CLASSES
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.model import DEFAULT_PRESET
 from fedxvit.widgets import GLOBAL_VAL_FILE, weighted_global_metrics
 
@@ -173,12 +174,18 @@ def log_registered_model(
     return version
 
 
-def locate_runs(run_dir: Path, tracking_uri: str | None = None, job_id: str | None = None) -> dict:
+def locate_runs(
+    run_dir: Path,
+    tracking_uri: str | None = None,
+    job_id: str | None = None,
+    timeout_s: float = tracking.DEFAULT_TIMEOUT_S,
+) -> dict:
     """The job's store, job tag, server name and run ids: from the run record, else found by job id."""
     record = read_run_record(run_dir)
     if record is not None:
         recorded = record.get("tracking_uri") or ""
         uri = tracking_uri or (recorded if "***@" not in recorded else tracking.tracking_uri())
+        tracking.check_tracking_store(uri, timeout_s)  # one bounded line, not MLflow's minutes of retries
         return {"uri": uri, "job_id": record.get("job_id"), "server": record["server"], "runs": record["runs"]}
     job_id = job_id or run_dir.name
     if job_id == SIMULATOR_JOB_ID:
@@ -189,6 +196,7 @@ def locate_runs(run_dir: Path, tracking_uri: str | None = None, job_id: str | No
     from mlflow import MlflowClient
 
     uri = tracking_uri or tracking.tracking_uri()
+    tracking.check_tracking_store(uri, timeout_s)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(tracking.FEDERATED_EXPERIMENT)
     runs = find_job_runs(client, experiment.experiment_id, job_id) if experiment else {}
@@ -209,13 +217,16 @@ def record_run(
     job_id: str | None = None,
     results: os.PathLike | None = None,
     registered_name: str = REGISTERED_MODEL,
+    timeout_s: float = tracking.DEFAULT_TIMEOUT_S,
+    per_image: bool = False,
 ) -> list[str]:
-    """Server-run parameters, final and best model versions, and (when given) the results folder; what it did."""
+    """Server-run parameters, final and best model versions, and (when given) the results folder -- its aggregates
+    only unless `per_image` (aggregate_results); what it did."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
     run_dir = Path(run_dir)
-    found = locate_runs(run_dir, tracking_uri, job_id)
+    found = locate_runs(run_dir, tracking_uri, job_id, timeout_s)
     uri, server, runs = found["uri"], found["server"], found["runs"]
     client = MlflowClient(uri)
     server_run = client.get_run(runs[server])
@@ -268,13 +279,56 @@ def record_run(
         done.append(f"{kind} global model registered as '{name}' version {version}")
 
     if results is not None:
-        client.log_artifacts(server_run.info.run_id, str(results), artifact_path="results")
-        done.append(f"attached {results} to MLflow run {server_run.info.run_id} ({server_run.info.run_name})")
+        with tempfile.TemporaryDirectory() as aggregates:
+            left_out = [] if per_image else aggregate_results(results, aggregates)
+            client.log_artifacts(server_run.info.run_id, str(results if per_image else aggregates), "results")
+        done.append(
+            f"attached {results} to MLflow run {server_run.info.run_id} ({server_run.info.run_name})"
+            + (f", without its {len(left_out)} per-image parts (--upload-per-image uploads them)" if left_out else "")
+        )
     return done
 
 
+PER_IMAGE_KEYS = ("images", "contact_sheet")  # what result_stat's JSON files hold per test image
+
+
+def aggregate_results(results: os.PathLike, dest: os.PathLike) -> list[str]:
+    """Copy into `dest` what of a results folder goes to a tracking server by default: the aggregates. Left out,
+    as a hospital's test images are not the consortium's: every sub-folder (result_stat.gradcam's overlay per
+    image), every file a JSON file names as a `contact_sheet` (a sheet of overlays), and the per-image entries
+    (names, probabilities) inside the JSON files. Returns what was left out, relative to `results`."""
+    results, dest = Path(results), Path(dest)
+    left_out, sheets, stripped = {f"{p.name}/" for p in results.iterdir() if p.is_dir()}, set(), {}
+
+    def strip(value, path: Path):
+        if isinstance(value, dict):
+            dropped = [key for key in PER_IMAGE_KEYS if key in value]
+            left_out.update(f"{path.name}: {key}" for key in dropped)
+            if isinstance(value.get("contact_sheet"), str):
+                sheets.add(Path(value["contact_sheet"]).name)
+            return {k: strip(v, path) for k, v in value.items() if k not in dropped}
+        return [strip(v, path) for v in value] if isinstance(value, list) else value
+
+    files = sorted(p for p in results.iterdir() if p.is_file())
+    for path in files:
+        if path.suffix == ".json":
+            try:
+                stripped[path] = strip(json.loads(path.read_text()), path)
+            except ValueError:
+                pass  # not a file result_stat wrote: copied as it is
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        if path.name in sheets:
+            left_out.add(path.name)
+        elif path in stripped:
+            (dest / path.name).write_text(json.dumps(stripped[path], indent=2) + "\n")
+        else:
+            shutil.copy2(path, dest / path.name)
+    return sorted(left_out)
+
+
 def main(argv=None) -> list[str]:
-    parser = argparse.ArgumentParser(prog="python -m fedxvit.run_record", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m fedxvit.run_record", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="the server's run folder (workspace/server/simulate_job, or a downloaded job)")
     parser.add_argument(
         "--tracking-uri",
@@ -284,11 +338,30 @@ def main(argv=None) -> list[str]:
     )
     parser.add_argument("--job-id", default=None, help="the runs' job_id tag, for a run folder without a run record")
     parser.add_argument("--results", default=None, help="a results folder to attach to the server run")
+    parser.add_argument(
+        "--upload-per-image",
+        action="store_true",
+        help="attach the results' per-image parts too (test-image overlays, image names, probabilities); "
+        "default: aggregates only",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=tracking.DEFAULT_TIMEOUT_S,
+        help=f"seconds to wait for the tracking store to answer (default {tracking.DEFAULT_TIMEOUT_S:g})",
+    )
     args = parser.parse_args(argv)
     if not Path(args.run_dir).is_dir():
         raise FedXViTError(f"run folder {args.run_dir} does not exist")
     try:
-        done = record_run(args.run_dir, args.tracking_uri, args.job_id, args.results)
+        done = record_run(
+            args.run_dir,
+            args.tracking_uri,
+            args.job_id,
+            args.results,
+            timeout_s=args.timeout,
+            per_image=args.upload_per_image,
+        )
     except FedXViTError:
         raise
     except Exception as exc:  # the store's own errors are many lines long

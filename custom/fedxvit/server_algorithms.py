@@ -12,7 +12,8 @@ weight difference and the control-variate change and expects one COLLECTION of b
 back from the aggregator. `ScaffoldScreenedAssembler` gives that to NVFlare's
 CollectAndAssembleAggregator with the same safeguards as the FedAvg job: a site whose weight
 difference *or* control-variate change is over `norm_k` x the median of the other sites' is
-dropped, and both are combined by the job's `aggregation`.
+dropped, and both are combined by the job's `aggregation`, a mean with the same bounded step weights
+(`max_weight_ratio`, fedxvit.aggregation.bound_weights).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 from torch import nn
 
-from fedxvit.aggregation import AGGREGATION_REPORT, ScreenedAssembler, combine_updates, screen_updates, update_norm
+from fedxvit.aggregation import ScreenedAssembler, combine_updates, screen_updates, update_norm
 from fedxvit.errors import FedXViTError
 
 CONTROLS_MISSING = "sent no SCAFFOLD control-variate change"
@@ -88,8 +89,12 @@ def screen_scaffold_updates(updates: Dict[str, dict], controls: Dict[str, dict],
 class ScaffoldScreenedAssembler(ScreenedAssembler):
     """ScreenedAssembler for ScatterAndGatherScaffold: screens and combines weights and control variates together."""
 
-    def __init__(self, aggregation: str = "mean", norm_k: float = 10.0, trim_fraction: float = 0.2):
-        super().__init__(aggregation, norm_k, trim_fraction, data_kind=DataKind.COLLECTION)
+    def __init__(
+        self, aggregation: str = "mean", norm_k: float = 10.0, trim_fraction: float = 0.2, max_weight_ratio: float = 4.0
+    ):
+        super().__init__(
+            aggregation, norm_k, trim_fraction, data_kind=DataKind.COLLECTION, max_weight_ratio=max_weight_ratio
+        )
 
     def get_model_params(self, dxo: DXO) -> dict:
         parts = dxo.data or {}
@@ -97,22 +102,17 @@ class ScaffoldScreenedAssembler(ScreenedAssembler):
         return {
             "update": weights.data if isinstance(weights, DXO) else {},
             "controls": controls.data if isinstance(controls, DXO) else {},
-            "weight": float(dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 1) or 1),
+            "steps": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
         }
 
     def assemble(self, data: Dict[str, dict], fl_ctx: FLContext) -> DXO:
         updates = {site: entry["update"] for site, entry in data.items()}
         controls = {site: entry["controls"] for site, entry in data.items()}
-        kept, rejected = screen_scaffold_updates(updates, controls, self.norm_k)
+        kept, site_weights = self.decide(data, *screen_scaffold_updates(updates, controls, self.norm_k), fl_ctx)
         round_number = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        for site, reason in rejected.items():
-            self.log_warning(fl_ctx, f"fedxvit: round {round_number}: dropped the update of {site}: {reason}")
-        fl_ctx.set_prop(AGGREGATION_REPORT, {"aggregated": kept, "rejected": rejected}, private=True, sticky=False)
         if not kept:  # the global model and controls stay as they are
-            self.log_error(fl_ctx, f"fedxvit: round {round_number}: no update to aggregate; the global model stays")
             weights, control_change = {}, {}
         else:
-            site_weights = {s: data[s]["weight"] for s in kept}
             weights = combine_updates({s: updates[s] for s in kept}, site_weights, self.aggregation, self.trim_fraction)
             control_change = combine_updates(
                 {s: controls[s] for s in kept}, site_weights, self.aggregation, self.trim_fraction

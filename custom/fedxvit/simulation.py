@@ -4,7 +4,9 @@ and the tests that run the simulator.
 
 The job itself is never edited: a copy gets new values for its *variables* (the keys at the top
 of config_fed_server.json / config_fed_client.json), so any job folder that follows the
-repository's conventions can be run, whatever its components.
+repository's conventions can be run, whatever its components. A copy must keep every task bounded
+(TASK_LIMITS above 0): the comparison and the gap check require every site in every round, so a
+site that takes a task and never answers would otherwise hold the run for as long as it hangs.
 """
 
 from __future__ import annotations
@@ -19,16 +21,33 @@ from pathlib import Path
 
 from fedxvit.errors import FedXViTError, read_json
 from fedxvit.persistor import INITIAL_MODEL_ENV
+from fedxvit.site_policy import allow_classes
 from fedxvit.sites import DATA_ROOT_ENV, site_env_var
 
 SERVER_CONFIG = Path("app") / "config" / "config_fed_server.json"
 CLIENT_CONFIG = Path("app") / "config" / "config_fed_client.json"
 GLOBAL_MODEL = Path("app_server") / "FL_global_model.pt"
 SIMULATOR_LOG = "simulator_output.log"
+# server job variables that bound a task in seconds; NVFlare reads 0 as "wait for ever"
+TASK_LIMITS = ("train_timeout", "submit_model_timeout", "validation_timeout")
 
 
 def read_job_config(job: Path, which: Path) -> dict:
     return read_json(Path(job) / which, f"job folder {job} has no {which}")
+
+
+def unbounded_tasks(server_config: dict) -> list[str]:
+    """The TASK_LIMITS a server config has that are not a positive whole number of seconds."""
+    return [
+        name
+        for name in TASK_LIMITS
+        if name in server_config
+        and (
+            isinstance(server_config[name], bool)
+            or not isinstance(server_config[name], int)
+            or server_config[name] <= 0
+        )
+    ]
 
 
 def job_copy(
@@ -37,7 +56,8 @@ def job_copy(
     """A fresh copy of job `source` at `dest` with new values for its server and client variables.
 
     A variable the job lacks is an error naming the file, unless it is listed in `optional`
-    (e.g. min_clients, which a cyclic job has no use for): then it is left out."""
+    (e.g. min_clients, which a cyclic job has no use for): then it is left out. So is a task limit
+    (TASK_LIMITS) that is not a positive number of seconds."""
     source, dest = Path(source), Path(dest)
     for which in (SERVER_CONFIG, CLIENT_CONFIG):
         read_job_config(source, which)  # both files exist and parse before anything is copied
@@ -54,6 +74,14 @@ def job_copy(
             elif key not in optional:
                 raise FedXViTError(f"{source / which} has no job variable {key!r}")
         (dest / which).write_text(json.dumps(config, indent=2) + "\n")
+    server_config = read_job_config(dest, SERVER_CONFIG)
+    unbounded = unbounded_tasks(server_config)
+    if unbounded:
+        values = ", ".join(f"{name}={server_config[name]!r}" for name in unbounded)
+        raise FedXViTError(
+            f"{dest / SERVER_CONFIG} (a copy of {source}): {values}: a task limit must be a positive number of "
+            "seconds (0 lets one hung site stall a run that waits for its sites)"
+        )
     return dest
 
 
@@ -79,6 +107,17 @@ def simulator_env(
     return env
 
 
+def failure_reason(log: str) -> str:
+    """The line of a failed run's log a user needs: fedxvit's own one-line error when a site or the server raised
+    one (a bad job variable, a missing data folder), else the last error line NVFlare printed."""
+    lines = log.splitlines()
+    own = [line.split("FedXViTError: ", 1)[1] for line in lines if line.startswith("fedxvit.errors.FedXViTError: ")]
+    if own:
+        return own[-1].strip()
+    errors = [line for line in lines if "ERROR" in line or "Error" in line]
+    return (errors or log.strip().splitlines() or ["no output"])[-1].strip()[:300]
+
+
 def run_simulator(
     job: os.PathLike,
     workspace: os.PathLike,
@@ -87,14 +126,18 @@ def run_simulator(
     initial: os.PathLike,
     timeout_s: int = 3600,
     extra_env: dict | None = None,
+    allow: tuple = (),
 ) -> Path:
     """`nvflare simulator <job> -w <workspace> -c <sites> -t <n sites>` (one client process per site,
     so none waits for a turn); the server's run folder, or one line saying why there is none.
-    The whole output is kept in <workspace>/simulator_output.log."""
+    The whole output is kept in <workspace>/simulator_output.log. Jobs carry no code: every participant
+    builds the classes fedxvit's jobs need and those `allow` names (<workspace>/local/resources.json,
+    fedxvit.site_policy.allow_classes)."""
     job, workspace, sites = Path(job), Path(workspace), list(sites)
     if workspace.exists():
         shutil.rmtree(workspace)
     workspace.parent.mkdir(parents=True, exist_ok=True)
+    allow_classes(workspace / "local", allow)
     command = [
         str(Path(sys.executable).parent / "nvflare"),
         "simulator",
@@ -130,9 +173,8 @@ def run_simulator(
     (workspace / SIMULATOR_LOG).write_text(run.stdout + run.stderr)
     run_dir = workspace / "server" / "simulate_job"
     if run.returncode != 0 or not (run_dir / GLOBAL_MODEL).is_file():
-        errors = [line for line in (run.stdout + run.stderr).splitlines() if "ERROR" in line or "Error" in line]
-        last = (errors or (run.stdout + run.stderr).strip().splitlines() or ["no output"])[-1].strip()
         raise FedXViTError(
-            f"the simulator run of {job} failed (exit {run.returncode}, log {workspace / SIMULATOR_LOG}): {last[:300]}"
+            f"the simulator run of {job} failed (exit {run.returncode}, log {workspace / SIMULATOR_LOG}): "
+            f"{failure_reason(run.stdout + run.stderr)}"
         )
     return run_dir

@@ -10,7 +10,9 @@ location is looked up in this order (first hit wins):
 4. `<project_root>/data/<site>` (the embedded benchmark of `make data`).
 
 Everything is checked before any DataLoader work, and a problem is one FedXViTError line that
-names the site, the path and how it was chosen.
+names the site, the path and how it was chosen. Every datalist entry must lie inside the data folder
+(fedxvit.datalist); a site that keeps images elsewhere allows that folder itself in
+$FEDXVIT_ALLOWED_ROOTS (fedxvit.paths), never a job.
 """
 
 from __future__ import annotations

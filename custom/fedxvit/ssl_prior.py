@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedxvit.datalist import file_hash, read_dataset_info
-from fedxvit.errors import FedXViTError, read_json, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, read_json, run_cli
 
 DEFAULT_OUT = Path("models") / "ssl_prior.pt"
 PRIOR_SIZE = 64  # the encoder's input side: images are resized to it whatever the job's preset
@@ -167,7 +167,7 @@ def load_prior(path: os.PathLike, device: str | torch.device = "cpu") -> tuple[P
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fedxvit.ssl_prior", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m fedxvit.ssl_prior", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--data", default="data/public", help="public image folder (datalist.json; default data/public)"
     )

@@ -162,7 +162,8 @@ def train_epoch(
             scheduler.step()
         steps += 1
         images += len(labels)
-        total_loss += loss.item() * len(labels)
+        if len(labels):  # DP-SGD's Poisson sampling draws empty batches too (a noised step, but a loss of nan)
+            total_loss += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         if progress is not None:
             progress({"loss": loss.item(), "images": images})

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from fedxvit.checkpoint import load_checkpoint, load_global_model, save_checkpoint, sidecar_path
+from fedxvit.checkpoint import load_checkpoint, load_global_model, read_meta, save_checkpoint, sidecar_path
 from fedxvit.classes import EXPERT_CLASSES, TASK_CLASSES
-from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.model import HybridViT, build_model
 
 
@@ -62,14 +62,14 @@ def load_expert(path: Path, preset: str | None) -> tuple[dict, dict]:
             raise FedXViTError(
                 f"--expert {path} has no sidecar: for a federated expert (FL_global_model.pt) give its --preset"
             )
-        return load_checkpoint(path)
+        return load_checkpoint(path, preset)  # a --preset other than the sidecar's is refused, not ignored
     model = load_global_model(path, preset, num_classes=len(EXPERT_CLASSES))
     meta = {"preset": preset, "num_classes": model.num_classes, "class_names": list(EXPERT_CLASSES), "federated": True}
     return model.state_dict(), meta
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fedxvit.transfer",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -83,11 +83,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="models/initial_global.pt", help="initial global model to write")
     parser.add_argument("--num-classes", type=int, default=len(TASK_CLASSES), help="classes of the federated task")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh head")
+    parser.add_argument(
+        "--force", action="store_true", help="replace --out even if it is not an earlier output of this tool"
+    )
     return parser.parse_args(argv)
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse to replace a file this tool did not write (a checkpoint without a transfer sidecar) unless --force."""
+    if not out.exists() or force:
+        return
+    try:
+        written_here = "transplanted_from" in read_meta(out)
+    except FedXViTError:
+        written_here = False
+    if not written_here:
+        raise FedXViTError(
+            f"--out {out} exists and was not written by fedxvit.transfer: choose another --out or --force"
+        )
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_out(Path(args.out), args.force)
     state, meta = load_expert(Path(args.expert), args.preset)
     if args.num_classes == len(TASK_CLASSES):
         class_names = list(TASK_CLASSES)

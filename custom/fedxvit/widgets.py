@@ -13,7 +13,8 @@ events on the server, where the TensorBoard and MLflow receivers write them like
 A site is dropped from a round when its result is an error (the update filter's rejection,
 an exception, an abort), when the aggregator does not accept it (late), when the robust
 aggregator's norm screening rejects it (fedxvit.aggregation), or when nothing arrives before
-the round closes; the row's `dropped_sites` says which reason applied.
+the round closes; the row's `dropped_sites` says which reason applied. A site whose reported weight
+was clipped (fedxvit.aggregation.bound_weights) is aggregated and listed in `clipped_sites`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from nvflare.app_common.widgets.streaming import AnalyticsSender
 from nvflare.widgets.widget import Widget
 
 from fedxvit.aggregation import AGGREGATION_REPORT
+from fedxvit.errors import FedXViTError
 from fedxvit.filters import REJECT_REASON_HEADER
 from fedxvit.tracking import server_round_metrics
 
@@ -82,6 +84,7 @@ def format_round(row: dict) -> str:
         line += "".join(f"; dropped {site}: {reason}" for site, reason in row["dropped_sites"].items())
     if row.get("aggregation_weights"):
         line += "; weights " + ", ".join(f"{site} {w:.3f}" for site, w in row["aggregation_weights"].items())
+    line += "".join(f"; clipped {site}: {reason}" for site, reason in row.get("clipped_sites", {}).items())
     return line
 
 
@@ -97,6 +100,8 @@ class GlobalValidationTracker(Widget):
         """earlier_rounds: rows of rounds a killed run already finished, for a job that resumes it
         (fedxvit.poc's server-crash drill); they are kept in the table but not sent again."""
         super().__init__()
+        if Path(file_name).name != file_name or file_name in ("", ".", ".."):  # a job must not pick where it writes
+            raise FedXViTError(f"job option file_name={file_name!r}: a file name in the run folder, not a path")
         self.file_name = file_name
         self.earlier_rounds = list(earlier_rounds or [])
         self.train_task_name = train_task_name
@@ -170,6 +175,9 @@ class GlobalValidationTracker(Widget):
         weights = (fl_ctx.get_prop(AGGREGATION_REPORT) or {}).get("weights")
         if weights:
             row["aggregation_weights"] = dict(sorted(weights.items()))
+        clipped = (fl_ctx.get_prop(AGGREGATION_REPORT) or {}).get("clipped")
+        if clipped:
+            row["clipped_sites"] = dict(sorted(clipped.items()))
         self.rows = [r for r in self.rows if r["round"] != current_round] + [row]
         self.publish(row, fl_ctx)
 

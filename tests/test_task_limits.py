@@ -1,0 +1,64 @@
+"""A hung site cannot stall a run: every task of every shipped job, and of every copy fedxvit runs (the
+comparison's and the gap check's, which require every site), is bounded by a job variable above 0.
+The simulator run with a hung site is in test_faults.py."""
+
+import json
+
+import pytest
+from tiny import REPO
+
+from fedxvit.errors import FedXViTError
+from fedxvit.simulation import SERVER_CONFIG, TASK_LIMITS, job_copy, unbounded_tasks
+
+JOBS = sorted(path for path in (REPO / "jobs").iterdir() if (path / SERVER_CONFIG).is_file())
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda path: path.name)
+def test_every_shipped_job_bounds_every_task_it_waits_for(job):
+    config = json.loads((job / SERVER_CONFIG).read_text())
+    assert unbounded_tasks(config) == []
+    workflows = {workflow["id"]: workflow["args"] for workflow in config["workflows"]}
+    waits_for = {"cross_site_model_eval": ("submit_model_timeout", "validation_timeout")}
+    if "scatter_and_gather" in workflows:  # the cyclic job's relay has no result limit (docs/federated-jobs.md)
+        waits_for["scatter_and_gather"] = ("train_timeout",)
+    for workflow, limits in waits_for.items():
+        for limit in limits:
+            assert workflows[workflow][limit] == "{" + limit + "}", (workflow, limit)
+            assert isinstance(config[limit], int) and config[limit] > 0, (limit, config[limit])
+
+
+def test_a_job_copy_that_would_wait_for_ever_is_refused(tmp_path):
+    from data_preparation.federated_gap import federated_job
+
+    base = REPO / "jobs" / "fedxvit"
+    shipped = json.loads((base / SERVER_CONFIG).read_text())
+    copy = json.loads((federated_job(base, tmp_path / "gap", min_clients=6) / SERVER_CONFIG).read_text())
+    assert copy["min_clients"] == 6 and all(copy[limit] == shipped[limit] > 0 for limit in TASK_LIMITS)
+    for value in (0, -5, "600", None):
+        with pytest.raises(FedXViTError, match=rf"train_timeout={value!r}: a task limit must be a positive number"):
+            job_copy(base, tmp_path / "copy", server={"train_timeout": value})
+    assert unbounded_tasks({"train_timeout": 60, "validation_timeout": True, "other": 0}) == ["validation_timeout"]
+
+
+def test_task_times_reads_rounds_cross_site_and_tasks_from_a_server_log():
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from task_times import task_times
+
+    prefix = "2026-12-02 18:34:{:06.3f} - X - INFO - [identity=simulator_server] - ".format
+    lines = [
+        prefix(0).replace(".", ",") + "Round 0 started.",
+        prefix(1).replace(".", ",") + "assigned task to client site1: name=train, id=a1",
+        prefix(2).replace(".", ",") + "assigned task to client site2: name=train, id=a2",
+        prefix(5.5).replace(".", ",") + "got result from client site2 for task: name=train, id=a2",
+        prefix(9).replace(".", ",") + "got result from client site1 for task: name=train, id=a1",
+        prefix(10).replace(".", ",") + "Round 0 finished.",
+        prefix(11).replace(".", ",") + "Workflow cross_site_model_eval (<class 'x'>) started",
+        prefix(30).replace(".", ",") + "Workflow: cross_site_model_eval finalizing ...",
+    ]
+    assert task_times(lines) == {
+        "round_s": {0: 10.0},
+        "cross_site_s": 19.0,
+        "task_s": {"train": [["site1", 8.0], ["site2", 3.5]]},
+    }
