@@ -359,6 +359,7 @@ def federated_run(
                 "preset": scenario.preset,
                 "num_classes": scenario.num_classes,
                 "tracking_uri": tracking_uri,
+                "registered_model_name": "",  # a comparison's models are experiments, not versions to deploy
             },
             client={
                 **(client_variables or {}),
@@ -367,7 +368,7 @@ def federated_run(
                 "preset": scenario.preset,
                 "num_classes": scenario.num_classes,
             },
-            optional=("min_clients", "tracking_uri"),
+            optional=("min_clients", "tracking_uri", "registered_model_name"),
         )
         run_dir = run_simulator(copy, folder / "simulator", scenario.data, scenario.sites, scenario.initial, timeout_s)
         model = load_global_model(run_dir / GLOBAL_MODEL, scenario.preset, scenario.num_classes, scenario.device)

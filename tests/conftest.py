@@ -18,7 +18,6 @@ import pytest
 import torch
 from sent_recorder import add_update_recorder
 from tiny import (
-    SHARED_RUN_GROUP,
     SITES,
     TINY_SERVER,
     free_port,
@@ -28,6 +27,11 @@ from tiny import (
     write_tiny_run,
     write_tiny_site,
 )
+from xdist.scheduler import LoadFileScheduling
+
+# The files whose tests share the session's plain FedAvg run and the one POC system: one worker runs them all
+SHARED_RUN_FILES = ("tests/test_simulator.py", "tests/test_poc.py")
+SHARED_RUN_UNIT = "plain FedAvg run and POC system"
 
 
 @pytest.fixture(autouse=True)
@@ -107,12 +111,12 @@ def mlflow_server(tmp_path):
 def plain_fedavg_run(tmp_path_factory) -> dict:
     """The design card's FedAvg job (jobs/fedxvit), tiny: 3 sites x 2 rounds in NVFlare's real simulator,
     tracked into a real `mlflow server`. One run serves the simulator, tracking, HE-equality and POC tests:
-    they carry the xdist group tiny.SHARED_RUN_GROUP, so one worker builds it once. Each site also saves what
+    their files are one unit of work (SHARED_RUN_FILES), so one worker builds it once. Each site also saves what
     it sent for `train` (sent_recorder.RecordUpdates), for the exact-aggregate check."""
     tmp = tmp_path_factory.mktemp("fedavg")
     initial = tiny_sites_and_initial_model(tmp)
     with running_mlflow_server(tmp / "mlflow") as store:
-        job = tiny_job(tmp, tracking_uri=store)
+        job = tiny_job(tmp, tracking_uri=store, registered_model_name="fedxvit-global")
         client_config = job / "app" / "config" / "config_fed_client.json"
         client_config.write_text(json.dumps(add_update_recorder(json.loads(client_config.read_text()))))
         job_dir, log = simulate(job, tmp / "workspace", tmp / "data", initial, SITES)
@@ -128,31 +132,36 @@ def plain_fedavg_run(tmp_path_factory) -> dict:
         }
 
 
-# Handed out right after the shared group, so the other worker starts on them: the site-policy file's POC system
-# then runs while the shared group's worker is still in the plain simulator run (one_poc_system_at_a_time).
-EARLY_GROUPS = ["tests/test_site_policy.py"]
+class FileUnits(LoadFileScheduling):
+    """`make test`'s scheduler (`pytest -n 2 --dist loadfile`): a test file is one unit of work, so its module
+    fixtures (a simulator run, a federation's data) are built once, on one worker; the files that share
+    `plain_fedavg_run` and the POC system (SHARED_RUN_FILES) are one unit together. Units are handed out in
+    collection order (--no-loadscope-reorder): pytest_collection_modifyitems puts the longest first."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        path = nodeid.split("::", 1)[0]
+        return SHARED_RUN_UNIT if path in SHARED_RUN_FILES else path
 
 
-def group_of(item) -> str:
-    marker = item.get_closest_marker("xdist_group")
-    return str(marker.args[0] if marker.args else marker.kwargs.get("name", "default"))
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "loadfile":
+        return FileUnits(config, log)
+    return None  # xdist's own
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    """`make test` runs `pytest -n 2 --dist loadgroup --no-loadscope-reorder`: a test file is one group (its module
-    fixtures are built once) unless its tests name a group of their own, as the tests sharing `plain_fedavg_run` and
-    the one POC system do (SHARED_RUN_GROUP): those run on one worker, one after another. Groups are handed out in
-    collection order, so the longest go first (the shared run and POC system, then groups with slow tests) and the
-    short ones fill the gaps at the end."""
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-    slow_groups = {group_of(item) for item in items if item.get_closest_marker("slow")}
-    first = [SHARED_RUN_GROUP, *EARLY_GROUPS]
+    """The units of work in the order they should start: the shared run and POC system, then the files with slow
+    tests, then the quick ones, which fill the gaps at the end. A test that uses the shared run outside
+    SHARED_RUN_FILES would build it a second time on another worker: refused."""
+    strays = [item.nodeid for item in items if "plain_fedavg_run" in getattr(item, "fixturenames", ())]
+    strays = [nodeid for nodeid in strays if nodeid.split("::", 1)[0] not in SHARED_RUN_FILES]
+    if strays:
+        raise pytest.UsageError(f"{strays[0]} uses plain_fedavg_run: add its file to conftest.SHARED_RUN_FILES")
+    slow_files = {item.nodeid.split("::", 1)[0] for item in items if item.get_closest_marker("slow")}
 
     def rank(item) -> int:
-        group = group_of(item)
-        return first.index(group) if group in first else len(first) + (group not in slow_groups)
+        path = item.nodeid.split("::", 1)[0]
+        return 0 if path in SHARED_RUN_FILES else 1 + (path not in slow_files)
 
-    items.sort(key=rank)  # stable: the order within a group stays the file order
+    items.sort(key=rank)  # stable: the order within a file stays the file's

@@ -1,11 +1,12 @@
 """Jobs in NVFlare's real POC deployment (server + 3 client processes over the network), on ONE POC
 system provisioned for HE (`nvflare poc prepare -he`), which the slow tests below share in file order:
 the HE job (compared with conftest.plain_fedavg_run's plain FedAvg on the same sites, initial model,
-rounds and seeds), a hospital killed mid-run (min_clients = 2 of 3 lets the other two finish every
-round; it comes back for the next job), the server killed mid-run and restarted (the training resumes
-after the last finished round), and the stop. One system at a time: they carry the xdist group of the
-shared plain run, and the system gets a free port. The fast tests check that the driver never deletes a
-folder it did not create and kills only the processes it started."""
+rounds and seeds), a plain job run in a privacy scope that every site defines in its own privacy.json,
+a hospital killed mid-run (min_clients = 2 of 3 lets the other two finish every round; it comes back
+for the next job), the server killed mid-run and restarted (the training resumes after the last
+finished round), and the stop. The suite's only POC system, on one worker (conftest.SHARED_RUN_FILES),
+on a free port. The fast tests check that the driver never deletes a folder it did not create and kills
+only the processes it started."""
 
 import json
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import REPO, SHARED_RUN_GROUP, SITES, free_port, one_poc_system_at_a_time, tiny_job
+from tiny import REPO, SITES, free_port, tiny_job
 
 from fedxvit.checkpoint import encrypted_tensors
 from fedxvit.errors import FedXViTError
@@ -38,11 +39,18 @@ from fedxvit.poc import (
     uses_he,
     validate,
 )
+from fedxvit.site_policy import write_privacy
 
-ON_THE_POC_SYSTEM = pytest.mark.xdist_group(SHARED_RUN_GROUP)  # the worker that holds the plain run
 JOB_TIMEOUT_S = 400
 # Cross-site evaluation waits out these timeouts for a dead site; tiny models submit and score in a second or two
 DRILL_SETTINGS = dict(num_rounds=3, wait_time_after_min_received=5, submit_model_timeout=6, validation_timeout=12)
+# Every site's local/privacy.json defines this scope (the classifier head and the local model never leave), not as
+# its default: the HE job and the drills run unfiltered by the sites, the privacy test's job names it.
+PRIVACY_SCOPE = "no-head-no-local-model"
+SCOPE_FILTERS = [
+    {"path": "nvflare.app_common.filters.exclude_vars.ExcludeVars", "args": {"exclude_vars": "^head\\."}},
+    {"path": "fedxvit.site_policy.KeepLocalModel", "args": {}},
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +62,21 @@ def poc(plain_fedavg_run, tmp_path_factory):
         "FEDXVIT_DATA_ROOT": str(plain_fedavg_run["data"]),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
     }
-    with (
-        one_poc_system_at_a_time(tmp_path_factory),
-        PocSystem(tmp / "poc", SITES, free_port(), he=True, env=env) as system,
-    ):
+    with PocSystem(tmp / "poc", SITES, free_port(), he=True, env=env, before_start=privacy_scopes) as system:
         yield {"system": system, "tmp": tmp}
 
 
-def drill_job(tmp: Path, name: str) -> Path:
-    """A 3-round tiny job without the MLflow tracker: the drills are about the run, not its tracking (tested in
-    test_tracking.py), and registering the model at the end of a run costs tens of seconds on a busy machine."""
+def privacy_scopes(system: PocSystem):
+    for site in SITES:
+        write_privacy(system.site_dir(site) / "local", SCOPE_FILTERS, scope=PRIVACY_SCOPE, default=False)
+
+
+def drill_job(tmp: Path, name: str, **settings) -> Path:
+    """A tiny job (default: DRILL_SETTINGS) without the MLflow tracker: the drills are about the run, not its
+    tracking (tested in test_tracking.py), and registering the model at the end of a run costs tens of seconds on
+    a busy machine."""
     (tmp / name).mkdir()
-    job = tiny_job(tmp / name, **DRILL_SETTINGS)
+    job = tiny_job(tmp / name, **(settings or DRILL_SETTINGS))
     server = job / "app" / "config" / "config_fed_server.json"
     config = json.loads(server.read_text())
     config["components"] = [c for c in config["components"] if c["id"] != "mlflow_receiver"]
@@ -74,7 +85,6 @@ def drill_job(tmp: Path, name: str) -> Path:
 
 
 @pytest.mark.slow
-@ON_THE_POC_SYSTEM
 def test_he_in_poc_sends_only_ciphertext_and_matches_plain_fedavg(poc, plain_fedavg_run):
     system, tmp = poc["system"], poc["tmp"]
     rounds = plain_fedavg_run["rounds"]
@@ -135,7 +145,30 @@ def test_he_in_poc_sends_only_ciphertext_and_matches_plain_fedavg(poc, plain_fed
 
 
 @pytest.mark.slow
-@ON_THE_POC_SYSTEM
+def test_the_sites_privacy_scope_filters_a_job_that_has_no_filter(poc, plain_fedavg_run):
+    """Plain FedAvg (no privacy filter in the job) run in the scope the sites define in their own privacy.json:
+    NVFlare applies the sites' filters to every result, so the global head never moves while the rest of the
+    trainable model does, and cross-site evaluation scores the server's models only."""
+    system, tmp = poc["system"], poc["tmp"]
+    job = drill_job(tmp, "privacy", num_rounds=2, submit_model_timeout=20, validation_timeout=30)
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    assert not [f for chain in client["task_result_filters"] for f in chain["filters"] if "nvflare" in f["path"]]
+    meta = json.loads((job / "meta.json").read_text())
+    (job / "meta.json").write_text(json.dumps({**meta, "scope": PRIVACY_SCOPE}, indent=2))
+
+    result = system.run_job(job, tmp / "privacy-results", JOB_TIMEOUT_S, min_clients=len(SITES))
+    assert result["status"] == "FINISHED:COMPLETED", result
+    run = result["result_dir"] / "workspace"
+    start = torch.load(plain_fedavg_run["initial"], weights_only=True)
+    final = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
+    moved = {k.split(".")[0] for k in start if not torch.equal(torch.as_tensor(final[k]), start[k])}
+    assert moved == {"blocks", "norm"}  # last-k trained blocks and norm; the head stayed at the sites
+    cross_site = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
+    assert set(cross_site) == set(SITES)
+    assert all(name.startswith("SRV_") for scores in cross_site.values() for name in scores), cross_site
+
+
+@pytest.mark.slow
 def test_poc_run_survives_a_site_killed_after_round_one(poc):
     system, tmp = poc["system"], poc["tmp"]
     job = drill_job(tmp, "kill-site")
@@ -151,7 +184,6 @@ def test_poc_run_survives_a_site_killed_after_round_one(poc):
 
 
 @pytest.mark.slow
-@ON_THE_POC_SYSTEM
 def test_poc_server_killed_after_round_one_resumes_at_round_two(poc):
     system, tmp = poc["system"], poc["tmp"]
     job = drill_job(tmp, "kill-server")
@@ -182,7 +214,6 @@ def test_poc_server_killed_after_round_one_resumes_at_round_two(poc):
 
 
 @pytest.mark.slow
-@ON_THE_POC_SYSTEM
 def test_poc_stop_ends_what_it_started_and_nothing_else(poc):
     system = poc["system"]
     assert (system.workspace / MARKER).is_file()  # `poc prepare --force` replaced the workspace: marked again

@@ -1,7 +1,7 @@
 """The design card's FedAvg job (jobs/fedxvit) in the real NVFlare simulator: 3 sites x 2 rounds, tiny preset,
 tiny data, tracked into a real `mlflow server` on 127.0.0.1 (the job argument `tracking_uri`; artifacts through
 the server's proxy), read back with MlflowClient, and into TensorBoard event files. The run is conftest's
-`plain_fedavg_run`, shared with the HE and POC tests (one worker, xdist group SHARED_RUN_GROUP)."""
+`plain_fedavg_run`, shared with the HE and POC tests (one worker: conftest.SHARED_RUN_FILES)."""
 
 import json
 from pathlib import Path
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from sent_recorder import read_updates
-from tiny import SHARED_RUN_GROUP, SITES
+from tiny import SITES
 
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.datalist import read_dataset_info
@@ -24,7 +24,7 @@ from fedxvit.tracking import (
 )
 from fedxvit.training import apply_freeze_policy
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(SHARED_RUN_GROUP)]
+pytestmark = pytest.mark.slow
 
 
 def trainable_names() -> list[str]:

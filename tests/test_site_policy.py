@@ -1,6 +1,6 @@
 """What may leave a hospital is the hospital's decision (fedxvit.site_policy): jobs carry no code, a site's
 metadata policy strips what it forbids, a site that keeps its local model answers without it, and a site's
-NVFlare privacy.json applies its filters to a job that has none (POC)."""
+NVFlare privacy.json is read as written (a job run in its scope on POC: test_poc.py)."""
 
 import json
 
@@ -12,7 +12,7 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-from tiny import REPO, SITES, free_port, one_poc_system_at_a_time, tiny_job, tiny_sites_and_initial_model
+from tiny import REPO
 
 from fedxvit.errors import FedXViTError
 from fedxvit.executor import FedXViTExecutor, to_numpy_state, train_result
@@ -146,45 +146,18 @@ def test_the_executor_streams_only_the_metrics_the_sites_policy_allows(tmp_path,
     assert set(writer.metrics) == {"global_model_val_accuracy", "global_model_val_loss"}, writer.metrics
 
 
-@pytest.mark.slow
-def test_a_sites_privacy_json_filters_a_job_that_has_no_filter(tmp_path, tmp_path_factory):
-    """Plain FedAvg (no privacy filter in the job) in NVFlare's POC system, whose two sites each require in
-    their own local/privacy.json that the classifier head and their local models never leave: NVFlare applies
-    the site's scope to every result, so the global head never moves while the rest of the trainable model
-    does, and cross-site evaluation scores the server's models only."""
-    from fedxvit.poc import PocSystem
-
-    initial = tiny_sites_and_initial_model(tmp_path)
-    job = tiny_job(tmp_path, num_rounds=2, submit_model_timeout=20, validation_timeout=30)
-    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
-    assert not [f for chain in client["task_result_filters"] for f in chain["filters"] if "nvflare" in f["path"]]
-    exclude_head = {"path": "nvflare.app_common.filters.exclude_vars.ExcludeVars", "args": {"exclude_vars": "^head\\."}}
-
-    keep_model = {"path": "fedxvit.site_policy.KeepLocalModel", "args": {}}
-
-    def site_policies(system):
-        for site in SITES[:2]:
-            write_privacy(system.site_dir(site) / "local", [exclude_head, keep_model])
-
-    env = {
-        "FEDXVIT_INITIAL_MODEL": str(initial),
-        "FEDXVIT_DATA_ROOT": str(tmp_path / "data"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }
-    with (
-        one_poc_system_at_a_time(tmp_path_factory),
-        PocSystem(tmp_path / "poc", SITES[:2], free_port(), env=env, before_start=site_policies) as system,
-    ):
-        result = system.run_job(job, tmp_path / "out", timeout_s=400)
-    assert result["status"] == "FINISHED:COMPLETED", result
-    run = result["result_dir"] / "workspace"
-    start = torch.load(initial, weights_only=True)
-    final = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
-    moved = {k.split(".")[0] for k in start if not torch.equal(torch.as_tensor(final[k]), start[k])}
-    assert moved == {"blocks", "norm"}  # last-k trained blocks and norm; the head stayed at the sites
-    cross_site = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
-    assert set(cross_site) == set(SITES[:2])
-    assert all(name.startswith("SRV_") for scores in cross_site.values() for name in scores), cross_site
+def test_a_sites_privacy_file_names_its_scope_and_makes_it_the_default_only_when_asked(tmp_path):
+    """NVFlare runs a job that names no scope in the site's default_scope and refuses it without one (the POC
+    test in test_poc.py runs a job in a scope written here, and other jobs beside it)."""
+    filters = [{"path": "fedxvit.site_policy.KeepLocalModel", "args": {}}]
+    for default in (True, False):
+        policy = json.loads(write_privacy(tmp_path / str(default), filters, "no-local-model", default).read_text())
+        scopes = {scope["name"]: scope["task_result_filters"] for scope in policy["scopes"]}
+        assert scopes["no-local-model"] == filters
+        if default:
+            assert policy["default_scope"] == "no-local-model" and len(scopes) == 1
+        else:
+            assert scopes[policy["default_scope"]] == []  # jobs naming no scope still run, unfiltered
 
 
 def test_every_class_a_shipped_job_names_is_on_the_allow_list_a_site_writes(tmp_path):

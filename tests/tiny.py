@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import socket
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +25,14 @@ REPO = TESTS.parent
 JOB = REPO / "jobs" / "fedxvit"
 SITES = ("site1", "site2", "site3")
 SQUARE = 10  # side of the bright "tumor" square, px
-TINY_SERVER = {"num_rounds": 2, "preset": "tiny"}
+# Registering a model (torch.export, twice) costs ~15 s a run on 2 cores: only the runs that test it register
+TINY_SERVER = {"num_rounds": 2, "preset": "tiny", "registered_model_name": ""}
 TINY_CLIENT = {"preset": "tiny", "batch_size": 4, "torch_threads": 1}
 # NVFlare's server tells a site to ask for its next task 2 s after finishing one; a tiny task takes
 # milliseconds, so a tiny run would mostly wait (cross-site evaluation is a dozen tasks in a row).
 TINY_TASK_REQUEST_INTERVAL_S = 0.5
 # what the tests' jobs may build besides NVFlare's classes: fedxvit's and the test components in this folder
 TEST_CLASSES = ("fedxvit.", "faulty_executor.", "sent_recorder.")
-# The xdist group of the tests that use the shared plain FedAvg run (conftest.plain_fedavg_run) and the POC system
-SHARED_RUN_GROUP = "fedavg-run"
 
 
 def write_tiny_site(
@@ -212,15 +210,3 @@ def write_tiny_run(tmp: Path, sites=("site1", "site2")) -> dict:
     (run / "cross_site_val").mkdir()
     (run / "cross_site_val" / "cross_val_results.json").write_text(json.dumps(cross))
     return {"run_dir": run, "data": data, "initial": initial, "sites": list(sites)}
-
-
-@contextmanager
-def one_poc_system_at_a_time(tmp_path_factory):
-    """Held for as long as a test's POC system lives. pytest-xdist's workers share the parent of their base
-    temporary folders, so a lock file there keeps two workers from running two POC systems at once."""
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    folder = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
-    with FileLock(str(folder / "poc-system.lock")):
-        yield

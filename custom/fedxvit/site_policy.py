@@ -220,12 +220,22 @@ def allow_classes(local_dir: os.PathLike, prefixes=()) -> Path:
     return target
 
 
-def write_privacy(local_dir: os.PathLike, result_filters: list[dict], scope: str = "hospital") -> Path:
-    """local/privacy.json with one scope, the default, whose result filters ({"path", "args"}) every job's
-    every result passes at this site; a job naming another scope is refused."""
+UNFILTERED_SCOPE = "unfiltered"
+
+
+def write_privacy(
+    local_dir: os.PathLike, result_filters: list[dict], scope: str = "hospital", default: bool = True
+) -> Path:
+    """local/privacy.json with one scope whose result filters ({"path", "args"}) every result of a job in that
+    scope passes at this site; a job naming another scope is refused. With `default` (a hospital's choice) the
+    scope is every job's that names none; without it such a job runs in an UNFILTERED_SCOPE (NVFlare refuses a
+    job without a scope when privacy.json names no default)."""
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
-    policy = {"scopes": [{"name": scope, "task_result_filters": result_filters}], "default_scope": scope}
+    scopes = [{"name": scope, "task_result_filters": result_filters}]
+    if not default:
+        scopes.append({"name": UNFILTERED_SCOPE, "task_result_filters": []})
+    policy = {"scopes": scopes, "default_scope": scope if default else UNFILTERED_SCOPE}
     target = local_dir / PRIVACY_FILE
     target.write_text(json.dumps(policy, indent=2) + "\n")
     return target
