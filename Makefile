@@ -92,7 +92,7 @@ jobs: setup
 # plain FedAvg simulator run and the one POC system form one group of their own (tests/conftest.py), so no two POC
 # systems ever run at once. One process for debugging: $(PY) -m pytest -p no:xdist (or -n 0).
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # ruff (settings in pyproject.toml): lint and format check; `ruff format . && ruff check --fix .` repairs most.
 lint: setup

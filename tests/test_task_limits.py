@@ -1,6 +1,6 @@
 """A hung site cannot stall a run: every task of every shipped job, and of every copy fedxvit runs (the
 comparison's and the gap check's, which require every site), is bounded by a job variable above 0.
-The simulator run with a hung site is in test_faults.py."""
+The simulator run with a hung site is in test_faults.py. A run whose site never started is run again."""
 
 import json
 
@@ -62,3 +62,34 @@ def test_task_times_reads_rounds_cross_site_and_tasks_from_a_server_log():
         "cross_site_s": 19.0,
         "task_s": {"train": [["site1", 8.0], ["site2", 3.5]]},
     }
+
+
+def test_a_run_whose_site_lost_its_port_at_start_up_is_started_again_then_given_up(tmp_path, monkeypatch, capsys):
+    """NVFlare's simulator frees a worker's port before the worker binds it; a run that lost a site that way is
+    run again (a dead site would otherwise leave the run without it, or stall it until its task limits)."""
+    from fedxvit import simulation
+
+    workspace = tmp_path / "workspace"
+    attempts = []
+
+    def simulate_once(job, workspace, *args):
+        attempts.append(job)
+        (workspace / "site2").mkdir(parents=True, exist_ok=True)
+        log = workspace / "site2" / "log.txt"  # what NVFlare's worker writes when its port was taken
+        log.write_text("OSError: [Errno 98] Address already in use\n" if len(attempts) < lose else "ok\n")
+        (workspace / "server" / "simulate_job" / "app_server").mkdir(parents=True, exist_ok=True)
+        (workspace / "server" / "simulate_job" / simulation.GLOBAL_MODEL).write_bytes(b"model")
+        (workspace / simulation.SIMULATOR_LOG).write_text("")
+        return 0, simulation.port_race_victims(workspace, ["site1", "site2"])
+
+    monkeypatch.setattr(simulation, "simulate_once", simulate_once)
+    lose = 2  # the first attempt loses site2's port, the second does not
+    run_dir = simulation.run_simulator(tmp_path / "job", workspace, tmp_path, ["site1", "site2"], tmp_path / "m.pt")
+    assert len(attempts) == 2 and run_dir == workspace / "server" / "simulate_job"
+    assert "attempt 1: the worker of site2 lost its port" in capsys.readouterr().err
+
+    attempts.clear()
+    lose = simulation.START_ATTEMPTS + 1  # every attempt loses it
+    with pytest.raises(FedXViTError, match=f"gave up after {simulation.START_ATTEMPTS} attempts"):
+        simulation.run_simulator(tmp_path / "job", workspace, tmp_path, ["site1", "site2"], tmp_path / "m.pt")
+    assert len(attempts) == simulation.START_ATTEMPTS

@@ -17,6 +17,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from fedxvit.errors import FedXViTError, read_json
@@ -118,6 +120,26 @@ def failure_reason(log: str) -> str:
     return (errors or log.strip().splitlines() or ["no output"])[-1].strip()[:300]
 
 
+# NVFlare's simulator picks a free port for each client worker, frees it and passes it on; the worker binds it only
+# after its imports (seconds), so another process can take it in between. The worker then dies at start-up.
+PORT_TAKEN = "Address already in use"
+START_ATTEMPTS = 3
+POLL_S = 1.0
+
+
+def port_race_victims(workspace: Path, sites) -> list[str]:
+    """The sites whose simulator worker died because its port was taken before it could bind it (PORT_TAKEN)."""
+    victims = []
+    for site in sites:
+        log = workspace / site / "log.txt"
+        try:
+            if PORT_TAKEN in log.read_text(errors="replace"):
+                victims.append(site)
+        except OSError:
+            pass
+    return victims
+
+
 def run_simulator(
     job: os.PathLike,
     workspace: os.PathLike,
@@ -132,8 +154,34 @@ def run_simulator(
     so none waits for a turn); the server's run folder, or one line saying why there is none.
     The whole output is kept in <workspace>/simulator_output.log. Jobs carry no code: every participant
     builds the classes fedxvit's jobs need and those `allow` names (<workspace>/local/resources.json,
-    fedxvit.site_policy.allow_classes)."""
+    fedxvit.site_policy.allow_classes). A run whose site worker lost its port to another process before
+    binding it (NVFlare's own race, PORT_TAKEN) is stopped at once and started again, up to START_ATTEMPTS
+    times: such a run would otherwise go on without that site, or wait for it until its task limits."""
     job, workspace, sites = Path(job), Path(workspace), list(sites)
+    for attempt in range(1, START_ATTEMPTS + 1):
+        returncode, victims = simulate_once(job, workspace, data_root, sites, initial, timeout_s, extra_env, allow)
+        if not victims:
+            break
+        log = workspace / SIMULATOR_LOG
+        note = f"fedxvit: attempt {attempt}: the worker of {', '.join(victims)} lost its port ({PORT_TAKEN}); "
+        if attempt == START_ATTEMPTS:
+            raise FedXViTError(f"the simulator run of {job}: {note}gave up after {attempt} attempts (log {log})")
+        print(note + "starting the run again", file=sys.stderr)
+    run_dir = workspace / "server" / "simulate_job"
+    if returncode != 0 or not (run_dir / GLOBAL_MODEL).is_file():
+        log = workspace / SIMULATOR_LOG
+        raise FedXViTError(
+            f"the simulator run of {job} failed (exit {returncode}, log {log}): "
+            f"{failure_reason(log.read_text(errors='replace'))}"
+        )
+    return run_dir
+
+
+def simulate_once(
+    job: Path, workspace: Path, data_root, sites: list, initial, timeout_s: int, extra_env, allow
+) -> tuple[int, list[str]]:
+    """One simulator run in a fresh `workspace`, its output in SIMULATOR_LOG there: (exit code, the sites that lost
+    their port at start-up: the run was stopped, or it finished without them)."""
     if workspace.exists():
         shutil.rmtree(workspace)
     workspace.parent.mkdir(parents=True, exist_ok=True)
@@ -149,32 +197,43 @@ def run_simulator(
         "-t",
         str(len(sites)),
     ]
-    # its own process group: on a timeout the simulator's client workers are stopped with it, not orphaned
-    process = subprocess.Popen(
-        command,
-        env=simulator_env(Path(data_root), sites, Path(initial), extra=extra_env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        workspace.mkdir(parents=True, exist_ok=True)
-        (workspace / SIMULATOR_LOG).write_text(stdout + stderr)
-        raise FedXViTError(
-            f"the simulator run of {job} did not finish within {timeout_s} s (workspace {workspace})"
-        ) from None
-    run = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    workspace.mkdir(parents=True, exist_ok=True)
-    (workspace / SIMULATOR_LOG).write_text(run.stdout + run.stderr)
-    run_dir = workspace / "server" / "simulate_job"
-    if run.returncode != 0 or not (run_dir / GLOBAL_MODEL).is_file():
-        raise FedXViTError(
-            f"the simulator run of {job} failed (exit {run.returncode}, log {workspace / SIMULATOR_LOG}): "
-            f"{failure_reason(run.stdout + run.stderr)}"
+    deadline = time.monotonic() + timeout_s
+    # the output goes beside the workspace while the simulator runs (it empties the workspace at start), then in it
+    with tempfile.NamedTemporaryFile("w", dir=workspace.parent, prefix=f".{workspace.name}-", delete=False) as log:
+        # its own process group: on a timeout the simulator's client workers are stopped with it, not orphaned
+        process = subprocess.Popen(
+            command,
+            env=simulator_env(Path(data_root), sites, Path(initial), extra=extra_env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-    return run_dir
+        try:
+            victims, timed_out = watch(process, workspace, sites, deadline)
+        finally:
+            if process.poll() is None:  # interrupted (Ctrl-C): the run stops with its caller
+                stop_group(process)
+    workspace.mkdir(parents=True, exist_ok=True)
+    shutil.move(log.name, workspace / SIMULATOR_LOG)
+    if timed_out:
+        raise FedXViTError(f"the simulator run of {job} did not finish within {timeout_s} s (workspace {workspace})")
+    return process.returncode, victims
+
+
+def watch(process: subprocess.Popen, workspace: Path, sites: list, deadline: float) -> tuple[list[str], bool]:
+    """Wait for the run to end; stop it early when a site lost its port or past the deadline: (victims, timed out)."""
+    while process.poll() is None:
+        victims = port_race_victims(workspace, sites)
+        if victims or time.monotonic() > deadline:
+            stop_group(process)
+            return victims, not victims
+        time.sleep(POLL_S)
+    return port_race_victims(workspace, sites), False
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended on its own meanwhile
+        pass
+    process.wait()
