@@ -143,6 +143,7 @@ class FileUnits(LoadFileScheduling):
         return SHARED_RUN_UNIT if path in SHARED_RUN_FILES else path
 
 
+@pytest.hookimpl(optionalhook=True)  # without xdist (-p no:xdist) the hook does not exist
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") == "loadfile":
         return FileUnits(config, log)
