@@ -125,16 +125,18 @@ def failure_reason(log: str) -> str:
 PORT_TAKEN = "Address already in use"
 START_ATTEMPTS = 3
 POLL_S = 1.0
+START_OF_LOG_CHARS = 65536
 
 
 def port_race_victims(workspace: Path, sites) -> list[str]:
-    """The sites whose simulator worker died because its port was taken before it could bind it (PORT_TAKEN)."""
+    """The sites whose simulator worker died because its port was taken before it could bind it (PORT_TAKEN). Only
+    the start of each site's log is read: it happens at start-up, and a long run's logs grow to megabytes."""
     victims = []
     for site in sites:
-        log = workspace / site / "log.txt"
         try:
-            if PORT_TAKEN in log.read_text(errors="replace"):
-                victims.append(site)
+            with open(workspace / site / "log.txt", errors="replace") as log:
+                if PORT_TAKEN in log.read(START_OF_LOG_CHARS):
+                    victims.append(site)
         except OSError:
             pass
     return victims
