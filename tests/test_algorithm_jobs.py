@@ -9,12 +9,11 @@ in the same order every round, passing the model on, and going on past a site wh
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import REPO, SITES, simulate, tiny_job, tiny_sites_and_initial_model, write_tiny_config
+from tiny import REPO, SITES, simulate, site_apps_job, tiny_job, tiny_sites_and_initial_model
 
 from fedxvit.algorithms import PERSONALIZED_MODEL
 from fedxvit.jobs import ALGORITHM_JOBS, BASE_JOB, CLIENT, SERVER, differences, render_jobs
@@ -70,29 +69,14 @@ def federation(tmp_path_factory):
     return root, tiny_sites_and_initial_model(root)
 
 
-def site_apps_job(root: Path, apps: dict) -> Path:
-    """One job whose sites run other algorithm jobs' client apps ({site: job}) under the first job's server app."""
-    first = tiny_job(root / "first", JOBS / next(iter(apps.values())))
-    job = root / "job"
-    job.mkdir()
-    shutil.copytree(first / "app", job / "app_server")
-    (job / "app_server" / "config" / "config_fed_client.json").unlink()
-    for site, name in apps.items():
-        config = job / f"app_{site}" / "config"
-        write_tiny_config(config, job_dir=JOBS / name)
-        (config / "config_fed_server.json").unlink()
-    meta = json.loads((first / "meta.json").read_text())
-    meta["deploy_map"] = {"app_server": ["server"], **{f"app_{site}": [site] for site in apps}}
-    (job / "meta.json").write_text(json.dumps(meta))
-    return job
-
-
 def simulate_job(root: Path, initial: Path, job_name: str):
     sites, executor_path, faults = EXPECTED[job_name]
     if job_name in JOBS_BY_RUN:
         job = tiny_job(root / job_name, JOBS / job_name)
     else:
-        job = site_apps_job(root / job_name, SHARED_SERVER_JOBS)
+        first = JOBS / next(iter(SHARED_SERVER_JOBS.values()))
+        apps = {site: JOBS / name for site, name in SHARED_SERVER_JOBS.items()}
+        job = site_apps_job(root / job_name / "job", first, apps)
     if executor_path:
         client_config = job / "app" / "config" / "config_fed_client.json"
         config = json.loads(client_config.read_text())

@@ -14,7 +14,7 @@ import torch
 from nvflare.apis.dxo import MetaKey, from_shareable
 from nvflare.apis.fl_context import FLContext
 from sent_recorder import add_recorder, read_sent
-from tiny import REPO, simulate, tiny_sites_and_initial_model, write_tiny_config
+from tiny import REPO, simulate, site_apps_job, tiny_sites_and_initial_model
 
 from fedxvit.executor import train_result, trainable_weight_diff
 from fedxvit.jobs import CLIENT, PRIVACY_JOBS
@@ -142,18 +142,11 @@ def per_site_job(tmp_path, server_job: str, site_jobs: dict, dp_site: str = "", 
     """One tiny job whose server app is `server_job`'s and whose every site runs its own job's client app
     (`dp_site` with DP-SGD's training too), with sent_recorder.RecordSent witnessing what leaves it
     (NVFlare's deploy_map sends each app to its site)."""
-    job = tmp_path / "job"
-    apps = {"app_server": ["server"], **{f"app_{site}": [site] for site in site_jobs}}
-    job.mkdir()
-    (job / "meta.json").write_text(
-        json.dumps({"name": "privacy_promises", "resource_spec": {}, "min_clients": len(site_jobs), "deploy_map": apps})
+    job = site_apps_job(
+        tmp_path / "job", jobs_dir / server_job, {site: jobs_dir / name for site, name in site_jobs.items()}
     )
-    write_tiny_config(job / "app_server" / "config", {"min_clients": len(site_jobs)}, job_dir=jobs_dir / server_job)
-    (job / "app_server" / "config" / "config_fed_client.json").unlink()
-    for site, name in site_jobs.items():
+    for site in site_jobs:
         config = job / f"app_{site}" / "config"
-        write_tiny_config(config, job_dir=jobs_dir / name)
-        (config / "config_fed_server.json").unlink()
         client = json.loads((config / "config_fed_client.json").read_text())
         if site == dp_site:
             client = with_dp_sgd(client)
