@@ -84,6 +84,16 @@ def find_bad_update(dxo: DXO, reference: dict | None = None) -> str | None:
     return None
 
 
+def result_dxo(shareable: Shareable) -> DXO | None:
+    """The DXO of a successful result; None for an error reply or a result that carries no DXO (not a filter's)."""
+    if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+        return None
+    try:
+        return from_shareable(shareable)
+    except ValueError:
+        return None
+
+
 class RejectBadUpdates(Filter):
     """task_result_filter for `train`: passes good updates unchanged, turns bad ones into an error reply
     (`on_bad_result: "error"`) or, for the cyclic relay, into an empty update (`"empty_update"`)."""
@@ -166,11 +176,8 @@ class UpdateSizeLog(Filter):
         self._lock = threading.Lock()
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-            return shareable
-        try:
-            dxo = from_shareable(shareable)
-        except ValueError:
+        dxo = result_dxo(shareable)
+        if dxo is None:
             return shareable
         sizes = {"tensors": 0, "encrypted": 0, "in_clear": 0, "values": 0, "bytes": 0}
         for _, update in updates_in(dxo):

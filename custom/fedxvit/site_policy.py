@@ -38,7 +38,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 
 from fedxvit.errors import ArgumentParser, FedXViTError, read_json, run_cli
-from fedxvit.filters import REJECT_REASON_HEADER
+from fedxvit.filters import REJECT_REASON_HEADER, result_dxo
 from fedxvit.sites import SITE_CONFIG_FILE
 
 CATEGORIES = ("training_metrics", "evaluation", "counts")
@@ -154,11 +154,8 @@ class MetadataPolicy(Filter):
             self.policy, source = site_may_leave(site_config_dir, self.default)
             allowed = [name for name in CATEGORIES if self.policy[name]] or ["only what aggregation needs"]
             self.log_info(fl_ctx, f"fedxvit: may leave this site (from {source}): {', '.join(allowed)}")
-        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-            return shareable
-        try:
-            dxo = from_shareable(shareable)
-        except ValueError:
+        dxo = result_dxo(shareable)
+        if dxo is None:
             return shareable
         removed = strip_metadata(dxo, self.policy)
         if not removed:
