@@ -101,15 +101,15 @@ def tiny_job(tmp: Path, job_dir: Path = JOB, **server_changes) -> Path:
     return job
 
 
-def site_apps_job(job: Path, server_job: Path, site_jobs: dict, **server_changes) -> Path:
+def site_apps_job(job: Path, server_job: Path, site_jobs: dict) -> Path:
     """One tiny job (at `job`) whose server app is `server_job`'s and whose sites run other jobs' client apps
     ({site: job folder}); NVFlare's deploy_map sends each app to its site. Every site is required."""
     apps = {"app_server": ["server"], **{f"app_{site}": [site] for site in site_jobs}}
     job.mkdir(parents=True)
     meta = {"name": job.name, "resource_spec": {}, "min_clients": len(site_jobs), "deploy_map": apps}
     (job / "meta.json").write_text(json.dumps(meta))
-    server_changes = {"min_clients": len(site_jobs), **server_changes}
-    (write_tiny_config(job / "app_server" / "config", server_changes, job_dir=server_job) / CLIENT_CONFIG.name).unlink()
+    server = write_tiny_config(job / "app_server" / "config", {"min_clients": len(site_jobs)}, job_dir=server_job)
+    (server / CLIENT_CONFIG.name).unlink()
     for site, site_job in site_jobs.items():
         (write_tiny_config(job / f"app_{site}" / "config", job_dir=site_job) / SERVER_CONFIG.name).unlink()
     return job
