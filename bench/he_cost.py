@@ -67,7 +67,7 @@ def final_model(run_dir: Path, he: bool, poc: Path, preset: str, scratch: Path):
 
 def run_one(kind: str, freeze: str, data: Path, initial: Path, scratch: Path, scenario) -> dict:
     from fedxvit.simulation import job_copy
-    from result_stat.compare import score_sites
+    from result_stat.comparison.scores import score_sites
 
     job = job_copy(
         project_root() / JOBS[kind],
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--freeze", default="head,last-k", help="freeze policies to measure (default: head,last-k)")
     parser.add_argument("--out", default="bench/he.json")
     args = parser.parse_args(argv)
-    from result_stat.compare import Scenario, check_scenario
+    from result_stat.comparison.runs import Scenario, check_scenario
 
     root = project_root()
     data, initial = ((root / p if not Path(p).is_absolute() else Path(p)) for p in (args.data, args.initial))

@@ -77,7 +77,7 @@ def fedsm_row(run_dir: Path, dirs: dict, image_size: int, test: dict, preset: st
     """The comparison row of a FedSM run's super-model (fedxvit.fedsm.super_model: the routing threshold chosen
     on the sites' validation splits, pooled balanced accuracy), or None for a run of another algorithm."""
     from fedxvit.fedsm import MODELS_FILE, load_fedsm_models, super_model
-    from result_stat.compare import GAP_METRIC, score_sites
+    from result_stat.comparison.scores import PRIMARY_METRIC, score_sites
 
     path = run_dir / "app_server" / MODELS_FILE
     if not path.is_file():
@@ -92,7 +92,7 @@ def fedsm_row(run_dir: Path, dirs: dict, image_size: int, test: dict, preset: st
         models,
         global_model,
         lambda model, split: predict(model, loaders[split], device),
-        lambda p: score_sites(p)["pooled"][GAP_METRIC],
+        lambda p: score_sites(p)["pooled"][PRIMARY_METRIC],
     )
     routes = chosen["routes"]
     return _summary_row(
@@ -107,7 +107,7 @@ def fedsm_row(run_dir: Path, dirs: dict, image_size: int, test: dict, preset: st
 def ditto_row(run_dir: Path, test: dict, preset: str, device: torch.device) -> dict | None:
     """The comparison row of a Ditto run's personalized models: each site's own model on its own test split
     (the global model where a site kept none), or None for a run of another algorithm."""
-    from result_stat.compare import personalized_models
+    from result_stat.comparison.runs import personalized_models
 
     personal = personalized_models(run_dir.parent.parent, list(test), preset, device)
     if not personal:

@@ -1,7 +1,9 @@
-"""make compare (result_stat.compare): scores on hand-made predictions, the gap share and verdicts,
-reuse of finished runs, one-line errors, and one real --quick comparison of two methods on tiny sites."""
+"""make compare (result_stat.compare and its flow, result_stat.comparison): scores on hand-made predictions,
+the report's rows and verdicts, reuse of finished runs (and never of other code's), one-line errors, and
+one real --quick comparison on tiny sites. The statistics themselves: test_statistics.py."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from fedxvit.classes import TASK_CLASSES
 from fedxvit.errors import FedXViTError
 from fedxvit.jobconfig import JobSettings
 from result_stat import compare
+from result_stat.comparison import plan, runs, scores
+from result_stat.comparison import report as comparison
 
 # site a: labels 0,0,0,1 -> predictions 0,0,1,1; site b holds Tumor images only and misses one of two
 SITE_A = {"labels": [0, 0, 0, 1], "probs": [[0.9, 0.1], [0.6, 0.4], [0.4, 0.6], [0.45, 0.55]]}
@@ -20,52 +24,30 @@ SITE_B = {"labels": [1, 1], "probs": [[0.1, 0.9], [0.8, 0.2]]}
 
 
 def test_headline_metrics_on_hand_made_predictions():
-    a = compare.headline_metrics(SITE_A["labels"], SITE_A["probs"])
+    a = scores.headline_metrics(SITE_A["labels"], SITE_A["probs"])
     assert a["accuracy"] == pytest.approx(3 / 4)
     assert a["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
     assert a["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)  # class 0: P 1, R 2/3; class 1: P 1/2, R 1
     assert a["roc_auc"] == pytest.approx(2 / 3)  # the Tumor image (0.55) ranks below one Healthy (0.6)
-    b = compare.headline_metrics(SITE_B["labels"], SITE_B["probs"])
+    b = scores.headline_metrics(SITE_B["labels"], SITE_B["probs"])
     assert (b["accuracy"], b["balanced_accuracy"]) == (0.5, 0.5)  # judged on the one class it holds
     assert b["macro_f1"] == pytest.approx(2 / 3) and b["roc_auc"] is None
 
 
 def test_pooled_and_per_site_scores_and_the_worst_hospital():
-    scores = compare.score_sites({"a": SITE_A, "b": SITE_B})
-    pooled = scores["pooled"]
+    scored = scores.score_sites({"a": SITE_A, "b": SITE_B})
+    pooled = scored["pooled"]
     assert pooled["count"] == 6 and pooled["accuracy"] == pytest.approx(4 / 6)
     assert pooled["balanced_accuracy"] == pytest.approx(2 / 3) and pooled["macro_f1"] == pytest.approx(2 / 3)
     assert pooled["roc_auc"] == pytest.approx(6 / 9)
-    assert scores["sites"]["a"]["balanced_accuracy"] == pytest.approx(5 / 6)
-    assert scores["worst_site"] == "b"
-
-
-def test_gap_share_per_seed_then_mean_and_std():
-    fedavg, central = {0: 0.60, 1: 0.62, 2: 0.58}, {0: 0.80, 1: 0.82, 2: 0.78}
-    half = compare.gap_share({0: 0.70, 1: 0.72, 2: 0.68}, fedavg, central)
-    assert half["status"] == "ok" and half["mean"] == pytest.approx(0.5) and half["std"] == pytest.approx(0, abs=1e-9)
-    mixed = compare.gap_share({0: 0.60, 1: 0.72, 2: 0.58}, fedavg, central)
-    assert [mixed["per_seed"][s] for s in range(3)] == pytest.approx([0, 0.5, 0], abs=1e-9)
-    assert mixed["mean"] == pytest.approx(1 / 6) and mixed["std"] == pytest.approx((1 / 12) ** 0.5)
-    assert compare.gap_share(central, fedavg, central)["mean"] == pytest.approx(1.0)
-    # gaps +0.1, -0.1, +0.05: mean 0.017 below their spread 0.10 -> n/a, with the reason
-    noisy = compare.gap_share({0: 0.7, 1: 0.7, 2: 0.7}, {0: 0.6, 1: 0.7, 2: 0.5}, {0: 0.7, 1: 0.6, 2: 0.55})
-    assert noisy["status"] == "n/a" and noisy["mean"] is None and "spread" in noisy["why"]
-
-
-def test_verdict_against_fedavg_needs_a_difference_above_the_seeds_spread():
-    fedavg = {0: 0.60, 1: 0.62, 2: 0.58}
-    assert compare.versus_reference({0: 0.70, 1: 0.72, 2: 0.68}, fedavg)["verdict"] == "better"
-    assert compare.versus_reference({0: 0.50, 1: 0.52, 2: 0.48}, fedavg)["verdict"] == "worse"
-    unclear = compare.versus_reference({0: 0.70, 1: 0.52, 2: 0.60}, fedavg)
-    assert unclear["verdict"] == "no clear difference" and unclear["mean"] == pytest.approx(0.02 / 3)
-    assert compare.versus_reference({0: 0.9}, {0: 0.6})["verdict"] == "one seed: no verdict"
+    assert scored["sites"]["a"]["balanced_accuracy"] == pytest.approx(5 / 6)
+    assert scored["worst_site"] == "b"
 
 
 def test_mean_std_and_curve_bands():
-    assert compare.mean_std([0.5, None, 0.7]) == {"mean": pytest.approx(0.6), "std": pytest.approx(0.02**0.5), "n": 2}
-    assert compare.mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1}
-    band = compare.curve_band([[0.5, None, 0.7], [0.7, 0.8, 0.9]])
+    assert scores.mean_std([0.5, None, 0.7]) == {"mean": pytest.approx(0.6), "std": pytest.approx(0.02**0.5), "n": 2}
+    assert scores.mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1}
+    band = scores.curve_band([[0.5, None, 0.7], [0.7, 0.8, 0.9]])
     assert band["mean"] == pytest.approx([0.6, 0.8, 0.8]) and band["min"] == [0.5, 0.8, 0.7] and band["max"][2] == 0.9
 
 
@@ -76,13 +58,43 @@ def test_finished_runs_are_reused_and_unfinished_ones_redone(tmp_path):
         calls.append(folder)
         return {"test": {}, "value": len(calls)}
 
-    folder = tmp_path / f"fedavg-{compare.options_digest({'rounds': 2, 'seed': 0})}"
-    first, reused = compare.run_or_reuse(folder, compute)
-    again, reused_again = compare.run_or_reuse(folder, compute)
+    folder = tmp_path / f"fedavg-{runs.options_digest({'rounds': 2, 'seed': 0})}"
+    first, reused = runs.run_or_reuse(folder, compute)
+    again, reused_again = runs.run_or_reuse(folder, compute)
     assert (reused, reused_again) == (False, True) and again == first and len(calls) == 1 and "wall_s" in first
-    (folder / compare.DONE_FILE).unlink()  # as after an interrupted run: no done marker
-    assert compare.run_or_reuse(folder, compute) == ({"test": {}, "value": 2, "wall_s": pytest.approx(0, abs=1)}, False)
-    assert compare.options_digest({"rounds": 3, "seed": 0}) != compare.options_digest({"rounds": 2, "seed": 0})
+    (folder / runs.DONE_FILE).unlink()  # as after an interrupted run: no done marker
+    assert runs.run_or_reuse(folder, compute) == ({"test": {}, "value": 2, "wall_s": pytest.approx(0, abs=1)}, False)
+    assert runs.options_digest({"rounds": 3, "seed": 0}) != runs.options_digest({"rounds": 2, "seed": 0})
+
+
+def test_a_finished_run_of_other_code_or_libraries_is_run_again(tmp_path, monkeypatch):
+    """The run key holds a hash of every first-party module and the library versions: a result computed by
+    older code is not reused."""
+    calls = []
+
+    def compute(folder):
+        calls.append(folder)
+        return {"test": {"a": SITE_A}}
+
+    todo = [plan.PlannedRun("fedavg", 0, {"kind": "federated", "seed": 0}, compute)]
+    fingerprint = runs.code_fingerprint()
+    assert set(fingerprint["libraries"]) >= {"torch", "timm", "monai", "nvflare"} and fingerprint["libraries"]["torch"]
+    for key in (fingerprint, fingerprint, {**fingerprint, "code": "changed"}):
+        runs.run_plan(todo, tmp_path, key, "test", log=lambda *a, **k: None)
+    assert len(calls) == 2 and calls[0] != calls[1]  # the second call reused, the third ran in a new folder
+    newer = {**fingerprint, "libraries": {**fingerprint["libraries"], "torch": "9.9"}}
+    assert runs.run_folder(tmp_path, "fedavg", {}, newer) != runs.run_folder(tmp_path, "fedavg", {}, fingerprint)
+
+    # the code hash follows the packages' files
+    package = tmp_path / "lib" / "somepkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(package.parent))
+    before = runs.code_fingerprint(("somepkg",), ())
+    (package / "train.py").write_text("LR = 1e-3\n")
+    after = runs.code_fingerprint(("somepkg",), ())
+    (package / "train.py").write_text("LR = 3e-4\n")
+    assert len({before["code"], after["code"], runs.code_fingerprint(("somepkg",), ())["code"]}) == 3
 
 
 def finished(report: dict, **settings) -> dict:
@@ -99,43 +111,63 @@ def finished(report: dict, **settings) -> dict:
     return report
 
 
+def times(predictions: dict, k: int) -> dict:
+    """Every image of {site: predictions} k times: the same scores, enough images for the intervals to decide."""
+    return {site: {key: values * k for key, values in p.items()} for site, p in predictions.items()}
+
+
 def test_aggregate_composes_local_only_and_closes_half_the_gap(tmp_path):
-    """Hand-made runs over two seeds: FedAvg = SITE_A + SITE_B, centralized perfect, local-only = site a's own
-    model (SITE_A) + site b's own model (perfect): pooled balanced accuracy 2/3, 1 and 5/6 -> half the gap."""
+    """Hand-made runs over two seeds, every image 20 times: FedAvg = SITE_A + SITE_B, centralized perfect,
+    local-only = site a's own model (SITE_A) + site b's own model (perfect): pooled balanced accuracy 2/3, 1 and
+    5/6 -> half the gap; local-only is judged on the mean of hospitals, 11/12 against FedAvg's 2/3."""
     perfect = {
         "a": {"labels": [0, 0, 0, 1], "probs": [[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.2, 0.8]]},
         "b": {"labels": [1, 1], "probs": [[0.2, 0.8], [0.3, 0.7]]},
     }
-    results = {("start", None): {"test": {"a": SITE_A, "b": SITE_B}, "final_val_accuracy": 0.5}}
+    fedavg, perfect = times({"a": SITE_A, "b": SITE_B}, 20), times(perfect, 20)
+    results = {("start", None): {"test": fedavg, "final_val_accuracy": 0.5}}
     for seed in (0, 1):
-        results[("fedavg", seed)] = {"test": {"a": SITE_A, "b": SITE_B}, "val_curve": [0.5, 0.6 + seed / 10, None]}
+        results[("fedavg", seed)] = {"test": fedavg, "val_curve": [0.5, 0.6 + seed / 10, None]}
         results[("centralized", seed)] = {"test": perfect, "final_val_accuracy": 0.9}
-        results[("local-only a", seed)] = {"test": {"a": SITE_A}}
+        results[("local-only a", seed)] = {"test": {"a": fedavg["a"]}}
         results[("local-only b", seed)] = {"test": {"b": perfect["b"]}}
-    report = compare.aggregate(results, ["fedavg"], [0, 1], ["a", "b"])
-    local = report["methods"]["local-only"]
+    report = comparison.aggregate(results, ["fedavg"], [0, 1], ["a", "b"], replicates=500)
+    rows = report["methods"]
+    local, central = rows["local-only"], rows["centralized"]
     assert local["pooled"]["balanced_accuracy"] == {"mean": pytest.approx(5 / 6), "std": 0.0, "n": 2}
-    assert local["gap_share"]["mean"] == pytest.approx(0.5) and local["gap_share"]["gap"]["mean"] == pytest.approx(
-        1 / 3
-    )
-    assert local["vs_fedavg"]["verdict"] == "better" and local["worst_site"]["sites"] == ["a", "a"]
-    assert report["methods"]["centralized"]["gap_share"]["mean"] == pytest.approx(1.0)
-    assert report["methods"]["fedavg"]["val_curve"]["mean"] == pytest.approx([0.5, 0.65, None])
-    assert report["methods"]["start"]["pooled"]["roc_auc"]["std"] is None
+    assert local["vs_fedavg"]["statistic"] == "hospital_mean" and central["vs_fedavg"]["statistic"] == "pooled"
+    assert local["vs_fedavg"]["difference"] == pytest.approx(11 / 12 - 2 / 3)
+    assert local["vs_fedavg_other"]["difference"] == pytest.approx(5 / 6 - 2 / 3)  # pooled, beside it
+    assert central["vs_fedavg"]["difference"] == pytest.approx(1 / 3)
+    assert local["vs_fedavg"]["verdict"] == central["vs_fedavg"]["verdict"] == "better"
+    assert report["statistics"]["family"] == ["centralized", "local-only"]
+    assert local["gap_share"]["status"] == "ok" and local["gap_share"]["share"] == pytest.approx(0.5)
+    assert "gap_share" not in central and "vs_fedavg" not in rows["fedavg"] and "vs_fedavg" not in rows["start"]
+    assert local["worst_site"]["sites"] == ["a", "a"]
+    assert rows["fedavg"]["val_curve"]["mean"] == pytest.approx([0.5, 0.65, None])
+    assert rows["start"]["pooled"]["roc_auc"]["std"] is None
 
-    files = compare.write_outputs(finished(report, sites=["a", "b"]), tmp_path)
+    files = comparison.write_outputs(finished(report, sites=["a", "b"]), tmp_path)
     markdown = files["markdown"].read_text()
-    # accuracy 5/6, balanced 5/6, macro-F1 (0.8 + 6/7)/2, ROC-AUC 8/9, worst a, mean of a (5/6) and b (1),
-    # half the gap, +1/6 over FedAvg
-    assert (
-        "| local-only | 83.3 ± 0.0 | 83.3 ± 0.0 | 82.9 ± 0.0 | 88.9 ± 0.0 | 83.3 ± 0.0 (a) | 91.7 ± 0.0 | 50.0 ± 0.0 | "
-        "+16.7 pts: better |"
-    ) in markdown
-    assert "| start | 66.7 | 66.7 | 66.7 | 66.7 | 50.0 (b) | 66.7 | — | — |" in markdown  # one value: no ±
-    assert json.loads(files["json"].read_text())["methods"]["local-only"]["gap_share"]["per_seed"] == pytest.approx(
-        {"0": 0.5, "1": 0.5}
+    assert re.search(
+        r"\| local-only \| mean of hospitals \| 91\.7 ± 0\.0 \| \+25\.0 \[\+\d+\.\d, \+\d+\.\d\] \| [<0-9.]+ \| "
+        r"\*\*better\*\* \| 50% \[\d+, \d+\] \|",
+        markdown,
     )
-    assert files["curves"].read_bytes()[:4] == b"\x89PNG"
+    assert "| fedavg | pooled | 66.7 ± 0.0 | — | — | reference | — |" in markdown
+    assert "- **Better than FedAvg:** centralized, local-only." in markdown
+    # every metric: accuracy 5/6, balanced 5/6, macro-F1 (0.8 + 6/7)/2, ROC-AUC 8/9, worst a, mean of a (5/6) and b (1)
+    assert (
+        "| local-only | 83.3 ± 0.0 | 83.3 ± 0.0 | 82.9 ± 0.0 | 88.9 ± 0.0 | 83.3 ± 0.0 (a) | 91.7 ± 0.0 | "
+        "pooled: +16.7 [" in markdown
+    )
+    assert "| start | 66.7 | 66.7 | 66.7 | 66.7 | 50.0 (b) | 66.7 | — |" in markdown  # one value: no ±
+    written = json.loads(files["json"].read_text())
+    assert (
+        written["methods"]["local-only"]["vs_fedavg"]["ci"][0] > 0
+        and "replicates" not in written["methods"]["local-only"]["vs_fedavg"]
+    )
+    assert files["curves"].read_bytes()[:4] == files["forest"].read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.fixture
@@ -159,6 +191,8 @@ def test_bad_input_is_one_line_naming_the_option(two_sites, tmp_path, capsys):
         str(tmp_path / "ws"),
         "--out",
         str(tmp_path / "out"),
+        "--seeds",
+        "0,1",
     ]
 
     def error(*changes):
@@ -178,6 +212,8 @@ def test_bad_input_is_one_line_naming_the_option(two_sites, tmp_path, capsys):
     )
     assert error("--methods", f"median={job}").startswith("--methods must include 'fedavg'")
     assert error("--methods", "fedavg,fedbogus").startswith("--methods: unknown method 'fedbogus'")
+    assert error("--methods", "fedavg,fedprox,fedprox").startswith("--methods: 'fedprox' is listed twice")
+    assert error("--seeds", "0,1,0").startswith("--seeds '0,1,0': seed 0 is given twice")
     (data / "site2" / "datalist.json").unlink()
     assert "site site2" in error() and "datalist.json" in error()
     with pytest.raises(SystemExit) as caught:
@@ -260,26 +296,33 @@ def test_quick_comparison_writes_the_report_and_reuses_every_run(two_sites, tmp_
     assert start_accuracy > 0.5, "the trained start should beat chance, else round 0 == start proves nothing"
     curve = methods["fedavg"]["val_curve"]["per_seed"][0]
     assert len(curve) == 3 and curve[0] == pytest.approx(start_accuracy, abs=1e-9)
-    assert methods["fedavg"]["gap_share"]["per_seed"].keys() <= {3}
     for name in ("fedavg", "centralized", "local-only"):
         pooled = methods[name]["per_seed"]["3"]["pooled"]
         assert pooled["count"] == 8 and set(methods[name]["sites"]) == {"site1", "site2"}
-    for name in ("centralized", "local-only"):  # each baseline against FedAvg on the same seed and test images
-        delta = methods[name]["vs_fedavg"]["per_seed"][3]
-        expected = methods[name]["per_seed"]["3"]["pooled"][compare.GAP_METRIC]
-        assert delta == pytest.approx(expected - methods["fedavg"]["per_seed"]["3"]["pooled"][compare.GAP_METRIC])
+    # each baseline against FedAvg on the same seed and test images: centralized pooled, local-only per hospital
+    fedavg_scores = methods["fedavg"]["per_seed"]["3"]
+    assert methods["centralized"]["vs_fedavg"]["difference"] == pytest.approx(
+        methods["centralized"]["per_seed"]["3"]["pooled"]["balanced_accuracy"]
+        - fedavg_scores["pooled"]["balanced_accuracy"]
+    )
+    assert methods["local-only"]["vs_fedavg"]["difference"] == pytest.approx(
+        methods["local-only"]["hospital_mean"]["balanced_accuracy"]["mean"]
+        - methods["fedavg"]["hospital_mean"]["balanced_accuracy"]["mean"]
+    )
+    assert report["settings"]["tuning"] == {}  # --quick does not tune
 
     written = json.loads((out / "compare.json").read_text())
     assert written["methods"]["fedavg"]["pooled"] == json.loads(json.dumps(methods["fedavg"]["pooled"]))
     markdown = (out / "compare.md").read_text()
     for row in ("| fedavg |", "| centralized |", "| local-only |", "## Per hospital: balanced accuracy"):
         assert row in markdown
-    assert (out / "compare_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("compare_curves.png", "compare_forest.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was run again")
 
-    monkeypatch.setattr(compare, "run_simulator", must_not_run)
+    monkeypatch.setattr(runs, "run_simulator", must_not_run)
     monkeypatch.setattr("fedxvit.baselines.train_on_sites", must_not_run)
     again = compare.main(args)
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
@@ -290,8 +333,8 @@ def test_quick_comparison_writes_the_report_and_reuses_every_run(two_sites, tmp_
 
 
 def test_known_methods_include_the_privacy_jobs_and_default_to_the_algorithms():
-    assert list(compare.parse_methods(None, REPO)) == list(compare.METHOD_JOBS)
-    chosen = compare.parse_methods("fedavg,percentile,svt,exclude,dp-sgd-eps1", REPO)
+    assert list(plan.parse_methods(None, REPO)) == list(plan.METHOD_JOBS)
+    chosen = plan.parse_methods("fedavg,percentile,svt,exclude,dp-sgd-eps1", REPO)
     assert {name: folder.name for name, folder in chosen.items()} == {
         "fedavg": "fedxvit",
         "percentile": "fedxvit_percentile_privacy",
@@ -299,21 +342,21 @@ def test_known_methods_include_the_privacy_jobs_and_default_to_the_algorithms():
         "exclude": "fedxvit_exclude_vars",
         "dp-sgd-eps1": "fedxvit_dp_sgd",
     }
-    assert compare.METHOD_CLIENT_VARIABLES["dp-sgd-eps1"] == {"dp_epsilon": 1.0}
+    assert plan.METHOD_CLIENT_VARIABLES["dp-sgd-eps1"] == {"dp_epsilon": 1.0}
 
 
 def test_set_puts_a_variable_on_the_config_that_defines_it_for_one_method_only():
     """Tuning: the same job under two names, one with another value; a wrong name fails in one line."""
-    methods = compare.parse_methods("fedavg,ditto,ditto-l1=ditto,fedsm", REPO)
+    methods = plan.parse_methods("fedavg,ditto,ditto-l1=ditto,fedsm", REPO)
     assert methods["ditto-l1"] == methods["ditto"]
-    chosen = compare.parse_settings(["ditto-l1.ditto_lambda=1", "fedsm.softpull_lambda=0.8"], methods)
+    chosen = plan.parse_settings(["ditto-l1.ditto_lambda=1", "fedsm.softpull_lambda=0.8"], methods)
     assert chosen == {"ditto-l1": {"client": {"ditto_lambda": 1}}, "fedsm": {"server": {"softpull_lambda": 0.8}}}
     with pytest.raises(FedXViTError, match="has no job variable 'lambda'"):
-        compare.parse_settings(["ditto.lambda=1"], methods)
+        plan.parse_settings(["ditto.lambda=1"], methods)
     with pytest.raises(FedXViTError, match="method 'fedprox' is not among --methods"):
-        compare.parse_settings(["fedprox.mu=1"], methods)
+        plan.parse_settings(["fedprox.mu=1"], methods)
     with pytest.raises(FedXViTError, match="expected method.variable=value"):
-        compare.parse_settings(["ditto_lambda=1"], methods)
+        plan.parse_settings(["ditto_lambda=1"], methods)
 
 
 def test_personalized_models_get_a_row_of_their_own_beside_their_methods_global_model():
@@ -329,7 +372,7 @@ def test_personalized_models_get_a_row_of_their_own_beside_their_methods_global_
             "personalized_test": {"a": perfect_a, "b": SITE_B},
             "personalized_validation": {"a": SITE_B, "b": SITE_B},
         }
-    report = compare.aggregate(results, ["fedavg", "ditto"], [0, 1], ["a", "b"])
+    report = comparison.aggregate(results, ["fedavg", "ditto"], [0, 1], ["a", "b"])
     assert report["order"][:4] == ["start", "fedavg", "ditto", "ditto (personalized)"]
     assert "fedavg (personalized)" not in report["methods"]
     rows = report["methods"]
@@ -337,14 +380,17 @@ def test_personalized_models_get_a_row_of_their_own_beside_their_methods_global_
     assert rows["ditto"]["sites"]["a"]["balanced_accuracy"]["mean"] < 1.0
     assert rows["ditto (personalized)"]["sites"]["b"] == rows["ditto"]["sites"]["b"]
     assert "val_curve" not in rows["ditto (personalized)"]  # the curves are the global model's
-    # its own verdict on the mean of hospitals: (1.0 + b) / 2 against FedAvg's (a + b) / 2, every seed
-    assert rows["ditto (personalized)"]["vs_fedavg_hospitals"]["verdict"] == "better"
-    assert rows["ditto"]["vs_fedavg_hospitals"]["verdict"] == "no clear difference"
-    tuning = compare.aggregate(results, ["fedavg", "ditto"], [0, 1], ["a", "b"], split="validation")
+    # judged on the mean of hospitals: (1.0 + b) / 2 against FedAvg's (a + b) / 2, a = 5/6; the global model
+    # (the same predictions as FedAvg's) on pooled balanced accuracy, exactly equal
+    personal = rows["ditto (personalized)"]["vs_fedavg"]
+    assert personal["statistic"] == "hospital_mean" and personal["difference"] == pytest.approx((1 - 5 / 6) / 2)
+    assert rows["ditto"]["vs_fedavg"]["statistic"] == "pooled" and rows["ditto"]["vs_fedavg"]["ci"] == [0.0, 0.0]
+    assert rows["ditto"]["vs_fedavg"]["verdict"] == "equivalent"
+    tuning = comparison.aggregate(results, ["fedavg", "ditto"], [0, 1], ["a", "b"], split="validation")
     assert tuning["methods"]["ditto (personalized)"]["sites"] == tuning["methods"]["fedavg"]["sites"]
     del results[("ditto", 1)]["personalized_validation"]  # a run from before personalized validation scores
     with pytest.raises(FedXViTError, match="the runs of ditto predate validation scores"):
-        compare.aggregate(results, ["fedavg", "ditto"], [0, 1], ["a", "b"], split="validation")
+        comparison.aggregate(results, ["fedavg", "ditto"], [0, 1], ["a", "b"], split="validation")
 
 
 def test_four_classes_get_recall_per_class_and_a_validation_split_scores_validation_only(tmp_path):
@@ -354,34 +400,95 @@ def test_four_classes_get_recall_per_class_and_a_validation_split_scores_validat
         "labels": [0, 0, 1, 2, 3],
         "probs": [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]] + [[0.1, 0.1, 0.7, 0.1]] * 3,
     }
-    scores = compare.headline_metrics(four["labels"], four["probs"])
-    assert scores["recall"] == [0.5, 0.0, 1.0, 0.0]
-    assert scores["balanced_accuracy"] == pytest.approx(0.375)  # the mean of the recalls
-    assert compare.headline_metrics([2, 2], [[0, 0, 1, 0]] * 2)["recall"] == [None, None, 1.0, None]
+    scored = scores.headline_metrics(four["labels"], four["probs"])
+    assert scored["recall"] == [0.5, 0.0, 1.0, 0.0]
+    assert scored["balanced_accuracy"] == pytest.approx(0.375)  # the mean of the recalls
+    assert scores.headline_metrics([2, 2], [[0, 0, 1, 0]] * 2)["recall"] == [None, None, 1.0, None]
 
     perfect = {"labels": four["labels"], "probs": [[1.0 if c == y else 0.0 for c in range(4)] for y in four["labels"]]}
     results = {}
     for seed in (0, 1):
         for name in ("fedavg", "fedmas", "centralized", "local-only a"):
             results[(name, seed)] = {"test": {"a": perfect}, "validation": {"a": four}, "final_val_accuracy": 0.4}
-    report = compare.aggregate(results, ["fedavg", "fedmas"], [0, 1], ["a"], split="validation")
+    report = comparison.aggregate(results, ["fedavg", "fedmas"], [0, 1], ["a"], split="validation")
     row = report["methods"]["fedmas"]
     assert row["pooled"]["balanced_accuracy"]["mean"] == pytest.approx(0.375)
     assert [r["mean"] for r in row["pooled_recall"]] == [0.5, 0.0, 1.0, 0.0]
     finished(report, sites=["a"], class_names=["glioma", "meningioma", "notumor", "pituitary"], split="validation")
-    markdown = compare.write_outputs(report, tmp_path)["markdown"].read_text()
+    markdown = comparison.write_outputs(report, tmp_path)["markdown"].read_text()
     assert "## Pooled validation set: recall per class" in markdown and "**validation** split" in markdown
     assert "| fedmas | 50.0 ± 0.0 | 0.0 ± 0.0 | 100.0 ± 0.0 | 0.0 ± 0.0 |" in markdown
     del results[("fedmas", 1)]["validation"]
     with pytest.raises(FedXViTError, match="predate validation scores"):
-        compare.aggregate(results, ["fedavg", "fedmas"], [0, 1], ["a"], split="validation")
+        comparison.aggregate(results, ["fedavg", "fedmas"], [0, 1], ["a"], split="validation")
 
 
 def test_longtail_methods_are_fedavg_with_balanced_softmax_and_the_fedmas_job():
-    chosen = compare.parse_methods("fedavg,fedavg-bsm,fedmas", REPO)
+    chosen = plan.parse_methods("fedavg,fedavg-bsm,fedmas", REPO)
     assert {name: folder.name for name, folder in chosen.items()} == {
         "fedavg": "fedxvit",
         "fedavg-bsm": "fedxvit",
         "fedmas": "fedxvit_fedmas",
     }
-    assert compare.METHOD_CLIENT_VARIABLES["fedavg-bsm"] == {"loss": "bsm"}
+    assert plan.METHOD_CLIENT_VARIABLES["fedavg-bsm"] == {"loss": "bsm"}
+
+
+def test_tuning_chooses_on_validation_and_the_evaluation_runs_use_the_choice(two_sites, tmp_path, monkeypatch):
+    """compare(tuning=True) with a stand-in for the simulator (the orchestration is what is tested here; the
+    real runs: the quick comparison above). FedProx's mu=0.1 is best on validation, mu=0.01 on test."""
+    data, initial = two_sites
+    seen = []
+
+    def answers(scenario, split: str, right: bool) -> dict:
+        """Every image of a split answered confidently, all right or all wrong."""
+        labels = {s: p["labels"] for s, p in scenario.predict(model, split).items()}
+        return {
+            s: {"labels": ys, "probs": [[1.0, 0.0] if (y == 0) == right else [0.0, 1.0] for y in ys]}
+            for s, ys in labels.items()
+        }
+
+    def fake_federated_run(scenario, job, rounds, local_epochs, seed, uri, timeout, client=None, server=None):
+        def compute(folder):
+            seen.append((seed, dict(client or {})))
+            best_on_validation = (client or {}).get("mu") == 0.1
+            return {
+                "validation": answers(scenario, "validation", best_on_validation),
+                "test": answers(scenario, "test", not best_on_validation),
+                "val_curve": [0.5],
+                "final_val_accuracy": 0.5,
+            }
+
+        return compute
+
+    from fedxvit.checkpoint import build_model_from_checkpoint
+
+    model, _ = build_model_from_checkpoint(initial, preset="tiny")
+    monkeypatch.setattr(runs, "federated_run", fake_federated_run)
+    monkeypatch.setitem(plan.TUNING_GRIDS, "fedprox", [{"mu": 0.01}, {"mu": 0.1}])
+    monkeypatch.setitem(plan.TUNING_GRIDS, "fedavg", [{"learning_rate": 3e-4}])
+    methods = {
+        "fedavg": tiny_job(tmp_path / "fedavg"),
+        "fedprox": tiny_job(tmp_path / "fedprox", REPO / "jobs" / "fedxvit_fedprox"),
+    }
+    lines = []
+    report = compare.compare(
+        data,
+        initial,
+        methods,
+        [0, 1],
+        rounds=1,
+        workspace=tmp_path / "ws",
+        tuning=True,
+        replicates=200,
+        log=lambda *a, **k: lines.append(a[0]),
+    )
+    tuned = report["settings"]["tuning"]["fedprox"]
+    assert tuned["chosen"] == {"mu": 0.1} and tuned["validation_scores"][1] > tuned["validation_scores"][0]
+    assert report["settings"]["method_variables"]["fedprox"] == {"client": {"mu": 0.1}}
+    fedprox_runs = [(seed, client) for seed, client in seen if "mu" in client]
+    # the grid at seed 0 (two runs), then seed 1 at the chosen value; seed 0's evaluation run is the tuning run
+    assert fedprox_runs == [(0, {"mu": 0.01}), (0, {"mu": 0.1}), (1, {"mu": 0.1})]
+    evaluation = [r for r in report["runs"] if r["method"] == "fedprox"]
+    assert [(r["seed"], r["reused"]) for r in evaluation] == [(0, False), (0, False), (0, True), (1, False)]
+    assert any("fedprox: tuned on validation, chosen mu=0.1" in line for line in lines)
+    assert any("ETA" in line for line in lines)

@@ -39,7 +39,7 @@ from fedxvit.fedsm import (
 )
 from fedxvit.model import build_model
 from fedxvit.training import make_optimizer
-from result_stat.compare import Scenario, fedsm_super_model
+from result_stat.comparison.runs import Scenario, fedsm_super_model
 
 CPU = torch.device("cpu")
 
