@@ -102,10 +102,12 @@ lint: setup
 clean-data:
 	rm -rf $(DATA)
 
-# Choosing an algorithm: every method, centralized and local-only on the same data, initial model, rounds
-# and epochs, 3 seeds -> results/compare.json, compare.md, compare_curves.png (result_stat.compare; finished
-# runs in workspace/compare are reused). Needs the scenario's sites and models/initial_global.pt
-# (make data-skewed transfer). compare-quick: one seed, 2 rounds. Options: COMPARE_ARGS="--methods fedavg,fedprox".
+# Choosing an algorithm: every method tuned on validation, then it, centralized and local-only on the same data,
+# initial model and budget, 3 seeds, each difference to FedAvg with a paired bootstrap interval and a verdict ->
+# results/compare.json, compare.md, compare_forest.png, compare_curves.png (result_stat.compare; finished runs in
+# workspace/compare are reused, so an interrupted run resumes). Needs the scenario's sites and
+# models/initial_global.pt (make data-skewed transfer). compare-quick: one seed, 2 rounds, no tuning.
+# Options: COMPARE_ARGS="--methods fedavg,fedprox".
 COMPARE_DATA ?= $(DATA)/skewed
 COMPARE_ARGS ?=
 .PHONY: compare compare-quick
