@@ -16,9 +16,17 @@ Three named scenarios (--scenario):
            --partition homo: every hospital the same mix; dirichlet: each class cut among the
            hospitals by Dirichlet(--alpha). Out: data/longtail/homo or data/longtail/dirichlet-<alpha>.
 
+Evaluation cohorts (skewed and longtail): each hospital's images are all TRAINING (the scenario's
+skew and long tail stay there), and its validation and testing splits are cohorts of their own,
+balanced by class and large enough to decide comparisons (--val-per-class, --test-per-class), drawn
+from the same hospital's scanner. A `heldout/` hospital with a scanner no training hospital has holds
+only such cohorts: never trained on, it is scored as a hospital that joins later. --val-per-class 0
+--test-per-class 0 gives the earlier layout (--val-frac/--test-frac of each hospital's images).
+
 Products under --out:
   public/        4-class set (glioma, meningioma, notumor, pituitary) for the Phase-1 expert (default only)
   site1..siteN/  private 2-class sets (Healthy, Tumor) of different sizes and scanner profiles
+  heldout/       the held-out hospital's validation and testing cohorts (skewed and longtail)
   benchmark.json the generation parameters (a rerun with the same ones is a no-op)
   counts.json, counts.md
 
@@ -37,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from fedxvit.classes import EXPERT_CLASSES, HEALTHY_NAME, TASK_CLASSES, TUMOR_TYPES, task_label
-from fedxvit.datalist import pixel_hash, write_counts, write_site
+from fedxvit.datalist import SPLITS, pixel_hash, write_counts, write_site
 from fedxvit.errors import FedXViTError, run_cli
 
 GENERATOR = "embedded-benchmark"
@@ -183,7 +191,19 @@ SCANNER_PROFILES = (
         "gibbs_alpha": 0.5,
         "spike_prob": 0.0,
     },
+    # the held-out hospital's scanner (evaluation cohorts): no training hospital, nor the public set, has it
+    {
+        "name": "hospital-heldout-0.7T",
+        "gamma": 0.8,
+        "bias_coeff": (0.1, 0.25),
+        "noise": "rician",
+        "noise_std": (0.03, 0.05),
+        "lowres_zoom": (0.6, 0.75),
+        "gibbs_alpha": 0.15,
+        "spike_prob": 0.1,
+    },
 )
+HELDOUT = "heldout"
 DEFAULT_SITE_SCANNERS = (3, 4, 5)  # indices into SCANNER_PROFILES: bright, dark, legacy
 
 # Skewed scenario lesions: smaller and closer to the surrounding tissue than LESION, so that no
@@ -221,6 +241,8 @@ SCENARIOS = {
         "tumor_share_dirichlet": {"alpha": 0.5, "seed": 2},
         "lesion": SKEWED_LESION,
         "site_scanners": (3, 4, 5, 6, 7, 8),
+        # per hospital and class: 6 x 2 x 100 = 1200 test and 6 x 2 x 42 = 504 validation images
+        "cohorts": {"val_per_class": 42, "test_per_class": 100, "heldout_scanner": 9},
     },
 }
 DEFAULT_SCENARIO = "default"
@@ -239,6 +261,8 @@ SCENARIOS["longtail"] = {
     "partition_seed": 3,
     "lesion": SKEWED_LESION,  # faint and small, as in skewed: the expert made on data/public is far from done
     "site_scanners": (3, 4, 5, 6, 7),
+    # per hospital and class: 5 x 50 = 250 test images of every class pooled, 5 x 4 x 25 = 500 validation
+    "cohorts": {"val_per_class": 25, "test_per_class": 50, "heldout_scanner": 9},
 }
 
 
@@ -547,6 +571,35 @@ def min_class_images(val_frac: float, test_frac: float) -> int:
     return next(n for n in range(1, 10_000) if splits_possible(n, val_frac, test_frac))
 
 
+def cohorts_on(args) -> bool:
+    """Whether validation and testing are evaluation cohorts of their own (not fractions of the images)."""
+    return bool(getattr(args, "val_per_class", 0) or getattr(args, "test_per_class", 0))
+
+
+def class_floor(args) -> int:
+    """The fewest images a class present at a hospital may have: one for training when the cohorts are the
+    validation and testing splits, else enough to reach every split."""
+    return 1 if cohorts_on(args) else min_class_images(args.val_frac, args.test_frac)
+
+
+def cohort_plan(args, product_id: int, four_classes: bool) -> list:
+    """(expert class, label, split) of one hospital's validation and testing cohorts: per class
+    --val-per-class and --test-per-class images (a 2-class Tumor cohort spreads over the tumor types),
+    shuffled within each split."""
+    if four_classes:
+        classes = [[(name, EXPERT_CLASSES.index(name))] for name in EXPERT_CLASSES]
+    else:
+        classes = [[(HEALTHY_NAME, task_label(HEALTHY_NAME))], [(t, task_label(t)) for t in TUMOR_TYPES]]
+    plan = []
+    for purpose, (split, per_class) in enumerate(
+        (("validation", args.val_per_class), ("testing", args.test_per_class)), start=4
+    ):
+        items = [kinds[i % len(kinds)] for kinds in classes for i in range(per_class)]
+        order = image_rng(args.seed, product_id, 0, purpose=purpose).permutation(len(items))
+        plan += [(*items[i], split) for i in order]
+    return plan
+
+
 def tumor_shares(scenario: str, n_sites: int) -> list:
     """Each hospital's target Tumor share, Dirichlet([alpha, alpha]) per hospital from the
     scenario's own seed (the same for every --seed and for the first n of any longer list)."""
@@ -561,7 +614,7 @@ def site_healthy_counts(args) -> list:
     every split."""
     if "tumor_share_dirichlet" not in SCENARIOS[args.scenario]:
         return [int(round(size * args.healthy_fraction)) for size in args.site_sizes]
-    floor = min_class_images(args.val_frac, args.test_frac)
+    floor = class_floor(args)
     counts = []
     for size, share in zip(args.site_sizes, tumor_shares(args.scenario, len(args.site_sizes))):
         n_tumor = min(max(int(round(size * share)), floor), size - floor)
@@ -597,7 +650,7 @@ def site_class_counts(args) -> list:
     shares = scenario["class_shares"]
     if args.partition == "homo":
         return [dict(zip(shares, apportion(size, list(shares.values())))) for size in args.site_sizes]
-    floor = min_class_images(args.val_frac, args.test_frac)
+    floor = class_floor(args)
     rng = np.random.default_rng([scenario["partition_seed"], int(round(args.alpha * 1000))])
     totals = apportion(sum(args.site_sizes), list(shares.values()))
     per_site = [dict.fromkeys(shares, 0) for _ in args.site_sizes]
@@ -648,14 +701,22 @@ def product_jobs(args, out: Path) -> list:
             (f"site{k}", k, site_plan(args, k, size, n_healthy))
             for k, (size, n_healthy) in enumerate(zip(args.site_sizes, site_healthy_counts(args)), start=1)
         ]
+    four_classes = "class_shares" in scenario
+    if cohorts_on(args):  # every hospital image trains; each hospital and the held-out one get cohorts
+        products = [
+            (name, product_id, [(*item, "training") for item in plan] + cohort_plan(args, product_id, four_classes))
+            for name, product_id, plan in products
+        ]
+        products.append((HELDOUT, len(args.site_sizes) + 1, cohort_plan(args, len(args.site_sizes) + 1, four_classes)))
     for name, product_id, plan in products:
-        for index, (expert_class, label) in enumerate(plan):
+        for index, (expert_class, label, *split) in enumerate(plan):
             profile_rng = image_rng(args.seed, product_id, index, purpose=3)
-            profile_index = (
-                int(profile_rng.integers(PUBLIC_SCANNERS))
-                if name == PUBLIC
-                else site_scanners[(product_id - 1) % len(site_scanners)]
-            )
+            if name == PUBLIC:
+                profile_index = int(profile_rng.integers(PUBLIC_SCANNERS))
+            elif name == HELDOUT:
+                profile_index = scenario["cohorts"]["heldout_scanner"]
+            else:
+                profile_index = site_scanners[(product_id - 1) % len(site_scanners)]
             jobs.append(
                 {
                     "seed": args.seed,
@@ -668,6 +729,7 @@ def product_jobs(args, out: Path) -> list:
                     "scenario": args.scenario,
                     "site_dir": str(out / name),
                     "name": f"{name}-{index:05d}",
+                    **({"split": split[0]} if split else {}),
                 }
             )
     return jobs
@@ -710,9 +772,12 @@ def write_products(args, out: Path, jobs: list, results: list) -> None:
     params = generation_params(args)
     for name, pairs in by_product.items():
         job0 = pairs[0][0]
-        entries = split_entries(
-            job0["product_id"], args, [j["label"] for j, _ in pairs], [r["entry"] for _, r in pairs]
-        )
+        if "split" in job0:  # evaluation cohorts: each image's split was planned with it
+            entries = {split: [r["entry"] for j, r in pairs if j["split"] == split] for split in SPLITS}
+        else:
+            entries = split_entries(
+                job0["product_id"], args, [j["label"] for j, _ in pairs], [r["entry"] for _, r in pairs]
+            )
         is_public = name == PUBLIC
         four_classes = is_public or "site_class_counts" in params
         provenance = {
@@ -723,9 +788,11 @@ def write_products(args, out: Path, jobs: list, results: list) -> None:
             "scanner_profile": "mixed" if is_public else SCANNER_PROFILES[job0["profile_index"]]["name"],
             "anatomy": "MNI152 T1 1mm template (nilearn)",
         }
-        if "site_tumor_shares" in params and not is_public:
+        if name == HELDOUT:
+            provenance["role"] = "held-out hospital: validation and testing cohorts only, never trained on"
+        elif "site_tumor_shares" in params and not is_public:
             provenance["tumor_share"] = params["site_tumor_shares"][job0["product_id"] - 1]
-        if "site_class_counts" in params and not is_public:
+        if "site_class_counts" in params and not is_public and name != HELDOUT:
             provenance["class_counts"] = params["site_class_counts"][job0["product_id"] - 1]
         write_site(out / name, entries, EXPERT_CLASSES if four_classes else TASK_CLASSES, provenance)
 
@@ -775,15 +842,22 @@ def generation_params(args) -> dict:
             SCANNER_PROFILES[scanners[(k - 1) % len(scanners)]]["name"] for k in range(1, len(sizes) + 1)
         ],
         "lesion": scenario["lesion"],
-        "val_frac": args.val_frac,
-        "test_frac": args.test_frac,
     }
+    if cohorts_on(args):
+        params["cohorts"] = {
+            "val_per_class": args.val_per_class,
+            "test_per_class": args.test_per_class,
+            "heldout_scanner": SCANNER_PROFILES[scenario["cohorts"]["heldout_scanner"]]["name"],
+        }
+    else:
+        params.update(val_frac=args.val_frac, test_frac=args.test_frac)
     return json.loads(json.dumps(params))  # tuples as lists: equal to the copy read back from benchmark.json
 
 
 def owned_paths(out: Path, params: dict) -> list:
     """The paths a run with `params` writes under out (only these are ever deleted)."""
     names = [PUBLIC] + [f"site{k}" for k in range(1, len(params.get("site_sizes", [])) + 1)]
+    names += [HELDOUT] if "cohorts" in params else []
     names += [PARAMS_FILE, "counts.json", "counts.md", "calibration.json", "federated_gap.json"]
     return [out / name for name in names]
 
@@ -852,6 +926,13 @@ def validate(args) -> None:
         )
     if any(size < 1 for size in args.site_sizes):
         raise FedXViTError(f"--site-sizes must all be at least 1, got {','.join(map(str, args.site_sizes))}")
+    if cohorts_on(args) and min(args.val_per_class, args.test_per_class) < 1:
+        raise FedXViTError(
+            f"--val-per-class {args.val_per_class} and --test-per-class {args.test_per_class}: both at least 1 "
+            "(or both 0 for validation and testing as --val-frac/--test-frac of each hospital's images)"
+        )
+    if cohorts_on(args):
+        return  # every image of a hospital trains: each class present has one at least (class_floor)
     if "class_shares" in SCENARIOS[args.scenario]:
         if not args.alpha > 0:
             raise FedXViTError(f"--alpha must be greater than 0, got {args.alpha}")
@@ -903,12 +984,20 @@ def apply_scenario(args) -> argparse.Namespace:
     args.out = args.out if args.out is not None else scenario["out"]
     args.site_sizes = args.site_sizes if args.site_sizes is not None else list(scenario["site_sizes"])
     if scenario["public"]:
+        for attribute, option in (("val_per_class", "--val-per-class"), ("test_per_class", "--test-per-class")):
+            if getattr(args, attribute) is not None:
+                raise FedXViTError(f"{option} applies to --scenario skewed and longtail, not {args.scenario}")
+            setattr(args, attribute, 0)
         args.public_per_class = 500 if args.public_per_class is None else args.public_per_class
         args.healthy_fraction = scenario["healthy_fraction"] if args.healthy_fraction is None else args.healthy_fraction
         return args
     for attribute, option in SCENARIO_FIXED_OPTIONS.items():
         if getattr(args, attribute) is not None:
             raise FedXViTError(f"{option} does not apply to --scenario {args.scenario}, which sets it itself")
+    cohorts = scenario.get("cohorts", {})
+    for attribute in ("val_per_class", "test_per_class"):
+        if getattr(args, attribute) is None:
+            setattr(args, attribute, cohorts.get(attribute, 0))
     return args
 
 
@@ -971,6 +1060,20 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--test-frac", type=float, default=0.15, help="testing share, stratified per class (default: 0.15)"
+    )
+    parser.add_argument(
+        "--val-per-class",
+        type=int,
+        default=None,
+        help="skewed/longtail: validation cohort images per class per hospital and for the held-out hospital "
+        "(default: skewed 42, longtail 25; 0 with --test-per-class 0: --val-frac of each hospital's images)",
+    )
+    parser.add_argument(
+        "--test-per-class",
+        type=int,
+        default=None,
+        help="skewed/longtail: test cohort images per class per hospital and for the held-out hospital "
+        "(default: skewed 100, longtail 50)",
     )
     parser.add_argument(
         "--workers", type=int, default=2, help="rendering processes; does not change the output (default: 2)"

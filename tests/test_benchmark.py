@@ -44,10 +44,10 @@ TINY_SKEWED = [
     "64",
     "--site-sizes",
     "64,40,24,16,10,8",
-    "--val-frac",
-    "0.2",
-    "--test-frac",
-    "0.2",
+    "--val-per-class",
+    "2",
+    "--test-per-class",
+    "3",
     "--workers",
     "1",
 ]
@@ -289,12 +289,12 @@ def test_default_scenario_is_byte_identical_to_before_scenarios(data):
 # ----------------------------------------------------------------------------- skewed scenario
 
 
-def skewed_counts(root: Path) -> dict:
-    """site -> (images, Tumor images), from each site's dataset.json."""
+def skewed_counts(root: Path, split: str = "training") -> dict:
+    """site -> (images, Tumor images) of one split, from each site's dataset.json."""
     counts = {}
     for site in sorted(root.glob("site*")):
         info = read_dataset_info(site)
-        counts[site.name] = (info["num_images"], sum(info["counts"][split]["Tumor"] for split in SPLITS))
+        counts[site.name] = (sum(info["counts"][split].values()), info["counts"][split]["Tumor"])
     return counts
 
 
@@ -305,6 +305,8 @@ def test_skewed_scenario_has_long_tailed_hospitals_with_extreme_tumor_shares():
     assert len(sizes) >= 5 and min(sizes) <= max(sizes) / 8
     assert any(share <= 0.10 for share in tumor_shares) and any(share >= 0.85 for share in tumor_shares)
     assert args.out == "data/skewed" and not benchmark.SCENARIOS["skewed"]["public"]
+    # evaluation cohorts large enough to decide: >= 100 test images per class per hospital, >= 500 validation
+    assert args.test_per_class >= 100 and args.val_per_class * 2 * len(sizes) >= 500
 
 
 def test_skewed_tumor_shares_follow_the_dirichlet_alpha(monkeypatch):
@@ -326,20 +328,30 @@ def test_skewed_tumor_shares_follow_the_dirichlet_alpha(monkeypatch):
 
 
 @pytest.mark.slow
-def test_skewed_sites_hold_the_planned_shares_in_every_split(skewed):
+def test_skewed_sites_train_on_their_skew_and_are_scored_on_balanced_cohorts(skewed):
     args = benchmark.parse_args(["--out", str(skewed), *TINY_SKEWED])
     planned = {
         f"site{k}": (size, size - healthy)
         for k, (size, healthy) in enumerate(zip(args.site_sizes, benchmark.site_healthy_counts(args)), start=1)
     }
-    assert skewed_counts(skewed) == planned
+    assert skewed_counts(skewed) == planned  # every hospital image trains, with the hospital's Tumor share
     assert len({tumor / size for size, tumor in planned.values()}) >= 4  # the shares really differ
+    for split, per_class in (("validation", 2), ("testing", 3)):  # cohorts: balanced, the same size everywhere
+        assert set(skewed_counts(skewed, split).values()) == {(2 * per_class, per_class)}
     for site in planned:
-        info = read_dataset_info(skewed / site)
-        assert all(info["counts"][split][name] >= 1 for split in SPLITS for name in benchmark.TASK_CLASSES), site
-        assert info["provenance"]["tumor_share"] == round(planned[site][1] / planned[site][0], 4)
+        assert read_dataset_info(skewed / site)["provenance"]["tumor_share"] == round(
+            planned[site][1] / planned[site][0], 4
+        )
+    heldout = read_dataset_info(skewed / "heldout")
+    assert heldout["counts"]["training"] == {"Healthy": 0, "Tumor": 0}
+    assert heldout["counts"]["testing"] == {"Healthy": 3, "Tumor": 3}
+    scanners = {read_dataset_info(skewed / f"site{k}")["provenance"]["scanner_profile"] for k in range(1, 7)}
+    assert heldout["provenance"]["scanner_profile"] not in scanners | {
+        p["name"] for p in benchmark.SCANNER_PROFILES[: benchmark.PUBLIC_SCANNERS]
+    }
     params = json.loads((skewed / "benchmark.json").read_text())["params"]
     assert params["scenario"] == "skewed" and params["site_sizes"] == args.site_sizes
+    assert params["cohorts"]["test_per_class"] == 3 and "test_frac" not in params
     assert not (skewed / "public").exists()
 
 
@@ -382,9 +394,10 @@ def test_skewed_is_deterministic_and_disjoint(skewed, tmp_path):
     assert len(rendered) >= len(jobs)
     assert rendered == {k: v for k, v in tree_hashes(skewed).items() if k in rendered}
     owner = {}
-    for k in range(1, 7):
+    for k in [*range(1, 7), "heldout"]:
+        site = skewed / (f"site{k}" if k != "heldout" else k)
         for split in SPLITS:
-            for item in load_split(skewed / f"site{k}", split):
+            for item in load_split(site, split):
                 h = pixel_hash(load_pixels(item["image"]))
                 assert owner.setdefault(h, (k, split)) == (k, split)
 

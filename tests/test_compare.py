@@ -247,6 +247,7 @@ def test_quick_comparison_writes_the_report_and_reuses_every_run(two_sites, tmp_
     start and the baselines on two tiny sites, --quick, in the real simulator; then the same call again must
     run nothing. (Several methods at once: the aggregation tests above, on hand-made runs.)"""
     data, _ = two_sites
+    write_tiny_site(data / "heldout", train_per_class=0, val_per_class=2, test_per_class=3, seed=7)  # joins later
     initial = trained_start(tmp_path)
     median = tiny_job(tmp_path / "median", aggregation="median")
     out, workspace = tmp_path / "results", tmp_path / "workspace"
@@ -311,10 +312,18 @@ def test_quick_comparison_writes_the_report_and_reuses_every_run(two_sites, tmp_
     )
     assert report["settings"]["tuning"] == {}  # --quick does not tune
 
+    # the held-out hospital scores every global model, in a verdict family of its own, and trains none
+    heldout = report["heldout"]
+    assert set(heldout["rows"]) == {"start", "fedavg", "centralized"} and heldout["family"] == ["centralized"]
+    assert "vs_fedavg" in heldout["rows"]["centralized"] and "vs_fedavg" not in heldout["rows"]["fedavg"]
+    centralized_run = next(Path(r["folder"]) for r in report["runs"] if r["method"] == "centralized")
+    stored = json.loads((centralized_run / "result.json").read_text())
+    assert len(stored["heldout"]["test"]["heldout"]["labels"]) == 6 and stored["train_images"] == 2 * 3 + 2 * 4
+
     written = json.loads((out / "compare.json").read_text())
     assert written["methods"]["fedavg"]["pooled"] == json.loads(json.dumps(methods["fedavg"]["pooled"]))
     markdown = (out / "compare.md").read_text()
-    for row in ("| fedavg |", "| centralized |", "| local-only |", "## Per hospital: balanced accuracy"):
+    for row in ("| fedavg |", "| centralized |", "| local-only |", "## Per hospital: balanced accuracy", "joins later"):
         assert row in markdown
     for figure in ("compare_curves.png", "compare_forest.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

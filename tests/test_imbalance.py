@@ -202,8 +202,12 @@ def test_longtail_options_are_checked():
         main(["--partition", "dirichlet"])
     with pytest.raises(FedXViTError, match="--alpha applies to --partition dirichlet"):
         main(["--scenario", "longtail", "--alpha", "0.1"])
-    with pytest.raises(FedXViTError, match="site1 gets pituitary"):
-        main(["--scenario", "longtail", "--site-sizes", "100,100", "--out", "/nonexistent/never"])
+    few = ["--scenario", "longtail", "--site-sizes", "100,100", "--out", "/nonexistent/never"]
+    with pytest.raises(FedXViTError, match="site1 gets pituitary"):  # validation and testing as fractions
+        main([*few, "--val-per-class", "0", "--test-per-class", "0"])
+    with pytest.raises(FedXViTError, match="--val-per-class 3 and --test-per-class 0: both at least 1"):
+        main([*few, "--val-per-class", "3", "--test-per-class", "0"])
+    assert _args("--site-sizes", "100,100").test_per_class == 50  # cohorts: 2 pituitary images train, fine
 
 
 # ---- the FedMAS job in NVFlare's simulator

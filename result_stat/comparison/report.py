@@ -17,7 +17,7 @@ import numpy as np
 from fedxvit.errors import FedXViTError
 from result_stat.comparison import statistics
 from result_stat.comparison.plan import CENTRALIZED, LOCAL_ONLY, REFERENCE, START, describe, personalized
-from result_stat.comparison.runs import SPLITS
+from result_stat.comparison.runs import HELDOUT, SPLITS
 from result_stat.comparison.scores import METRICS, PRIMARY_METRIC, curve_band, mean_std, score_sites, summarize_method
 
 VERDICT_COLORS = {"better": "tab:green", "worse": "tab:red", "equivalent": "tab:blue", "inconclusive": "tab:gray"}
@@ -84,6 +84,35 @@ def differences(rows: dict, replicates: int = statistics.REPLICATES) -> dict:
     return {name: {"primary": primary[name], "secondary": secondary[name]} for name in primary}
 
 
+def heldout_rows(results: dict, methods: list, seeds: list, split: str) -> dict:
+    """{row: {seed: {"heldout": predictions}}} of every global model (each method's, centralized, the start) on
+    the held-out hospital; {} when the scenario has none."""
+    rows = {}
+    for name in [*methods, CENTRALIZED]:
+        per_seed = {
+            seed: results[(name, seed)][HELDOUT][split] for seed in seeds if HELDOUT in results.get((name, seed), {})
+        }
+        if per_seed:
+            rows[name] = per_seed
+    if rows and HELDOUT in results.get((START, None), {}):
+        rows[START] = {"-": results[(START, None)][HELDOUT][split]}
+    return rows
+
+
+def heldout_table(rows: dict, replicates: int) -> dict:
+    """The held-out hospital's balanced accuracy per row (mean +- std over seeds) and each row's paired difference
+    to FedAvg there, Holm-adjusted within this family of its own."""
+    versus = differences(rows, replicates)
+    table = {}
+    for name, per_seed in rows.items():
+        table[name] = {
+            "balanced_accuracy": mean_std(score_sites(p)["pooled"][PRIMARY_METRIC] for p in per_seed.values())
+        }
+        if name in versus:
+            table[name]["vs_fedavg"] = statistics.without_replicates(versus[name]["primary"])
+    return {"rows": table, "family": sorted(versus)}
+
+
 def aggregate(
     results: dict, methods: list, seeds: list, sites: list, split: str = "test", replicates=statistics.REPLICATES
 ) -> dict:
@@ -127,7 +156,9 @@ def aggregate(
     if START in table and (START, None) in results:
         table[START]["final_val_accuracy"] = results[(START, None)]["final_val_accuracy"]
     order = [START, *[row for name in methods for row in (name, personalized(name)) if row in table]]
+    heldout = heldout_rows(results, methods, seeds, split)
     return {
+        **({"heldout": heldout_table(heldout, replicates)} if heldout else {}),
         "primary_metric": PRIMARY_METRIC,
         "statistics": {
             "method": "paired hierarchical bootstrap: training seeds, then test images within hospital and class",
@@ -241,6 +272,24 @@ def compare_markdown(report: dict) -> str:
             f"\nThe intervals' half-widths run from {100 * min(widths):.1f} to {100 * max(widths):.1f} points: a "
             "smaller difference cannot be resolved with these test images and seeds. Gap closed: (row − FedAvg) / "
             "(centralized − FedAvg) on pooled balanced accuracy, n/a unless centralized is better than FedAvg."
+        )
+    heldout = report.get("heldout")
+    if heldout:
+        lines += [
+            "\n## A hospital that joins later (held out: never trained on, a scanner no training hospital has)\n",
+            "| model | balanced accuracy (mean ± std over seeds) | vs FedAvg: difference [95% CI], points | "
+            "adjusted p | verdict |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for name in [n for n in report["order"] if n in heldout["rows"]]:
+            row = heldout["rows"][name]
+            d = row.get("vs_fedavg")
+            lines.append(
+                f"| {name} | {_cell(row['balanced_accuracy'])} | "
+                + (f"{_difference(d)} | {_p(d['p_adjusted'])} | **{d['verdict']}** |" if d else "— | — | reference |")
+            )
+        lines.append(
+            f"\nHolm-adjusted within these {len(heldout['family'])} rows (a family of its own); intervals as above."
         )
     if s.get("tuning"):
         lines += [

@@ -19,6 +19,7 @@ from fedxvit.simulation import GLOBAL_MODEL, job_copy, run_simulator
 from result_stat.comparison.scores import PRIMARY_METRIC, score_sites
 
 DONE_FILE = "result.json"
+HELDOUT = "heldout"  # a scenario's held-out hospital (data_preparation.benchmark): scored, never trained on
 SPLITS = {"test": "testing", "validation": "validation"}
 # first-party packages a run imports (the sites' code, the baselines, the scoring) and the libraries whose
 # versions change results: a run of other code or libraries is never reused
@@ -88,7 +89,8 @@ def run_or_reuse(folder: Path, compute) -> tuple[dict, bool]:
 
 
 class Scenario:
-    """The fixed part of every run: data, sites, initial model, preset, device; loaders built once, on first use."""
+    """The fixed part of every run: data, sites, initial model, preset, device; loaders built once, on first use.
+    A `heldout/` folder beside the sites (a hospital that joins later) is scored by every global model."""
 
     def __init__(
         self,
@@ -108,8 +110,10 @@ class Scenario:
         self.num_classes = len(self.class_names)
         self.image_size, self.device = image_size, resolve_device(device)
         self._loaders = {}
+        self.heldout = HELDOUT if (data / HELDOUT / "datalist.json").is_file() else None
+        scored = [*sites, *([HELDOUT] if self.heldout else [])]
         self.fingerprint = {
-            "data": files_digest(data / s / f for s in sites for f in ("datalist.json", "dataset.json")),
+            "data": files_digest(data / s / f for s in scored for f in ("datalist.json", "dataset.json")),
             "initial": files_digest([initial]),
             "sites": sites,
             "preset": preset,
@@ -125,8 +129,9 @@ class Scenario:
         from fedxvit.data import make_loader
 
         if split not in self._loaders:
+            scored = [*self.sites, *([self.heldout] if self.heldout else [])]
             self._loaders[split] = {
-                s: make_loader(self.site_dir(s), SPLITS[split], self.image_size, 32, train=False) for s in self.sites
+                s: make_loader(self.site_dir(s), SPLITS[split], self.image_size, 32, train=False) for s in scored
             }
         return self._loaders[split]
 
@@ -140,6 +145,12 @@ class Scenario:
             result = evaluate(model, loaders[site], self.device)
             out[site] = {"labels": result["labels"], "probs": [[round(p, 6) for p in row] for row in result["probs"]]}
         return out
+
+    def predict_heldout(self, model) -> dict:
+        """{"heldout": {split: {"heldout": predictions}}} of a global model, or {} without a held-out hospital."""
+        if not self.heldout:
+            return {}
+        return {HELDOUT: {split: self.predict(model, split, [self.heldout]) for split in SPLITS}}
 
 
 def pooled_accuracy(predictions: dict) -> float:
@@ -233,6 +244,7 @@ def federated_run(
             "validation": validation,
             "final_val_accuracy": final_val,
             "val_curve": (curve or [None] * rounds) + [final_val],
+            **scenario.predict_heldout(model),
         }
         super_model = fedsm_super_model(run_dir, scenario, model)
         if super_model:  # FedSM: the selector routes each image; scored like a personalized model
@@ -269,6 +281,8 @@ def baseline_run(scenario: Scenario, settings, sites: list):
             "validation": validation,
             "train_images": trained["train_images"],
             "final_val_accuracy": pooled_accuracy(validation),
+            # the centralized model is a global model: the held-out hospital scores it (a local-only one: no)
+            **(scenario.predict_heldout(trained["model"]) if list(sites) == list(scenario.sites) else {}),
         }
 
     return compute
@@ -285,6 +299,7 @@ def start_run(scenario: Scenario):
             "test": scenario.predict(model, "test"),
             "validation": validation,
             "final_val_accuracy": pooled_accuracy(validation),
+            **scenario.predict_heldout(model),
         }
 
     return compute
