@@ -31,9 +31,18 @@ data: setup
 
 # The skewed scenario (issue #12): 6 hospitals under $(DATA)/skewed where federation is hard; the
 # expert still comes from the default scenario's $(DATA)/public.
-.PHONY: data-skewed
+.PHONY: data-skewed data-skewed-calibration calibrate-skewed
 data-skewed: setup
 	$(PY) -m data_preparation.benchmark --scenario skewed --out $(DATA)/skewed --seed $(SEED)
+
+# Calibrating the skewed scenario (is federation hard enough?) on data of its own seed, scored on its validation
+# cohorts only: the comparisons' data ($(DATA)/skewed, --seed $(SEED)) is never looked at while setting the scenario.
+CALIBRATION_SEED ?= 100
+data-skewed-calibration: setup
+	$(PY) -m data_preparation.benchmark --scenario skewed --out $(DATA)/skewed-calibration --seed $(CALIBRATION_SEED)
+
+calibrate-skewed: data-skewed-calibration
+	$(PY) -m data_preparation.federated_gap --data $(DATA)/skewed-calibration
 
 expert: data
 	$(TIMED) $(PY) -m fedxvit.expert --data $(DATA)/public --out models $(EXPERT_ARGS)
@@ -111,8 +120,16 @@ clean-data:
 COMPARE_DATA ?= $(DATA)/skewed
 COMPARE_ARGS ?=
 .PHONY: compare compare-quick
+# the budget measured on the calibration seed's data (make budget-skewed), when there is one
+COMPARE_BUDGET ?= $(wildcard $(DATA)/skewed-calibration/budget.json)
 compare: setup
-	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results $(COMPARE_ARGS)
+	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results $(if $(COMPARE_BUDGET),--budget $(COMPARE_BUDGET)) $(COMPARE_ARGS)
+
+# How long comparisons train: FedAvg on the calibration seed's data with 1, 2 and 4 local epochs for the same
+# passes; rounds x epochs where its validation curve flattens -> $(DATA)/skewed-calibration/budget.json.
+.PHONY: budget-skewed
+budget-skewed: data-skewed-calibration
+	$(PY) -m result_stat.budget --scenario-data $(DATA)/skewed-calibration
 
 compare-quick: setup
 	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results --quick $(COMPARE_ARGS)

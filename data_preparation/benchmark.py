@@ -858,7 +858,7 @@ def owned_paths(out: Path, params: dict) -> list:
     """The paths a run with `params` writes under out (only these are ever deleted)."""
     names = [PUBLIC] + [f"site{k}" for k in range(1, len(params.get("site_sizes", [])) + 1)]
     names += [HELDOUT] if "cohorts" in params else []
-    names += [PARAMS_FILE, "counts.json", "counts.md", "calibration.json", "federated_gap.json"]
+    names += [PARAMS_FILE, "counts.json", "counts.md", "calibration.json", "federated_gap.json", "budget.json"]
     return [out / name for name in names]
 
 

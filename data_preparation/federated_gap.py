@@ -8,7 +8,9 @@
    fedxvit.baselines.train_on_sites with the same job's settings.
 Every model is scored on the sites' pooled *validation* splits with balanced accuracy (the
 sites' Tumor shares differ wildly, so plain accuracy rewards guessing the majority class). The
-test splits are never read: a benchmark tuned on them would have no unseen data left.
+test splits are never read: a benchmark tuned on them would have no unseen data left. Calibrate on
+data of a seed of its own (`make calibrate-skewed`: --seed 100 into data/skewed-calibration), so that
+the comparisons' data (--seed 0, data/skewed) is never looked at while the scenario is being set.
 Writes <data>/federated_gap.json and prints the table.
 """
 
@@ -24,7 +26,7 @@ from fedxvit.simulation import job_copy, run_simulator
 
 GAP_FILE = "federated_gap.json"
 CALIBRATION_SPLIT = "validation"
-TARGET_GAP = 0.03  # issue #12: FedAvg at least 3 points of balanced accuracy below centralized
+TARGET_GAP = 0.08  # issue #26: FedAvg at least 8 points of balanced accuracy below centralized (was 3, #12)
 
 
 def federated_job(source: Path, dest: Path, min_clients: int) -> Path:

@@ -76,6 +76,7 @@ def compare(
     method_variables: dict | None = None,
     tuning: bool = False,
     replicates: int = REPLICATES,
+    budget_source: str | None = None,
 ) -> dict:
     """Tune (with `tuning`), run or reuse every run of the comparison and aggregate it (see the module doc); the
     report dict. `method_variables`: {method: {"server": {...}, "client": {...}}} fixed by the user (--set)."""
@@ -129,6 +130,8 @@ def compare(
             "split": split,
             "rounds": rounds,
             "local_epochs": local_epochs,
+            "budget_source": budget_source
+            or "the FedAvg job's num_rounds and local_epochs, or --rounds/--local-epochs",
             "seeds": seeds,
             "baseline_training": base_settings.as_dict() | {"seed": "per seed"},
             "methods": {name: str(job) for name, job in methods.items()},
@@ -173,6 +176,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--local-epochs", type=int, default=None, help="local epochs per round (default: the FedAvg job's)"
     )
+    parser.add_argument(
+        "--budget",
+        default=None,
+        help="budget.json of result_stat.budget (rounds x local epochs where FedAvg's validation curve flattened "
+        "on the calibration seed's data); not with --rounds or --local-epochs",
+    )
     parser.add_argument("--quick", action="store_true", help=f"one seed (the first), {QUICK_ROUNDS} rounds, no tuning")
     parser.add_argument(
         "--no-tune", action="store_true", help="run every method with its job's values (default: tune on validation)"
@@ -211,9 +220,17 @@ def main(argv=None) -> dict:
     seeds = planning.parse_seeds(args.seeds)
     if args.replicates < 100:
         raise FedXViTError(f"--replicates {args.replicates}: use at least 100 (a 95% interval needs its tails)")
-    rounds = args.rounds
+    rounds, local_epochs, budget_source = args.rounds, args.local_epochs, None
+    if args.budget:
+        from result_stat.budget import read_budget
+
+        if rounds is not None or local_epochs is not None:
+            raise FedXViTError("--budget sets the rounds and local epochs: drop --rounds and --local-epochs")
+        budget = read_budget(Path(args.budget))
+        rounds, local_epochs = budget["rounds"], budget["local_epochs"]
+        budget_source = f"{args.budget} (FedAvg's validation curve flattened there, on the calibration seed's data)"
     if args.quick:
-        seeds, rounds = seeds[:1], QUICK_ROUNDS
+        seeds, rounds, budget_source = seeds[:1], QUICK_ROUNDS, "--quick"
     methods = planning.parse_methods(args.methods, project_root())
     sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
     initial = Path(args.initial) if args.initial else resolve_initial_model()
@@ -223,7 +240,7 @@ def main(argv=None) -> dict:
         methods,
         seeds,
         rounds,
-        args.local_epochs,
+        local_epochs,
         sites,
         args.preset,
         Path(args.workspace),
@@ -233,6 +250,7 @@ def main(argv=None) -> dict:
         method_variables=planning.parse_settings(args.set, methods),
         tuning=not (args.quick or args.no_tune),
         replicates=args.replicates,
+        budget_source=budget_source,
     )
     files = write_outputs(report, Path(args.out))
     print(f"wrote {files['markdown']}, {files['json']} and the figures ({report['wall_s']:.0f} s)")

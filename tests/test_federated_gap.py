@@ -65,9 +65,9 @@ def test_verdict_needs_the_gap_and_every_hospital_below_centralized():
         models.update({f"local-only site{k}": {"balanced_accuracy": v} for k, v in enumerate(local, start=1)})
         return {"models": models}
 
-    hard = federated_gap.verdict(report(0.85, 0.70, 0.89))
-    assert hard == {"fedavg_gap": 0.05, "fedavg_gap_met": True, "every_local_below_centralized": True}
-    assert not federated_gap.verdict(report(0.88, 0.70))["fedavg_gap_met"]
+    hard = federated_gap.verdict(report(0.80, 0.70, 0.89))
+    assert hard == {"fedavg_gap": 0.1, "fedavg_gap_met": True, "every_local_below_centralized": True}
+    assert not federated_gap.verdict(report(0.85, 0.70))["fedavg_gap_met"]  # 5 points: below the 8 asked
     assert not federated_gap.verdict(report(0.80, 0.70, 0.90))["every_local_below_centralized"]
 
 

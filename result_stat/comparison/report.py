@@ -237,8 +237,9 @@ def compare_markdown(report: dict) -> str:
     lines = [
         "# Choosing an algorithm\n",
         f"Scenario `{s['data']}` ({', '.join(s['sites'])}), initial model `{s['initial']}` (preset {s['preset']}), "
-        f"budget {s['rounds']} rounds x {s['local_epochs']} local epoch(s) for every method; baselines train "
-        f"{s['rounds'] * s['local_epochs']} epochs from the same start. Seeds {', '.join(map(str, s['seeds']))}.\n",
+        f"budget {s['rounds']} rounds x {s['local_epochs']} local epoch(s) for every method (from "
+        f"{s.get('budget_source', 'the FedAvg job')}); baselines train {s['rounds'] * s['local_epochs']} epochs from "
+        f"the same start. Seeds {', '.join(map(str, s['seeds']))}.\n",
         f"Scores: each final model on every hospital's **{split}** split (nothing was tuned or selected on test). "
         "Local-only: each hospital's own model on its own split. `<method> (personalized)`: Ditto: each hospital's "
         "personalized model on its own split; FedSM: the super-model (the selector routes each image; threshold "

@@ -1,0 +1,131 @@
+"""How long should a comparison train? FedAvg's validation curve says, on the calibration seed's data.
+
+    python -m result_stat.budget --scenario-data data/skewed-calibration [--passes 12] [--local-epochs 1,2,4]
+
+FedAvg (jobs/fedxvit) runs in NVFlare's simulator once per local-epoch setting E, each for the same
+number of passes over the sites' data (rounds = passes / E), and records the pooled validation
+accuracy after every round (global_val.json; the sites' validation cohorts, never test). For each E
+the budget is the first round from which the curve stays within --tolerance of its best; among the
+settings whose best is within --tolerance of the overall best, the one with the fewest rounds wins
+(a round costs a task exchange and a validation of every site, an epoch only training). Writes
+budget.json into --out (default: the scenario folder); `make compare` reads it with --budget, and
+every method of the comparison, and the baselines, then train rounds x local epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
+
+BUDGET_FILE = "budget.json"
+TOLERANCE = 0.01
+
+
+def flattened(curve: list, tolerance: float = TOLERANCE) -> int:
+    """The number of rounds after which a validation curve (curve[r]: after r rounds; curve[0] the start) has
+    flattened: the first r from which every later value stays within `tolerance` of the curve's best."""
+    values = [v for v in curve if v is not None]
+    if not values:
+        raise FedXViTError("the validation curve is empty: the run scored no round")
+    best = max(values)
+    for r, value in enumerate(curve):
+        if value is not None and all(v is None or v >= best - tolerance for v in curve[r:]):
+            return max(r, 1)
+    return len(curve) - 1
+
+
+def choose_budget(curves: dict, tolerance: float = TOLERANCE) -> dict:
+    """{local epochs: validation curve} -> {"rounds", "local_epochs", "passes", "per_setting"}: the setting
+    (among those whose best is within `tolerance` of the overall best) that flattens in the fewest rounds."""
+    per_setting = {
+        int(epochs): {"rounds": flattened(curve, tolerance), "best": max(v for v in curve if v is not None)}
+        for epochs, curve in curves.items()
+    }
+    top = max(row["best"] for row in per_setting.values())
+    eligible = [e for e, row in per_setting.items() if row["best"] >= top - tolerance]
+    epochs = min(eligible, key=lambda e: (per_setting[e]["rounds"], e))
+    rounds = per_setting[epochs]["rounds"]
+    return {"rounds": rounds, "local_epochs": epochs, "passes": rounds * epochs, "per_setting": per_setting}
+
+
+def read_budget(path: Path) -> dict:
+    """A budget.json's {"rounds", "local_epochs", ...}; one line naming the file otherwise."""
+    try:
+        budget = json.loads(Path(path).read_text())
+        rounds, epochs = int(budget["rounds"]), int(budget["local_epochs"])
+    except FileNotFoundError:
+        raise FedXViTError(f"--budget {path} does not exist: run `python -m result_stat.budget` first") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FedXViTError(f"--budget {path}: not a budget file ({exc})") from None
+    if rounds < 1 or epochs < 1:
+        raise FedXViTError(f"--budget {path}: rounds {rounds} and local_epochs {epochs} must be at least 1")
+    return {**budget, "file": str(path)}
+
+
+def measure(data: Path, initial: Path, passes: int, settings: list, workspace: Path, timeout_s: int, log=print):
+    """{local epochs: validation curve} of FedAvg runs (run or reused, as `make compare` keeps its runs)."""
+    from fedxvit.paths import project_root
+    from result_stat.comparison.plan import METHOD_JOBS, REFERENCE, federated
+    from result_stat.comparison.runs import Scenario, check_scenario, run_plan
+
+    sites, preset, image_size, class_names = check_scenario(data, None, initial, None)
+    scenario = Scenario(data, sites, initial, preset, image_size, None, class_names)
+    job = project_root() / METHOD_JOBS[REFERENCE]
+    curves = {}
+    for epochs in settings:
+        if passes % epochs:
+            raise FedXViTError(f"--local-epochs {epochs} does not divide --passes {passes}")
+        run = federated(
+            REFERENCE,
+            job,
+            scenario,
+            (passes // epochs, epochs),
+            0,
+            {},
+            f"sqlite:///{workspace / 'mlflow.db'}",
+            timeout_s,
+            note=f"{epochs} local epoch(s)",
+        )
+        results, _, failures = run_plan([run], workspace, scenario.fingerprint, "validation", log)
+        if failures:
+            raise FedXViTError(f"the FedAvg run with {epochs} local epoch(s) failed: {failures[0]['error']}")
+        curves[epochs] = results[(run.name, run.seed)]["val_curve"]
+    return curves
+
+
+def main(argv=None) -> dict:
+    from fedxvit.persistor import resolve_initial_model
+
+    parser = ArgumentParser(
+        prog="python -m result_stat.budget", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenario-data", default="data/skewed-calibration", help="the calibration seed's sites")
+    parser.add_argument("--passes", type=int, default=12, help="passes over the data per run (default: 12)")
+    parser.add_argument("--local-epochs", default="1,2,4", help="settings to try (default: 1,2,4)")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="flat = within this of the best")
+    parser.add_argument("--initial", default=None, help="initial model (default: models/initial_global.pt)")
+    parser.add_argument("--workspace", default="workspace/budget", help="runs, reused when finished")
+    parser.add_argument("--out", default=None, help="folder for budget.json (default: --scenario-data)")
+    parser.add_argument("--timeout", type=int, default=7200, help="seconds one simulator run may take")
+    args = parser.parse_args(argv)
+    try:
+        settings = sorted({int(e) for e in args.local_epochs.split(",") if e.strip()})
+    except ValueError:
+        raise FedXViTError(f"--local-epochs {args.local_epochs!r}: expected integers, e.g. 1,2,4") from None
+    if not settings or min(settings) < 1 or args.passes < 1:
+        raise FedXViTError("--passes and every --local-epochs value must be at least 1")
+    data = Path(args.scenario_data).resolve()
+    initial = Path(args.initial) if args.initial else resolve_initial_model()
+    curves = measure(data, initial.resolve(), args.passes, settings, Path(args.workspace).resolve(), args.timeout)
+    budget = {**choose_budget(curves, args.tolerance), "curves": curves, "data": str(data), "tolerance": args.tolerance}
+    out = Path(args.out) if args.out else data
+    (out / BUDGET_FILE).write_text(json.dumps(budget, indent=2) + "\n")
+    print(f"budget: {budget['rounds']} rounds x {budget['local_epochs']} local epoch(s); wrote {out / BUDGET_FILE}")
+    return budget
+
+
+if __name__ == "__main__":
+    run_cli(main)

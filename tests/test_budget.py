@@ -1,0 +1,41 @@
+"""result_stat.budget: where FedAvg's validation curve flattens decides every comparison's rounds x epochs."""
+
+import json
+
+import pytest
+
+from fedxvit.errors import FedXViTError
+from result_stat import budget, compare
+
+
+def test_a_curve_has_flattened_once_it_stays_near_its_best():
+    assert budget.flattened([0.5, 0.7, 0.79, 0.805, 0.81, 0.808], tolerance=0.01) == 3
+    assert budget.flattened([0.5, 0.6, 0.7, 0.8], tolerance=0.01) == 3  # still rising: every round counts
+    assert budget.flattened([0.5, 0.8, 0.6, 0.8], tolerance=0.01) == 3  # a dip after the first peak is not flat
+    assert budget.flattened([0.8, 0.8, 0.8], tolerance=0.01) == 1  # at least one round
+    with pytest.raises(FedXViTError, match="empty"):
+        budget.flattened([None, None])
+
+
+def test_the_cheapest_setting_that_reaches_the_best_wins():
+    curves = {
+        1: [0.5, 0.6, 0.7, 0.75, 0.8, 0.82, 0.83, 0.83, 0.83],  # flat from round 6
+        2: [0.5, 0.7, 0.8, 0.83, 0.83],  # flat from round 3: 3 x 2
+        4: [0.5, 0.78, 0.79],  # fewest rounds, but its best is 4 points short
+    }
+    chosen = budget.choose_budget(curves, tolerance=0.01)
+    assert (chosen["rounds"], chosen["local_epochs"], chosen["passes"]) == (3, 2, 6)
+    assert chosen["per_setting"][4] == {"rounds": 1, "best": 0.79}
+
+
+def test_compare_reads_the_budget_and_refuses_a_bad_one(tmp_path):
+    good = tmp_path / "budget.json"
+    good.write_text(json.dumps({"rounds": 4, "local_epochs": 2}))
+    assert budget.read_budget(good)["rounds"] == 4
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(FedXViTError, match="bad.json: not a budget file"):
+        budget.read_budget(tmp_path / "bad.json")
+    with pytest.raises(FedXViTError, match="nowhere.json does not exist"):
+        budget.read_budget(tmp_path / "nowhere.json")
+    with pytest.raises(FedXViTError, match="--budget sets the rounds and local epochs"):
+        compare.main(["--budget", str(good), "--rounds", "3", "--scenario-data", str(tmp_path)])
