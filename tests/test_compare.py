@@ -339,6 +339,9 @@ def test_quick_comparison_writes_the_report_and_reuses_every_run(two_sites, tmp_
     assert (
         all(r["reused"] for r in again["runs"]) and again["methods"]["fedavg"]["pooled"] == methods["fedavg"]["pooled"]
     )
+    costs = (out / "compare.md").read_text()  # what each part cost when it ran, said again when reused
+    fedavg_s = next(r["wall_s"] for r in report["runs"] if r["method"] == "fedavg")
+    assert f"| fedavg | 1 | 1 | {fedavg_s:.0f} | {fedavg_s:.0f} |" in costs and "| local-only | 2 | 2 |" in costs
 
 
 def test_known_methods_include_the_privacy_jobs_and_default_to_the_algorithms():

@@ -230,6 +230,19 @@ def verdict_lines(report: dict) -> list:
     return lines
 
 
+def run_costs(runs: list) -> dict:
+    """{what ran (a method, its tuning runs, centralized, local-only): runs, reused, compute seconds} from the
+    report's run list: what each part of the comparison costs when run from scratch."""
+    costs: dict = {}
+    for run in runs:
+        name = LOCAL_ONLY if run["method"].startswith(LOCAL_ONLY) else run["method"]
+        row = costs.setdefault(name, {"runs": 0, "reused": 0, "compute_s": 0.0})
+        row["runs"] += 1
+        row["reused"] += int(run["reused"])
+        row["compute_s"] += float(run["wall_s"])
+    return costs
+
+
 def compare_markdown(report: dict) -> str:
     s, table, stats = report["settings"], report["methods"], report["statistics"]
     names = [n for n in report["order"] if table.get(n)]
@@ -344,12 +357,16 @@ def compare_markdown(report: dict) -> str:
             f"| {n} | " + " | ".join(_cell(table[n]["sites"][site][metric]) for site in s["sites"]) + " |"
             for n in names
         ]
-    lines.append("\n## Runs\n")
+    lines.append("\n## Runs and their cost\n")
     lines.append(
         f"{len(report['runs'])} runs, {report['compute_s']:.0f} s of compute when run from scratch; this call "
         f"took {report['wall_s']:.0f} s. Differences to FedAvg: compare_forest.png; pooled validation accuracy per "
-        "round: compare_curves.png."
+        "round: compare_curves.png.\n"
     )
+    lines += ["| runs of | runs | reused now | compute, s (all) | per run, s |", "|---|---:|---:|---:|---:|"]
+    for name, row in run_costs(report["runs"]).items():
+        per_run = row["compute_s"] / row["runs"]
+        lines.append(f"| {name} | {row['runs']} | {row['reused']} | {row['compute_s']:.0f} | {per_run:.0f} |")
     for failure in report["failures"]:
         lines.append(f"- FAILED {failure['method']} seed {failure['seed']}: {failure['error']}")
     return "\n".join(lines) + "\n"
