@@ -381,6 +381,14 @@ def _figure(width: float, height: float):
     return plt, *plt.subplots(figsize=(width, height))
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def save_forest_png(report: dict, path: Path) -> Path:
     """Each row's paired difference to FedAvg on its primary statistic with its 95% interval, coloured by
     verdict; zero and the equivalence margin drawn."""
@@ -402,11 +410,7 @@ def save_forest_png(report: dict, path: Path) -> Path:
     handles = [plt.Line2D([], [], color=c, marker="o", lw=2, label=v) for v, c in VERDICT_COLORS.items()]
     ax.legend(handles=handles, fontsize=7, loc="lower right")
     ax.set_title(f"Paired differences to FedAvg ({SPLITS[report['settings'].get('split', 'test')]} split)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def save_curves_png(report: dict, path: Path) -> Path:
@@ -434,11 +438,7 @@ def save_curves_png(report: dict, path: Path) -> Path:
         f"Global validation per round, seeds {', '.join(map(str, report['settings']['seeds']))} (band: min..max)"
     )
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_outputs(report: dict, out: Path) -> dict:
