@@ -931,8 +931,14 @@ def validate(args) -> None:
             f"--val-per-class {args.val_per_class} and --test-per-class {args.test_per_class}: both at least 1 "
             "(or both 0 for validation and testing as --val-frac/--test-frac of each hospital's images)"
         )
-    if cohorts_on(args):
-        return  # every image of a hospital trains: each class present has one at least (class_floor)
+    if cohorts_on(args):  # every image of a hospital trains: each class present has one at least (class_floor)
+        if "class_shares" in SCENARIOS[args.scenario]:
+            empty = [k for k, counts in enumerate(site_class_counts(args), start=1) if not sum(counts.values())]
+            if empty:
+                raise FedXViTError(
+                    f"--site-sizes: site{empty[0]} gets no training image (larger sizes, or another --alpha)"
+                )
+        return
     if "class_shares" in SCENARIOS[args.scenario]:
         if not args.alpha > 0:
             raise FedXViTError(f"--alpha must be greater than 0, got {args.alpha}")

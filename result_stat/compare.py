@@ -35,13 +35,18 @@ QUICK_ROUNDS = 2
 
 
 def tune(scenario, methods, budget, seed, chosen, tracking_uri, timeout_s, workspace, log) -> tuple[dict, list, list]:
-    """({method: tuning.choose result}, runs, failures) for every method with a grid that --set did not fix;
-    `chosen` gets each method's chosen values."""
+    """({method: tuning.choose result}, runs, failures) for every method with a grid that --set did not fix, FedAvg
+    first: every other method starts from FedAvg's chosen values (planning.inherit_reference) and tunes its own
+    on top. `chosen` gets each method's values."""
     tuned, runs, failures = {}, [], []
-    for name, job in methods.items():
+    fixed = set(chosen)  # --set: not tuned
+    for name in [REFERENCE, *[n for n in methods if n != REFERENCE]]:
+        job = methods[name]
+        if name != REFERENCE:
+            planning.inherit_reference(name, job, chosen)
         if name not in TUNING_GRIDS:
             continue
-        if name in chosen:
+        if name in fixed:
             log(f"{name}: not tuned, its --set values are used")
             continue
         grid_runs = planning.tuning_plan(name, job, scenario, budget, seed, chosen, tracking_uri, timeout_s)
@@ -54,7 +59,8 @@ def tune(scenario, methods, budget, seed, chosen, tracking_uri, timeout_s, works
         tuned[name] = choose(TUNING_GRIDS[name], results)
         if tuned[name]["chosen"] is None:
             raise FedXViTError(f"tuning {name}: every run of its grid failed, first: {failures[-1]['error']}")
-        chosen[name] = planning.place_variables(job, tuned[name]["chosen"], f"tuning {name}")
+        values = planning.place_variables(job, tuned[name]["chosen"], f"tuning {name}")
+        chosen[name] = planning.merge_variables(chosen.get(name, {}), values)
         log(f"{name}: tuned on validation, chosen {planning.describe(tuned[name]['chosen'])}", flush=True)
     return tuned, runs, failures
 
@@ -97,11 +103,15 @@ def compare(
     budget = (rounds, local_epochs)
     chosen = {name: dict(v) for name, v in (method_variables or {}).items()}
 
-    tuned, tuning_runs, tuning_failures = (
-        tune(scenario, methods, budget, seeds[0], chosen, tracking_uri, timeout_s, workspace, log)
-        if tuning
-        else ({}, [], [])
-    )
+    if tuning:
+        tuned, tuning_runs, tuning_failures = tune(
+            scenario, methods, budget, seeds[0], chosen, tracking_uri, timeout_s, workspace, log
+        )
+    else:
+        tuned, tuning_runs, tuning_failures = {}, [], []
+        for name, job in methods.items():
+            if name != REFERENCE:
+                planning.inherit_reference(name, job, chosen)
     # the baselines train like the reference job: its settings (FedAvg's chosen values included) with this
     # comparison's rounds, epochs and seed
     settings_job = job_copy(

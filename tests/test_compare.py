@@ -477,7 +477,7 @@ def test_tuning_chooses_on_validation_and_the_evaluation_runs_use_the_choice(two
     model, _ = build_model_from_checkpoint(initial, preset="tiny")
     monkeypatch.setattr(runs, "federated_run", fake_federated_run)
     monkeypatch.setitem(plan.TUNING_GRIDS, "fedprox", [{"mu": 0.01}, {"mu": 0.1}])
-    monkeypatch.setitem(plan.TUNING_GRIDS, "fedavg", [{"learning_rate": 3e-4}])
+    monkeypatch.setitem(plan.TUNING_GRIDS, "fedavg", [{"learning_rate": 1e-3}])
     methods = {
         "fedavg": tiny_job(tmp_path / "fedavg"),
         "fedprox": tiny_job(tmp_path / "fedprox", REPO / "jobs" / "fedxvit_fedprox"),
@@ -496,10 +496,14 @@ def test_tuning_chooses_on_validation_and_the_evaluation_runs_use_the_choice(two
     )
     tuned = report["settings"]["tuning"]["fedprox"]
     assert tuned["chosen"] == {"mu": 0.1} and tuned["validation_scores"][1] > tuned["validation_scores"][0]
-    assert report["settings"]["method_variables"]["fedprox"] == {"client": {"mu": 0.1}}
+    # FedProx trains with FedAvg's chosen learning rate, tuning its own mu on top
+    assert report["settings"]["method_variables"]["fedprox"] == {"client": {"learning_rate": 1e-3, "mu": 0.1}}
     fedprox_runs = [(seed, client) for seed, client in seen if "mu" in client]
     # the grid at seed 0 (two runs), then seed 1 at the chosen value; seed 0's evaluation run is the tuning run
-    assert fedprox_runs == [(0, {"mu": 0.01}), (0, {"mu": 0.1}), (1, {"mu": 0.1})]
+    assert fedprox_runs == [(0, {"learning_rate": 1e-3, "mu": mu}) for mu in (0.01, 0.1)] + [
+        (1, {"learning_rate": 1e-3, "mu": 0.1})
+    ]
+    assert report["settings"]["baseline_training"]["learning_rate"] == 1e-3  # the baselines too
     evaluation = [r for r in report["runs"] if r["method"] == "fedprox"]
     assert [(r["seed"], r["reused"]) for r in evaluation] == [(0, False), (0, False), (0, True), (1, False)]
     assert any("fedprox: tuned on validation, chosen mu=0.1" in line for line in lines)

@@ -48,9 +48,9 @@ def personalized(name: str) -> str:
 
 LEARNING_RATES = [{"learning_rate": lr} for lr in (3e-4, 1e-4, 1e-3)]  # the jobs' default first
 # The values each method is tuned over on validation (result_stat.comparison.tuning), the job's defaults first
-# (a tie keeps them). A method without a grid runs with its job's values. FedAvg's learning rate is tuned too, so
-# that a method tuned on its learning rate (SCAFFOLD) is not judged against an untuned reference; the
-# baselines then train with FedAvg's chosen values.
+# (a tie keeps them). FedAvg's learning rate is tuned first, and every other method and the baselines train with
+# it (inherit_reference) unless their own grid tunes it (SCAFFOLD's, whose correction changes the effective step);
+# a method without a grid runs with its job's values and FedAvg's learning rate.
 TUNING_GRIDS = {
     "fedavg": LEARNING_RATES,
     "fedprox": [{"mu": mu} for mu in (0.01, 0.001, 0.1, 1.0)],
@@ -147,6 +147,18 @@ def parse_settings(entries: list | None, methods: dict) -> dict:
         for side, values in place_variables(methods[name], {variable: value}, f"--set {entry!r}").items():
             out.setdefault(name, {}).setdefault(side, {}).update(values)
     return out
+
+
+def inherit_reference(name: str, job: Path, chosen: dict) -> None:
+    """A method trains with FedAvg's chosen client values (its learning rate) wherever its job has that variable,
+    under its own --set or tuned values: the same optimizer settings for every method unless its grid tunes them."""
+    inherited = {
+        variable: value
+        for variable, value in chosen.get(REFERENCE, {}).get("client", {}).items()
+        if variable in read_job_config(job, CLIENT_CONFIG)
+    }
+    if inherited:
+        chosen[name] = merge_variables({"client": inherited}, chosen.get(name, {}))
 
 
 def merge_variables(*layers: dict) -> dict:
