@@ -42,7 +42,7 @@ data-skewed-calibration: setup
 	$(PY) -m data_preparation.benchmark --scenario skewed --out $(DATA)/skewed-calibration --seed $(CALIBRATION_SEED)
 
 calibrate-skewed: data-skewed-calibration
-	$(PY) -m data_preparation.federated_gap --data $(DATA)/skewed-calibration
+	$(PY) -m data_preparation.federated_gap --data $(DATA)/skewed-calibration $(if $(COMPARE_BUDGET),--budget $(COMPARE_BUDGET))
 
 expert: data
 	$(TIMED) $(PY) -m fedxvit.expert --data $(DATA)/public --out models $(EXPERT_ARGS)

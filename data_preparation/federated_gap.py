@@ -29,10 +29,14 @@ CALIBRATION_SPLIT = "validation"
 TARGET_GAP = 0.08  # issue #26: FedAvg at least 8 points of balanced accuracy below centralized (was 3, #12)
 
 
-def federated_job(source: Path, dest: Path, min_clients: int) -> Path:
-    """A copy of the job whose only change is min_clients (the stock job waits for fewer sites). Waiting for
-    every site, a round ends on the job's train_timeout when one hangs (job_copy refuses a copy without it)."""
-    return job_copy(source, dest, server={"min_clients": int(min_clients)})
+def federated_job(source: Path, dest: Path, min_clients: int, budget: dict | None = None) -> Path:
+    """A copy of the job whose only changes are min_clients (the stock job waits for fewer sites) and, with a
+    budget (result_stat.budget), its rounds and local epochs. Waiting for every site, a round ends on the job's
+    train_timeout when one hangs (job_copy refuses a copy without it)."""
+    server, client = {"min_clients": int(min_clients)}, {}
+    if budget:
+        server["num_rounds"], client["local_epochs"] = int(budget["rounds"]), int(budget["local_epochs"])
+    return job_copy(source, dest, server=server, client=client)
 
 
 def validation_loaders(site_dirs: dict, image_size: int) -> dict:
@@ -73,7 +77,9 @@ def verdict(report: dict, target_gap: float = TARGET_GAP) -> dict:
     }
 
 
-def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, timeout_s: int) -> dict:
+def federated_gap(
+    data: Path, initial: Path, workspace: Path, job_source: Path, timeout_s: int, budget: dict | None = None
+) -> dict:
     """Run FedAvg, centralized and every local-only model and score them all (see the module doc)."""
     from data_preparation.calibrate import site_dirs
     from fedxvit.baselines import train_on_sites
@@ -83,7 +89,8 @@ def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, 
     from fedxvit.training import resolve_device
 
     dirs = {d.name: d.resolve() for d in site_dirs(data)}
-    settings = read_job_settings(job_source)
+    job = federated_job(job_source, workspace / "job", min_clients=len(dirs), budget=budget)
+    settings = read_job_settings(job)  # the baselines get the same passes over the data
     device = resolve_device()
     loaders = validation_loaders(dirs, build_model(settings.preset, num_classes=2).preset.image_size)
     report = {
@@ -99,7 +106,6 @@ def federated_gap(data: Path, initial: Path, workspace: Path, job_source: Path, 
     report["models"]["transplanted start"] = score(start, loaders, device)
 
     started = time.perf_counter()
-    job = federated_job(job_source, workspace / "job", min_clients=len(dirs))
     run_dir = run_simulator(job, workspace / "simulator", data, list(dirs), initial, timeout_s)
     report["wall_s"]["fedavg"] = round(time.perf_counter() - started, 1)
     for key, file_name in (("fedavg_final", "FL_global_model.pt"), ("fedavg_best", "best_FL_global_model.pt")):
@@ -157,6 +163,11 @@ def main(argv=None) -> None:
         "--workspace", default="workspace/federated_gap", help="simulator workspace (default: workspace/federated_gap)"
     )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds the simulator may take (default: 3600)")
+    parser.add_argument(
+        "--budget",
+        default=None,
+        help="budget.json (result_stat.budget): its rounds x local epochs (default: the job's)",
+    )
     args = parser.parse_args(argv)
     data, initial = Path(args.data), Path(args.initial)
     job = Path(args.job) if args.job else project_root() / "jobs" / "fedxvit"
@@ -168,7 +179,12 @@ def main(argv=None) -> None:
         raise FedXViTError(f"--initial {initial} does not exist: run `make transfer` first")
     if not (job / "app" / "config" / "config_fed_server.json").is_file():
         raise FedXViTError(f"--job {job} has no app/config/config_fed_server.json")
-    report = federated_gap(data, initial, Path(args.workspace), job, args.timeout)
+    budget = None
+    if args.budget:
+        from result_stat.budget import read_budget
+
+        budget = read_budget(Path(args.budget))
+    report = federated_gap(data, initial, Path(args.workspace), job, args.timeout, budget)
     (data / GAP_FILE).write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
     print(f"wrote {data / GAP_FILE}")

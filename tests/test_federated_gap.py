@@ -31,6 +31,17 @@ def test_job_copy_changes_only_min_clients(tmp_path):
     assert (source / SERVER_CONFIG).read_text() == before
 
 
+def test_a_budget_sets_the_rounds_and_local_epochs_of_the_copy_and_of_the_baselines(tmp_path):
+    from fedxvit.jobconfig import read_job_settings
+
+    job = federated_gap.federated_job(
+        REPO / "jobs" / "fedxvit", tmp_path / "job", min_clients=6, budget={"rounds": 3, "local_epochs": 4}
+    )
+    assert json.loads((job / SERVER_CONFIG).read_text())["num_rounds"] == 3
+    assert json.loads((job / CLIENT_CONFIG).read_text())["local_epochs"] == 4
+    assert read_job_settings(job).equivalent_epochs == 12
+
+
 def write_split_site(root: Path, counts: dict) -> Path:
     """Noise images; counts = {split: (healthy, tumor)}."""
     rng = np.random.default_rng(0)
