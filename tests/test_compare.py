@@ -508,3 +508,15 @@ def test_tuning_chooses_on_validation_and_the_evaluation_runs_use_the_choice(two
     assert [(r["seed"], r["reused"]) for r in evaluation] == [(0, False), (0, False), (0, True), (1, False)]
     assert any("fedprox: tuned on validation, chosen mu=0.1" in line for line in lines)
     assert any("ETA" in line for line in lines)
+
+
+def test_the_eta_counts_each_kind_of_run_at_its_own_pace():
+    def planned(kind):
+        return plan.PlannedRun("x", 0, {"kind": kind}, lambda folder: {})
+
+    todo = [planned("federated"), planned("federated"), planned("federated"), planned("centralized")]
+    assert runs.estimate_left(todo, [1, 2], {"federated": [90.0, 150.0]}) == "; ETA 4 min for 2 run(s)"
+    assert runs.estimate_left(todo, [2, 3], {"federated": [120.0]}) == (
+        "; ETA at least 2 min (no centralized run timed yet) for 2 run(s)"
+    )
+    assert runs.estimate_left(todo, [], {"federated": [120.0]}) == "" == runs.estimate_left(todo, [3], {})

@@ -348,25 +348,42 @@ def check_scenario(data: Path, sites: list | None, initial: Path, preset: str | 
     return list(sites), meta["preset"], int(meta["image_size"]), list(class_names)
 
 
+def estimate_left(plan: list, unfinished: list, computed: dict) -> str:
+    """ "; ETA ..." for the unfinished runs: each kind of run (federated, centralized, local-only, start) at the
+    mean wall time of the runs of that kind computed so far; a lower bound while a kind has none timed yet."""
+    if not unfinished or not computed:
+        return ""
+    pending: dict = {}
+    for index in unfinished:
+        pending[plan[index].options["kind"]] = pending.get(plan[index].options["kind"], 0) + 1
+    seconds = sum(n * float(np.mean(computed[kind])) for kind, n in pending.items() if kind in computed)
+    untimed = sorted(kind for kind in pending if kind not in computed)
+    bound = (
+        f"at least {seconds / 60:.0f} min (no {', '.join(untimed)} run timed yet)"
+        if untimed
+        else f"{seconds / 60:.0f} min"
+    )
+    return f"; ETA {bound} for {len(unfinished)} run(s)"
+
+
 def run_plan(plan: list, workspace: Path, fingerprint: dict, split: str, log=print) -> tuple[dict, list, list]:
     """Run or reuse every PlannedRun in order: ({(name, seed): result}, runs, failures). One progress line per
-    run, with an ETA from the runs computed so far times the unfinished ones left (finished ones are reused)."""
+    run, with an ETA for the unfinished ones left (estimate_left; finished ones are reused)."""
     folders = [run_folder(workspace, run.name, run.options, fingerprint) for run in plan]
-    left = sum(not (folder / DONE_FILE).is_file() for folder in folders)
-    results, runs, failures, computed = {}, [], [], []
-    for index, (run, folder) in enumerate(zip(plan, folders), 1):
-        label = f"[{index}/{len(plan)}] {run.label}"
+    unfinished = [i for i, folder in enumerate(folders) if not (folder / DONE_FILE).is_file()]
+    results, runs, failures, computed = {}, [], [], {}
+    for index, (run, folder) in enumerate(zip(plan, folders)):
+        label = f"[{index + 1}/{len(plan)}] {run.label}"
         clock = time.perf_counter()
+        unfinished = [i for i in unfinished if i != index]
         try:
             result, reused = run_or_reuse(folder, run.compute)
         except FedXViTError as exc:
             failures.append({"method": run.name, "seed": run.seed, "folder": str(folder), "error": str(exc)})
-            left -= 1
             log(f"{label}: FAILED after {time.perf_counter() - clock:.0f} s: {exc}", flush=True)
             continue
         if not reused:
-            computed.append(result["wall_s"])
-            left -= 1
+            computed.setdefault(run.options["kind"], []).append(result["wall_s"])
         results[(run.name, run.seed)] = result
         for site in result.get("personalized_fallback", []):
             log(f"{label}: {site} kept no personalized model; its personalized score is the global model's")
@@ -374,10 +391,10 @@ def run_plan(plan: list, workspace: Path, fingerprint: dict, split: str, log=pri
             {"method": run.name, "seed": run.seed, "folder": str(folder), "reused": reused, "wall_s": result["wall_s"]}
         )
         score = score_sites(result[split])["pooled"][PRIMARY_METRIC] if split in result else float("nan")
-        eta = f"; ETA {left * float(np.mean(computed)) / 60:.0f} min for {left} run(s)" if computed and left else ""
         log(
             f"{label}: {'reused' if reused else 'ran'} in {time.perf_counter() - clock:.0f} s "
-            f"(computed in {result['wall_s']:.0f} s); pooled {split} balanced accuracy {score:.3f}{eta}",
+            f"(computed in {result['wall_s']:.0f} s); pooled {split} balanced accuracy {score:.3f}"
+            + estimate_left(plan, unfinished, computed),
             flush=True,
         )
     return results, runs, failures
