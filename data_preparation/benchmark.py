@@ -938,6 +938,10 @@ def validate(args) -> None:
                 raise FedXViTError(
                     f"--site-sizes: site{empty[0]} gets no training image (larger sizes, or another --alpha)"
                 )
+            return
+        for k, (size, n_healthy) in enumerate(zip(args.site_sizes, site_healthy_counts(args)), start=1):
+            if not 1 <= n_healthy < size:
+                raise FedXViTError(f"--site-sizes: site{k} size {size} cannot train on both Healthy and Tumor images")
         return
     if "class_shares" in SCENARIOS[args.scenario]:
         if not args.alpha > 0:

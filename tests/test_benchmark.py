@@ -263,7 +263,10 @@ def test_rerun_with_other_parameters_refused_without_force(tmp_path):
         ["--scenario", "skewed", "--healthy-fraction", "0.3"],
         ["--scenario", "skewed", "--public-per-class", "10"],
         ["--scenario", "unknown"],
-        ["--site-sizes", "80,4", "--scenario", "skewed"],
+        ["--site-sizes", "80,4", "--scenario", "skewed", "--val-per-class", "0", "--test-per-class", "0"],
+        ["--site-sizes", "80,1", "--scenario", "skewed"],
+        ["--val-per-class", "2", "--scenario", "skewed", "--test-per-class", "0"],
+        ["--val-per-class", "2"],
     ],
 )
 def test_bad_option_is_one_line_error(bad, tmp_path):

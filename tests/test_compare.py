@@ -155,6 +155,7 @@ def test_aggregate_composes_local_only_and_closes_half_the_gap(tmp_path):
         markdown,
     )
     assert "| fedavg | pooled | 66.7 ± 0.0 | — | — | reference | — |" in markdown
+    assert "| start | pooled | 66.7 | — | — | not compared (the untrained start) | — |" in markdown
     assert "- **Better than FedAvg:** centralized, local-only." in markdown
     # every metric: accuracy 5/6, balanced 5/6, macro-F1 (0.8 + 6/7)/2, ROC-AUC 8/9, worst a, mean of a (5/6) and b (1)
     assert (

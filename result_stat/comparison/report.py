@@ -210,6 +210,11 @@ def _gap(share: dict | None) -> str:
     return f"{100 * share['share']:.0f}%" + (f" [{100 * low:.0f}, {100 * high:.0f}]" if low is not None else "")
 
 
+def _role(name: str) -> str:
+    """What a row without a difference is: FedAvg, the reference; the start, not compared."""
+    return "reference" if name == REFERENCE else "not compared (the untrained start)"
+
+
 def _p(value: float) -> str:
     return f"{value:.3f}" if value >= 0.001 else "<0.001"
 
@@ -275,7 +280,7 @@ def compare_markdown(report: dict) -> str:
         d = row.get("vs_fedavg")
         lines.append(
             f"| {name} | {_statistic_name(statistic)} | {_cell(value)} | "
-            + (f"{_difference(d)} | {_p(d['p_adjusted'])} | **{d['verdict']}**" if d else "— | — | reference")
+            + (f"{_difference(d)} | {_p(d['p_adjusted'])} | **{d['verdict']}**" if d else f"— | — | {_role(name)}")
             + f" | {_gap(row.get('gap_share'))} |"
         )
     lines.append("")
@@ -300,7 +305,11 @@ def compare_markdown(report: dict) -> str:
             d = row.get("vs_fedavg")
             lines.append(
                 f"| {name} | {_cell(row['balanced_accuracy'])} | "
-                + (f"{_difference(d)} | {_p(d['p_adjusted'])} | **{d['verdict']}** |" if d else "— | — | reference |")
+                + (
+                    f"{_difference(d)} | {_p(d['p_adjusted'])} | **{d['verdict']}** |"
+                    if d
+                    else f"— | — | {_role(name)} |"
+                )
             )
         lines.append(
             f"\nHolm-adjusted within these {len(heldout['family'])} rows (a family of its own); intervals as above."
