@@ -47,24 +47,19 @@ def files_digest(paths) -> str:
 
 
 def code_fingerprint(packages=CODE_PACKAGES, libraries=LIBRARIES) -> dict:
-    """{"code": hash of every .py file of the first-party packages, "libraries": {name: version}}: part of
-    every run's key, so a finished run of other code (an executor, the training loop, the scoring) or of
-    other library versions is run again rather than reused."""
+    """{"code": hash of every file of the first-party packages (files_digest), "libraries": {name: version}}:
+    part of every run's key, so a finished run of other code (an executor, the training loop, the scoring) or
+    of other library versions is run again rather than reused."""
     import importlib
 
-    digest = hashlib.sha256()
-    for name in packages:
-        root = Path(importlib.import_module(name).__file__).parent
-        for file in sorted(f for f in root.rglob("*.py") if "__pycache__" not in f.parts):
-            digest.update(f"{name}/{file.relative_to(root).as_posix()}".encode())
-            digest.update(file.read_bytes())
+    code = files_digest(Path(importlib.import_module(name).__file__).parent for name in packages)
     versions = {}
     for name in libraries:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {"code": digest.hexdigest()[:16], "libraries": versions}
+    return {"code": code, "libraries": versions}
 
 
 def run_folder(workspace: Path, name: str, options: dict, fingerprint: dict) -> Path:
