@@ -44,6 +44,14 @@ data-skewed-calibration: setup
 calibrate-skewed: data-skewed-calibration
 	$(PY) -m data_preparation.federated_gap --data $(DATA)/skewed-calibration $(if $(COMPARE_BUDGET),--budget $(COMPARE_BUDGET))
 
+# Know the data before training (NVFlare's federated statistics, jobs/fedxvit_stats): per site and for the
+# federation, image and label counts, gray values, image sizes and lesion areas -> $(RESULTS)/stats/.
+# `make stats STATS_DATA=data/skewed` for the skewed scenario; any folder of imported site folders works.
+STATS_DATA ?= $(DATA)
+.PHONY: stats
+stats: setup
+	$(PY) -m result_stat.data_stats --data $(STATS_DATA) --out $(RESULTS)/stats
+
 expert: data
 	$(TIMED) $(PY) -m fedxvit.expert --data $(DATA)/public --out models $(EXPERT_ARGS)
 

@@ -88,7 +88,7 @@ def job_copy(
 
 
 def simulator_env(
-    data_root: Path, sites, initial: Path, environ: dict | None = None, extra: dict | None = None
+    data_root: Path, sites, initial: Path | None, environ: dict | None = None, extra: dict | None = None
 ) -> dict:
     """The environment of a simulator run: every site reads <data_root>/<site> (a per-site override
     such as FEDXVIT_DATA_SITE1 in the caller's shell is dropped, it would silently swap the data),
@@ -101,7 +101,7 @@ def simulator_env(
     env.update(
         {
             DATA_ROOT_ENV: str(Path(data_root).resolve()),
-            INITIAL_MODEL_ENV: str(Path(initial).resolve()),
+            **({INITIAL_MODEL_ENV: str(Path(initial).resolve())} if initial else {}),
             "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
             **(extra or {}),
         }
@@ -147,13 +147,16 @@ def run_simulator(
     workspace: os.PathLike,
     data_root: os.PathLike,
     sites,
-    initial: os.PathLike,
+    initial: os.PathLike | None,
     timeout_s: int = 3600,
     extra_env: dict | None = None,
     allow: tuple = (),
+    expect: str = GLOBAL_MODEL,
 ) -> Path:
     """`nvflare simulator <job> -w <workspace> -c <sites> -t <n sites>` (one client process per site,
-    so none waits for a turn); the server's run folder, or one line saying why there is none.
+    so none waits for a turn); the server's run folder, or one line saying why there is none. A run succeeded when
+    it exited 0 and wrote `expect` in that folder (the final global model; a job that trains no model, such as the
+    statistics job, names its own output); `initial` is the model to start from (None: a job that needs none).
     The whole output is kept in <workspace>/simulator_output.log. Jobs carry no code: every participant
     builds the classes fedxvit's jobs need and those `allow` names (<workspace>/local/resources.json,
     fedxvit.site_policy.allow_classes). A run whose site worker lost its port to another process before
@@ -170,7 +173,7 @@ def run_simulator(
             raise FedXViTError(f"the simulator run of {job}: {note}gave up after {attempt} attempts (log {log})")
         print(note + "starting the run again", file=sys.stderr)
     run_dir = workspace / "server" / "simulate_job"
-    if returncode != 0 or not (run_dir / GLOBAL_MODEL).is_file():
+    if returncode != 0 or not (run_dir / expect).is_file():
         log = workspace / SIMULATOR_LOG
         raise FedXViTError(
             f"the simulator run of {job} failed (exit {returncode}, log {log}): "
@@ -205,7 +208,7 @@ def simulate_once(
         # its own process group: on a timeout the simulator's client workers are stopped with it, not orphaned
         process = subprocess.Popen(
             command,
-            env=simulator_env(Path(data_root), sites, Path(initial), extra=extra_env),
+            env=simulator_env(Path(data_root), sites, initial, extra=extra_env),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
