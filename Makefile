@@ -52,6 +52,12 @@ STATS_DATA ?= $(DATA)
 stats: setup
 	$(PY) -m result_stat.data_stats --data $(STATS_DATA) --out $(RESULTS)/stats
 
+# The docs' pictures (docs/img): scanners and masks per scenario, label mix per hospital, an explanation panel;
+# from the data of `make data data-skewed data-longtail` (a missing scenario is left out) and models/initial_global.pt.
+.PHONY: doc-figures
+doc-figures: setup
+	$(PY) -m result_stat.doc_figures --data $(DATA) --out docs/img
+
 expert: data
 	$(TIMED) $(PY) -m fedxvit.expert --data $(DATA)/public --out models $(EXPERT_ARGS)
 

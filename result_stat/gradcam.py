@@ -272,7 +272,7 @@ def load_tumor_cases(
 ) -> list[dict]:
     """Up to n tumor images with masks of a site's split (seeded choice, in file order):
     [{"name", "image": (1, S, S) tensor as the model sees it, "mask": (S, S) bool}]."""
-    site_dir = Path(site_dir)
+    site_dir = Path(site_dir).resolve()  # the datalist's paths come back joined to it: absolute, not cwd-relative
     entries = [e for e in load_split(site_dir, split) if int(e["label"]) == TUMOR and e.get("mask")]
     if not entries:
         raise FedXViTError(
