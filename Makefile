@@ -64,6 +64,12 @@ expert: data
 transfer: expert
 	$(TIMED) $(PY) -m fedxvit.transfer --expert models/expert.pt --out models/initial_global.pt
 
+# The test report where the data lives (jobs/fedxvit_evaluate): each site scores the run's final and best models
+# on its own test split and sends counts and histograms only -> $(RESULTS)/evaluation/.
+.PHONY: evaluate
+evaluate: setup
+	$(PY) -m result_stat.federated_evaluation --data $(DATA) --out $(RESULTS)/evaluation
+
 # NVFlare simulator: 3 hospitals as client processes (-t 3); -gpu 0 is ignored on CPU-only machines. First the
 # job's site options are checked (fedxvit.jobconfig): a bad job variable is one line, not a failed run.
 # Outputs: workspace/server/simulate_job/ (global_val.json, cross_site_val/, app_server/*.pt).

@@ -25,6 +25,8 @@ def test_every_shipped_job_bounds_every_task_it_waits_for(job):
         assert all(isinstance(config[limit], int) and config[limit] > 0 for limit in limits)
         return
     waits_for = {"cross_site_model_eval": ("submit_model_timeout", "validation_timeout")}
+    if "global_model_eval" in workflows:  # the evaluation job: the server's models only, no submit_model task
+        waits_for = {"global_model_eval": ("validation_timeout",)}
     if "scatter_and_gather" in workflows:  # the cyclic job's relay has no result limit (docs/federated-jobs.md)
         waits_for["scatter_and_gather"] = ("train_timeout",)
     for workflow, limits in waits_for.items():

@@ -40,6 +40,7 @@ from fedxvit.classes import TASK_CLASSES, task_classes
 from fedxvit.data import make_loader
 from fedxvit.datalist import load_split, read_dataset_info
 from fedxvit.errors import FedXViTError
+from fedxvit.evaluation import REPLICATES_HEADER, SEED_HEADER, bootstrap_confusions, site_aggregates
 from fedxvit.filters import REJECT_REASON_HEADER
 from fedxvit.imbalance import balanced_softmax_shift, check_loss, class_counts, mas_factor, measure_divergence
 from fedxvit.model import DEFAULT_PRESET, build_model, get_recipe
@@ -197,6 +198,7 @@ class FedXViTExecutor(Executor):
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
+        evaluate_task_name: str = "evaluate",
         analytic_sender_id: str = "log_writer",
         may_leave: str = "all",
     ):
@@ -254,7 +256,13 @@ class FedXViTExecutor(Executor):
                 ) from None
             self.privacy = SitePrivacy(dp_epsilon, dp_delta, dp_max_grad_norm)
         self.num_workers = int(num_workers)
-        self.task_names = {"train": train_task_name, "validate": validate_task_name, "submit": submit_model_task_name}
+        self.task_names = {
+            "train": train_task_name,
+            "validate": validate_task_name,
+            "submit": submit_model_task_name,
+            "evaluate": evaluate_task_name,
+        }
+        self.data_dir = self.test_loader = None
         self.model = None
         self.device = None
         self.train_loader = self.val_loader = None
@@ -274,6 +282,7 @@ class FedXViTExecutor(Executor):
         data_dir = site_data_dir(
             self.site_name, site_config_dir=workspace.get_site_config_dir(), class_names=task_classes(self.num_classes)
         )
+        self.data_dir = data_dir
         threads = resolve_torch_threads(self.torch_threads, simulator_parallel_clients(fl_ctx))
         torch.set_num_threads(threads)
         self.device = resolve_device()
@@ -366,6 +375,7 @@ class FedXViTExecutor(Executor):
             self.task_names["train"]: self._train,
             self.task_names["validate"]: self._validate,
             self.task_names["submit"]: self._submit_model,
+            self.task_names["evaluate"]: self._evaluate,
         }
         handler = handlers.get(task_name)
         if handler is None:
@@ -554,6 +564,34 @@ class FedXViTExecutor(Executor):
             f"val_loss={metrics['val_loss']:.4f} (n={metrics['val_count']})",
         )
         return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
+
+    def _evaluate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        """A model scored on this site's test split; only counts and histograms go back (fedxvit.evaluation)."""
+        dxo = from_shareable(shareable)
+        if dxo.data_kind != DataKind.WEIGHTS:
+            raise FedXViTError(f"evaluate task expects WEIGHTS, got {dxo.data_kind}")
+        self._load_weights(dxo.data)
+        if self.test_loader is None:
+            size = self.model.preset.image_size
+            self.test_loader = make_loader(self.data_dir, "testing", size, self.batch_size, train=False)
+        result = evaluate(self.model, self.test_loader, self.device, should_abort=lambda: abort_signal.triggered)
+        owner = shareable.get_header(AppConstants.MODEL_OWNER, "global")
+        if result["aborted"]:
+            return self._aborted(fl_ctx, f"while evaluating the model of {owner}")
+        aggregates = site_aggregates(result["labels"], result["probs"], self.class_names)
+        seed = shareable.get_header(SEED_HEADER)
+        if seed is not None:
+            predicted = [max(range(len(p)), key=p.__getitem__) for p in result["probs"]]
+            aggregates["bootstrap_confusions"] = bootstrap_confusions(
+                result["labels"],
+                predicted,
+                self.num_classes,
+                seed,
+                self.site_name,
+                int(shareable.get_header(REPLICATES_HEADER, 200)),
+            )
+        self.log_info(fl_ctx, f"fedxvit {self.site_name}: model of {owner} evaluated on {result['count']} test images")
+        return DXO(data_kind=DataKind.METRICS, data=aggregates).to_shareable()
 
     def _submit_model(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self.best_model_path is None or not self.best_model_path.is_file():
