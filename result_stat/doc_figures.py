@@ -112,13 +112,8 @@ def label_mix(scenarios: dict, out: Path) -> Path:
 def explanations(site: Path, model_path: Path, out: Path, n: int = 3) -> Path:
     import torch
 
-    from result_stat.gradcam import (
-        gradcam_maps,
-        integrated_gradients_maps,
-        load_run_model,
-        load_tumor_cases,
-        occlusion_maps,
-    )
+    from fedxvit.explain import gradcam_maps, integrated_gradients_maps, load_tumor_cases, occlusion_maps
+    from result_stat.gradcam import load_run_model
 
     model = load_run_model(None, str(model_path))
     cases = load_tumor_cases(site, model.preset.image_size, n=n)

@@ -17,16 +17,17 @@ from fedxvit.evaluation import SCORE_BINS, auc_from_histograms, bootstrap_confus
 from fedxvit.model import build_model
 from fedxvit.training import evaluate
 from result_stat.federated_evaluation import run_evaluation
+from result_stat.gradcam import explain_sites
 
-TINY_SITE_SETTINGS = {"preset": "tiny", "batch_size": 4, "torch_threads": 1}
-SENT_KEYS = {"class_names", "confusion", "score_histograms", "bootstrap_confusions"}
+TINY_SITE_SETTINGS = {"preset": "tiny", "batch_size": 4, "torch_threads": 1, "explain_images": 25}
+SENT_KEYS = {"class_names", "confusion", "score_histograms", "bootstrap_confusions", "explanations"}
 
 
 @pytest.fixture(scope="module")
 def evaluation(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     for i, site in enumerate(SITES):
-        write_tiny_site(root / "data" / site, test_per_class=4 + 2 * i, seed=i)
+        write_tiny_site(root / "data" / site, test_per_class=4 + 2 * i, seed=i, masks=True)
     start = write_initial_model(root / "models" / "start.pt")
     state = torch.load(start, weights_only=True)
     torch.save({"model": opposite_model(state)}, root / "models" / "opposite.pt")  # NVFlare's persistor format
@@ -65,6 +66,16 @@ def test_the_federated_report_equals_the_pooled_one(evaluation):
         bins = np.minimum((tumor * SCORE_BINS).astype(int), SCORE_BINS - 1)
         tied = np.mean([[bp == bn for bn in bins[labels == 0]] for bp in bins[labels == 1]])
         assert abs(entry["roc_auc"]["Tumor"] - exact) <= tied / 2 + 1e-9, (entry["roc_auc"], exact, tied)
+        # the explanation scores: what result_stat.gradcam computes over the pooled sites' same tumor images
+        model = build_model("tiny", len(TASK_CLASSES))
+        saved = torch.load(path, weights_only=True)
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in saved.get("model", saved).items()})
+        site_dirs = {s: evaluation["root"] / "data" / s for s in SITES}
+        for method, federated in entry["explanations"].items():
+            pooled = explain_sites(model, site_dirs, None, panels=False, progress=False, method=method)
+            assert federated["n"] == pooled["n"] > 0, method
+            assert federated["pointing_game"] == pytest.approx(pooled["pointing_game"], abs=1e-12), method
+            assert federated["energy_in_mask"] == pytest.approx(pooled["energy_in_mask"], abs=1e-9), method
     start, opposite = report["start"], report["opposite"]
     assert opposite["accuracy"] == pytest.approx(1 - start["accuracy"])  # the opposite model, exactly
     assert "| start |" not in evaluation["markdown"] and "## start" in evaluation["markdown"]
@@ -88,8 +99,10 @@ def test_a_site_sends_counts_and_histograms_only_with_paired_draws(evaluation):
     for site, per_model in sites.items():
         for model, sent in per_model.items():
             assert set(sent) == SENT_KEYS, (site, model)
-            numbers = [v for v in leaves({k: v for k, v in sent.items() if k != "class_names"})]
-            assert all(isinstance(v, int) for v in numbers), (site, model)  # counts: no per-image probability
+            counts = {k: v for k, v in sent.items() if k not in ("class_names", "explanations")}
+            assert all(isinstance(v, int) for v in leaves(counts)), (site, model)  # no per-image probability
+            for method, scores in sent["explanations"].items():  # sums over the site's tumors, not per image
+                assert set(scores) == {"hits", "n", "energy_sum"} and 0 <= scores["hits"] <= scores["n"], method
         draws = {model: np.asarray(sent["bootstrap_confusions"]) for model, sent in per_model.items()}
         assert draws["start"].shape == (200, 2, 2)
         # the same resample of the site's images for both models: same class sizes per draw, and the opposite

@@ -10,13 +10,9 @@ import torch
 from PIL import Image
 
 from fedxvit.datalist import write_site
-from fedxvit.model import build_model
-from fedxvit.training import evaluate, make_optimizer, seed_everything, train_epoch
-from result_stat.gradcam import (
-    baseline_maps,
+from fedxvit.explain import (
     cell_centre_offset,
     energy_in_mask,
-    explain_sites,
     gradcam_maps,
     integrated_gradients_maps,
     occlusion_maps,
@@ -24,6 +20,9 @@ from result_stat.gradcam import (
     pointing_hit,
     score_maps,
 )
+from fedxvit.model import build_model
+from fedxvit.training import evaluate, make_optimizer, seed_everything, train_epoch
+from result_stat.gradcam import baseline_maps, explain_sites
 
 SIZE, PATCH = 64, 16  # the tiny preset at 64 px: a 4 x 4 CAM grid, one patch = one cell
 CPU = torch.device("cpu")

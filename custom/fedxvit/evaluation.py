@@ -3,6 +3,8 @@ server adds them up into the consortium's report (jobs/fedxvit_evaluate).
 
 A site sends, per model: the confusion counts (true x predicted class), and per class the histograms of that
 class's probability over the images that are and are not of it (enough for ROC-AUC to the bins' resolution);
+with `explain_images`, per explanation method the pointing-game hits, images and summed energy in the mask over
+its masked tumor test images (fedxvit.explain);
 on request, bootstrap replicates of its confusion counts, resampled within each class with a seed the server
 sends, the same resample for every model (so two models can be compared pairwise without pooling predictions).
 No image, mask, file name or per-image value leaves. The server's NVFlare GlobalModelEval sends each model;
@@ -125,6 +127,19 @@ def consortium_report(results: dict) -> dict:
                 np.mean([h["balanced_accuracy"] for h in hospitals.values() if h["balanced_accuracy"] is not None])
             ),
         }
+        explained = [a.get("explanations") or {} for a in answers.values()]
+        methods = sorted({method for e in explained for method in e})
+        if methods:
+            entry["explanations"] = {}
+            for method in methods:
+                n = sum(e[method]["n"] for e in explained if method in e)
+                hits = sum(e[method]["hits"] for e in explained if method in e)
+                energy = sum(e[method]["energy_sum"] for e in explained if method in e)
+                entry["explanations"][method] = {
+                    "n": n,
+                    "pointing_game": hits / n if n else None,
+                    "energy_in_mask": energy / n if n else None,
+                }
         draws = [a.get("bootstrap_confusions") for a in answers.values()]
         if all(draws) and len({len(d) for d in draws}) == 1:
             entry["bootstrap_balanced_accuracy"] = [
@@ -158,6 +173,11 @@ def report_markdown(report: dict) -> str:
         for site, h in entry["hospitals"].items():
             balanced = "n/a" if h["balanced_accuracy"] is None else f"{h['balanced_accuracy']:.4f}"
             lines.append(f"| {site} | {h['n']} | {h['accuracy']:.4f} | {balanced} |")
+        if entry.get("explanations"):
+            lines += ["", "| explanation | tumor images | pointing game | energy in mask |", "|---|---:|---:|---:|"]
+            for method, e in entry["explanations"].items():
+                if e["n"]:
+                    lines.append(f"| {method} | {e['n']} | {e['pointing_game']:.4f} | {e['energy_in_mask']:.4f} |")
         if "bootstrap_balanced_accuracy" in entry:
             draws = np.asarray(entry["bootstrap_balanced_accuracy"])
             low, high = np.percentile(draws, [2.5, 97.5])

@@ -199,6 +199,7 @@ class FedXViTExecutor(Executor):
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
         evaluate_task_name: str = "evaluate",
+        explain_images: int = 0,
         analytic_sender_id: str = "log_writer",
         may_leave: str = "all",
     ):
@@ -263,6 +264,9 @@ class FedXViTExecutor(Executor):
             "evaluate": evaluate_task_name,
         }
         self.data_dir = self.test_loader = None
+        if isinstance(explain_images, bool) or not isinstance(explain_images, int) or explain_images < 0:
+            raise FedXViTError(f"job option explain_images={explain_images!r}: a whole number >= 0")
+        self.explain_images = explain_images  # evaluate task: masked tumor test images scored per explanation
         self.model = None
         self.device = None
         self.train_loader = self.val_loader = None
@@ -590,6 +594,10 @@ class FedXViTExecutor(Executor):
                 self.site_name,
                 int(shareable.get_header(REPLICATES_HEADER, 200)),
             )
+        if self.explain_images:
+            from fedxvit.explain import explanation_scores  # Captum and SciPy: the wheel's `explain` extra
+
+            aggregates["explanations"] = explanation_scores(self.model, self.data_dir, self.explain_images)
         self.log_info(fl_ctx, f"fedxvit {self.site_name}: model of {owner} evaluated on {result['count']} test images")
         return DXO(data_kind=DataKind.METRICS, data=aggregates).to_shareable()
 
