@@ -67,6 +67,13 @@ def _figure(rows: int, columns: int, size: float = 1.9):
     return plt, fig, axes
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def slices(scenarios: dict, out: Path) -> Path:
     plt, fig, axes = _figure(len(scenarios), max(len(s) for s in scenarios.values()))
     for row, (scenario, sites) in enumerate(scenarios.items()):
@@ -77,11 +84,7 @@ def slices(scenarios: dict, out: Path) -> Path:
             ax.contour(mask.astype(float), levels=[0.5], colors="red", linewidths=0.7)
             scanner = info(site)["provenance"].get("scanner_profile", "")
             ax.set_title(f"{scenario}: {site.name}\n{scanner}", fontsize=7)
-    fig.tight_layout()
-    path = out / "slices.png"
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "slices.png")
 
 
 def label_mix(scenarios: dict, out: Path) -> Path:
@@ -102,11 +105,7 @@ def label_mix(scenarios: dict, out: Path) -> Path:
         ax.set(title=f"{scenario}: training images", ylabel="images")
         ax.tick_params(axis="x", rotation=45)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "label_mix.png"
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "label_mix.png")
 
 
 def explanations(site: Path, model_path: Path, out: Path, n: int = 3) -> Path:
@@ -136,11 +135,7 @@ def explanations(site: Path, model_path: Path, out: Path, n: int = 3) -> Path:
             for column, name in enumerate(["image", "mask", *maps]):
                 axes[0][column].set_title(name, fontsize=8)
     fig.suptitle(f"{site.name} test tumors, {model_path.name}: what the Tumor logit looks at", fontsize=8)
-    fig.tight_layout()
-    path = out / "explanations.png"
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "explanations.png")
 
 
 def main(argv=None) -> None:
