@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from fedxvit.classes import TASK_CLASSES
 from fedxvit.datalist import SPLITS
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.paths import project_root
-from fedxvit.simulation import run_simulator
+from fedxvit.simulation import job_copy, run_simulator
 
 STATS_JOB = "fedxvit_stats"
 OUTPUT = "statistics/image_statistics.json"  # the job's output_path, under the server's run folder
@@ -34,15 +33,8 @@ GLOBAL = "Global"  # NVFlare's name for the federation's row
 
 def run_stats_job(data: Path, sites: list, workspace: Path, job: Path | None = None, timeout_s: int = 1800) -> dict:
     """The statistics job in NVFlare's simulator over <data>/<site>; the server's statistics."""
-    job = job or project_root() / "jobs" / STATS_JOB
-    copy = workspace / "job"
-    if copy.exists():
-        shutil.rmtree(copy)
-    shutil.copytree(job, copy)
-    server_config = copy / "app" / "config" / "config_fed_server.json"
-    config = json.loads(server_config.read_text())
-    config["min_clients"] = len(sites)  # every site, so the federation's row is the whole consortium
-    server_config.write_text(json.dumps(config, indent=2))
+    # every site, so the federation's row is the whole consortium
+    copy = job_copy(job or project_root() / "jobs" / STATS_JOB, workspace / "job", server={"min_clients": len(sites)})
     run_dir = run_simulator(copy, workspace / "simulator", data, sites, None, timeout_s, expect=OUTPUT)
     return json.loads((run_dir / OUTPUT).read_text())
 

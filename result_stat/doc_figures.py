@@ -13,12 +13,13 @@ A scenario whose folder is missing is left out (and said so); nothing is downloa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from fedxvit.datalist import load_split, read_dataset_info
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
+from fedxvit.site_stats import gray_pixels
 
 DPI = 72  # the docs show them at about this size; higher only makes the repository heavier
 SCENARIOS = {"default": "", "skewed": "skewed", "longtail": "longtail/homo"}  # make data, data-skewed, data-longtail
@@ -26,32 +27,24 @@ SCENARIOS = {"default": "", "skewed": "skewed", "longtail": "longtail/homo"}  # 
 
 def scenario_sites(data: Path) -> dict:
     """scenario -> [site folder], in number order, the held-out hospital last; only scenarios present."""
+    from data_preparation.calibrate import site_dirs
+
     found = {}
     for scenario, sub in SCENARIOS.items():
         root = data / sub if sub else data
-        sites = sorted(
-            (p for p in root.glob("site*") if (p / "dataset.json").is_file() and p.name[4:].isdigit()),
-            key=lambda p: int(p.name[4:]),
-        )
-        if (root / "heldout" / "dataset.json").is_file():
-            sites.append(root / "heldout")
-        if sites:
-            found[scenario] = sites
+        try:
+            sites = site_dirs(root)
+        except FedXViTError:  # not generated
+            continue
+        found[scenario] = sites + ([root / "heldout"] if (root / "heldout" / "dataset.json").is_file() else [])
     return found
 
 
-def info(site: Path) -> dict:
-    return json.loads((site / "dataset.json").read_text())
-
-
 def first_tumor(site: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The first test image with a mask (any tumor class): (gray pixels, mask) as stored."""
-    from PIL import Image
-
-    for item in json.loads((site / "datalist.json").read_text())["testing"]:
+    """The first test image with a mask (any tumor class), decoded as the site decodes it: (pixels, mask)."""
+    for item in load_split(site.resolve(), "testing"):
         if item.get("mask"):
-            image = np.asarray(Image.open(site / item["image"]).convert("L"))
-            return image, np.asarray(Image.open(site / item["mask"])) > 0
+            return gray_pixels(item["image"]), gray_pixels(item["mask"]) > 0
     raise FedXViTError(f"{site}: no test image with a mask")
 
 
@@ -82,7 +75,7 @@ def slices(scenarios: dict, out: Path) -> Path:
             ax = axes[row][column]
             ax.imshow(image, cmap="gray", vmin=0, vmax=255)
             ax.contour(mask.astype(float), levels=[0.5], colors="red", linewidths=0.7)
-            scanner = info(site)["provenance"].get("scanner_profile", "")
+            scanner = read_dataset_info(site)["provenance"].get("scanner_profile", "")
             ax.set_title(f"{scenario}: {site.name}\n{scanner}", fontsize=7)
     return _save(plt, fig, out / "slices.png")
 
@@ -95,11 +88,13 @@ def label_mix(scenarios: dict, out: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 3.4), squeeze=False)
     for ax, (scenario, sites) in zip(axes[0], scenarios.items()):
-        training = [s for s in sites if sum(info(s)["counts"]["training"].values())]  # the held-out trains on none
-        classes = info(training[0])["class_names"]
+        training = [
+            s for s in sites if sum(read_dataset_info(s)["counts"]["training"].values())
+        ]  # the held-out trains on none
+        classes = read_dataset_info(training[0])["class_names"]
         bottom = np.zeros(len(training))
         for name in classes:
-            counts = np.array([info(s)["counts"]["training"].get(name, 0) for s in training], dtype=float)
+            counts = np.array([read_dataset_info(s)["counts"]["training"].get(name, 0) for s in training], dtype=float)
             ax.bar([s.name for s in training], counts, bottom=bottom, label=name)
             bottom += counts
         ax.set(title=f"{scenario}: training images", ylabel="images")

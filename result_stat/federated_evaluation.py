@@ -12,7 +12,6 @@ the server's model files; the report lands in the server's run folder.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -22,7 +21,7 @@ from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.evaluation import REPORT_DIR
 from fedxvit.jobconfig import default_run_dir, run_sites
 from fedxvit.paths import ALLOWED_ROOTS_ENV, project_root
-from fedxvit.simulation import run_simulator
+from fedxvit.simulation import job_copy, run_simulator
 from result_stat.report import GLOBAL_MODELS
 
 EVALUATE_JOB = "fedxvit_evaluate"
@@ -31,18 +30,8 @@ EVALUATE_JOB = "fedxvit_evaluate"
 def run_evaluation(models: dict, data: Path, sites: list, workspace: Path, client: dict | None = None) -> Path:
     """The evaluation job in the simulator over <data>/<site> for {name: model file}; the folder of its report.
     `client` changes the sites' job variables (a test's tiny preset)."""
-    copy = workspace / "job"
-    if copy.exists():
-        shutil.rmtree(copy)
-    shutil.copytree(project_root() / "jobs" / EVALUATE_JOB, copy)
-    server_file, client_file = (copy / "app" / "config" / f"config_fed_{side}.json" for side in ("server", "client"))
-    server = json.loads(server_file.read_text())
-    server["models"] = {name: str(Path(path).resolve()) for name, path in models.items()}
-    server_file.write_text(json.dumps(server, indent=2))
-    if client:
-        config = json.loads(client_file.read_text())
-        config.update(client)
-        client_file.write_text(json.dumps(config, indent=2))
+    models = {name: str(Path(path).resolve()) for name, path in models.items()}
+    copy = job_copy(project_root() / "jobs" / EVALUATE_JOB, workspace / "job", server={"models": models}, client=client)
     roots = os.pathsep.join(sorted({str(Path(path).resolve().parent) for path in models.values()}))
     run_dir = run_simulator(
         copy,

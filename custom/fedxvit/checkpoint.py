@@ -96,11 +96,9 @@ def encrypted_tensors(state: dict) -> list[str]:
     return [name for name, value in state.items() if isinstance(value, (bytes, bytearray))]
 
 
-def load_global_model(
-    path: os.PathLike, preset: str, num_classes: int = len(TASK_CLASSES), device: str | torch.device = "cpu"
-) -> torch.nn.Module:
-    """A global model saved by NVFlare's PTFileModelPersistor ({"model": state_dict, ...}, no sidecar), or a plain
-    state_dict, as a `preset` model in eval mode; one line when it is missing or of another shape."""
+def read_global_state(path: os.PathLike) -> dict:
+    """The tensors of a global model saved by NVFlare's PTFileModelPersistor ({"model": state_dict, ...}, no
+    sidecar) or of a plain state_dict; one line when it is missing, unreadable or encrypted."""
     path = Path(path)
     if not path.is_file():
         raise FedXViTError(f"global model {path} does not exist: run `make simulate` first (or pass --run-dir)")
@@ -119,6 +117,15 @@ def load_global_model(
             f"global model {path} holds {len(encrypted)} encrypted tensors (the HE job): decrypt it at a site "
             "first, `python -m fedxvit.he decrypt` with the site's client_context.tenseal"
         )
+    return state
+
+
+def load_global_model(
+    path: os.PathLike, preset: str, num_classes: int = len(TASK_CLASSES), device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """A global model file (read_global_state) as a `preset` model in eval mode; one line when it is of another
+    shape."""
+    state = read_global_state(path)
     model = build_model(preset, num_classes=num_classes)
     try:
         missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)

@@ -29,6 +29,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
+from fedxvit.checkpoint import read_global_state
 from fedxvit.errors import FedXViTError
 from fedxvit.paths import job_path
 
@@ -186,18 +187,6 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def read_model_state(path: Path) -> dict:
-    """A global model file (NVFlare's persistor format {"model": state} or a plain state_dict) as numpy arrays."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FedXViTError(f"cannot read model {path}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
-    state = saved.get("model", saved) if isinstance(saved, dict) else None
-    if not isinstance(state, dict) or not state:
-        raise FedXViTError(f"model {path} holds no state_dict")
-    return {k: torch.as_tensor(v).cpu().numpy() for k, v in state.items()}
-
-
 class ModelFilesLocator(ModelLocator):
     """The models to evaluate, by name: `models` {name: file}, each inside the server's workspace or a root the
     server allows ($FEDXVIT_ALLOWED_ROOTS), as a job may not make the server read any file."""
@@ -214,9 +203,8 @@ class ModelFilesLocator(ModelLocator):
     def locate_model(self, model_name: str, fl_ctx: FLContext) -> DXO:
         base = fl_ctx.get_engine().get_workspace().get_root_dir()
         path = job_path(f"models.{model_name}", self.models[model_name], base)
-        if not path.is_file():
-            raise FedXViTError(f"job option models.{model_name}: no file {path}")
-        return DXO(data_kind=DataKind.WEIGHTS, data=read_model_state(path))
+        state = read_global_state(path)
+        return DXO(data_kind=DataKind.WEIGHTS, data={k: torch.as_tensor(v).cpu().numpy() for k, v in state.items()})
 
 
 class ConsortiumReport(Widget):

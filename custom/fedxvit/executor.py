@@ -585,10 +585,9 @@ class FedXViTExecutor(Executor):
         aggregates = site_aggregates(result["labels"], result["probs"], self.class_names)
         seed = shareable.get_header(SEED_HEADER)
         if seed is not None:
-            predicted = [max(range(len(p)), key=p.__getitem__) for p in result["probs"]]
             aggregates["bootstrap_confusions"] = bootstrap_confusions(
                 result["labels"],
-                predicted,
+                np.argmax(result["probs"], axis=1),
                 self.num_classes,
                 seed,
                 self.site_name,
