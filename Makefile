@@ -64,6 +64,12 @@ expert: data
 transfer: expert
 	$(TIMED) $(PY) -m fedxvit.transfer --expert models/expert.pt --out models/initial_global.pt
 
+# Which Grad-CAM-style map should the report show? Every candidate through the toy controls, then scored on the
+# validation masks (test for the record) of the run's final model -> $(RESULTS)/gradcam_choice.md.
+.PHONY: gradcam-choice
+gradcam-choice: setup
+	$(PY) -m result_stat.gradcam --choose --out $(RESULTS)
+
 # The test report where the data lives (jobs/fedxvit_evaluate): each site scores the run's final and best models
 # on its own test split and sends counts and histograms only -> $(RESULTS)/evaluation/.
 .PHONY: evaluate

@@ -6,8 +6,9 @@
   held-out hospital, long-tailed data/longtail/homo/site*), one Tumor test image of every hospital, its mask
   outlined, titled with the hospital's scanner;
 - label_mix.png: per scenario, each hospital's training images by class (from dataset.json);
-- explanations.png: tumor test images of the default scenario's site1, each with its mask, Grad-CAM,
-  occlusion and Integrated Gradients of --model's Tumor logit (result_stat.gradcam), mask outlined.
+- explanations.png: tumor test images of the default scenario's site1, each with its mask, the report's
+  Grad-CAM panel, the design card's stride-16 Grad-CAM, occlusion and Integrated Gradients of --model's
+  Tumor logit (fedxvit.explain), mask outlined.
 A scenario whose folder is missing is left out (and said so); nothing is downloaded or trained.
 """
 
@@ -106,17 +107,19 @@ def label_mix(scenarios: dict, out: Path) -> Path:
 def explanations(site: Path, model_path: Path, out: Path, n: int = 3) -> Path:
     import torch
 
-    from fedxvit.explain import gradcam_maps, integrated_gradients_maps, load_tumor_cases, occlusion_maps
+    from fedxvit.explain import METHODS, load_tumor_cases
     from result_stat.gradcam import load_run_model
 
     model = load_run_model(None, str(model_path))
     cases = load_tumor_cases(site, model.preset.image_size, n=n)
     images = torch.stack([case["image"] for case in cases])
-    maps = {
-        "Grad-CAM": gradcam_maps(model, images),
-        "occlusion": occlusion_maps(model, images),
-        "Integrated Gradients": integrated_gradients_maps(model, images),
+    titles = {
+        "gradcam": "Grad-CAM panel",
+        "gradcam_stride16": "stride-16 Grad-CAM",
+        "occlusion": "occlusion",
+        "integrated_gradients": "Integrated Gradients",
     }
+    maps = {title: METHODS[method](model, images) for method, title in titles.items()}
     plt, fig, axes = _figure(len(cases), 2 + len(maps))
     for row, case in enumerate(cases):
         image, mask = case["image"][0].numpy(), case["mask"]

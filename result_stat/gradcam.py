@@ -1,11 +1,13 @@
-"""Grad-CAM (Captum) on the CNN's last stage, scored against the tumor masks.
+"""The report's Grad-CAM panel and the other explanation maps, scored against the tumor masks.
 
     python -m result_stat.gradcam [--run-dir workspace/server/simulate_job] [--n 25] [--out results]
+    python -m result_stat.gradcam --choose      # score every Grad-CAM candidate on the validation masks
 
-Captum's LayerGradCam on `HybridViT.cam_layer` (the stride-16 EfficientNetV2 stage that feeds
-the ViT tokens) attributes the Tumor logit; LayerAttribution.interpolate upsamples the map to
-the image. For each site, N tumor test images (seeded choice) get an overlay PNG and one
-contact sheet. Looking at heatmaps proves little, so they are also scored where masks exist:
+The maps come from fedxvit.explain (Captum). The panel called "gradcam" is the candidate chosen on
+the validation split's masks (`explain.CHOSEN_CAM`, see `--choose`); the design card's Grad-CAM on
+the CNN's last stage (stride 16) stays as `--method gradcam_stride16`. For each site, N tumor test
+images (seeded choice) get an overlay PNG and one contact sheet. Looking at heatmaps proves
+little, so they are also scored where masks exist:
 
 - pointing game: the heatmap's maximum lies inside the tumor mask dilated by a few pixels;
 - energy in mask: the share of the positive heatmap that lies inside the (undilated) mask;
@@ -13,8 +15,9 @@ contact sheet. Looking at heatmaps proves little, so they are also scored where 
 per site and overall, next to the same scores of a random map, a centered map and the image's
 own intensity (what a model that looks nowhere in particular, at the middle of the brain, or at
 the brightest pixel would get), and of the mask itself coarsened to the 16-px CAM cells (the
-ceiling of any map read off the stride-16 stage). `--method occlusion` and `--method integrated_gradients` score
-the same images with perturbation and pixel-gradient maps (run_all reports all three).
+ceiling of any map read off the stride-16 stage). `--method occlusion` and `--method
+integrated_gradients` score the same images with perturbation and pixel-gradient maps (run_all
+reports them, and the stage Grad-CAM, beside the panel).
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ import torch
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.explain import (
+    CAM_CANDIDATES,
+    CHOSEN_CAM,
     DEFAULT_DILATION,
     METHODS,
     TUMOR,
     dilation_pixels,
     energy_in_mask,
     load_tumor_cases,
+    method_title,
     peak_location,
     pointing_hit,
     score_maps,
@@ -43,12 +49,6 @@ from fedxvit.explain import (
 from fedxvit.model import PATCH_STRIDE
 from fedxvit.training import resolve_device
 
-METHOD_TITLES = {
-    "gradcam": "Grad-CAM (Captum LayerGradCam on HybridViT.cam_layer, the last CNN stage, stride 16, "
-    "aligned to the cells' receptive-field centres)",
-    "occlusion": "occlusion (Captum Occlusion, one-cell window filled with the image mean, half-cell stride)",
-    "integrated_gradients": "Integrated Gradients (Captum, 32 steps from a black image, positive part)",
-}
 BASELINES = ("random", "centered", "intensity", "mask_cells")
 
 
@@ -136,9 +136,10 @@ def explain_sites(
     panels: bool = True,
     method: str = "gradcam",
     image_size: int | None = None,
+    split: str = "testing",
 ) -> dict:
-    """Heatmaps (Grad-CAM, or occlusion) for up to n tumor test images per site, scored against the
-    masks; writes <out>/<method>.json/.md and the panels, returns the JSON dict."""
+    """Heatmaps of `method` (explain.METHODS) for up to n tumor images of each site's `split`, scored
+    against the masks; writes <out>/<method>.json/.md and the panels, returns the JSON dict."""
     from tqdm.auto import tqdm
 
     if method not in METHODS:
@@ -151,15 +152,16 @@ def explain_sites(
     rng = np.random.default_rng(seed)
     result = {
         "method": method,
-        "description": METHOD_TITLES[method],
+        "description": method_title(method),
         "target": TASK_CLASSES[TUMOR],
+        "split": split,
         "dilation_px": dilation_px,
         "image_size": size,
         "per_site": {},
     }
     all_maps, all_masks, all_base = [], [], {name: [] for name in BASELINES}
     for site, site_dir in site_dirs.items():
-        cases = load_tumor_cases(site_dir, size, n, seed)
+        cases = load_tumor_cases(site_dir, size, n, seed, split=split)
         for case in tqdm(cases, desc=f"{method} {site}", unit="img", disable=not progress):
             image = case["image"][None].to(torch_device)
             with torch.no_grad():
@@ -207,7 +209,8 @@ def gradcam_markdown(result: dict) -> str:
 
     lines = [
         f"## {result['method']} heatmaps against the tumor masks\n",
-        f"{result['description']}, target {result['target']}; pointing game with the mask "
+        f"{result['description']}, target {result['target']}, {result.get('split', 'testing')} split; "
+        "pointing game with the mask "
         f"dilated by {result['dilation_px']} px at {result['image_size']} px.\n",
         "| site | images | pointing game | energy in mask | random map: PG / energy | centered map: PG / energy "
         "| image intensity: PG / energy | mask on the 16-px cells (ceiling): PG / energy | mask area |",
@@ -230,6 +233,152 @@ def gradcam_markdown(result: dict) -> str:
             f"{pct(b['intensity']['pointing_game'])} / {pct(b['intensity']['energy_in_mask'])} | "
             f"{pct(b['mask_cells']['pointing_game'])} / {pct(b['mask_cells']['energy_in_mask'])} | "
             f"{'' if area is None else pct(area)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---- the toy controls: does a map follow the model's evidence? (Adebayo et al. 2018's question, on a task
+# where the evidence is known)
+TOY_SIZE, TOY_PATCH = 64, 16  # the tiny preset at 64 px: one patch = one 16-px cell
+CONTROL_HIT, CONTROL_MISS = 0.9, 0.2  # pointing game on the patch: least for the patch model, most for the shortcut
+
+
+def toy_images(n: int, seed: int, shortcut: bool = False):
+    """(images, labels, masks) of the toy task. Noise images; patch task: class 1 holds a bright 16-px patch at a
+    random place (its mask). Shortcut task: every image holds such a patch, and class 1 is told apart only by a
+    marker in the bottom-right corner, so the model's evidence is never the masked patch."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 1, TOY_SIZE, TOY_SIZE, generator=g) * 0.3
+    labels = torch.arange(n) % 2
+    masks = np.zeros((n, TOY_SIZE, TOY_SIZE), bool)
+    for i in range(n):
+        if labels[i] == 1 or shortcut:
+            r, c = torch.randint(0, TOY_SIZE - TOY_PATCH - 8, (2,), generator=g).tolist()
+            images[i, :, r : r + TOY_PATCH, c : c + TOY_PATCH] = 0.9
+            masks[i, r : r + TOY_PATCH, c : c + TOY_PATCH] = True
+        if shortcut and labels[i] == 1:
+            images[i, :, -8:, -8:] = 1.0
+    return images, labels, masks
+
+
+def toy_batches(images, labels, size: int = 16) -> list[dict]:
+    return [{"image": images[i : i + size], "label": labels[i : i + size]} for i in range(0, len(images), size)]
+
+
+def train_toy(shortcut: bool = False, epochs: int = 20) -> torch.nn.Module:
+    """A tiny-preset model trained on the toy task (seeded, CPU, seconds)."""
+    from fedxvit.model import build_model
+    from fedxvit.training import make_optimizer, seed_everything, train_epoch
+
+    seed_everything(0)
+    model = build_model("tiny", num_classes=2)
+    optimizer = make_optimizer(model, 1e-3)
+    images, labels, _ = toy_images(128, seed=0, shortcut=shortcut)
+    for _ in range(epochs):
+        train_epoch(model, toy_batches(images, labels), optimizer, torch.device("cpu"))
+    return model.eval()
+
+
+def toy_controls(methods, models: tuple | None = None, n: int = 64) -> dict:
+    """method -> pointing game of its maps on held-out toy tumors: "patch" (patch model: should hit the patch),
+    "shortcut_patch" (shortcut model: should miss it) and "shortcut_corner" (where that model's evidence is),
+    and "passes" (hit >= CONTROL_HIT and miss <= CONTROL_MISS). `models`: (patch, shortcut), trained if None."""
+    patch_model, shortcut_model = models or (train_toy(), train_toy(shortcut=True))
+    corner = np.zeros((TOY_SIZE, TOY_SIZE), bool)
+    corner[-8:, -8:] = True
+    cases = {}
+    for shortcut in (False, True):
+        images, labels, masks = toy_images(n, seed=1, shortcut=shortcut)
+        cases[shortcut] = (images[labels == 1], list(masks[(labels == 1).numpy()]))
+    results = {}
+    for method in methods:
+        on_patch = METHODS[method](patch_model, cases[False][0])
+        on_shortcut = METHODS[method](shortcut_model, cases[True][0])
+        row = {
+            "patch": score_maps(on_patch, cases[False][1], 2)["pointing_game"],
+            "shortcut_patch": score_maps(on_shortcut, cases[True][1], 2)["pointing_game"],
+            "shortcut_corner": score_maps(on_shortcut, [corner] * len(cases[True][1]), 2)["pointing_game"],
+        }
+        row["passes"] = row["patch"] >= CONTROL_HIT and row["shortcut_patch"] <= CONTROL_MISS
+        results[method] = row
+    return results
+
+
+def choose_cam(
+    model: torch.nn.Module,
+    site_dirs: dict,
+    out: os.PathLike | None,
+    n: int = 25,
+    seed: int = 0,
+    dilation: float = DEFAULT_DILATION,
+    device: str | torch.device | None = None,
+    controls: dict | None = None,
+) -> dict:
+    """The report's Grad-CAM panel, chosen in two steps. Every candidate (explain.CAM_CANDIDATES) first faces the
+    toy controls (toy_controls: it must hit the patch the model uses and miss the one it ignores); among those that
+    pass, the best pointing game on the validation split's masks wins (energy in the mask breaks ties). Test
+    scores are computed for the record and never take part. Writes <out>/gradcam_choice.json/.md."""
+    controls = controls or toy_controls(CAM_CANDIDATES)
+    rows = []
+    for method in CAM_CANDIDATES:
+        scores = {
+            split: explain_sites(
+                model, site_dirs, None, n, seed, dilation, device, progress=False, method=method, split=split
+            )
+            for split in ("validation", "testing")
+        }
+        rows.append(
+            {
+                "method": method,
+                "description": method_title(method),
+                "toy_controls": controls[method],
+                **{
+                    f"{split}_{key}": scores[split][key]
+                    for split in scores
+                    for key in ("pointing_game", "energy_in_mask", "n")
+                },
+            }
+        )
+    eligible = [r for r in rows if r["toy_controls"]["passes"]]
+    if not eligible:
+        raise FedXViTError("no Grad-CAM candidate passes the toy controls; nothing to choose")
+    best = max(eligible, key=lambda r: (r["validation_pointing_game"], r["validation_energy_in_mask"]))
+    result = {"chosen": best["method"], "shipped": CHOSEN_CAM, "candidates": rows}
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "gradcam_choice.json").write_text(json.dumps(result, indent=2) + "\n")
+        (Path(out) / "gradcam_choice.md").write_text(choice_markdown(result))
+    return result
+
+
+def choice_markdown(result: dict) -> str:
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    rows = result["candidates"]
+    lines = [
+        "## Choosing the Grad-CAM panel: toy controls, then the validation masks\n",
+        f"Best validation pointing game among the candidates that pass the toy controls (energy in the mask breaks "
+        f"ties): **{result['chosen']}**; the report ships **{result['shipped']}**"
+        + (" (the same)." if result["chosen"] == result["shipped"] else " (a different one: see the note).")
+        + f" Toy controls: pointing game on the patch >= {CONTROL_HIT:.0%} for a model that uses it, <= "
+        f"{CONTROL_MISS:.0%} for one that uses a corner marker. Validation: {rows[0]['validation_n']} masked tumors; "
+        f"test: {rows[0]['testing_n']} (not used to choose).\n",
+        "| candidate | toy: patch model / shortcut model on the patch (on its corner) | passes "
+        "| validation: pointing game | validation: energy in mask | test: pointing game | test: energy in mask |",
+        "|---|---:|:-:|---:|---:|---:|---:|",
+    ]
+
+    def rank(r):
+        return not r["toy_controls"]["passes"], -r["validation_pointing_game"], -r["validation_energy_in_mask"]
+
+    for r in sorted(rows, key=rank):
+        toy = r["toy_controls"]
+        lines.append(
+            f"| {r['method']} | {pct(toy['patch'])} / {pct(toy['shortcut_patch'])} ({pct(toy['shortcut_corner'])}) "
+            f"| {'yes' if toy['passes'] else 'no'} "
+            f"| {pct(r['validation_pointing_game'])} | {pct(r['validation_energy_in_mask'])} | "
+            f"{pct(r['testing_pointing_game'])} | {pct(r['testing_energy_in_mask'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -257,7 +406,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=DEFAULT_DILATION,
         help="mask dilation for the pointing game, as a fraction of the image side",
     )
-    parser.add_argument("--method", default="gradcam", choices=sorted(METHODS), help="attribution method")
+    parser.add_argument("--method", default="gradcam", choices=list(METHODS), help="attribution method")
+    parser.add_argument(
+        "--choose",
+        action="store_true",
+        help="score every Grad-CAM candidate on the validation masks (and test, for the record) instead",
+    )
     parser.add_argument("--out", default="results", help="output folder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     return parser.parse_args(argv)
@@ -289,6 +443,12 @@ def main(argv=None) -> dict:
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
     model = load_run_model(run_dir, args.model, args.device)
     sites = args.sites or run_sites(run_dir)
+    if args.choose:
+        result = choose_cam(
+            model, {s: site_data_dir(s) for s in sites}, args.out, args.n, args.seed, args.dilation, args.device
+        )
+        print(choice_markdown(result))
+        return result
     result = explain_sites(
         model,
         {s: site_data_dir(s) for s in sites},

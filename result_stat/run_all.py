@@ -7,8 +7,8 @@ Reads what the run and `make baselines` left; trains nothing.
    centralized and local-only models of `make baselines`);
 2. cross-site table (result_stat.cross_site);
 3. TensorBoard curves (result_stat.plot_tensorboard_events), when the run wrote events;
-4. Grad-CAM panels and their scores against the masks (result_stat.gradcam), plus the
-   occlusion and Integrated Gradients checks beside them;
+4. Grad-CAM panels and their scores against the masks (result_stat.gradcam), plus the design
+   card's stride-16 Grad-CAM and the occlusion and Integrated Gradients checks beside them;
 5. summary.json (the keys docs/results.md lists, written by result_stat.summary from the files
    above) and report.md;
 6. when the job tracked to MLflow, the results folder is attached to the job's server run: its aggregates,
@@ -158,8 +158,9 @@ def main(argv=None) -> dict:
     cams = gradcam.explain_sites(model, sites, out, n=args.n, seed=args.seed, device=args.device)
     parts_md.append(gradcam.gradcam_markdown(cams))
     checks = {}
-    for method, skip in zip(CHECKS, (args.no_occlusion, args.no_ig)):
-        if skip:  # a check skipped now must not be summarized from an earlier run's file
+    skipped = {"occlusion": args.no_occlusion, "integrated_gradients": args.no_ig}
+    for method in CHECKS:
+        if skipped.get(method):  # a check skipped now must not be summarized from an earlier run's file
             for stale in (out / f"{method}.json", out / f"{method}.md"):
                 stale.unlink(missing_ok=True)
             continue

@@ -23,7 +23,7 @@ SUMMARY_FILE = "summary.json"
 TIMINGS_FILE = "timings.json"
 EXPERT_REPORT = Path("models") / "expert_report.json"
 PHASES = ("data", "expert", "transfer", "simulate", "baselines", "results")  # the demo's Make targets, in order
-CHECKS = ("occlusion", "integrated_gradients")  # attribution checks shown beside Grad-CAM
+CHECKS = ("gradcam_stride16", "occlusion", "integrated_gradients")  # maps shown beside the Grad-CAM panel
 
 
 def read_json(path: Path):
@@ -197,6 +197,7 @@ def format_summary(summary: dict, results_dir) -> str:
         references = {
             "image intensity": baselines.get("intensity"),
             "ideal 16-px cell map": baselines.get("mask_cells"),
+            "design card's stride-16 Grad-CAM": xai.get("gradcam_stride16"),
             "occlusion": xai.get("occlusion"),
             "Integrated Gradients": xai.get("integrated_gradients"),
         }

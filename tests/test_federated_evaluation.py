@@ -14,6 +14,7 @@ from tiny import opposite_model, write_initial_model, write_tiny_site
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
 from fedxvit.evaluation import SCORE_BINS, auc_from_histograms, bootstrap_confusions, consortium_report
+from fedxvit.explain import REPORT_METHODS
 from fedxvit.model import build_model
 from fedxvit.training import evaluate
 from result_stat.federated_evaluation import run_evaluation
@@ -72,6 +73,7 @@ def test_the_federated_report_equals_the_pooled_one(evaluation):
         saved = torch.load(path, weights_only=True)
         model.load_state_dict({k: torch.as_tensor(v) for k, v in saved.get("model", saved).items()})
         site_dirs = {s: evaluation["root"] / "data" / s for s in SITES}
+        assert set(entry["explanations"]) == set(REPORT_METHODS)  # the panel, the stride-16 Grad-CAM, the two checks
         for method, federated in entry["explanations"].items():
             pooled = explain_sites(model, site_dirs, None, panels=False, progress=False, method=method)
             assert federated["n"] == pooled["n"] > 0, method

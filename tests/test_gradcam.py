@@ -10,8 +10,14 @@ import torch
 from PIL import Image
 
 from fedxvit.datalist import write_site
+from fedxvit.errors import FedXViTError
 from fedxvit.explain import (
+    CAM_CANDIDATES,
+    CHOSEN_CAM,
+    METHODS,
+    TokenGrid,
     cell_centre_offset,
+    cnn_stage,
     energy_in_mask,
     gradcam_maps,
     integrated_gradients_maps,
@@ -21,43 +27,24 @@ from fedxvit.explain import (
     score_maps,
 )
 from fedxvit.model import build_model
-from fedxvit.training import evaluate, make_optimizer, seed_everything, train_epoch
-from result_stat.gradcam import baseline_maps, explain_sites
+from fedxvit.training import evaluate
+from result_stat.gradcam import (
+    CONTROL_HIT,
+    CONTROL_MISS,
+    TOY_PATCH,
+    TOY_SIZE,
+    baseline_maps,
+    choose_cam,
+    explain_sites,
+    toy_batches,
+    toy_controls,
+    toy_images,
+    train_toy,
+)
 
-SIZE, PATCH = 64, 16  # the tiny preset at 64 px: a 4 x 4 CAM grid, one patch = one cell
+SIZE, PATCH = TOY_SIZE, TOY_PATCH
 CPU = torch.device("cpu")
-
-
-def toy_images(n, seed, shortcut=False):
-    """Noise images. Patch task: class 1 holds a bright 16 px 'tumor' at a random place (its mask).
-    Shortcut task: every image holds such a patch, and class 1 is told apart only by a marker in the
-    bottom-right corner -- the model's evidence is never the masked patch."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(n, 1, SIZE, SIZE, generator=g) * 0.3
-    labels = torch.arange(n) % 2
-    masks = np.zeros((n, SIZE, SIZE), bool)
-    for i in range(n):
-        if labels[i] == 1 or shortcut:
-            r, c = torch.randint(0, SIZE - PATCH - 8, (2,), generator=g).tolist()
-            images[i, :, r : r + PATCH, c : c + PATCH] = 0.9
-            masks[i, r : r + PATCH, c : c + PATCH] = True
-        if shortcut and labels[i] == 1:
-            images[i, :, -8:, -8:] = 1.0
-    return images, labels, masks
-
-
-def batches(images, labels, size=16):
-    return [{"image": images[i : i + size], "label": labels[i : i + size]} for i in range(0, len(images), size)]
-
-
-def train_toy(shortcut=False, epochs=20):
-    seed_everything(0)
-    model = build_model("tiny", num_classes=2)
-    optimizer = make_optimizer(model, 1e-3)
-    images, labels, _ = toy_images(128, seed=0, shortcut=shortcut)
-    for _ in range(epochs):
-        train_epoch(model, batches(images, labels), optimizer, CPU)
-    return model.eval()
+batches = toy_batches
 
 
 @pytest.fixture(scope="module")
@@ -203,22 +190,102 @@ def test_negative_control_shortcut_model_misses_the_patch(shortcut_model):
     assert score_maps(ig, [corner] * len(masks), 2)["pointing_game"] >= 0.9
 
 
+def test_shipped_panel_follows_the_evidence_and_the_stage_gradcam_does_not_reach_it(patch_model, shortcut_model):
+    """The report's Grad-CAM panel passes the toy controls (hits the patch its model uses, misses the one its
+    model ignores); every class-discriminative map misses the ignored patch. The design card's stride-16
+    Grad-CAM and the token maps do not find the used patch on the toy (docs/notes): they are not held to it."""
+    discriminative = ["gradcam", "gradcam_stride16", "layercam_tokens", "transformer_attribution"]
+    controls = toy_controls(discriminative, models=(patch_model, shortcut_model))
+    assert controls["gradcam"]["passes"] and controls["gradcam"]["patch"] >= CONTROL_HIT
+    for method in discriminative:
+        assert controls[method]["shortcut_patch"] <= CONTROL_MISS, method
+    assert controls["gradcam"]["shortcut_corner"] >= 0.8, "the shortcut model's panel points at its corner marker"
+
+
+def test_token_grid_keeps_the_logits_and_shows_the_tokens_as_a_grid():
+    model = build_model("tiny", num_classes=2).eval()
+    images = torch.rand(3, 1, SIZE, SIZE)
+    seen = {}
+    tapped = TokenGrid(model, 0).eval()
+    tapped.grid.register_forward_hook(lambda m, i, o: seen.update(shape=tuple(o.shape)))
+    with torch.no_grad():
+        torch.testing.assert_close(tapped(images), model(images))
+    assert seen["shape"] == (3, model.preset.embed_dim, SIZE // 16, SIZE // 16)
+    with pytest.raises(FedXViTError, match="token block 5"):
+        TokenGrid(model, 5)
+
+
+def test_attention_rollout_is_class_blind_and_attention_relevance_is_not(patch_model):
+    _, _, tumors, _ = tumor_cases()
+    fused = [block.attn.fused_attn for block in patch_model.blocks]
+    rollout = [METHODS["attention_rollout"](patch_model, tumors[:4], target=t) for t in (0, 1)]
+    np.testing.assert_array_equal(*rollout)
+    relevance = [METHODS["transformer_attribution"](patch_model, tumors[:4], target=t) for t in (0, 1)]
+    assert not np.allclose(*relevance)
+    assert [block.attn.fused_attn for block in patch_model.blocks] == fused, "timm's fast attention is restored"
+    for maps in (*rollout, *relevance):
+        assert maps.shape == (4, SIZE, SIZE) and maps.min() >= 0 and maps.max() <= 1
+
+
+def test_cam_weightings_are_their_definitions():
+    """On a stride-1 layer (upsampling is the identity): Grad-CAM = ReLU(sum_c mean(grad_c) act_c),
+    HiResCAM = ReLU(sum_c grad_c act_c), LayerCAM = sum_c ReLU(grad_c) act_c, each divided by its maximum."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+    model = torch.nn.Sequential(conv, torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 2)).double().eval()
+    images = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    activations = conv(images)
+    (gradients,) = torch.autograd.grad(model[2](model[1](activations))[:, 1].sum(), activations)
+    expected = {
+        "gradcam": (gradients.mean((2, 3), keepdim=True) * activations).sum(1),
+        "hirescam": (gradients * activations).sum(1),
+        "layercam": (gradients.clamp_min(0) * activations).sum(1),
+    }
+    for weighting, raw in expected.items():
+        raw = raw.detach().clamp_min(0).numpy()
+        want = raw / raw.reshape(2, -1).max(1)[:, None, None]
+        got = gradcam_maps(model, images, target=1, layer=conv, align=False, weighting=weighting)
+        np.testing.assert_allclose(got, want, atol=1e-10, err_msg=weighting)
+    with pytest.raises(FedXViTError, match="unknown CAM weighting 'mean'"):
+        gradcam_maps(model, images, target=1, layer=conv, weighting="mean")
+
+
+def test_cnn_stage_is_found_by_its_stride():
+    model = build_model("tiny", num_classes=2).eval()
+    assert cnn_stage(model, 16) is model.cam_layer
+    size = model.preset.image_size
+    for stride in (2, 4, 8):
+        seen = {}
+        hook = cnn_stage(model, stride).register_forward_hook(lambda m, i, o: seen.update(side=o.shape[-1]))
+        with torch.no_grad():
+            model(torch.zeros(1, 1, size, size))
+        hook.remove()
+        assert seen["side"] == size // stride
+    with pytest.raises(FedXViTError, match="no stride-32 stage"):
+        cnn_stage(model, 32)
+
+
 # ---- the per-site driver on a site folder with masks
-def test_explain_sites_writes_scores_and_panels(tmp_path, patch_model):
+def toy_site(tmp_path):
+    """A site folder of 12 toy images (masks for the tumors), the same in every split."""
     site = tmp_path / "site1"
     (site / "images").mkdir(parents=True)
     (site / "masks").mkdir()
     images, labels, masks = toy_images(12, seed=2)
-    entries = {"training": [], "validation": [], "testing": []}
+    entries = []
     for i, (image, label, mask) in enumerate(zip(images, labels, masks)):
         Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(site / "images" / f"{i}.png")
         entry = {"image": f"images/{i}.png", "label": int(label)}
         if label == 1:
             Image.fromarray(mask.astype(np.uint8) * 255).save(site / "masks" / f"{i}.png")
             entry["mask"] = f"masks/{i}.png"
-        entries["testing"].append(entry)
-    entries["training"] = entries["validation"] = entries["testing"][:2]
-    write_site(site, entries, ["Healthy", "Tumor"], {"generator": "tests"})
+        entries.append(entry)
+    write_site(site, {"training": entries, "validation": entries, "testing": entries}, ["Healthy", "Tumor"], {})
+    return site
+
+
+def test_explain_sites_writes_scores_and_panels(tmp_path, patch_model):
+    site = toy_site(tmp_path)
     out = tmp_path / "out"
     result = explain_sites(patch_model, {"site1": site}, out, n=4, seed=0, progress=False, image_size=SIZE)
     assert result["per_site"]["site1"]["gradcam"]["n"] == 4
@@ -230,3 +297,30 @@ def test_explain_sites_writes_scores_and_panels(tmp_path, patch_model):
     assert (out / "gradcam_site1.png").is_file() and len(list((out / "gradcam" / "site1").glob("*.png"))) == 4
     again = explain_sites(patch_model, {"site1": site}, None, n=4, seed=0, progress=False, image_size=SIZE)
     assert again["per_site"]["site1"]["images"] == result["per_site"]["site1"]["images"]
+
+
+def test_choose_cam_picks_the_best_validation_score_among_candidates_that_pass_the_controls(tmp_path, patch_model):
+    site = toy_site(tmp_path)
+    controls = {
+        method: {"patch": 0.0, "shortcut_patch": 0.0, "shortcut_corner": 0.0, "passes": False}
+        for method in CAM_CANDIDATES
+    }
+    for method in ("gradcam_stride16", "layercam_stride2"):
+        controls[method]["passes"] = True
+    with pytest.raises(FedXViTError, match="no Grad-CAM candidate passes"):
+        choose_cam(
+            patch_model, {"site1": site}, None, n=4, controls={m: {**c, "passes": False} for m, c in controls.items()}
+        )
+    out = tmp_path / "out"
+    result = choose_cam(patch_model, {"site1": site}, out, n=4, controls=controls)
+    rows = {row["method"]: row for row in result["candidates"]}
+    assert set(rows) == set(CAM_CANDIDATES) and result["shipped"] == CHOSEN_CAM
+    eligible = [rows[m] for m in ("gradcam_stride16", "layercam_stride2")]
+    best = max(eligible, key=lambda r: (r["validation_pointing_game"], r["validation_energy_in_mask"]))
+    assert result["chosen"] == best["method"]
+    direct = explain_sites(
+        patch_model, {"site1": site}, None, n=4, progress=False, method=best["method"], split="validation"
+    )
+    assert best["validation_pointing_game"] == direct["pointing_game"] and best["validation_n"] == 4
+    assert json.loads((out / "gradcam_choice.json").read_text())["chosen"] == result["chosen"]
+    assert f"**{result['chosen']}**" in (out / "gradcam_choice.md").read_text()

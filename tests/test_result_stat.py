@@ -261,7 +261,9 @@ def test_run_all_writes_summary_with_the_design_keys(site_data, tmp_path):
     left_out = run_record.aggregate_results(out, shared)
     assert {"gradcam/", "integrated_gradients/", "gradcam_site1.png", "gradcam.json: images"} <= set(left_out)
     assert {p.name for p in shared.iterdir()} >= {"summary.json", "report.md", "test_report.json", "roc_curve.png"}
-    assert not [p for p in shared.iterdir() if p.is_dir() or p.name.startswith(("gradcam_", "integrated_gradients_"))]
+    sheets = [p for p in shared.iterdir() if p.suffix == ".png" and p.name.startswith(("gradcam", "integrated"))]
+    assert not sheets and not [p for p in shared.iterdir() if p.is_dir()]
+    assert (shared / "gradcam_stride16.json").is_file(), "the design card's Grad-CAM scores beside the panel's"
     tested = [e["image"] for site in ("site1", "site2") for e in load_split(site_data["data"] / site, "testing")]
     names = [Path(image).stem for image in tested]
     texts = {p.name: p.read_text() for p in shared.iterdir() if p.suffix in (".json", ".md")}

@@ -1,9 +1,10 @@
 """What a model looks at, scored against the tumor masks: the explanation maps (Captum) and their scores.
 
 The site computes them on its own masked test tumors in the evaluation job (only the hit counts and energy sums
-leave, fedxvit.evaluation); `result_stat.gradcam` draws and scores them on the desk. Grad-CAM on the CNN's last
-stage, occlusion and Integrated Gradients; the pointing game (the map's maximum inside the dilated mask) and the
-energy in the mask. Captum and SciPy come with the wheel's `explain` extra.
+leave, fedxvit.evaluation); `result_stat.gradcam` draws, scores and chooses among them on the desk. Grad-CAM-style
+maps (three weightings on the CNN stages and the ViT tokens), attention maps, occlusion and Integrated Gradients;
+the pointing game (the map's maximum inside the dilated mask) and the energy in the mask. Captum and SciPy come
+with the wheel's `explain` extra.
 """
 
 from __future__ import annotations
@@ -85,31 +86,168 @@ def cell_centre_offset(model: torch.nn.Module, layer: torch.nn.Module, image_siz
     return centre - (scale - 1) / 2
 
 
+def _cells_to_image(
+    cells: torch.Tensor, model: torch.nn.Module, layer: torch.nn.Module, size: int, align: bool
+) -> np.ndarray:
+    """(N, 1, rows, cols) cell evidence -> (N, size, size) maps in [0, 1]: bilinear upsampling (Captum's
+    LayerAttribution.interpolate), moved onto the cells' receptive-field centres (cell_centre_offset of
+    `layer`, whose output the cells are), negative part cut, each map divided by its maximum."""
+    from captum.attr import LayerAttribution
+    from scipy.ndimage import shift
+
+    upsampled = LayerAttribution.interpolate(cells, (size, size), interpolate_mode="bilinear")
+    maps = upsampled.detach().clamp_min(0)[:, 0].cpu().numpy().astype(np.float64)
+    offset = cell_centre_offset(model, layer, size) if align else 0.0
+    if offset:
+        maps = np.stack([shift(m, (offset, offset), order=1, mode="nearest") for m in maps])
+    return unit_peak(maps)
+
+
+CAM_WEIGHTINGS = ("gradcam", "hirescam", "layercam")
+
+
 def gradcam_maps(
     model: torch.nn.Module,
     images: torch.Tensor,
     target: int = TUMOR,
     layer: torch.nn.Module | None = None,
     align: bool = True,
+    weighting: str = "gradcam",
 ) -> np.ndarray:
-    """(N, H, W) Grad-CAM maps in [0, 1] for `target`, upsampled to the images' size.
+    """(N, H, W) class activation maps in [0, 1] for `target` on a feature-map layer (default the CNN's last
+    stage, `cam_layer`), upsampled to the images' size. Three ways to weigh the activations by the gradients:
 
-    Negative evidence is cut (ReLU, as in Grad-CAM); each map is divided by its maximum, so a map
-    with no positive evidence stays all zero. `align` moves the upsampled map onto the cells'
-    receptive-field centres (see cell_centre_offset).
+    - gradcam: one weight per channel, the gradient averaged over the map (Captum LayerGradCam; Selvaraju 2017);
+    - hirescam: gradient x activation per cell, summed over channels (Captum LayerGradientXActivation; Draelos
+      & Carin 2020): no averaging that can put one cell's evidence on another;
+    - layercam: positive gradient x activation per cell (Jiang et al. 2021), built for the shallow stages where
+      the cells are small.
+
+    Negative evidence is cut; each map is divided by its maximum, so a map with no positive evidence stays all
+    zero. `align` moves the upsampled map onto the cells' receptive-field centres (see cell_centre_offset).
     """
-    from captum.attr import LayerAttribution, LayerGradCam
-    from scipy.ndimage import shift
+    from captum.attr import LayerActivation, LayerGradCam, LayerGradientXActivation
 
     model.eval()
     layer = layer if layer is not None else model.cam_layer
-    attributions = LayerGradCam(model, layer).attribute(images, target=target, relu_attributions=True)
-    upsampled = LayerAttribution.interpolate(attributions, tuple(images.shape[-2:]), interpolate_mode="bilinear")
-    maps = upsampled.detach().clamp_min(0)[:, 0].cpu().numpy().astype(np.float64)
-    offset = cell_centre_offset(model, layer, images.shape[-1]) if align else 0.0
-    if offset:
-        maps = np.stack([shift(m, (offset, offset), order=1, mode="nearest") for m in maps])
-    return unit_peak(maps)
+    if weighting == "gradcam":
+        cells = LayerGradCam(model, layer).attribute(images, target=target, relu_attributions=True)
+    elif weighting == "hirescam":
+        cells = LayerGradientXActivation(model, layer).attribute(images, target=target).sum(1, keepdim=True)
+    elif weighting == "layercam":
+        gradients = LayerGradientXActivation(model, layer, multiply_by_inputs=False).attribute(images, target=target)
+        with torch.no_grad():
+            activations = LayerActivation(model, layer).attribute(images)
+        cells = (gradients.clamp_min(0) * activations).sum(1, keepdim=True)
+    else:
+        raise FedXViTError(f"unknown CAM weighting {weighting!r}; choose one of {', '.join(CAM_WEIGHTINGS)}")
+    return _cells_to_image(cells.detach(), model, layer, images.shape[-1], align)
+
+
+def cnn_stage(model: torch.nn.Module, stride: int) -> torch.nn.Module:
+    """The CNN's last stage (backbone block) whose output has `stride`, found by running the model once."""
+    sizes = {}
+
+    def record(k):
+        def hook(module, inputs, output):
+            sizes[k] = output.shape[-1]
+
+        return hook
+
+    hooks = [block.register_forward_hook(record(k)) for k, block in enumerate(model.backbone.blocks)]
+    side = model.preset.image_size
+    param = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, model.preset.in_chans, side, side, device=param.device, dtype=param.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    stages = [k for k, s in sizes.items() if s * stride == side]
+    if not stages:
+        raise FedXViTError(f"preset {model.preset.name!r}: the backbone has no stride-{stride} stage")
+    return model.backbone.blocks[stages[-1]]
+
+
+class TokenGrid(torch.nn.Module):
+    """The model, with the patch tokens entering `model.blocks[index]` passed through `grid`, an identity on
+    their (N, D, rows, cols) view: Captum's layer methods (LayerGradCam) then read the tokens as a feature map.
+    Same logits as the model."""
+
+    def __init__(self, model: torch.nn.Module, index: int):
+        super().__init__()
+        if not 0 <= index < len(model.blocks):
+            raise FedXViTError(f"token block {index}: the model has ViT blocks 0..{len(model.blocks) - 1}")
+        self.model, self.index, self.grid = model, index, torch.nn.Identity()
+        self.preset = model.preset
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens, (rows, cols) = self.model.embed(images)
+        for k, block in enumerate(self.model.blocks):
+            if k == self.index:
+                n, _, dim = tokens.shape
+                patches = self.grid(tokens[:, 1:].transpose(1, 2).reshape(n, dim, rows, cols))
+                tokens = torch.cat([tokens[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
+            tokens = block(tokens)
+        return self.model.classify(tokens)
+
+
+def token_cam_maps(
+    model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR, block: int = -1, weighting: str = "gradcam"
+) -> np.ndarray:
+    """Class activation maps of the patch tokens entering a ViT block (default the last: the tokens the [CLS]
+    token reads through its last attention), reshaped to the token grid. Past the last block the patch tokens
+    no longer reach the head, so that is not a choice."""
+    tapped = TokenGrid(model, block % len(model.blocks)).eval()
+    return gradcam_maps(tapped, images, target, layer=tapped.grid, weighting=weighting)
+
+
+def _attention_relevance(model: torch.nn.Module, images: torch.Tensor, target: int | None) -> torch.Tensor:
+    """(N, 1, rows, cols) relevance of each patch token for the [CLS] token, from every block's attention.
+
+    target None: attention rollout (Abnar & Zuidema 2020): head-averaged attention plus the residual
+    identity, rows renormalized, multiplied through the blocks; class-blind. A target: gradient-weighted
+    attention relevance (Chefer et al. 2021, "Generic attention-model explainability"): R += mean over heads
+    of (dA/dlogit * A)+ @ R, starting from the identity; class-discriminative. timm computes attention with
+    a fused kernel; its plain path (fused_attn off, restored after) exposes the probabilities at attn_drop.
+    """
+    model.eval()
+    attentions, hooks, fused = [], [], []
+    for block in model.blocks:
+        fused.append(block.attn.fused_attn)
+        block.attn.fused_attn = False
+        hooks.append(block.attn.attn_drop.register_forward_hook(lambda m, i, o: attentions.append(o)))
+    try:
+        with torch.set_grad_enabled(target is not None):
+            logits = model(images)
+    finally:
+        for block, was in zip(model.blocks, fused):
+            block.attn.fused_attn = was
+        for hook in hooks:
+            hook.remove()
+    n, _, tokens, _ = attentions[0].shape
+    identity = torch.eye(tokens, device=images.device, dtype=attentions[0].dtype).expand(n, tokens, tokens)
+    relevance = identity
+    if target is None:
+        for attention in attentions:
+            mixed = 0.5 * attention.mean(1) + 0.5 * identity
+            relevance = (mixed / mixed.sum(-1, keepdim=True)) @ relevance
+    else:
+        gradients = torch.autograd.grad(logits[:, target].sum(), attentions)
+        for attention, gradient in zip(attentions, gradients):
+            relevance = relevance + (gradient * attention).clamp_min(0).mean(1) @ relevance
+    side = int(round((tokens - 1) ** 0.5))
+    return relevance[:, 0, 1:].reshape(n, 1, side, side).detach()
+
+
+def attention_rollout_maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR) -> np.ndarray:
+    """Attention rollout on the token grid (class-blind: the same map whatever `target`)."""
+    return _cells_to_image(_attention_relevance(model, images, None), model, model.proj, images.shape[-1], True)
+
+
+def transformer_attribution_maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR) -> np.ndarray:
+    """Gradient-weighted attention relevance of the token grid for `target` (see _attention_relevance)."""
+    return _cells_to_image(_attention_relevance(model, images, target), model, model.proj, images.shape[-1], True)
 
 
 def occlusion_maps(
@@ -164,7 +302,66 @@ def integrated_gradients_maps(
     return unit_peak(maps)
 
 
-METHODS = {"gradcam": gradcam_maps, "occlusion": occlusion_maps, "integrated_gradients": integrated_gradients_maps}
+def _cam_method(weighting: str, stride: int | None):
+    """A METHODS entry: `weighting` on the CNN stage of `stride`, or (None) on the tokens entering the last block."""
+
+    def maps(model: torch.nn.Module, images: torch.Tensor, target: int = TUMOR) -> np.ndarray:
+        if stride is None:
+            return token_cam_maps(model, images, target, weighting=weighting)
+        return gradcam_maps(model, images, target, layer=cnn_stage(model, stride), weighting=weighting)
+
+    return maps
+
+
+# The candidates for the report's Grad-CAM panel (`python -m result_stat.gradcam --choose`: toy controls, then
+# the validation split's masks); the design card's Grad-CAM is gradcam_stride16.
+CAM_CANDIDATES = {
+    **{
+        f"{weighting}_{'tokens' if stride is None else f'stride{stride}'}": _cam_method(weighting, stride)
+        for weighting in CAM_WEIGHTINGS
+        for stride in (2, 4, 8, 16, None)
+    },
+    "attention_rollout": attention_rollout_maps,
+    "transformer_attribution": transformer_attribution_maps,
+}
+CHOSEN_CAM = "layercam_stride2"  # chosen on the default scenario: docs/notes/2026-12-03-a-gradcam-that-localizes.md
+METHODS = {
+    "gradcam": CAM_CANDIDATES[CHOSEN_CAM],
+    **CAM_CANDIDATES,
+    "occlusion": occlusion_maps,
+    "integrated_gradients": integrated_gradients_maps,
+}
+WEIGHTING_TITLES = {
+    "gradcam": "Grad-CAM (Captum LayerGradCam: one weight per channel, the mean gradient)",
+    "hirescam": "HiResCAM (Captum LayerGradientXActivation, summed over channels)",
+    "layercam": "LayerCAM (positive gradient x activation per cell, from Captum's layer gradients and activations)",
+}
+
+
+def method_title(method: str) -> str:
+    """One line saying what a METHODS entry computes (report headings)."""
+    if method == "gradcam":
+        return f"{method_title(CHOSEN_CAM)}; chosen on the validation masks"
+    if method in ("attention_rollout", "transformer_attribution"):
+        return {
+            "attention_rollout": "attention rollout (Abnar & Zuidema 2020) of the ViT blocks; class-blind",
+            "transformer_attribution": "gradient-weighted attention relevance (Chefer et al. 2021) of the ViT blocks",
+        }[method]
+    if method == "occlusion":
+        return "occlusion (Captum Occlusion, one-cell window filled with the image mean, half-cell stride)"
+    if method == "integrated_gradients":
+        return "Integrated Gradients (Captum, 32 steps from a black image, positive part)"
+    weighting, where = method.split("_", 1)
+    place = (
+        "the patch tokens entering the last ViT block, on the token grid"
+        if where == "tokens"
+        else f"the CNN stage at stride {where.removeprefix('stride')}"
+    )
+    return f"{WEIGHTING_TITLES[weighting]} on {place}, aligned to the cells' receptive-field centres"
+
+
+# What a report shows: the Grad-CAM panel, the design card's stage Grad-CAM, and the two checks beside them.
+REPORT_METHODS = ("gradcam", "gradcam_stride16", "occlusion", "integrated_gradients")
 
 
 def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
@@ -256,7 +453,8 @@ def explanation_scores(
     dilation_px = dilation_pixels(size, dilation)
     model.eval()
     scores = {}
-    for method, maps_of in METHODS.items():
+    for method in REPORT_METHODS:
+        maps_of = METHODS[method]
         hits, energy = 0, 0.0
         for case in cases:
             heatmap = maps_of(model, case["image"][None].to(device))[0]

@@ -283,7 +283,7 @@ class HybridViT(nn.Module):
 
     @property
     def cam_layer(self) -> nn.Module:
-        """The CNN's last conv stage (stride 16): where Grad-CAM hooks activations and gradients."""
+        """The CNN's last conv stage (stride 16): where the design card's Grad-CAM hooks activations and gradients."""
         return self.backbone.blocks[-1]
 
     @property
@@ -303,16 +303,25 @@ class HybridViT(nn.Module):
             return self.pos_embed
         return resample_abs_pos_embed(self.pos_embed, list(grid), num_prefix_tokens=1)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalized token sequence; index 0 is the class token."""
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Tokens entering the first ViT block ([CLS] first, position embeddings added) and the token grid's
+        (rows, cols): patch token r * cols + c is CNN cell (r, c)."""
         fmap = self.proj(self.backbone(images)[-1])
         tokens = fmap.flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1) + self._pos_embed_for(tuple(fmap.shape[-2:]))
-        return self.norm(self.blocks(tokens))
+        grid = tuple(fmap.shape[-2:])
+        return torch.cat([cls, tokens], dim=1) + self._pos_embed_for(grid), grid
+
+    def classify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits from the last block's token sequence (the head reads the normalized [CLS] token)."""
+        return self.head(self.norm(tokens)[:, 0])
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalized token sequence; index 0 is the class token."""
+        return self.norm(self.blocks(self.embed(images)[0]))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(images)[:, 0])
+        return self.classify(self.blocks(self.embed(images)[0]))
 
 
 def build_model(
