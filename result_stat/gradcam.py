@@ -137,9 +137,11 @@ def explain_sites(
     method: str = "gradcam",
     image_size: int | None = None,
     split: str = "testing",
+    cases: dict | None = None,
 ) -> dict:
     """Heatmaps of `method` (explain.METHODS) for up to n tumor images of each site's `split`, scored
-    against the masks; writes <out>/<method>.json/.md and the panels, returns the JSON dict."""
+    against the masks; writes <out>/<method>.json/.md and the panels, returns the JSON dict. `cases`:
+    {site: load_tumor_cases(...)} already loaded with these n, seed and split (choose_cam reuses them)."""
     from tqdm.auto import tqdm
 
     if method not in METHODS:
@@ -161,8 +163,8 @@ def explain_sites(
     }
     all_maps, all_masks, all_base = [], [], {name: [] for name in BASELINES}
     for site, site_dir in site_dirs.items():
-        cases = load_tumor_cases(site_dir, size, n, seed, split=split)
-        for case in tqdm(cases, desc=f"{method} {site}", unit="img", disable=not progress):
+        site_cases = cases[site] if cases else load_tumor_cases(site_dir, size, n, seed, split=split)
+        for case in tqdm(site_cases, desc=f"{method} {site}", unit="img", disable=not progress):
             image = case["image"][None].to(torch_device)
             with torch.no_grad():
                 case["p_tumor"] = float(model(image).softmax(1)[0, TUMOR])
@@ -170,19 +172,19 @@ def explain_sites(
             case["hit"] = pointing_hit(case["heatmap"], case["mask"], dilation_px)
             case["energy"] = energy_in_mask(case["heatmap"], case["mask"])
             case["title"] = f"{case['name']}  p={case['p_tumor']:.2f}  {'hit' if case['hit'] else 'miss'}"
-        maps, masks = [c["heatmap"] for c in cases], [c["mask"] for c in cases]
-        base = [baseline_maps(c["mask"].shape, rng, image=c["image"][0].numpy(), mask=c["mask"]) for c in cases]
+        maps, masks = [c["heatmap"] for c in site_cases], [c["mask"] for c in site_cases]
+        base = [baseline_maps(c["mask"].shape, rng, image=c["image"][0].numpy(), mask=c["mask"]) for c in site_cases]
         site_result = {
             "gradcam": score_maps(maps, masks, dilation_px),
             "baselines": {name: score_maps([b[name] for b in base], masks, dilation_px) for name in all_base},
             "mask_fraction": float(np.mean([m.mean() for m in masks])),
             "images": [
                 {"image": c["name"], "p_tumor": c["p_tumor"], "hit": c["hit"], "energy_in_mask": c["energy"]}
-                for c in cases
+                for c in site_cases
             ],
         }
         if panels and out is not None:
-            files = save_panels(site, cases, out, method=method)
+            files = save_panels(site, site_cases, out, method=method)
             site_result["contact_sheet"] = str(files["sheet"])
         result["per_site"][site] = site_result
         all_maps += maps
@@ -319,13 +321,28 @@ def choose_cam(
     pass, the best pointing game on the validation split's masks wins (energy in the mask breaks ties). Test
     scores are computed for the record and never take part. Writes <out>/gradcam_choice.json/.md."""
     controls = controls or toy_controls(CAM_CANDIDATES)
+    size = model.preset.image_size
+    cases = {
+        split: {site: load_tumor_cases(site_dir, size, n, seed, split=split) for site, site_dir in site_dirs.items()}
+        for split in ("validation", "testing")
+    }
     rows = []
     for method in CAM_CANDIDATES:
         scores = {
             split: explain_sites(
-                model, site_dirs, None, n, seed, dilation, device, progress=False, method=method, split=split
+                model,
+                site_dirs,
+                None,
+                n,
+                seed,
+                dilation,
+                device,
+                progress=False,
+                method=method,
+                split=split,
+                cases=cases[split],
             )
-            for split in ("validation", "testing")
+            for split in cases
         }
         rows.append(
             {
