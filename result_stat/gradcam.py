@@ -1,13 +1,13 @@
 """The report's Grad-CAM panel and the other explanation maps, scored against the tumor masks.
 
     python -m result_stat.gradcam [--run-dir workspace/server/simulate_job] [--n 25] [--out results]
-    python -m result_stat.gradcam --choose      # score every Grad-CAM candidate on the validation masks
+    python -m result_stat.gradcam --choose      # every Grad-CAM candidate: toy controls, validation masks
 
-The maps come from fedxvit.explain (Captum). The panel called "gradcam" is the candidate chosen on
-the validation split's masks (`explain.CHOSEN_CAM`, see `--choose`); the design card's Grad-CAM on
-the CNN's last stage (stride 16) stays as `--method gradcam_stride16`. For each site, N tumor test
-images (seeded choice) get an overlay PNG and one contact sheet. Looking at heatmaps proves
-little, so they are also scored where masks exist:
+The maps come from fedxvit.explain (Captum). The panel called "gradcam" is the candidate chosen by
+the toy controls and the validation split's masks (`explain.CHOSEN_CAM`, see `--choose`); the
+design card's Grad-CAM on the CNN's last stage (stride 16) stays as `--method gradcam_stride16`.
+For each site, N tumor test images (seeded choice) get an overlay PNG and one contact sheet.
+Looking at heatmaps proves little, so they are also scored where masks exist:
 
 - pointing game: the heatmap's maximum lies inside the tumor mask dilated by a few pixels;
 - energy in mask: the share of the positive heatmap that lies inside the (undilated) mask;
@@ -427,7 +427,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--choose",
         action="store_true",
-        help="score every Grad-CAM candidate on the validation masks (and test, for the record) instead",
+        help="choose the Grad-CAM panel instead: every candidate through the toy controls, then scored on the "
+        "validation masks (and test, for the record)",
     )
     parser.add_argument("--out", default="results", help="output folder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")

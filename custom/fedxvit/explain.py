@@ -338,19 +338,20 @@ WEIGHTING_TITLES = {
 }
 
 
+OTHER_TITLES = {
+    "attention_rollout": "attention rollout (Abnar & Zuidema 2020) of the ViT blocks; class-blind",
+    "transformer_attribution": "gradient-weighted attention relevance (Chefer et al. 2021) of the ViT blocks",
+    "occlusion": "occlusion (Captum Occlusion, one-cell window filled with the image mean, half-cell stride)",
+    "integrated_gradients": "Integrated Gradients (Captum, 32 steps from a black image, positive part)",
+}
+
+
 def method_title(method: str) -> str:
     """One line saying what a METHODS entry computes (report headings)."""
     if method == "gradcam":
         return f"{method_title(CHOSEN_CAM)}; chosen on the validation masks"
-    if method in ("attention_rollout", "transformer_attribution"):
-        return {
-            "attention_rollout": "attention rollout (Abnar & Zuidema 2020) of the ViT blocks; class-blind",
-            "transformer_attribution": "gradient-weighted attention relevance (Chefer et al. 2021) of the ViT blocks",
-        }[method]
-    if method == "occlusion":
-        return "occlusion (Captum Occlusion, one-cell window filled with the image mean, half-cell stride)"
-    if method == "integrated_gradients":
-        return "Integrated Gradients (Captum, 32 steps from a black image, positive part)"
+    if method in OTHER_TITLES:
+        return OTHER_TITLES[method]
     weighting, where = method.split("_", 1)
     place = (
         "the patch tokens entering the last ViT block, on the token grid"
