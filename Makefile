@@ -107,7 +107,7 @@ bench-he: setup
 	PYTHONPATH=$(CURDIR) $(PY) bench/he_cost.py --data $(DATA)
 
 # The same job in NVFlare's POC deployment (real server and client processes), then stopped.
-# Fault drills: make poc POC_ARGS="--kill-server-after-round 1" (or "--min-clients 2 --kill-site site3").
+# Fault drills: make poc POC_ARGS="--kill-server-after-round 1" (or "--min-clients 2 --kill-site site3", or both).
 POC_ARGS ?=
 poc: setup
 	$(PY) -m fedxvit.poc $(POC_ARGS)

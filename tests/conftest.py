@@ -77,6 +77,8 @@ def running_mlflow_server(folder: Path):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # no job runner: the server otherwise starts eight more Python processes (huey consumers) the tests never use
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     try:
         for _ in range(240):

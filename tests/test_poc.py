@@ -1,12 +1,11 @@
 """Jobs in NVFlare's real POC deployment (server + 3 client processes over the network), on ONE POC
 system provisioned for HE (`nvflare poc prepare -he`), which the slow tests below share in file order:
 the HE job (compared with conftest.plain_fedavg_run's plain FedAvg on the same sites, initial model,
-rounds and seeds), a plain job run in a privacy scope that every site defines in its own privacy.json,
-a hospital killed mid-run (min_clients = 2 of 3 lets the other two finish every round; it comes back
-for the next job), the server killed mid-run and restarted (the training resumes after the last
-finished round), and the stop. The suite's only POC system, on one worker (conftest.SHARED_RUN_FILES),
-on a free port. The fast tests check that the driver never deletes a folder it did not create and kills
-only the processes it started."""
+rounds and seeds), one drill job run in a privacy scope that every site defines in its own privacy.json
+(a hospital killed mid-run, min_clients = 2 of 3 letting the other two go on; then the server killed and
+restarted, the training resuming after the last finished round with the hospital back), and the stop.
+The suite's only POC system, on one worker (conftest.SHARED_RUN_FILES), on a free port. The fast tests
+check that the driver never deletes a folder it did not create and kills only the processes it started."""
 
 import json
 import os
@@ -34,7 +33,6 @@ from fedxvit.poc import (
     claim_workspace,
     continuation_job,
     main,
-    round_rows,
     site_dir,
     uses_he,
     validate,
@@ -43,9 +41,9 @@ from fedxvit.site_policy import write_privacy
 
 JOB_TIMEOUT_S = 400
 # Cross-site evaluation waits out these timeouts for a dead site; tiny models submit and score in a second or two
-DRILL_SETTINGS = dict(num_rounds=3, wait_time_after_min_received=5, submit_model_timeout=6, validation_timeout=12)
+DRILL_SETTINGS = dict(num_rounds=4, wait_time_after_min_received=5, submit_model_timeout=6, validation_timeout=12)
 # Every site's local/privacy.json defines this scope (the classifier head and the local model never leave), not as
-# its default: the HE job and the drills run unfiltered by the sites, the privacy test's job names it.
+# its default: the HE job runs unfiltered by the sites, the drill's job names it.
 PRIVACY_SCOPE = "no-head-no-local-model"
 SCOPE_FILTERS = [
     {"path": "nvflare.app_common.filters.exclude_vars.ExcludeVars", "args": {"exclude_vars": "^head\\."}},
@@ -145,72 +143,56 @@ def test_he_in_poc_sends_only_ciphertext_and_matches_plain_fedavg(poc, plain_fed
 
 
 @pytest.mark.slow
-def test_the_sites_privacy_scope_filters_a_job_that_has_no_filter(poc, plain_fedavg_run):
-    """Plain FedAvg (no privacy filter in the job) run in the scope the sites define in their own privacy.json:
-    NVFlare applies the sites' filters to every result, so the global head never moves while the rest of the
-    trainable model does, and cross-site evaluation scores the server's models only."""
+def test_a_hospital_then_the_server_die_and_the_training_resumes_in_the_sites_privacy_scope(poc, plain_fedavg_run):
+    """One drill job, plain FedAvg with no privacy filter of its own, run in the privacy scope every site defines
+    in its own privacy.json: site3 is killed once round 1 has started (min_clients = 2 lets the other two go on),
+    the server once round 2 has finished; both are restarted with their startup scripts, and the training resumes
+    at round 3 with site3 back. NVFlare applies the sites' filters to every result of both jobs, so the global
+    head never moves while the rest of the trainable model does, and cross-site evaluation scores the server's
+    models only."""
     system, tmp = poc["system"], poc["tmp"]
-    job = drill_job(tmp, "privacy", num_rounds=2, submit_model_timeout=20, validation_timeout=30)
+    job = drill_job(tmp, "drill")
     client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
     assert not [f for chain in client["task_result_filters"] for f in chain["filters"] if "nvflare" in f["path"]]
     meta = json.loads((job / "meta.json").read_text())
     (job / "meta.json").write_text(json.dumps({**meta, "scope": PRIVACY_SCOPE}, indent=2))
 
-    result = system.run_job(job, tmp / "privacy-results", JOB_TIMEOUT_S, min_clients=len(SITES))
-    assert result["status"] == "FINISHED:COMPLETED", result
-    run = result["result_dir"] / "workspace"
-    start = torch.load(plain_fedavg_run["initial"], weights_only=True)
-    final = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
-    moved = {k.split(".")[0] for k in start if not torch.equal(torch.as_tensor(final[k]), start[k])}
-    assert moved == {"blocks", "norm"}  # last-k trained blocks and norm; the head stayed at the sites
-    cross_site = json.loads((run / "cross_site_val" / "cross_val_results.json").read_text())
-    assert set(cross_site) == set(SITES)
-    assert all(name.startswith("SRV_") for scores in cross_site.values() for name in scores), cross_site
-
-
-@pytest.mark.slow
-def test_poc_run_survives_a_site_killed_after_round_one(poc):
-    system, tmp = poc["system"], poc["tmp"]
-    job = drill_job(tmp, "kill-site")
-    drill = system.kill_site_drill(job, "site3", 1, tmp / "kill-site-results", JOB_TIMEOUT_S, min_clients=2)
-    assert drill["status"] == "SERVER_FINISHED"  # the server ran every workflow to its end without site3
-    assert drill["killed_processes"] > 0
-
-    rounds = {row["round"]: row["sites"] for row in round_rows(drill["result_dir"])}
-    assert set(rounds) == {0, 1, 2}, rounds  # every round completed
-    assert "site3" in rounds[0]  # all three trained before the kill ...
-    assert rounds[2] == ["site1", "site2"]  # ... two after it
-    assert system.processes.tree("site3")  # site3 runs again, from its own startup script, for the next job
-
-
-@pytest.mark.slow
-def test_poc_server_killed_after_round_one_resumes_at_round_two(poc):
-    system, tmp = poc["system"], poc["tmp"]
-    job = drill_job(tmp, "kill-server")
-    drill = system.server_crash_drill(job, 1, tmp / "kill-server-results", 5, JOB_TIMEOUT_S, min_clients=3)
+    drill = system.server_crash_drill(
+        job, 2, tmp / "drill-results", 5, JOB_TIMEOUT_S, min_clients=2, kill_site="site3", kill_site_after_round=1
+    )
     killed_job, resumed_job = drill["job_id"], drill["resumed_job_id"]
-    assert drill["killed_processes"] >= 1
+    assert drill["killed_site_processes"] > 0 and drill["killed_processes"] >= 1
     # NVFlare 2.9.0 writes no run snapshots and brings no job back after a server restart (see fedxvit.poc)
     assert not drill["nvflare_restored"] and drill["snapshot_files"] == 0, drill
     assert resumed_job != killed_job and drill["status"] == "FINISHED:COMPLETED", drill
 
+    # the hospital: all three trained before the kill, two after it; back for the resumed rounds
     killed_run = system.site_dir("server") / killed_job
+    killed_rows = json.loads((killed_run / "global_val.json").read_text())["rounds"]
+    assert [row["round"] for row in killed_rows] == [0, 1, 2]
+    assert sorted(killed_rows[0]["sites"]) == list(SITES) and sorted(killed_rows[2]["sites"]) == ["site1", "site2"]
+
+    # the server: the resumed job ran only the round the crash left, from the killed run's round-2 model
     resumed_run = drill["result_dir"] / "workspace"
     log = (resumed_run / "log.txt").read_text()
-    assert re.findall(r"Round (\d+) started", log) == ["2"]  # not round 0: only the round the crash cut off
-    assert drill["resumed_at_round"] == 2
-    assert "Loading checkpoint from " in log and RESUME_MODEL_FILE in log  # from the killed run's round-1 model
-
+    assert re.findall(r"Round (\d+) started", log) == ["3"] and drill["resumed_at_round"] == 3
+    assert "Loading checkpoint from " in log and RESUME_MODEL_FILE in log
     rows = json.loads((resumed_run / "global_val.json").read_text())["rounds"]
-    assert [row["round"] for row in rows] == [0, 1, 2]  # every round exactly once
-    assert rows[:2] == json.loads((killed_run / "global_val.json").read_text())["rounds"]  # carried, not redone
-    assert sorted(rows[2]["sites"]) == ["site1", "site2", "site3"]
-
-    round_one = torch.load(killed_run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
+    assert [row["round"] for row in rows] == [0, 1, 2, 3]  # every round exactly once
+    assert rows[:3] == killed_rows  # carried, not redone
+    assert sorted(rows[3]["sites"]) == list(SITES)
+    round_two = torch.load(killed_run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
     final = torch.load(resumed_run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
-    assert final.keys() == round_one.keys()
-    assert all(torch.isfinite(tensor).all() for tensor in final.values())
-    assert any(not torch.equal(final[name], round_one[name]) for name in final)  # round 2 trained on from round 1
+    assert final.keys() == round_two.keys() and all(torch.isfinite(t).all() for t in final.values())
+    assert any(not torch.equal(final[name], round_two[name]) for name in final)  # round 3 trained on from round 2
+
+    # the sites' privacy scope: last-k trained blocks and norm moved, the head stayed at the sites
+    start = torch.load(plain_fedavg_run["initial"], weights_only=True)
+    moved = {k.split(".")[0] for k in start if not torch.equal(torch.as_tensor(final[k]), start[k])}
+    assert moved == {"blocks", "norm"}
+    cross_site = json.loads((resumed_run / "cross_site_val" / "cross_val_results.json").read_text())
+    assert set(cross_site) == set(SITES)
+    assert all(name.startswith("SRV_") for scores in cross_site.values() for name in scores), cross_site
 
 
 @pytest.mark.slow
@@ -346,5 +328,6 @@ def test_server_kill_round_must_leave_a_round_to_resume(tmp_path):
     validate(job, ("site1",), None, 1)
     with pytest.raises(FedXViTError, match=r"--kill-server-after-round 2: .* rounds 0\.\.2"):
         validate(job, ("site1",), None, 2)
-    with pytest.raises(FedXViTError, match="choose one"):
-        validate(job, ("site1",), "site1", 0)
+    with pytest.raises(FedXViTError, match="the site is killed first, then the server"):
+        validate(job, ("site1",), "site1", 0, kill_after_round=1)
+    validate(job, ("site1",), "site1", 1, kill_after_round=1)  # killed in round 1, the server after it

@@ -3,6 +3,7 @@
     python -m fedxvit.poc [--job jobs/fedxvit] [--workspace /tmp/nvflare/poc] [--out workspace/poc]
     python -m fedxvit.poc --min-clients 2 --kill-site site3 --kill-after-round 1   # a hospital dies mid-run
     python -m fedxvit.poc --kill-server-after-round 1                              # the server dies mid-run
+    python -m fedxvit.poc --min-clients 2 --kill-site site3 --kill-server-after-round 2  # a hospital, then the server
 
 The system is NVFlare's own: `nvflare poc prepare -c site1 site2 site3` and `nvflare poc start -ex
 admin@nvidia.com --no-wait` (server + clients, no console; the driver then waits until the server's log
@@ -19,6 +20,7 @@ library one system serves several jobs and drills in a row (one start-up, never 
         system.run_job(job, out)
         system.kill_site_drill(job, "site3", 1, out, min_clients=2)  # site3 comes back for the next job
         system.server_crash_drill(job, 1, out, min_clients=3)
+        system.server_crash_drill(job, 2, out, min_clients=2, kill_site="site3")  # site3 in round 1, then the server
 
 It never deletes or kills what it did not start. `nvflare poc prepare --force` deletes the workspace
 it is given, so the driver uses only a workspace it created: it writes a marker file (.fedxvit-poc)
@@ -586,17 +588,32 @@ class PocSystem:
         restore_wait_s: float = 30,
         timeout_s: float = 1800,
         min_clients: int | None = None,
+        kill_site: str | None = None,
+        kill_site_after_round: int = 1,
     ) -> dict:
         """Kill the server's process tree (its daemon, which would restart it, the server and the job's server
         process: the machine going down) once `after_round` has finished, restart it, and see the training
         through: NVFlare's own restore if it brings the job back, else a continuation job from the last saved
-        round. {job_id (the killed one), status, result_dir, resumed_job_id, resumed_at_round, ...}."""
+        round. With `kill_site`, that site's process tree is killed first, once `kill_site_after_round` has
+        started (a hospital going dark; the rounds go on with `min_clients`), and it is restarted with the
+        server: the resumed rounds need every site.
+        {job_id (the killed one), status, result_dir, resumed_job_id, resumed_at_round, killed_processes,
+        killed_site_processes, ...}."""
         job_id, copy = self.submit(job, min_clients)
+        killed_site = 0
+        if kill_site:
+            self.wait_for_job_log(job_id, f"Round {kill_site_after_round} started", timeout_s)
+            killed_site = self.processes.kill(kill_site)
+            print(f"killed {killed_site} process(es) of {kill_site} in round {kill_site_after_round}", flush=True)
         self.wait_for_job_log(job_id, f"Round {after_round} finished", timeout_s)
         killed = self.processes.kill(SERVER)
         print(f"killed {killed} server process(es) after round {after_round} finished", flush=True)
         continuation = continuation_job(copy, self.site_dir(SERVER) / job_id, after_round + 1, self.new_dir())
         self.restart(SERVER)
+        if kill_site:  # it is back: the resumed rounds wait for every site
+            self.restart(kill_site)
+            print(f"{kill_site} restarted with its startup script and registered again", flush=True)
+            continuation = job_with_min_clients(continuation, len(self.sites), self.new_dir())
         with self.session(timeout_s=120) as session:
             restored = self.wait_for_restored_job(job_id, restore_wait_s)
             storage, snapshots = snapshot_files(self.workspace)
@@ -604,6 +621,7 @@ class PocSystem:
                 "job_id": job_id,
                 "after_round": after_round,
                 "killed_processes": killed,
+                "killed_site_processes": killed_site,
                 "nvflare_restored": restored,
                 "snapshot_storage": storage,
                 "snapshot_files": snapshots,
@@ -634,13 +652,18 @@ class PocSystem:
         return drill
 
 
-def validate(job: Path, sites, kill: str | None, kill_server_after_round: int | None) -> None:
+def validate(
+    job: Path, sites, kill: str | None, kill_server_after_round: int | None, kill_after_round: int = 1
+) -> None:
     if not (job / "meta.json").is_file():
         raise FedXViTError(f"{job}: not an NVFlare job folder (no meta.json)")
     if kill and kill not in sites:
         raise FedXViTError(f"--kill-site {kill} is not one of the sites {', '.join(sites)}")
-    if kill and kill_server_after_round is not None:
-        raise FedXViTError("--kill-site and --kill-server-after-round are separate drills: choose one")
+    if kill and kill_server_after_round is not None and kill_after_round > kill_server_after_round:
+        raise FedXViTError(
+            f"--kill-after-round {kill_after_round} is after --kill-server-after-round {kill_server_after_round}: "
+            "the site is killed first, then the server"
+        )
     if kill_server_after_round is not None:
         rounds = int(json.loads(server_config_path(job).read_text())["num_rounds"])
         if not 0 <= kill_server_after_round < rounds - 1:
@@ -675,16 +698,16 @@ def run(
     port: int = DEFAULT_PORT,
 ) -> dict:
     """One POC system for one job: prepare -> start -> submit -> (a drill) -> wait -> download -> stop."""
-    validate(job, sites, kill, kill_server_after_round)
+    validate(job, sites, kill, kill_server_after_round, kill_after_round)
     started = time.perf_counter()
     server_crash = None
     with PocSystem(workspace, sites, port, he=uses_he(job)) as system:
-        if kill:  # the system stops next: the site need not come back
-            result = system.kill_site_drill(job, kill, kill_after_round, out, timeout_s, min_clients, bring_back=False)
-        elif kill_server_after_round is not None:
+        if kill_server_after_round is not None:  # a site first, if asked, then the server
             result = server_crash = system.server_crash_drill(
-                job, kill_server_after_round, out, restore_wait_s, timeout_s, min_clients
+                job, kill_server_after_round, out, restore_wait_s, timeout_s, min_clients, kill, kill_after_round
             )
+        elif kill:  # the system stops next: the site need not come back
+            result = system.kill_site_drill(job, kill, kill_after_round, out, timeout_s, min_clients, bring_back=False)
         else:
             result = system.run_job(job, out, timeout_s, min_clients)
     summary = {
@@ -692,7 +715,7 @@ def run(
         "status": result["status"],
         "result_dir": str(result["result_dir"]),
         "killed_site": kill,
-        "killed_processes": result["killed_processes"] if kill else 0,
+        "killed_processes": result.get("killed_site_processes", result.get("killed_processes")) if kill else 0,
         "server_crash": server_crash,
         "wall_s": time.perf_counter() - started,
         "rounds": round_rows(result["result_dir"]),
