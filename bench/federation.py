@@ -8,7 +8,8 @@
    process (start-up, rounds, cross-site evaluation, shutdown) and for its training phase alone
    (ScatterAndGather's first to last log line), since start-up is a fixed cost.
 2. Bytes on the wire: a site's `head`-mode train result vs the full global model, both as the
-   Shareables NVFlare serializes with FOBS (`fedxvit.standalone.serialized_size`).
+   Shareables NVFlare serializes with FOBS (`fedxvit.standalone.serialized_size`); and, for `head` and
+   the job's policy, the task the server sends a site after its first (fedxvit.downlink) vs its update.
 3. Training throughput: the executor's `train` task vs a bare PyTorch loop over the same model,
    data, optimizer and epochs (the task also scores the global and the local model on the
    validation split; the "training only" ratio removes those two timed passes).
@@ -96,14 +97,17 @@ def time_bare_loop(model, loader, lr: float, epochs: int, device) -> float:
 
 
 def executor_measurements(site_dir: Path, initial: Path, settings: JobSettings, scratch: Path, epochs: int) -> dict:
-    """Wire bytes (head vs full) and executor vs bare-loop throughput on one site, in process."""
+    """Wire bytes (updates and the tasks after a site's first, head and the job's policy, vs the full model) and
+    executor vs bare-loop throughput on one site, in process."""
     from nvflare.apis.dxo import DXO, DataKind
     from nvflare.apis.signal import Signal
+    from nvflare.apis.utils.fl_context_utils import gen_new_peer_ctx
     from nvflare.app_common.app_constant import AppConstants
 
     from fedxvit.checkpoint import build_model_from_checkpoint
     from fedxvit.classes import TASK_CLASSES
     from fedxvit.data import make_loader
+    from fedxvit.downlink import TrainableOnlyDownlink
     from fedxvit.executor import FedXViTExecutor, to_numpy_state
     from fedxvit.sites import site_env_var
     from fedxvit.standalone import make_fl_ctx, serialized_size
@@ -132,11 +136,23 @@ def executor_measurements(site_dir: Path, initial: Path, settings: JobSettings, 
         )
         return ex, make_fl_ctx(scratch / name, site=site_dir.name)
 
+    def next_task_bytes(site_ctx) -> int:
+        """The serialized task the server sends a site after its first one (fedxvit.downlink: a site that holds
+        the frozen tensors gets the trainable ones only)."""
+        server_ctx = make_fl_ctx(scratch / "server", site="server")
+        server_ctx.set_peer_context(gen_new_peer_ctx(site_ctx))
+        return serialized_size(TrainableOnlyDownlink().process(task(), server_ctx))
+
     head, ctx = executor("head", 1, "head")
     head_result = head.execute("train", task(), ctx, Signal())
-    wire = {"full_model_bytes": serialized_size(task()), "head_update_bytes": serialized_size(head_result)}
+    wire = {
+        "full_model_bytes": serialized_size(task()),
+        "head_update_bytes": serialized_size(head_result),
+        "head_downlink_bytes": next_task_bytes(ctx),
+    }
     default, ctx = executor(settings.freeze_policy, 1, "default")
     wire[f"{settings.freeze_policy}_update_bytes"] = serialized_size(default.execute("train", task(), ctx, Signal()))
+    wire[f"{settings.freeze_policy}_downlink_bytes"] = next_task_bytes(ctx)
 
     timed, ctx = executor(settings.freeze_policy, epochs, "timed")
     timed.execute("validate", task(), ctx, Signal())  # set-up (data caching) outside the timing
@@ -155,7 +171,14 @@ def executor_measurements(site_dir: Path, initial: Path, settings: JobSettings, 
     bare_s = time_bare_loop(bare, loader, settings.learning_rate, epochs, torch.device("cpu"))
     images = len(loader.dataset) * epochs
     return {
-        "wire": {**wire, "head_over_full": wire["head_update_bytes"] / wire["full_model_bytes"]},
+        "wire": {
+            **wire,
+            "head_over_full": wire["head_update_bytes"] / wire["full_model_bytes"],
+            "downlink_over_uplink": {
+                policy: wire[f"{policy}_downlink_bytes"] / wire[f"{policy}_update_bytes"]
+                for policy in ("head", settings.freeze_policy)
+            },
+        },
         "throughput": {
             "site": site_dir.name,
             "epochs": epochs,
@@ -224,6 +247,10 @@ def main(argv=None) -> dict:
             "≤ 1.10",
         ),
         ("head-mode update bytes ÷ full model bytes", measured["wire"]["head_over_full"], "≤ 0.001"),
+        *(
+            (f"{policy} downlink ÷ uplink bytes after a site's first task", ratio, "≤ 1 (framing included)")
+            for policy, ratio in measured["wire"]["downlink_over_uplink"].items()
+        ),
         ("executor ÷ bare loop, train task images/s", measured["throughput"]["executor_over_bare"], "≥ 0.90"),
         (
             "executor ÷ bare loop, training part only",

@@ -59,6 +59,19 @@ def test_three_sites_two_rounds_in_the_simulator(plain_fedavg_run):
     assert all(u["bytes"] == 4 * u["values"] for u in updates)
     assert all(u["values"] == sum(start[k].numel() for k in changed) for u in updates)  # the trainable tensors only
 
+    # the downlink (fedxvit.downlink): each site's first task carries the whole model, every later one only the
+    # trainable tensors, never more bytes than the site's update; the exact-aggregate test below and the scores
+    # show that the sites completed the models (the server's final model is whole: `set(global_model)` above)
+    sent = json.loads((job_dir / "downlink_sizes.json").read_text())["tasks"]
+    for site in SITES:
+        rows = [row for row in sent if row["site"] == site]
+        assert rows[0]["task"] == "train" and rows[0]["round"] == 0 and rows[0]["left_out"] == 0, rows[0]
+        assert rows[0]["tensors"] == len(start)
+        later = rows[1:]
+        assert len(later) >= 1 + 3 and all(row["tensors"] == len(changed) for row in later), later  # round 1, 3 SRV
+        update = next(u for u in updates if u["site"] == site and u["round"] == 1)
+        assert all(row["bytes"] <= update["bytes"] < row["full_bytes"] for row in later)
+
     cross_site = json.loads((job_dir / "cross_site_val" / "cross_val_results.json").read_text())
     assert set(cross_site) == set(SITES)
     assert "SRV_FL_global_model.pt" in cross_site["site1"]

@@ -39,6 +39,7 @@ from fedxvit.checkpoint import load_checkpoint, save_checkpoint
 from fedxvit.classes import TASK_CLASSES, task_classes
 from fedxvit.data import make_loader
 from fedxvit.datalist import load_split, read_dataset_info
+from fedxvit.downlink import FrozenTensors
 from fedxvit.errors import FedXViTError
 from fedxvit.evaluation import REPLICATES_HEADER, SEED_HEADER, bootstrap_confusions, site_aggregates
 from fedxvit.filters import REJECT_REASON_HEADER
@@ -268,6 +269,7 @@ class FedXViTExecutor(Executor):
             raise FedXViTError(f"job option explain_images={explain_images!r}: a whole number >= 0")
         self.explain_images = explain_images  # evaluate task: masked tumor test images scored per explanation
         self.model = None
+        self.frozen = None  # the frozen tensors this site holds, so the server may leave them out (fedxvit.downlink)
         self.device = None
         self.train_loader = self.val_loader = None
         self.best_local_accuracy = -1.0
@@ -308,6 +310,9 @@ class FedXViTExecutor(Executor):
             data_dir, "validation", size, self.batch_size, train=False, num_workers=self.num_workers
         )
         self.model = model.to(self.device)
+        if self.freeze_policy != "full":  # `full` trains (and sends) every tensor but a counter: nothing to leave out
+            sent = shared_state_keys(model, apply_freeze_policy(model, self.freeze_policy, self.last_k))
+            self.frozen = FrozenTensors(self.site_name, sent)
         if self.loss == "bsm":  # counted here, never sent
             labels = [int(item["label"]) for item in load_split(data_dir, "training")]
             self.logit_shift = balanced_softmax_shift(class_counts(labels, self.num_classes)).to(self.device)
@@ -388,6 +393,8 @@ class FedXViTExecutor(Executor):
             self._setup(fl_ctx)
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)
+            if self.frozen is not None:  # a model left without the frozen tensors is completed; a whole one kept
+                self.frozen.receive(shareable, fl_ctx)
             return handler(shareable, fl_ctx, abort_signal)
         except FedXViTError as exc:
             self.log_error(fl_ctx, f"fedxvit: {exc}")

@@ -344,6 +344,7 @@ def homomorphic_encryption(server: dict, client: dict) -> None:
     cross_site = find(server, "workflows", "cross_site_model_eval")
     cross_site["path"] = f"{NVFLARE_HE}.cross_site_model_eval.HECrossSiteModelEval"
     no_local_models(server)  # local models would reach the server in clear
+    server["task_data_filters"] = []  # the global model goes whole: its trainable tensors as ciphertext
     server["registered_model_name"] = ""  # the server's model is ciphertext: nothing readable to register
     tracked_params(server)["privacy"] = "he"
     client["task_data_filters"] = [

@@ -1,0 +1,172 @@
+"""Only the trainable tensors go down to a site that already holds the frozen ones.
+
+A site sends back only the tensors it trains (`last-k`: the last ViT blocks, the norm and the head), yet the
+server's workflows send it the whole model with every task. Both halves of a small protocol live here, on
+NVFlare's public parts:
+
+- The site (`FrozenTensors`, in the executor) keeps the frozen tensors of the last whole model it received and
+  publishes, as a public sticky FLContext property (HELD_PROP), the names it trains and a fingerprint of what it
+  keeps. NVFlare sends a site's public properties with every task request.
+- The server's task-data filter (`TrainableOnlyDownlink`) reads that property from the requesting site's peer
+  context. When the task's model holds exactly those frozen tensors (same fingerprint), it sends only the others
+  and names the fingerprint in the model DXO's meta (FROZEN_META). Otherwise the whole model goes: a site's
+  first task, a site that joins late or comes back after a restart (it holds nothing), a model whose frozen
+  tensors differ.
+- The site fills in what it keeps after checking the fingerprint. A mismatch refuses the task with one line and
+  drops what the site kept, so its next request gets the whole model again.
+
+Encrypted models (the HE job) go whole: that job already encrypts only the trainable tensors. The server's
+global model, its checkpoints and cross-site evaluation are untouched: only what a task carries to a site changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_copy
+from nvflare.app_common.app_constant import AppConstants
+
+from fedxvit.errors import FedXViTError
+
+HELD_PROP = "fedxvit.frozen_tensors_held"  # the site's public sticky property: {"trainable": [...], "fingerprint"}
+FROZEN_META = "fedxvit_frozen_fingerprint"  # on a model DXO that left out the frozen tensors the site holds
+DOWNLINK_FILE = "downlink_sizes.json"  # in the server's run folder: what each task carried to each site
+
+
+def fingerprint(tensors: dict) -> str:
+    """A digest of tensors by name, dtype, shape and bytes (equal models, equal fingerprints)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(np.asarray(tensors[name]))
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+def model_part(dxo: DXO) -> DXO | None:
+    """The WEIGHTS DXO a task carries: the DXO itself, or the model part of a COLLECTION (SCAFFOLD's weights and
+    control variates, FedSM's models); None when there is none."""
+    if dxo.data_kind == DataKind.COLLECTION:
+        dxo = (dxo.data or {}).get(AppConstants.MODEL_WEIGHTS)
+    return dxo if isinstance(dxo, DXO) and dxo.data_kind == DataKind.WEIGHTS and dxo.data else None
+
+
+def _in_clear(weights: dict) -> bool:
+    return all(isinstance(value, np.ndarray) for value in weights.values())
+
+
+def _nbytes(weights: dict) -> int:
+    return sum(int(value.nbytes) for value in weights.values() if isinstance(value, np.ndarray))
+
+
+class TrainableOnlyDownlink(Filter):
+    """Server task_data_filter (train, validate, evaluate): leaves out the frozen tensors a site already holds, and
+    records what each task carried in <run folder>/downlink_sizes.json."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        try:
+            dxo = from_shareable(shareable)
+        except ValueError:
+            return shareable  # a task without a model
+        weights = model_part(dxo)
+        if weights is None:
+            return shareable
+        peer = fl_ctx.get_peer_context()
+        held = peer.get_prop(HELD_PROP) if peer else None
+        site = peer.get_identity_name(default="?") if peer else "?"
+        out, kept = shareable, {}
+        if isinstance(held, dict) and _in_clear(weights.data):
+            trainable = set(held.get("trainable") or ())
+            frozen = {name: value for name, value in weights.data.items() if name not in trainable}
+            if frozen and fingerprint(frozen) == held.get("fingerprint"):
+                kept = frozen
+                sent = DXO(
+                    DataKind.WEIGHTS,
+                    data={name: value for name, value in weights.data.items() if name in trainable},
+                    meta={**(weights.meta or {}), FROZEN_META: held["fingerprint"]},
+                )
+                if dxo is not weights:  # a COLLECTION: the other parts travel as they are
+                    sent = DXO(DataKind.COLLECTION, data={**dxo.data, AppConstants.MODEL_WEIGHTS: sent}, meta=dxo.meta)
+                out = sent.update_shareable(make_copy(shareable))  # the task's data is shared by every site
+            elif frozen:
+                self.log_info(fl_ctx, f"fedxvit: {site} holds other frozen tensors: the whole model goes")
+        self._record(fl_ctx, shareable, site, weights.data, kept)
+        return out
+
+    def _record(self, fl_ctx: FLContext, task: Shareable, site: str, weights: dict, kept: dict) -> None:
+        full_bytes = _nbytes(weights)
+        row = {
+            "round": task.get_header(AppConstants.CURRENT_ROUND),
+            "task": fl_ctx.get_prop(FLContextKey.TASK_NAME) or task.get_header(ReservedHeaderKey.TASK_NAME),
+            "site": site,
+            "tensors": len(weights) - len(kept),
+            "left_out": len(kept),
+            "bytes": full_bytes - _nbytes(kept),
+            "full_bytes": full_bytes,
+        }
+        try:
+            run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+            with self._lock:
+                path = run_dir / DOWNLINK_FILE
+                rows = json.loads(path.read_text())["tasks"] if path.is_file() else []
+                path.write_text(json.dumps({"tasks": [*rows, row]}, indent=1) + "\n")
+        except (AttributeError, OSError, ValueError, KeyError) as exc:  # a record must never stop the job
+            self.log_error(fl_ctx, f"fedxvit: downlink size not recorded: {exc}")
+
+
+class FrozenTensors:
+    """A site's half: the frozen tensors of the last whole model it received (never trained, never sent), so that
+    the server may leave them out of the next tasks."""
+
+    def __init__(self, site: str, trainable):
+        self.site = site
+        self.trainable = sorted(trainable)
+        self.arrays: dict = {}
+        self.fingerprint: str | None = None
+
+    def receive(self, shareable: Shareable, fl_ctx: FLContext) -> None:
+        """Complete the task's model in place, or keep the frozen tensors of a whole one; FedXViTError (one line)
+        when the server left out tensors this site does not hold."""
+        try:
+            weights = model_part(from_shareable(shareable))
+        except ValueError:
+            return
+        if weights is None:
+            return
+        expected = (weights.meta or {}).get(FROZEN_META)
+        if expected is None:
+            self._keep(weights.data, fl_ctx)
+            return
+        if expected != self.fingerprint:
+            held = self.fingerprint
+            self.forget(fl_ctx)
+            raise FedXViTError(
+                f"site {self.site}: the server left out the frozen tensors {expected[:12]}, but this site holds "
+                f"{held[:12] if held else 'none'}: task refused; the next task brings the whole model"
+            )
+        weights.data.update({name: value for name, value in self.arrays.items() if name not in weights.data})
+
+    def _keep(self, weights: dict, fl_ctx: FLContext) -> None:
+        trainable = set(self.trainable)
+        frozen = {name: value for name, value in weights.items() if name not in trainable}
+        if not frozen or not _in_clear(frozen):
+            return
+        self.arrays, self.fingerprint = frozen, fingerprint(frozen)
+        held = {"trainable": self.trainable, "fingerprint": self.fingerprint}
+        fl_ctx.set_prop(HELD_PROP, held, private=False, sticky=True)
+
+    def forget(self, fl_ctx: FLContext) -> None:
+        self.arrays, self.fingerprint = {}, None
+        fl_ctx.set_prop(HELD_PROP, None, private=False, sticky=True)
