@@ -10,6 +10,7 @@ import torch
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import make_copy
 from nvflare.apis.signal import Signal
 from nvflare.apis.utils.decomposers import flare_decomposers
 from nvflare.apis.utils.fl_context_utils import gen_new_peer_ctx
@@ -154,3 +155,22 @@ def test_scaffold_controls_travel_whole_beside_the_trainable_weights(site):
     parts = from_shareable(server_sends(filter_, collection, ctx, server_ctx)).data
     assert set(parts[AppConstants.MODEL_WEIGHTS].data) == set(site["trainable"])
     assert parts[AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL] is controls
+
+
+def test_a_broadcast_is_hashed_once_for_all_its_sites(site, monkeypatch):
+    """Every site gets a shallow copy of one broadcast (NVFlare's make_copy): the frozen tensors are hashed once per
+    task, not once per site, and a new task is hashed again."""
+    import fedxvit.downlink as downlink
+
+    ctx, server_ctx, filter_, state = site["ctx"], site["server_ctx"], site["filter"], site["state"]
+    frozen = {k: v.numpy() for k, v in state.items() if k not in site["trainable"]}
+    ctx.set_prop(HELD_PROP, {"trainable": site["trainable"], "fingerprint": fingerprint(frozen)}, private=False)
+    calls = []
+    monkeypatch.setattr(downlink, "fingerprint", lambda tensors: calls.append(1) or fingerprint(tensors))
+    broadcast = task(state, 1)
+    for _ in range(3):
+        sent = server_sends(filter_, make_copy(broadcast), ctx, server_ctx)
+        assert set(from_shareable(sent).data) == set(site["trainable"])
+    assert len(calls) == 1
+    server_sends(filter_, task(state, 2), ctx, server_ctx)
+    assert len(calls) == 2

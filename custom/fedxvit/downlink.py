@@ -74,6 +74,9 @@ class TrainableOnlyDownlink(Filter):
     def __init__(self):
         super().__init__()
         self._lock = threading.Lock()
+        # (the task's weights, frozen names, fingerprint) of the last task: every site gets a copy of one broadcast
+        # that shares its weights, so a big model is hashed once per task, not once per site
+        self._last = None
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         try:
@@ -90,7 +93,7 @@ class TrainableOnlyDownlink(Filter):
         if isinstance(held, dict) and _in_clear(weights.data):
             trainable = set(held.get("trainable") or ())
             frozen = {name: value for name, value in weights.data.items() if name not in trainable}
-            if frozen and fingerprint(frozen) == held.get("fingerprint"):
+            if frozen and self._fingerprint(weights.data, frozen) == held.get("fingerprint"):
                 kept = frozen
                 sent = DXO(
                     DataKind.WEIGHTS,
@@ -104,6 +107,16 @@ class TrainableOnlyDownlink(Filter):
                 self.log_info(fl_ctx, f"fedxvit: {site} holds other frozen tensors: the whole model goes")
         self._record(fl_ctx, shareable, site, weights.data, kept)
         return out
+
+    def _fingerprint(self, weights: dict, frozen: dict) -> str:
+        names = tuple(sorted(frozen))
+        with self._lock:
+            if self._last is not None and self._last[0] is weights and self._last[1] == names:
+                return self._last[2]
+        digest = fingerprint(frozen)
+        with self._lock:
+            self._last = (weights, names, digest)
+        return digest
 
     def _record(self, fl_ctx: FLContext, task: Shareable, site: str, weights: dict, kept: dict) -> None:
         full_bytes = _nbytes(weights)
