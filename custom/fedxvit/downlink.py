@@ -59,6 +59,15 @@ def model_part(dxo: DXO) -> DXO | None:
     return dxo if isinstance(dxo, DXO) and dxo.data_kind == DataKind.WEIGHTS and dxo.data else None
 
 
+def append_run_record(fl_ctx: FLContext, file_name: str, key: str, row: dict, lock: threading.Lock) -> None:
+    """Append `row` to the list `key` of <the job's run folder>/<file_name> (a JSON record a filter keeps)."""
+    run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+    with lock:
+        path = run_dir / file_name
+        rows = json.loads(path.read_text())[key] if path.is_file() else []
+        path.write_text(json.dumps({key: [*rows, row]}, indent=1) + "\n")
+
+
 def _in_clear(weights: dict) -> bool:
     return all(isinstance(value, np.ndarray) for value in weights.values())
 
@@ -130,11 +139,7 @@ class TrainableOnlyDownlink(Filter):
             "full_bytes": full_bytes,
         }
         try:
-            run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
-            with self._lock:
-                path = run_dir / DOWNLINK_FILE
-                rows = json.loads(path.read_text())["tasks"] if path.is_file() else []
-                path.write_text(json.dumps({"tasks": [*rows, row]}, indent=1) + "\n")
+            append_run_record(fl_ctx, DOWNLINK_FILE, "tasks", row, self._lock)
         except (AttributeError, OSError, ValueError, KeyError) as exc:  # a record must never stop the job
             self.log_error(fl_ctx, f"fedxvit: downlink size not recorded: {exc}")
 

@@ -17,9 +17,7 @@ WEIGHT_DIFF instead, and the model passes on unchanged to the next site.
 
 from __future__ import annotations
 
-import json
 import threading
-from pathlib import Path
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
@@ -29,6 +27,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
+
+from fedxvit.downlink import append_run_record
 
 CHECKED_KINDS = (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS)
 REJECT_REASON_HEADER = "fedxvit_reject_reason"  # on the error reply, for the round's log and tracking
@@ -191,11 +191,7 @@ class UpdateSizeLog(Filter):
             f"{sizes['encrypted']} encrypted, {sizes['in_clear']} in clear, {sizes['bytes'] / 1e6:.3f} MB",
         )
         try:
-            run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
-            with self._lock:
-                path = run_dir / UPDATE_SIZES_FILE
-                rows = json.loads(path.read_text())["updates"] if path.is_file() else []
-                path.write_text(json.dumps({"updates": [*rows, row]}, indent=1) + "\n")
+            append_run_record(fl_ctx, UPDATE_SIZES_FILE, "updates", row, self._lock)
         except (OSError, ValueError, KeyError) as exc:  # a record that cannot be written must not stop the job
             self.log_error(fl_ctx, f"fedxvit: update size not recorded: {exc}")
         return shareable
