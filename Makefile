@@ -123,11 +123,13 @@ poc-he: setup
 jobs: setup
 	$(PY) -m fedxvit.jobs
 
-# Two worker processes; a test file is one xdist group (its fixtures are built once), and the tests that share the
-# plain FedAvg simulator run and the one POC system form one group of their own (tests/conftest.py), so no two POC
-# systems ever run at once. One process for debugging: $(PY) -m pytest -p no:xdist (or -n 0).
+# Three worker processes on two cores: a federation spends much of its time in one process at a time (the server's
+# start-up, the sites' imports, NVFlare's shut-down waits), which leaves a core idle under two workers (471 s vs
+# 389 s for the same suite, docs/measurements.md#make-test). A test file is one xdist group (its fixtures are built
+# once), and the tests that share the plain FedAvg simulator run and the one POC system form one group of their own
+# (tests/conftest.py), so no two POC systems ever run at once. One process for debugging: $(PY) -m pytest -n 0.
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+	$(PY) -m pytest -n 3 --dist loadfile --no-loadscope-reorder --durations=25
 
 # ruff (settings in pyproject.toml): lint and format check; `ruff format . && ruff check --fix .` repairs most.
 lint: setup

@@ -6,11 +6,16 @@
    job's own rounds/epochs/preset) vs the same model trained centrally on the pooled site data
    for the same epochs (`fedxvit.baselines.train_on_sites`). Reported for the whole simulator
    process (start-up, rounds, cross-site evaluation, shutdown) and for its training phase alone
-   (ScatterAndGather's first to last log line), since start-up is a fixed cost.
-2. Bytes on the wire: a site's `head`-mode train result vs the full global model, both as the
+   (ScatterAndGather's first to last log line), since start-up is a fixed cost. Each round is split
+   (task_times.round_breakdown: dispatch, the slowest site's validation passes and training,
+   aggregation; its overhead is the round's wall time minus that site's training), and so are the
+   fixed costs around the rounds (start-up, cross-site evaluation, shut-down).
+2. Scale: the same job with 3, 6 and 12 sites (-t = sites; sites 4.. reuse sites 1-3's data, every
+   site is waited for), a few rounds: start-up, round time and overhead as the federation grows.
+3. Bytes on the wire: a site's `head`-mode train result vs the full global model, both as the
    Shareables NVFlare serializes with FOBS (`fedxvit.standalone.serialized_size`); and, for `head` and
    the job's policy, the task the server sends a site after its first (fedxvit.downlink) vs its update.
-3. Training throughput: the executor's `train` task vs a bare PyTorch loop over the same model,
+4. Training throughput: the executor's `train` task vs a bare PyTorch loop over the same model,
    data, optimizer and epochs (the task also scores the global and the local model on the
    validation split; the "training only" ratio removes those two timed passes).
 Needs `make data transfer` first. Timings on a shared CPU are noisy: the load average is recorded.
@@ -23,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,12 +37,15 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from task_times import round_breakdown, run_phases, task_times
 
 from fedxvit.baselines import train_on_sites
 from fedxvit.errors import FedXViTError, run_cli
 from fedxvit.jobconfig import JobSettings, read_job_settings
 from fedxvit.paths import project_root
+from fedxvit.simulation import job_copy
 from fedxvit.site_policy import allow_classes
+from fedxvit.sites import site_env_var
 
 SITES = ("site1", "site2", "site3")
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
@@ -57,27 +66,65 @@ def training_phase_seconds(server_log: Path) -> float:
     return _log_time(end) - _log_time(start)
 
 
-def time_simulator(job: Path, data: Path, initial: Path, scratch: Path) -> dict:
-    """Run the reference simulator command on the job; wall seconds, total and training phase."""
+def median_of(rounds: dict, key: str) -> float | None:
+    values = [row[key] for row in rounds.values()]
+    return round(statistics.median(values), 3) if values else None
+
+
+def time_simulator(job: Path, data: Path, initial: Path, scratch: Path, sites=SITES) -> dict:
+    """Run the reference simulator command on the job (-t = the number of sites; a site past site3 reads site1-3's
+    data in turn); wall seconds, total and training phase, each round's breakdown and the fixed costs around the
+    rounds. The steady rounds (1..) give the medians: round 0 also holds the sites' start-up."""
     env = {
         **os.environ,
         "FEDXVIT_DATA_ROOT": str(data.resolve()),
         "FEDXVIT_INITIAL_MODEL": str(initial.resolve()),
         "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}",
     }
-    for site in SITES:
-        env.pop(f"FEDXVIT_DATA_{site.upper()}", None)
+    for number, site in enumerate(sites):
+        env.pop(site_env_var(site), None)
+        if site not in SITES:
+            env[site_env_var(site)] = str((data / SITES[number % len(SITES)]).resolve())
     nvflare = Path(sys.executable).with_name("nvflare")
     env["PATH"] = f"{nvflare.parent}{os.pathsep}{env.get('PATH', '')}"
     workspace = scratch / "workspace"
+    shutil.rmtree(workspace, ignore_errors=True)
     allow_classes(workspace / "local")  # jobs carry no code: the participants allow fedxvit's classes
-    command = [str(nvflare), "simulator", str(job), "-w", str(workspace), "-c", ",".join(SITES), "-gpu", "0", "-t", "3"]
-    started = time.perf_counter()
+    command = [
+        *(str(nvflare), "simulator", str(job), "-w", str(workspace), "-c", ",".join(sites)),
+        *("-gpu", "0", "-t", str(len(sites))),
+    ]
+    launched, started = time.time(), time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise FedXViTError(f"simulator failed (exit {done.returncode}); see {workspace / 'server' / 'log.txt'}")
-    return {"wall_s": wall, "training_phase_s": training_phase_seconds(workspace / "server" / "log.txt")}
+    server_lines = (workspace / "server" / "log.txt").read_text(errors="replace").splitlines()
+    site_lines = [line for site in sites for line in (workspace / site / "log.txt").read_text().splitlines()]
+    rounds = round_breakdown(server_lines, site_lines)
+    steady = {r: row for r, row in rounds.items() if r > 0}
+    return {
+        "sites": len(sites),
+        "wall_s": wall,
+        "training_phase_s": training_phase_seconds(workspace / "server" / "log.txt"),
+        **run_phases(server_lines, launched, launched + wall),
+        "cross_site_s": task_times(server_lines)["cross_site_s"],
+        "round_0_s": rounds.get(0, {}).get("round_s"),
+        "rounds": rounds,
+        "steady_round": {key: median_of(steady, key) for key in next(iter(steady.values()), {})},
+    }
+
+
+def scale(job: Path, data: Path, initial: Path, scratch: Path, counts: list[int], rounds: int) -> list[dict]:
+    """The job with 3, 6, 12... sites, `rounds` rounds, every site waited for (min_clients = sites)."""
+    results = []
+    for count in counts:
+        sites = tuple(f"site{n}" for n in range(1, count + 1))
+        copy = job_copy(job, scratch / f"job-{count}", server={"num_rounds": rounds, "min_clients": count})
+        print(f"scale: {count} sites, {rounds} rounds ...", flush=True)
+        measured = time_simulator(copy, data, initial, scratch / f"sites-{count}", sites)
+        results.append({key: value for key, value in measured.items() if key != "rounds"})
+    return results
 
 
 def time_bare_loop(model, loader, lr: float, epochs: int, device) -> float:
@@ -205,6 +252,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--job", default="jobs/fedxvit", help="the NVFlare job (its config gives rounds, epochs, preset)"
     )
     parser.add_argument("--throughput-epochs", type=int, default=3, help="local epochs of the executor-vs-bare run")
+    parser.add_argument(
+        "--scale-sites", default="3,6,12", help="site counts of the scale runs (comma-separated; empty: none)"
+    )
+    parser.add_argument("--scale-rounds", type=int, default=3, help="rounds of each scale run")
     parser.add_argument("--out", default="bench/federation.json")
     return parser.parse_args(argv)
 
@@ -221,21 +272,28 @@ def main(argv=None) -> dict:
     if not initial.is_file():
         raise FedXViTError(f"{initial}: no initial global model (run `make transfer`)")
     settings = read_job_settings(job)
+    try:
+        counts = [int(n) for n in args.scale_sites.split(",") if n.strip()]
+    except ValueError:
+        raise FedXViTError(f"--scale-sites {args.scale_sites!r}: give site counts like 3,6,12") from None
+    if any(n < 1 for n in counts) or args.scale_rounds < 2:
+        raise FedXViTError("--scale-sites: counts of at least 1; --scale-rounds: at least 2 (round 0 holds start-up)")
     with tempfile.TemporaryDirectory(prefix="fedxvit-bench-") as tmp:
         scratch = Path(tmp)
         print(f"federated: nvflare simulator {job.name} -c {','.join(SITES)} -gpu 0 -t 3 ...", flush=True)
-        federated = time_simulator(job, data, initial, scratch)
+        federated = time_simulator(job, data, initial, scratch / "reference")
+        scaled = scale(job, data, initial, scratch, counts, args.scale_rounds)
         print("centralized: same model, pooled site data, same epochs ...", flush=True)
         central = train_on_sites([data / s for s in SITES], initial, settings)
         print("executor: wire bytes and throughput ...", flush=True)
         measured = executor_measurements(data / SITES[-1], initial, settings, scratch, args.throughput_epochs)
-        shutil.rmtree(scratch / "workspace", ignore_errors=True)
     result = {
         "settings": settings.as_dict(),
         "federated_s": federated,
         "centralized_s": central["wall_s"],
         "federated_over_centralized": federated["wall_s"] / central["wall_s"],
         "federated_training_phase_over_centralized": federated["training_phase_s"] / central["wall_s"],
+        "scale": scaled,
         **measured,
         "machine": {"cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "torch": torch.__version__},
     }
@@ -258,8 +316,25 @@ def main(argv=None) -> dict:
             "≥ 0.90",
         ),
     ]
+    steady = federated["steady_round"]
+    rows += [
+        ("round overhead s (round - slowest site's training)", steady["overhead_s"], "≤ 1"),
+        ("  of which beyond the sites' train tasks, s", steady["beyond_tasks_s"], ""),
+    ]
     for name, value, target in rows:
         print(f"  {name:<52} {value:>10.4g}   target {target}")
+    print(
+        "  steady round (median, s): "
+        + ", ".join(f"{key.removesuffix('_s')} {value:.2f}" for key, value in steady.items())
+        + f"\n  start-up to round 0 {federated['until_first_round_s']:.1f} s, round 0 {federated['round_0_s']:.1f} s, "
+        f"cross-site {federated['cross_site_s']} s, shut-down {federated['shutdown_s']:.1f} s"
+    )
+    for row in scaled:
+        print(
+            f"  {row['sites']:>2} sites: wall {row['wall_s']:.0f} s, to round 0 {row['until_first_round_s']:.1f} s, "
+            f"round 0 {row['round_0_s']:.1f} s, steady round {row['steady_round']['round_s']:.2f} s (overhead "
+            f"{row['steady_round']['overhead_s']:.2f} s), shut-down {row['shutdown_s']:.1f} s"
+        )
     out = root / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

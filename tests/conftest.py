@@ -135,7 +135,7 @@ def plain_fedavg_run(tmp_path_factory) -> dict:
 
 
 class FileUnits(LoadFileScheduling):
-    """`make test`'s scheduler (`pytest -n 2 --dist loadfile`): a test file is one unit of work, so its module
+    """`make test`'s scheduler (`pytest -n 3 --dist loadfile`): a test file is one unit of work, so its module
     fixtures (a simulator run, a federation's data) are built once, on one worker; the files that share
     `plain_fedavg_run` and the POC system (SHARED_RUN_FILES) are one unit together. Units are handed out in
     collection order (--no-loadscope-reorder): pytest_collection_modifyitems puts the longest first."""

@@ -257,10 +257,33 @@ def test_a_simulator_run_over_its_time_limit_leaves_no_process_behind(tmp_path):
     workspace = tmp_path / "workspace"
     with pytest.raises(FedXViTError, match="did not finish within 8 s"):
         run_simulator(tiny_job(tmp_path), workspace, tmp_path / "data", ["site1", "site2"], initial, timeout_s=8)
-    time.sleep(1)
     left = [
         p.info["pid"]
         for p in psutil.process_iter(["pid", "cmdline"])
         if any(str(workspace) in part for part in (p.info["cmdline"] or []))
     ]
     assert left == [] and (workspace / SIMULATOR_LOG).is_file()
+
+
+def test_stopping_a_run_ends_what_it_started_in_sessions_of_their_own():
+    """NVFlare starts each simulator client worker with setsid, out of reach of a signal to the run's process group
+    (how workers outlived a stopped run on a loaded machine): stop_group ends them too."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from fedxvit.simulation import ended, stop_group
+
+    worker = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+    run = subprocess.Popen(
+        [sys.executable, "-c", worker + "start_new_session=True); time.sleep(600)"], start_new_session=True
+    )  # as run_simulator starts the simulator
+    deadline = time.monotonic() + 60
+    while not psutil.Process(run.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (child,) = psutil.Process(run.pid).children()
+    assert os.getsid(child.pid) != os.getsid(run.pid)  # its own session, as NVFlare's workers
+    stop_group(run)
+    assert run.returncode is not None and ended(child)

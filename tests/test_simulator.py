@@ -4,13 +4,14 @@ the server's proxy), read back with MlflowClient, and into TensorBoard event fil
 `plain_fedavg_run`, shared with the HE and POC tests (one worker: conftest.SHARED_RUN_FILES)."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from sent_recorder import read_updates
-from tiny import SITES
+from tiny import REPO, SITES
 
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.datalist import read_dataset_info
@@ -113,6 +114,25 @@ def test_the_design_card_job_improves_the_model_on_validation(plain_fedavg_run):
     assert start in cross_site["site1"], sorted(cross_site["site1"])
     assert pooled(final, "val_loss") < pooled(start, "val_loss") - 0.005  # 0.7006 -> 0.6933 at this commit
     assert pooled(final, "val_accuracy") >= pooled(start, "val_accuracy")
+
+
+def test_each_round_splits_into_the_slowest_sites_parts_and_the_rest(plain_fedavg_run):
+    """`make bench`'s round breakdown (bench/task_times.round_breakdown) on this run's server and site logs: a row
+    per round; the slowest site's timed parts fit in its train task, the task in the round (log stamps: ms)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from task_times import round_breakdown
+
+    workspace = plain_fedavg_run["workspace"]
+    server = (workspace / "server" / "log.txt").read_text().splitlines()
+    sites = [line for site in SITES for line in (workspace / site / "log.txt").read_text().splitlines()]
+    rounds = round_breakdown(server, sites)
+    assert sorted(rounds) == list(range(plain_fedavg_run["rounds"]))
+    for row in rounds.values():
+        parts = row["global_val_s"] + row["training_s"] + row["local_val_s"]
+        assert 0 < row["training_s"] and 0 < row["global_val_s"] and 0 < row["local_val_s"], row
+        assert parts <= row["slowest_task_s"] + 0.002 and row["slowest_task_s"] <= row["round_s"] + 0.002, row
+        assert row["dispatch_s"] >= 0 and row["aggregation_s"] >= 0, row
+        assert row["overhead_s"] == pytest.approx(row["round_s"] - row["training_s"], abs=2e-3)
 
 
 def tb_scalars(folder: Path) -> dict:

@@ -20,6 +20,7 @@ and after training and sends the resulting MAS factor in the result's meta for t
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -435,7 +436,9 @@ class FedXViTExecutor(Executor):
         self._load_weights(weights)
         global_state = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, "?")
+        started = time.perf_counter()
         initial_metrics = self._scores(abort_signal)
+        global_val_s = time.perf_counter() - started
         if initial_metrics is None:
             return self._aborted(fl_ctx, f"while scoring the global model of round {current_round}")
         divergence_before = self._divergence(abort_signal)
@@ -454,6 +457,7 @@ class FedXViTExecutor(Executor):
             optimizer, train_loader = self.privacy.private(optimizer), self.privacy.loader
         self.strategy.start_round(self.model, optimizer, global_controls)
         steps, history = 0, []
+        started = time.perf_counter()
         for epoch in range(self.local_epochs):
             epoch_metrics = train_epoch(
                 self.model,
@@ -472,10 +476,13 @@ class FedXViTExecutor(Executor):
             if isinstance(current_round, int):
                 self._track(site_epoch_metrics(epoch_metrics), current_round * self.local_epochs + epoch)
 
+        training_s = time.perf_counter() - started
         private = {}
         if self.privacy is not None:  # accounted step by step as they ran (an aborted round's steps too)
             private = {"dp_epsilon": self.privacy.spent()}
+        started = time.perf_counter()
         local_metrics = self._scores(abort_signal)
+        local_val_s = time.perf_counter() - started
         if local_metrics is None:
             return self._aborted(fl_ctx, f"while scoring the local model of round {current_round}")
         if local_metrics["val_accuracy"] > self.best_local_accuracy:
@@ -526,7 +533,8 @@ class FedXViTExecutor(Executor):
             f"fedxvit {self.site_name} round {current_round}: global val_acc="
             f"{initial_metrics['val_accuracy']:.4f} val_loss={initial_metrics['val_loss']:.6f} -> "
             f"local val_acc={local_metrics['val_accuracy']:.4f}, "
-            f"train_loss={last['loss']:.4f}, {steps} steps, {len(diff)} tensors sent; "
+            f"train_loss={last['loss']:.4f}, {steps} steps, {len(diff)} tensors sent (seconds: global val "
+            f"{global_val_s:.3f}, training {training_s:.3f}, local val {local_val_s:.3f}); "
             f"{self.strategy.summary()}"
             + (f"; {self.privacy.summary()}" if self.privacy is not None else "")
             + (f"; MAS factor {mas[MAS_FACTOR]:.4f}" if mas else ""),

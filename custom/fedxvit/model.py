@@ -5,6 +5,10 @@ texture the CNN is good at); a 1x1 conv projects it to the ViT width, each cell 
 token, and ViT blocks relate distant regions before a linear head reads the class token.
 Grayscale in by default; pretrained backbone weights only when asked for, because timm's
 `pretrained=True` downloads and hospital machines are usually offline.
+
+timm is imported where a model is built, not with this module: the server reads presets and moves
+state dicts but never builds a model, and each of its processes would otherwise spend about 1.5 s
+of CPU importing timm (and torchvision, and torch._dynamo through it).
 """
 
 from __future__ import annotations
@@ -14,11 +18,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-import timm
 import torch
-from timm.layers import resample_abs_pos_embed, trunc_normal_
-from timm.models import adapt_input_conv
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from fedxvit.errors import FedXViTError
@@ -201,6 +201,8 @@ def _load_local_backbone_weights(backbone: nn.Module, weights_path: str, in_chan
     own = backbone.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if "conv_stem.weight" in state and state["conv_stem.weight"].shape[1] != in_chans:
+        from timm.models import adapt_input_conv
+
         state["conv_stem.weight"] = adapt_input_conv(in_chans, state["conv_stem.weight"])
     missing = [k for k in own if k not in state]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
@@ -221,6 +223,9 @@ class HybridViT(nn.Module):
     """EfficientNetV2 stages to stride 16 -> 1x1 projection -> tokens + [CLS] -> ViT blocks -> head."""
 
     def __init__(self, preset: str | Preset = DEFAULT_PRESET, num_classes: int = 4, pretrained: str | None = None):
+        import timm
+        from timm.models.vision_transformer import Block
+
         super().__init__()
         self.preset = get_preset(preset)
         self.num_classes = int(num_classes)
@@ -266,6 +271,8 @@ class HybridViT(nn.Module):
         self._init_transformer()
 
     def _init_transformer(self) -> None:
+        from timm.layers import trunc_normal_
+
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         for module in [self.proj, *self.blocks.modules(), self.head]:
@@ -276,6 +283,8 @@ class HybridViT(nn.Module):
 
     def reset_head(self, num_classes: int | None = None) -> None:
         """Fresh classifier (transfer surgery): same init as a new model's head."""
+        from timm.layers import trunc_normal_
+
         self.num_classes = int(num_classes or self.num_classes)
         self.head = nn.Linear(self.preset.embed_dim, self.num_classes).to(self.cls_token.device)
         trunc_normal_(self.head.weight, std=0.02)
@@ -301,6 +310,8 @@ class HybridViT(nn.Module):
         """Position embeddings for this token grid; resampled when the input size differs from the preset's."""
         if grid == (self.preset.grid_size, self.preset.grid_size):
             return self.pos_embed
+        from timm.layers import resample_abs_pos_embed
+
         return resample_abs_pos_embed(self.pos_embed, list(grid), num_prefix_tokens=1)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

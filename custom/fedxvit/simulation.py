@@ -237,8 +237,36 @@ def watch(process: subprocess.Popen, workspace: Path, sites: list, deadline: flo
 
 
 def stop_group(process: subprocess.Popen) -> None:
+    """SIGKILL the simulator's process group and every process it started: NVFlare starts each client worker in a
+    session of its own (setsid), which the group signal misses and which would live on, orphaned. The group is
+    frozen first, so that no worker starts between listing the tree and killing it."""
+    import psutil
+
+    try:
+        os.killpg(process.pid, signal.SIGSTOP)
+        tree = psutil.Process(process.pid).children(recursive=True)
+    except (ProcessLookupError, psutil.NoSuchProcess):  # it ended on its own meanwhile
+        tree = []
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
     try:
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:  # it ended on its own meanwhile
+    except ProcessLookupError:
         pass
     process.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(map(ended, tree)):
+        time.sleep(0.1)
+
+
+def ended(proc) -> bool:
+    """Gone, or a zombie its new parent has yet to reap (not every container's init reaps)."""
+    import psutil
+
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
