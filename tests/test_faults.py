@@ -51,7 +51,7 @@ MAX_WEIGHT_RATIO = 1.5  # the bound in the faulty run: the liar weighs at most 1
 LIMITS = {
     "min_clients": len(GOOD) + 2,
     "train_timeout": 300,
-    "wait_time_after_min_received": 20,
+    "wait_time_after_min_received": 10,  # the honest sites answer within about 2 s of each other, round 0 too
     "submit_model_timeout": 6,
     "validation_timeout": 12,
 }
@@ -226,7 +226,7 @@ def test_a_hung_site_cannot_stall_the_job(faulty_run):
 
 
 def test_median_aggregation_outvotes_an_absurd_site_without_screening(federation, reference, start):
-    sites = [*GOOD, "site6"]
+    sites = [*GOOD[:2], "site6"]  # two honest sites of three: the coordinate-wise median is always an honest value
     run_dir = simulate_faulty(federation, "median", sites, {"site6": FAULTS["site6"]}, aggregation="median", norm_k=0)
     rows = rounds_of(run_dir)
     assert all(sorted(r["aggregated_sites"]) == sorted(sites) for r in rows), "screening was off: site6 was aggregated"
