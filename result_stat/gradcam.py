@@ -94,6 +94,34 @@ def _overlay(ax, image: np.ndarray, heatmap: np.ndarray, mask: np.ndarray, title
     ax.axis("off")
 
 
+def overlay_image(image: np.ndarray, heatmap: np.ndarray, mask: np.ndarray, title: str, scale: int = 2):
+    """What `_overlay` draws, as a PIL image built from arrays: the gray image under the heatmap (jet, 40%), the
+    mask's edge in white, the heatmap's peak as a magenta x, the title above. One per case: a matplotlib figure
+    each cost about 0.17 s, most of the report's explanation time for a few hundred cases."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+    from scipy.ndimage import binary_erosion
+
+    gray = np.repeat(np.clip(np.asarray(image, dtype=np.float64), 0, 1)[..., None], 3, axis=2)
+    heat = colormaps["jet"](np.clip(np.asarray(heatmap, dtype=np.float64), 0, 1))[..., :3]
+    rgb = 0.6 * gray + 0.4 * heat
+    mask = np.asarray(mask, dtype=bool)
+    rgb[mask & ~binary_erosion(mask)] = 1.0
+    picture = Image.fromarray((rgb * 255).round().astype(np.uint8)).resize(
+        (rgb.shape[1] * scale, rgb.shape[0] * scale), Image.NEAREST
+    )
+    canvas = Image.new("RGB", (picture.width, picture.height + 14), "white")
+    canvas.paste(picture, (0, 14))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), title, fill="black")
+    if np.asarray(heatmap).max() > 0:
+        row, col = peak_location(heatmap)
+        y, x, arm = row * scale + scale // 2 + 14, col * scale + scale // 2, 3 * scale
+        draw.line((x - arm, y - arm, x + arm, y + arm), fill="magenta", width=2)
+        draw.line((x - arm, y + arm, x + arm, y - arm), fill="magenta", width=2)
+    return canvas
+
+
 def save_panels(site: str, cases: list[dict], out: os.PathLike, columns: int = 5, method: str = "gradcam") -> dict:
     """One overlay PNG per case under <out>/<method>/<site>/ and a contact sheet <out>/<method>_<site>.png."""
     import matplotlib
@@ -105,11 +133,8 @@ def save_panels(site: str, cases: list[dict], out: os.PathLike, columns: int = 5
     folder = out / method / site
     folder.mkdir(parents=True, exist_ok=True)
     for case in cases:
-        fig, ax = plt.subplots(figsize=(2.6, 2.8))
-        _overlay(ax, case["image"][0].numpy(), case["heatmap"], case["mask"], case["title"])
-        fig.tight_layout()
-        fig.savefig(folder / f"{case['name']}.png", dpi=100)
-        plt.close(fig)
+        overlay = overlay_image(case["image"][0].numpy(), case["heatmap"], case["mask"], case["title"])
+        overlay.save(folder / f"{case['name']}.png")
     rows = max(1, -(-len(cases) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.3 * rows), squeeze=False)
     for ax in axes.flat:

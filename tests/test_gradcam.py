@@ -36,6 +36,7 @@ from result_stat.gradcam import (
     baseline_maps,
     choose_cam,
     explain_sites,
+    overlay_image,
     toy_batches,
     toy_controls,
     toy_images,
@@ -282,6 +283,20 @@ def toy_site(tmp_path):
         entries.append(entry)
     write_site(site, {"training": entries, "validation": entries, "testing": entries}, ["Healthy", "Tumor"], {})
     return site
+
+
+def test_a_case_overlay_shows_the_mask_edge_the_peak_and_the_title():
+    image = np.full((16, 16), 0.5)
+    heatmap = np.zeros((16, 16))
+    heatmap[3, 4] = 1.0
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[8:12, 8:12] = True
+    overlay = np.asarray(overlay_image(image, heatmap, mask, "site1-00001  p=0.90  miss", scale=2))
+    assert overlay.shape == (32 + 14, 32, 3)  # the title bar above the image, twice its size
+    picture = overlay[14:]
+    assert (picture[16, 16] == 255).all() and (picture[20, 20] < 255).any()  # the mask's edge, not its inside
+    assert tuple(picture[7, 9]) == (255, 0, 255)  # the x on the heatmap's peak (row 3, col 4)
+    assert (overlay[:14] < 128).all(axis=2).any() and (picture[30, 2] < 255).all()  # title text; gray under jet
 
 
 def test_explain_sites_writes_scores_and_panels(tmp_path, patch_model):
