@@ -40,6 +40,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_tracking_store(tmp_path_factory):
+    """A run that names no MLflow store tracks into this worker's own SQLite file, never into the checkout's
+    mlruns/ (the project's default store) or a server the user's $MLFLOW_TRACKING_URI names. One file per worker:
+    its tests run one at a time, while two runs on two workers creating one store's tables at once fail
+    ("table ... already exists", seen in a fresh clone)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.getbasetemp() / 'mlflow.db'}"
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_site_dir(tmp_path_factory) -> Path:
     """One tiny site (3 + 3 training, 2 + 2 validation, 1 + 1 test images), written once; tests only read it."""
