@@ -77,18 +77,18 @@ def round_breakdown(server_lines: list[str], site_lines: list[str]) -> dict:
         tasks = [(a, b) for a, b in answered if starts[r] <= a <= ends[r]]
         if not tasks or r not in parts:
             continue
-        round_s = ends[r] - starts[r]
+        round_s, slowest_task = ends[r] - starts[r], max(b - a for a, b in tasks)
         slowest = max(parts[r].values(), key=lambda x: x[1])  # the longest local training
         rounds[r] = {
             "round_s": round(round_s, 3),
             "dispatch_s": round(min(a for a, _ in tasks) - starts[r], 3),
-            "slowest_task_s": round(max(b - a for a, b in tasks), 3),
+            "slowest_task_s": round(slowest_task, 3),
             "aggregation_s": round(ends[r] - max(b for _, b in tasks), 3),
             "global_val_s": slowest[0],
             "training_s": slowest[1],
             "local_val_s": slowest[2],
             "overhead_s": round(round_s - slowest[1], 3),
-            "beyond_tasks_s": round(round_s - max(b - a for a, b in tasks), 3),
+            "beyond_tasks_s": round(round_s - slowest_task, 3),
         }
     return rounds
 

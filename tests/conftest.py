@@ -46,13 +46,9 @@ def own_tracking_store(tmp_path_factory):
     mlruns/ (the project's default store) or a server the user's $MLFLOW_TRACKING_URI names. One file per worker:
     its tests run one at a time, while two runs on two workers creating one store's tables at once fail
     ("table ... already exists", seen in a fresh clone)."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.getbasetemp() / 'mlflow.db'}"
-    yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.getbasetemp() / 'mlflow.db'}")
+        yield
 
 
 @pytest.fixture(scope="session")
