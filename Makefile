@@ -59,10 +59,10 @@ doc-figures: setup
 	$(PY) -m result_stat.doc_figures --data $(DATA) --out docs/img
 
 expert: data
-	$(TIMED) $(PY) -m fedxvit.expert --data $(DATA)/public --out models $(EXPERT_ARGS)
+	$(TIMED) $(PY) -m tooling.expert --data $(DATA)/public --out models $(EXPERT_ARGS)
 
 transfer: expert
-	$(TIMED) $(PY) -m fedxvit.transfer --expert models/expert.pt --out models/initial_global.pt
+	$(TIMED) $(PY) -m tooling.transfer --expert models/expert.pt --out models/initial_global.pt
 
 # Which Grad-CAM-style map should the report show? Every candidate through the toy controls, then scored on the
 # validation masks (test for the record) of the run's final model -> $(RESULTS)/gradcam_choice.md.
@@ -77,16 +77,16 @@ evaluate: setup
 	$(PY) -m result_stat.federated_evaluation --data $(DATA) --out $(RESULTS)/evaluation
 
 # NVFlare simulator: 3 hospitals as client processes (-t 3); -gpu 0 is ignored on CPU-only machines. First the
-# job's site options are checked (fedxvit.jobconfig): a bad job variable is one line, not a failed run.
+# job's site options are checked (tooling.jobconfig): a bad job variable is one line, not a failed run.
 # Outputs: workspace/server/simulate_job/ (global_val.json, cross_site_val/, app_server/*.pt).
 simulate: setup
-	$(PY) -m fedxvit.jobconfig jobs/fedxvit
+	$(PY) -m tooling.jobconfig jobs/fedxvit
 	$(PY) -m fedxvit.site_policy workspace/local >/dev/null  # jobs carry no code: these participants allow fedxvit's classes
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(TIMED) $(VENV)/bin/nvflare simulator jobs/fedxvit -w workspace -c site1,site2,site3 -gpu 0 -t 3
 
-# Centralized and local-only models with the run's own settings -> models/baselines/ (fedxvit.baselines).
+# Centralized and local-only models with the run's own settings -> models/baselines/ (tooling.baselines).
 baselines: setup
-	$(TIMED) $(PY) -m fedxvit.baselines
+	$(TIMED) $(PY) -m tooling.baselines
 
 # Test report, baselines' scores, cross-site table, TensorBoard curves, Grad-CAM -> results/ (result_stat.run_all).
 results: baselines
@@ -110,18 +110,18 @@ bench-he: setup
 # Fault drills: make poc POC_ARGS="--kill-server-after-round 1" (or "--min-clients 2 --kill-site site3", or both).
 POC_ARGS ?=
 poc: setup
-	$(PY) -m fedxvit.poc $(POC_ARGS)
+	$(PY) -m tooling.poc $(POC_ARGS)
 
 # FedAvg with homomorphic encryption (jobs/fedxvit_he) in a POC system provisioned for HE: the server
 # aggregates ciphertext only. Decrypt the final model at a site: python -m fedxvit.he decrypt (docs/privacy.md).
 .PHONY: poc-he
 poc-he: setup
-	$(PY) -m fedxvit.poc --job jobs/fedxvit_he --out workspace/poc-he $(POC_ARGS)
+	$(PY) -m tooling.poc --job jobs/fedxvit_he --out workspace/poc-he $(POC_ARGS)
 
 # The algorithm and privacy jobs (jobs/fedxvit_fedprox, _fedopt, _scaffold, _cyclic, _ditto, _percentile_privacy,
-# _svt_privacy, _exclude_vars, _dp_sgd, _he), generated from jobs/fedxvit by fedxvit.jobs.
+# _svt_privacy, _exclude_vars, _dp_sgd, _he), generated from jobs/fedxvit by tooling.jobs.
 jobs: setup
-	$(PY) -m fedxvit.jobs
+	$(PY) -m tooling.jobs
 
 # Three worker processes on two cores: a federation spends much of its time in one process at a time (the server's
 # start-up, the sites' imports, NVFlare's shut-down waits), which leaves a core idle under two workers (471 s vs
@@ -176,7 +176,7 @@ data-longtail: setup
 		$(if $(filter dirichlet,$(LONGTAIL_PARTITION)),--alpha $(LONGTAIL_ALPHA)) --out $(LONGTAIL_DATA) --seed $(SEED)
 
 ssl-prior: data
-	$(PY) -m fedxvit.ssl_prior --data $(DATA)/public --out models/ssl_prior.pt
+	$(PY) -m tooling.pretrain_prior --data $(DATA)/public --out models/ssl_prior.pt
 
 compare-longtail: ssl-prior expert data-longtail
 	$(PY) -m result_stat.compare --scenario-data $(LONGTAIL_DATA) --initial models/expert.pt \

@@ -4,7 +4,7 @@
 
 1. Wall time: the real job in NVFlare's simulator (the reference command, 3 sites, -t 3, the
    job's own rounds/epochs/preset) vs the same model trained centrally on the pooled site data
-   for the same epochs (`fedxvit.baselines.train_on_sites`). Reported for the whole simulator
+   for the same epochs (`tooling.baselines.train_on_sites`). Reported for the whole simulator
    process (start-up, rounds, cross-site evaluation, shutdown) and for its training phase alone
    (ScatterAndGather's first to last log line), since start-up is a fixed cost. Each round is split
    (task_times.round_breakdown: dispatch, the slowest site's validation passes and training,
@@ -13,7 +13,7 @@
 2. Scale: the same job with 3, 6 and 12 sites (-t = sites; sites 4.. reuse sites 1-3's data, every
    site is waited for), a few rounds: start-up, round time and overhead as the federation grows.
 3. Bytes on the wire: a site's `head`-mode train result vs the full global model, both as the
-   Shareables NVFlare serializes with FOBS (`fedxvit.standalone.serialized_size`); and, for `head` and
+   Shareables NVFlare serializes with FOBS (`tooling.standalone.serialized_size`); and, for `head` and
    the job's policy, the task the server sends a site after its first (fedxvit.downlink) vs its update.
 4. Training throughput: the executor's `train` task vs a bare PyTorch loop over the same model,
    data, optimizer and epochs (the task also scores the global and the local model on the
@@ -39,13 +39,13 @@ from pathlib import Path
 import torch
 from task_times import round_breakdown, run_phases, task_times
 
-from fedxvit.baselines import train_on_sites
 from fedxvit.errors import FedXViTError, run_cli
-from fedxvit.jobconfig import JobSettings, read_job_settings
 from fedxvit.paths import project_root
-from fedxvit.simulation import job_copy
 from fedxvit.site_policy import allow_classes
 from fedxvit.sites import site_env_var
+from tooling.baselines import train_on_sites
+from tooling.jobconfig import JobSettings, read_job_settings
+from tooling.simulation import job_copy
 
 SITES = ("site1", "site2", "site3")
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
@@ -157,8 +157,8 @@ def executor_measurements(site_dir: Path, initial: Path, settings: JobSettings, 
     from fedxvit.downlink import TrainableOnlyDownlink
     from fedxvit.executor import FedXViTExecutor, to_numpy_state
     from fedxvit.sites import site_env_var
-    from fedxvit.standalone import make_fl_ctx, serialized_size
     from fedxvit.training import apply_freeze_policy, evaluate
+    from tooling.standalone import make_fl_ctx, serialized_size
 
     os.environ[site_env_var(site_dir.name)] = str(site_dir.resolve())
     threads = torch.get_num_threads()

@@ -66,8 +66,8 @@ def final_model(run_dir: Path, he: bool, poc: Path, preset: str, scratch: Path):
 
 
 def run_one(kind: str, freeze: str, data: Path, initial: Path, scratch: Path, scenario) -> dict:
-    from fedxvit.simulation import job_copy
     from result_stat.comparison.scores import score_sites
+    from tooling.simulation import job_copy
 
     job = job_copy(
         project_root() / JOBS[kind],
@@ -76,7 +76,7 @@ def run_one(kind: str, freeze: str, data: Path, initial: Path, scratch: Path, sc
         client={"freeze_policy": freeze, "preset": scenario.preset},
     )
     out = scratch / "results"
-    command = [sys.executable, "-m", "fedxvit.poc", "--job", str(job), "--workspace", str(scratch / "poc")]
+    command = [sys.executable, "-m", "tooling.poc", "--job", str(job), "--workspace", str(scratch / "poc")]
     command += ["--out", str(out), "--port", str(free_port()), "--timeout", "3600"]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)  # its own process: one POC system per run

@@ -5,7 +5,7 @@
 1. FedAvg: NVFlare's simulator runs a copy of jobs/fedxvit over every site under --data
    (min_clients and -t set to the number of sites, FEDXVIT_DATA_ROOT=--data).
 2. Centralized (all sites' training splits pooled) and local-only (one site each):
-   fedxvit.baselines.train_on_sites with the same job's settings.
+   tooling.baselines.train_on_sites with the same job's settings.
 Every model is scored on the sites' pooled *validation* splits with balanced accuracy (the
 sites' Tumor shares differ wildly, so plain accuracy rewards guessing the majority class). The
 test splits are never read: a benchmark tuned on them would have no unseen data left. Calibrate on
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from fedxvit.errors import FedXViTError, run_cli
-from fedxvit.simulation import job_copy, run_simulator
+from tooling.simulation import job_copy, run_simulator
 
 GAP_FILE = "federated_gap.json"
 CALIBRATION_SPLIT = "validation"
@@ -82,11 +82,11 @@ def federated_gap(
 ) -> dict:
     """Run FedAvg, centralized and every local-only model and score them all (see the module doc)."""
     from data_preparation.calibrate import site_dirs
-    from fedxvit.baselines import train_on_sites
     from fedxvit.checkpoint import build_model_from_checkpoint, load_global_model
-    from fedxvit.jobconfig import read_job_settings
     from fedxvit.model import build_model
     from fedxvit.training import resolve_device
+    from tooling.baselines import train_on_sites
+    from tooling.jobconfig import read_job_settings
 
     dirs = {d.name: d.resolve() for d in site_dirs(data)}
     job = federated_job(job_source, workspace / "job", min_clients=len(dirs), budget=budget)

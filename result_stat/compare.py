@@ -6,7 +6,7 @@ First each method with a tuning grid is tuned on the sites' VALIDATION splits (o
 --quick skip it). Then, for each seed, every federated method (a job folder run in NVFlare's
 simulator over all sites), the centralized baseline (all sites' training splits pooled) and the
 local-only baseline (each hospital alone) start from the same initial model and see every training
-image equally often (baselines: epochs = rounds x local epochs, fedxvit.baselines). Each final model
+image equally often (baselines: epochs = rounds x local epochs, tooling.baselines). Each final model
 is scored on every site's TEST split; nothing is selected or tuned on it. Every row's difference to
 FedAvg gets a paired hierarchical-bootstrap interval, a Holm-adjusted p-value and a verdict.
 Writes compare.json, compare.md, compare_forest.png and compare_curves.png into --out.
@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
-from fedxvit.simulation import CLIENT_CONFIG, SERVER_CONFIG, job_copy, read_job_config
 from result_stat.comparison import plan as planning
 from result_stat.comparison.plan import KNOWN_METHODS, METHOD_JOBS, REFERENCE, TUNING_GRIDS
 from result_stat.comparison.report import aggregate, write_outputs
 from result_stat.comparison.runs import SPLITS, Scenario, check_scenario, run_plan
 from result_stat.comparison.statistics import REPLICATES
 from result_stat.comparison.tuning import choose
+from tooling.simulation import CLIENT_CONFIG, SERVER_CONFIG, job_copy, read_job_config
 
 QUICK_ROUNDS = 2
 
@@ -86,7 +86,7 @@ def compare(
 ) -> dict:
     """Tune (with `tuning`), run or reuse every run of the comparison and aggregate it (see the module doc); the
     report dict. `method_variables`: {method: {"server": {...}, "client": {...}}} fixed by the user (--set)."""
-    from fedxvit.jobconfig import read_job_settings
+    from tooling.jobconfig import read_job_settings
 
     started = time.perf_counter()
     data, initial, workspace = Path(data).resolve(), Path(initial).resolve(), Path(workspace).resolve()

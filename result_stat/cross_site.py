@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
-from fedxvit.jobconfig import default_run_dir, run_sites
+from tooling.jobconfig import default_run_dir, run_sites
 
 CROSS_VAL_FILE = Path("cross_site_val") / "cross_val_results.json"
 SERVER_PREFIX = "SRV_"

@@ -24,7 +24,7 @@ from fedxvit.classes import TASK_CLASSES
 from fedxvit.datalist import SPLITS
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.paths import project_root
-from fedxvit.simulation import job_copy, run_simulator
+from tooling.simulation import job_copy, run_simulator
 
 STATS_JOB = "fedxvit_stats"
 OUTPUT = "statistics/image_statistics.json"  # the job's output_path, under the server's run folder

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.evaluation import REPORT_DIR
-from fedxvit.jobconfig import default_run_dir, run_sites
 from fedxvit.paths import ALLOWED_ROOTS_ENV, project_root
-from fedxvit.simulation import job_copy, run_simulator
 from result_stat.report import GLOBAL_MODELS
+from tooling.jobconfig import default_run_dir, run_sites
+from tooling.simulation import job_copy, run_simulator
 
 EVALUATE_JOB = "fedxvit_evaluate"
 

@@ -451,8 +451,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_run_model(run_dir: os.PathLike | None, which: str = "final", device=None) -> torch.nn.Module:
     """The run's final/best global model, or any fedxvit checkpoint / persistor file given by path."""
     from fedxvit.checkpoint import build_model_from_checkpoint, load_global_model, sidecar_path
-    from fedxvit.jobconfig import default_run_dir, read_job_settings
     from result_stat.report import GLOBAL_MODELS
+    from tooling.jobconfig import default_run_dir, read_job_settings
 
     run_dir = Path(run_dir) if run_dir else default_run_dir()
     if which in GLOBAL_MODELS:
@@ -465,8 +465,8 @@ def load_run_model(run_dir: os.PathLike | None, which: str = "final", device=Non
 
 
 def main(argv=None) -> dict:
-    from fedxvit.jobconfig import default_run_dir, run_sites
     from fedxvit.sites import site_data_dir
+    from tooling.jobconfig import default_run_dir, run_sites
 
     args = parse_args(argv)
     if args.n < 1:

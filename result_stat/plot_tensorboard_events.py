@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
-from fedxvit.jobconfig import DEFAULT_RUN_DIR
 from fedxvit.paths import project_root
-from fedxvit.tracking import SERVER_ROUND_METRICS, SITE_ROUND_METRICS
+from fedxvit.protocol import SERVER_ROUND_METRICS, SITE_ROUND_METRICS
+from tooling.jobconfig import DEFAULT_RUN_DIR
 
 DEFAULT_EVENTS = DEFAULT_RUN_DIR / "tb_events"
 GLOBAL_TAGS = SERVER_ROUND_METRICS  # the metric names have one home: fedxvit.tracking

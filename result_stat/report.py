@@ -6,7 +6,7 @@ Scores the final and the best global model (NVFlare's PTFileModelPersistor files
 <run dir>/app_server/) on every site's test split and on all of them pooled: accuracy, loss,
 scikit-learn per-class report, confusion matrix (PNG), ROC-AUC. Then scores, on the same
 pooled test set, the transplanted start (models/initial_global.pt) and the baselines that
-`make baselines` (fedxvit.baselines) trained with the run's own settings: a centralized model
+`make baselines` (tooling.baselines) trained with the run's own settings: a centralized model
 on the pooled site training data and one local-only model per site. Nothing is trained here.
 A Ditto run adds its sites' personalized models (each on its own test split); a FedSM run
 (jobs/fedxvit_fedsm) adds its super-model: the selector routes each image to a
@@ -24,13 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedxvit.baselines import DEFAULT_OUT as DEFAULT_BASELINES
-from fedxvit.baselines import read_baselines
 from fedxvit.checkpoint import build_model_from_checkpoint, load_global_model
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
-from fedxvit.jobconfig import DEFAULT_RUN_DIR, default_run_dir, read_job_settings, run_sites
 from fedxvit.model import build_model
 from fedxvit.paths import project_root
 from fedxvit.sites import site_data_dir
@@ -42,6 +39,9 @@ from result_stat.metrics import (
     save_confusion_png,
     save_roc_png,
 )
+from tooling.baselines import DEFAULT_OUT as DEFAULT_BASELINES
+from tooling.baselines import read_baselines
+from tooling.jobconfig import DEFAULT_RUN_DIR, default_run_dir, read_job_settings, run_sites
 
 GLOBAL_MODELS = {"final": "FL_global_model.pt", "best": "best_FL_global_model.pt"}
 COMBINED = "combined"

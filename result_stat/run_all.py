@@ -117,9 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from fedxvit.jobconfig import config_dir, default_run_dir
     from fedxvit.sites import site_data_dir
     from result_stat import cross_site, gradcam, plot_tensorboard_events, report
+    from tooling.jobconfig import config_dir, default_run_dir
 
     args = parse_args(argv)
     started = time.perf_counter()

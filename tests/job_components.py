@@ -4,16 +4,14 @@ it runs in a bare environment (a hospital's install) as well as under pytest.
     python tests/job_components.py client jobs/*/app/config/config_fed_client.json
     python tests/job_components.py server jobs/*/app/config/config_fed_server.json
 
-Prints one JSON line: the class paths imported, where fedxvit came from, and which modules a side
-must never load (the server never imports the client-only code). Exit 1 with the first failure.
+Prints one JSON line: the class paths imported, where fedxvit came from, and which modules of the other side it
+loaded (fedxvit/__init__.py's roles: the server never imports a site module, a site never a server module, nor
+MONAI on the server). Exit 1 with the first failure.
 """
 
 import importlib
 import json
 import sys
-
-# modules only a hospital's client runs: the executor, its data loading and training loop
-CLIENT_ONLY = ("fedxvit.executor", "fedxvit.data", "fedxvit.training", "fedxvit.sites", "monai")
 
 
 def component_paths(config: dict) -> list[str]:
@@ -36,13 +34,16 @@ def import_components(side: str, config_files: list[str]) -> dict:
         getattr(importlib.import_module(module), name)
     import fedxvit
 
-    loaded_client_only = [m for m in CLIENT_ONLY if m in sys.modules]
-    return {"side": side, "imported": paths, "fedxvit": fedxvit.__file__, "client_only_loaded": loaded_client_only}
+    other = [f"fedxvit.{m}" for m in (fedxvit.SITE_MODULES if side == "server" else fedxvit.SERVER_MODULES)]
+    if side == "server":
+        other.append("monai")
+    loaded = [m for m in other if m in sys.modules]
+    return {"side": side, "imported": paths, "fedxvit": fedxvit.__file__, "other_side_loaded": loaded}
 
 
 if __name__ == "__main__":
     side, files = sys.argv[1], sys.argv[2:]
     result = import_components(side, files)
     print(json.dumps(result))
-    if side == "server" and result["client_only_loaded"]:
-        sys.exit(f"the server imported client-only modules: {result['client_only_loaded']}")
+    if result["other_side_loaded"]:
+        sys.exit(f"the {side} side imported the other side's modules: {result['other_side_loaded']}")

@@ -18,7 +18,7 @@ from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from fedxvit.standalone import serialized_size
+from tooling.standalone import serialized_size
 
 SENT_FILE = "sent.jsonl"
 ANALYTICS_EVENT = "analytix_log_stats"

@@ -11,8 +11,6 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedxvit.aggregation import (
     AGGREGATION_REPORT,
-    MAS_FACTOR,
-    MAS_PRIOR,
     ScreenedAssembler,
     bound_weights,
     clamp_mas_factors,
@@ -23,7 +21,7 @@ from fedxvit.aggregation import (
     update_norm,
 )
 from fedxvit.errors import FedXViTError
-from fedxvit.tracking import server_round_metrics
+from fedxvit.protocol import MAS_FACTOR, MAS_PRIOR, server_round_metrics
 from fedxvit.widgets import NO_RESULT, format_round, round_participation, weighted_global_metrics
 
 
@@ -241,8 +239,8 @@ def test_a_mas_factor_out_of_range_is_clamped_then_bounded():
 def test_scaffold_and_fedsm_assemblers_bound_the_steps_too():
     from nvflare.app_common.app_constant import AlgorithmConstants
 
-    from fedxvit.fedsm import PERSONALIZED, SELECTOR, FedSMAssembler
-    from fedxvit.server_algorithms import ScaffoldScreenedAssembler
+    from fedxvit.fedsm import PERSONALIZED, SELECTOR
+    from fedxvit.server_algorithms import FedSMAssembler, ScaffoldScreenedAssembler
 
     def collection(value: float, steps: int, second: str, second_data: dict):
         data = {

@@ -16,23 +16,37 @@ import torch
 from tiny import REPO, SITES, simulate, site_apps_job, tiny_job, tiny_sites_and_initial_model
 
 from fedxvit.algorithms import PERSONALIZED_MODEL
-from fedxvit.jobs import ALGORITHM_JOBS, BASE_JOB, CLIENT, SERVER, differences, render_jobs
+from fedxvit.methods import BASE_JOB, JOBS, METHODS
 from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SITE_TAG
+from result_stat.comparison import plan
+from tooling.jobs import ALGORITHM_CHANGES, ALGORITHM_JOBS, CLIENT, PRIVACY_CHANGES, SERVER, differences, render_jobs
 
-JOBS = REPO / "jobs"
+JOBS_DIR = REPO / "jobs"
 
 
 def test_committed_algorithm_jobs_are_what_the_generator_writes():
-    assert differences(JOBS) == [], "run `make jobs` (python -m fedxvit.jobs) and commit jobs/"
-    assert all(not str(path).startswith(f"{BASE_JOB}/") for path in render_jobs(JOBS)), "jobs/fedxvit is never written"
+    assert differences(JOBS_DIR) == [], "run `make jobs` (python -m tooling.jobs) and commit jobs/"
+    assert all(not str(path).startswith(f"{BASE_JOB}/") for path in render_jobs(JOBS_DIR)), (
+        "jobs/fedxvit is never written"
+    )
+
+
+def test_the_registry_defines_the_generated_jobs_and_their_sites_strategy():
+    assert set(ALGORITHM_CHANGES) | set(PRIVACY_CHANGES) == set(JOBS) - {BASE_JOB}, "a change for every registry job"
+    for path, text in render_jobs(JOBS_DIR).items():
+        if path.name == Path(CLIENT).name:
+            executor = json.loads(text)["executors"][0]["executor"]["args"]
+            assert executor["algorithm"] == JOBS[path.parts[0]].site_strategy, path
+    assert {m.job for m in METHODS.values()} <= set(JOBS)
+    assert list(plan.METHOD_JOBS) == [name for name, m in METHODS.items() if m.comparison == "federated"]
 
 
 def test_a_common_setting_changed_once_reaches_every_algorithm_job(tmp_path):
     jobs = tmp_path / "jobs"
     (jobs / BASE_JOB).mkdir(parents=True)
-    for source in (JOBS / BASE_JOB).rglob("*"):
+    for source in (JOBS_DIR / BASE_JOB).rglob("*"):
         if source.is_file():
-            target = jobs / BASE_JOB / source.relative_to(JOBS / BASE_JOB)
+            target = jobs / BASE_JOB / source.relative_to(JOBS_DIR / BASE_JOB)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(source.read_text())
     for name, value in ((SERVER, 7), (CLIENT, 2)):  # num_rounds on the server, local_epochs at the sites
@@ -72,10 +86,10 @@ def federation(tmp_path_factory):
 def simulate_job(root: Path, initial: Path, job_name: str):
     sites, executor_path, faults = EXPECTED[job_name]
     if job_name in JOBS_BY_RUN:
-        job = tiny_job(root / job_name, JOBS / job_name)
+        job = tiny_job(root / job_name, JOBS_DIR / job_name)
     else:
-        first = JOBS / next(iter(SHARED_SERVER_JOBS.values()))
-        apps = {site: JOBS / name for site, name in SHARED_SERVER_JOBS.items()}
+        first = JOBS_DIR / next(iter(SHARED_SERVER_JOBS.values()))
+        apps = {site: JOBS_DIR / name for site, name in SHARED_SERVER_JOBS.items()}
         job = site_apps_job(root / job_name / "job", first, apps)
     if executor_path:
         client_config = job / "app" / "config" / "config_fed_client.json"

@@ -40,12 +40,14 @@ from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
 from fedxvit.errors import FedXViTError
 from fedxvit.executor import FedXViTExecutor, to_numpy_state
-from fedxvit.filters import REJECT_REASON_HEADER, RejectBadUpdates
+from fedxvit.filters import RejectBadUpdates
+from fedxvit.methods import SITE_STRATEGIES
 from fedxvit.model import build_model
+from fedxvit.protocol import REJECT_REASON_HEADER
 from fedxvit.server_algorithms import ScaffoldScreenedAssembler, ServerModelSync
 from fedxvit.sites import site_env_var
-from fedxvit.standalone import make_fl_ctx
 from fedxvit.training import apply_freeze_policy, make_optimizer, train_epoch
+from tooling.standalone import make_fl_ctx
 
 CPU = torch.device("cpu")
 
@@ -110,11 +112,17 @@ def test_fedprox_term_covers_the_trainable_tensors_only():
     assert float(strategy.extra_loss().detach()) == pytest.approx(0.5 / 2 * (1.0 + 4.0))
 
 
+def test_every_site_strategy_the_registry_names_is_built_and_each_is_its_own():
+    built = {strategy: type(make_strategy(strategy)) for strategy in SITE_STRATEGIES}
+    assert len(set(built.values())) == len(SITE_STRATEGIES) and set(SITE_STRATEGIES) >= {"fedavg", "fedprox"}
+
+
 def test_unknown_algorithm_or_negative_mu_is_one_line_naming_the_option():
     with pytest.raises(
-        FedXViTError, match=r"algorithm='fedsgd' is unknown; choose one of fedavg, fedprox, scaffold, ditto"
-    ):
+        FedXViTError, match=r"algorithm='fedsgd' is unknown; choose one of the sites' strategies \(fedavg: fedxvit, "
+    ) as error:
         make_strategy("fedsgd")
+    assert "fedxvit_fedopt" in str(error.value) and "fedprox: fedxvit_fedprox;" in str(error.value)
     with pytest.raises(FedXViTError, match=r"mu=-1"):
         make_strategy("fedprox", mu=-1)
     with pytest.raises(FedXViTError, match=r"ditto_lambda=-0.5"):

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from fedxvit import baselines
-from fedxvit.baselines import read_baselines, train_baselines, train_on_sites
 from fedxvit.checkpoint import load_checkpoint
 from fedxvit.errors import FedXViTError
-from fedxvit.jobconfig import read_job_settings
 from fedxvit.model import build_model
 from fedxvit.training import apply_freeze_policy
+from tooling import baselines
+from tooling.baselines import read_baselines, train_baselines, train_on_sites
+from tooling.jobconfig import read_job_settings
 
 
 @pytest.fixture

@@ -7,14 +7,15 @@ import pytest
 import torch
 from tiny import free_port, tiny_job, write_initial_model, write_tiny_config
 
-from fedxvit import expert as expert_cli
-from fedxvit import he, run_record, transfer
+from fedxvit import he, run_record
 from fedxvit.checkpoint import save_checkpoint
 from fedxvit.errors import FedXViTError
 from fedxvit.executor import FedXViTExecutor
-from fedxvit.jobconfig import check_site_options
 from fedxvit.model import build_model
-from fedxvit.simulation import failure_reason
+from tooling import expert as expert_cli
+from tooling import transfer
+from tooling.jobconfig import check_site_options
+from tooling.simulation import failure_reason
 
 
 @pytest.mark.parametrize(
@@ -67,7 +68,7 @@ def test_transfer_replaces_its_own_output_but_not_a_file_it_did_not_write(tmp_pa
         transfer.main(["--expert", str(tmp_path / "expert.pt"), "--out", str(out)])
     foreign = write_initial_model(tmp_path / "someone_elses.pt")  # a checkpoint without a transfer record
     before = foreign.read_bytes()
-    with pytest.raises(FedXViTError, match="was not written by fedxvit.transfer"):
+    with pytest.raises(FedXViTError, match="was not written by tooling.transfer"):
         transfer.main(["--expert", str(tmp_path / "expert.pt"), "--out", str(foreign)])
     assert foreign.read_bytes() == before
     transfer.main(["--expert", str(tmp_path / "expert.pt"), "--out", str(foreign), "--force"])

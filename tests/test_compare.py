@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from tiny import REPO, tiny_job, write_initial_model, write_tiny_site
 
-from fedxvit.baselines import train_on_sites
 from fedxvit.checkpoint import save_checkpoint
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.errors import FedXViTError
-from fedxvit.jobconfig import JobSettings
 from result_stat import compare
 from result_stat.comparison import plan, runs, scores
 from result_stat.comparison import report as comparison
+from tooling.baselines import train_on_sites
+from tooling.jobconfig import JobSettings
 
 # site a: labels 0,0,0,1 -> predictions 0,0,1,1; site b holds Tumor images only and misses one of two
 SITE_A = {"labels": [0, 0, 0, 1], "probs": [[0.9, 0.1], [0.6, 0.4], [0.4, 0.6], [0.45, 0.55]]}
@@ -224,7 +224,7 @@ def test_bad_input_is_one_line_naming_the_option(two_sites, tmp_path, capsys):
 
 def trained_start(tmp: Path) -> Path:
     """A tiny initial model that already tells the classes apart (fine-tuned on a public tiny site by
-    fedxvit.baselines), so that its scores are not the chance level every untrained model shares."""
+    tooling.baselines), so that its scores are not the chance level every untrained model shares."""
     public = write_tiny_site(tmp / "public", train_per_class=16, seed=99)
     settings = JobSettings(
         preset="tiny",
@@ -333,7 +333,7 @@ def test_quick_comparison_writes_the_report_and_reuses_every_run(two_sites, tmp_
         raise AssertionError("a finished run was run again")
 
     monkeypatch.setattr(runs, "run_simulator", must_not_run)
-    monkeypatch.setattr("fedxvit.baselines.train_on_sites", must_not_run)
+    monkeypatch.setattr("tooling.baselines.train_on_sites", must_not_run)
     again = compare.main(args)
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert len(progress) == 5 and all(": reused" in line for line in progress)
@@ -525,7 +525,7 @@ def test_the_eta_counts_each_kind_of_run_at_its_own_pace():
 
 def test_every_tuning_grid_names_its_jobs_variables_and_starts_at_their_defaults():
     """A grid that named a variable its job lacks would fail only hours into `make compare`."""
-    from fedxvit.simulation import CLIENT_CONFIG, SERVER_CONFIG, read_job_config
+    from tooling.simulation import CLIENT_CONFIG, SERVER_CONFIG, read_job_config
 
     for name, grid in plan.TUNING_GRIDS.items():
         job = REPO / plan.KNOWN_METHODS[name]

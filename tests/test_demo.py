@@ -67,7 +67,7 @@ def test_make_demo_is_a_chain_of_timed_phases_then_the_summary(tmp_path):
     stamp = tmp_path / "installed"
     plan = dry_run("demo", stamp)
     # before the simulator: the job's site options checked and the workspace's class allow list written (a second)
-    checks = ["py -m fedxvit.jobconfig jobs/fedxvit", "py -m fedxvit.site_policy workspace/local"]
+    checks = ["py -m tooling.jobconfig jobs/fedxvit", "py -m fedxvit.site_policy workspace/local"]
     at = next(i for i, line in enumerate(plan) if "--phase simulate" in line)
     assert [line.split(" >")[0] for line in plan[at - 2 : at]] == checks, plan
     plan = plan[: at - 2] + plan[at:]
@@ -77,7 +77,7 @@ def test_make_demo_is_a_chain_of_timed_phases_then_the_summary(tmp_path):
     assert plan[-1] == "py -m result_stat.summary --results results --print"
     alone = "\n".join(dry_run("simulate", stamp))
     assert "timed.py" not in alone and "nvflare simulator jobs/fedxvit" in alone, "a phase run alone is not timed"
-    assert dry_run("results", stamp) == ["py -m fedxvit.baselines", "py -m result_stat.run_all --out results"], (
+    assert dry_run("results", stamp) == ["py -m tooling.baselines", "py -m result_stat.run_all --out results"], (
         "results needs baselines"
     )
 

@@ -19,12 +19,13 @@ from nvflare.app_common.decomposers import common_decomposers
 from nvflare.fuel.utils import fobs
 
 from fedxvit.classes import TASK_CLASSES
-from fedxvit.downlink import DOWNLINK_FILE, FROZEN_META, HELD_PROP, TrainableOnlyDownlink, fingerprint
+from fedxvit.downlink import DOWNLINK_FILE, TrainableOnlyDownlink
 from fedxvit.executor import FedXViTExecutor, to_numpy_state
 from fedxvit.model import build_model
+from fedxvit.protocol import FROZEN_META, HELD_PROP, fingerprint
 from fedxvit.sites import site_env_var
-from fedxvit.standalone import make_fl_ctx
 from fedxvit.training import apply_freeze_policy
+from tooling.standalone import make_fl_ctx
 
 flare_decomposers.register()
 common_decomposers.register()

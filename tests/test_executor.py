@@ -25,8 +25,8 @@ from fedxvit.executor import (
 )
 from fedxvit.model import build_model
 from fedxvit.sites import DATA_ROOT_ENV, SITE_CONFIG_FILE, site_data_dir, site_env_var
-from fedxvit.standalone import make_fl_ctx, serialized_size
 from fedxvit.training import apply_freeze_policy
+from tooling.standalone import make_fl_ctx, serialized_size
 
 
 @pytest.fixture(autouse=True)

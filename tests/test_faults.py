@@ -251,7 +251,7 @@ def test_a_simulator_run_over_its_time_limit_leaves_no_process_behind(tmp_path):
     from tiny import tiny_sites_and_initial_model
 
     from fedxvit.errors import FedXViTError
-    from fedxvit.simulation import SIMULATOR_LOG, run_simulator
+    from tooling.simulation import SIMULATOR_LOG, run_simulator
 
     initial = tiny_sites_and_initial_model(tmp_path)
     workspace = tmp_path / "workspace"
@@ -274,7 +274,7 @@ def test_stopping_a_run_ends_what_it_started_in_sessions_of_their_own():
 
     import psutil
 
-    from fedxvit.simulation import ended, stop_group
+    from tooling.simulation import ended, stop_group
 
     worker = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
     run = subprocess.Popen(

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from tiny import REPO, write_tiny_site
 
-from fedxvit.simulation import run_simulator
 from fedxvit.site_stats import site_values
 from result_stat.data_stats import GLOBAL, OUTPUT, markdown, write_report
+from tooling.simulation import run_simulator
 
 JOB = REPO / "jobs" / "fedxvit_stats"
 OPEN, CLEANSED = ("site1", "site2"), "site3"

@@ -13,9 +13,11 @@ from tiny import opposite_model, write_initial_model, write_tiny_site
 
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
-from fedxvit.evaluation import SCORE_BINS, auc_from_histograms, bootstrap_confusions, consortium_report
+from fedxvit.evaluation import auc_from_histograms, consortium_report
 from fedxvit.explain import REPORT_METHODS
 from fedxvit.model import build_model
+from fedxvit.protocol import SCORE_BINS
+from fedxvit.site_scores import bootstrap_confusions
 from fedxvit.training import evaluate
 from result_stat.federated_evaluation import run_evaluation
 from result_stat.gradcam import explain_sites

@@ -32,7 +32,7 @@ def test_job_copy_changes_only_min_clients(tmp_path):
 
 
 def test_a_budget_sets_the_rounds_and_local_epochs_of_the_copy_and_of_the_baselines(tmp_path):
-    from fedxvit.jobconfig import read_job_settings
+    from tooling.jobconfig import read_job_settings
 
     job = federated_gap.federated_job(
         REPO / "jobs" / "fedxvit", tmp_path / "job", min_clients=6, budget={"rounds": 3, "local_epochs": 4}

@@ -22,22 +22,24 @@ from fedxvit.fedsm import (
     MODELS_FILE,
     PERSONALIZED,
     SELECTOR,
-    FedSMAssembler,
-    FedSMSiteModels,
     adam_moments,
     build_selector,
     load_adam_moments,
-    personalized_after_round,
     route,
-    selector_after_round,
-    softpull,
-    softpull_weights,
     trainable_arrays,
 )
 from fedxvit.fedsm import (
     SITES as SITES_META,
 )
 from fedxvit.model import build_model
+from fedxvit.server_algorithms import (
+    FedSMAssembler,
+    FedSMSiteModels,
+    personalized_after_round,
+    selector_after_round,
+    softpull,
+    softpull_weights,
+)
 from fedxvit.training import make_optimizer
 from result_stat.comparison.runs import Scenario, fedsm_super_model
 

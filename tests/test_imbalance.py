@@ -126,7 +126,7 @@ def test_mas_weighting_needs_a_mean():
 
 
 def test_contrastive_loss_rewards_matching_views():
-    from fedxvit.ssl_prior import contrastive_loss
+    from tooling.pretrain_prior import contrastive_loss
 
     torch.manual_seed(0)
     z = torch.randn(16, 8)
@@ -136,7 +136,7 @@ def test_contrastive_loss_rewards_matching_views():
 @pytest.fixture(scope="module")
 def tiny_prior(tmp_path_factory):
     """A prior pretrained for one epoch on a tiny 4-class folder (labels unused), through the CLI."""
-    from fedxvit.ssl_prior import main
+    from tooling.pretrain_prior import main
 
     tmp = tmp_path_factory.mktemp("prior")
     public = write_tiny_site(tmp / "public", train_per_class=4, class_names=EXPERT_CLASSES)
@@ -147,7 +147,8 @@ def tiny_prior(tmp_path_factory):
 
 def test_prior_is_frozen_cached_and_named_by_its_hash(tiny_prior, capsys):
     from fedxvit.datalist import file_hash
-    from fedxvit.ssl_prior import load_prior, main
+    from fedxvit.ssl_prior import load_prior
+    from tooling.pretrain_prior import main
 
     path, meta = tiny_prior
     encoder, sha = load_prior(path)
@@ -217,11 +218,11 @@ def test_longtail_options_are_checked():
 def test_fedmas_job_weighs_sites_by_mas_factors_and_its_expert_transfers(tmp_path, tiny_prior, monkeypatch):
     from fedxvit.checkpoint import load_global_model, read_meta
     from fedxvit.datalist import file_hash
-    from fedxvit.expert import main as expert_cli
-    from fedxvit.simulation import GLOBAL_MODEL, SIMULATOR_LOG
-    from fedxvit.transfer import main as transfer
     from result_stat.compare import main as compare_main
     from result_stat.plot_tensorboard_events import read_scalars
+    from tooling.expert import main as expert_cli
+    from tooling.simulation import GLOBAL_MODEL, SIMULATOR_LOG
+    from tooling.transfer import main as transfer
 
     prior, meta = tiny_prior
     mixes = ([12, 6, 3, 3], [6, 12, 3, 3], [12, 3, 6, 3])  # long-tailed, and each hospital's tail differs

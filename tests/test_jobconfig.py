@@ -10,8 +10,8 @@ from tiny import JOB, write_tiny_config
 
 from fedxvit.errors import FedXViTError
 from fedxvit.executor import FedXViTExecutor
-from fedxvit.jobconfig import JobSettings, read_job_settings, run_sites
 from fedxvit.model import DEFAULT_PRESET, PRESETS, RECIPES, get_recipe
+from tooling.jobconfig import JobSettings, read_job_settings, run_sites
 
 
 def test_a_job_folder_its_app_its_config_and_a_run_folder_read_the_same(tmp_path):
@@ -90,7 +90,7 @@ def test_the_shipped_job_and_the_executor_defaults_equal_the_cpu_recipe():
 
 
 def test_the_expert_cli_takes_its_defaults_from_the_chosen_presets_recipe():
-    from fedxvit.expert import parse_args
+    from tooling.expert import parse_args
 
     for preset in PRESETS:
         args, recipe = parse_args(["--preset", preset]), get_recipe(preset).expert

@@ -6,7 +6,7 @@ import torch
 
 from fedxvit.errors import FedXViTError
 from fedxvit.model import PRESETS, build_model, get_preset
-from fedxvit.transfer import transplant
+from tooling.transfer import transplant
 
 
 @pytest.mark.parametrize("preset", ["tiny", "cpu"])

@@ -1,7 +1,7 @@
 """The hospital's package: `pip wheel` builds fedxvit alone, and an empty venv holding that wheel plus
 only the distributions its metadata declares (resolved transitively, taken from this environment
 instead of downloaded again) imports every component the job names -- the client with the plain
-install, the server with the `server` extra, and the server never loading client-only code.
+install, the server with the `server` extra, and neither side loading the other side's modules.
 
 .ci/run does the same with a real `pip install` from the index once per CI run.
 """
@@ -21,7 +21,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from tiny import REPO
 
-from fedxvit.jobs import HE_JOB
+import fedxvit
+from fedxvit.methods import HE_JOB
 
 pytestmark = pytest.mark.slow
 
@@ -163,14 +164,17 @@ def test_the_wheel_alone_makes_a_client_and_with_its_server_extra_a_server(tmp_p
     wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         tops = {name.split("/")[0] for name in archive.namelist()}
+        modules = {Path(name).stem for name in archive.namelist() if name.startswith("fedxvit/")}
     assert tops == {"fedxvit", next(t for t in tops if t.endswith(".dist-info"))}, f"only fedxvit ships: {tops}"
+    runtime = {"__init__", *fedxvit.SHARED_MODULES, *fedxvit.SITE_MODULES, *fedxvit.SERVER_MODULES}
+    assert modules == runtime, f"the hospital's wheel holds the runtime modules only: {sorted(modules ^ runtime)}"
     declared = {canonicalize_name(r.name) for r in wheel_requirements(wheel) if not r.marker}
     assert {"nvflare", "torch", "timm", "monai", "numpy", "pillow"} <= declared
     assert not declared & {"mlflow", "scipy", "psutil", "matplotlib"}, "tooling stays out of a hospital's install"
 
     client_python = venv_with(wheel, set(), tmp_path / "client")
     client = import_side(client_python, "client", tmp_path, skip={HE_JOB})  # HE needs the `he` extra (TenSEAL)
-    assert "fedxvit.executor.FedXViTExecutor" in client["imported"]
+    assert "fedxvit.executor.FedXViTExecutor" in client["imported"] and client["other_side_loaded"] == []
     assert client["fedxvit"].startswith(str(tmp_path / "client")), "the installed wheel, not the checkout"
     undeclared = subprocess.run(
         [str(client_python), "-I", "-c", "import mlflow"], capture_output=True, text=True, env=CLEAN_ENV
@@ -182,7 +186,7 @@ def test_the_wheel_alone_makes_a_client_and_with_its_server_extra_a_server(tmp_p
 
     server_python = venv_with(wheel, {"server", "he"}, tmp_path / "server")
     server = import_side(server_python, "server", tmp_path)
-    assert "fedxvit.receivers.FederatedMLflowTracking" in server["imported"] and server["client_only_loaded"] == []
+    assert "fedxvit.receivers.FederatedMLflowTracking" in server["imported"] and server["other_side_loaded"] == []
     assert "fedxvit.he.HEPartialUpdateAggregator" in server["imported"]
     check = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(server_python), "check"],

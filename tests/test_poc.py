@@ -24,7 +24,8 @@ from fedxvit.checkpoint import encrypted_tensors
 from fedxvit.errors import FedXViTError
 from fedxvit.filters import UPDATE_SIZES_FILE
 from fedxvit.he import decrypt_main
-from fedxvit.poc import (
+from fedxvit.site_policy import write_privacy
+from tooling.poc import (
     MARKER,
     RESUME_MODEL_FILE,
     PocSystem,
@@ -37,7 +38,6 @@ from fedxvit.poc import (
     uses_he,
     validate,
 )
-from fedxvit.site_policy import write_privacy
 
 JOB_TIMEOUT_S = 400
 # Cross-site evaluation waits out these timeouts for a dead site; tiny models submit and score in a second or two
@@ -162,7 +162,7 @@ def test_a_hospital_then_the_server_die_and_the_training_resumes_in_the_sites_pr
     )
     killed_job, resumed_job = drill["job_id"], drill["resumed_job_id"]
     assert drill["killed_site_processes"] > 0 and drill["killed_processes"] >= 1
-    # NVFlare 2.9.0 writes no run snapshots and brings no job back after a server restart (see fedxvit.poc)
+    # NVFlare 2.9.0 writes no run snapshots and brings no job back after a server restart (see tooling.poc)
     assert not drill["nvflare_restored"] and drill["snapshot_files"] == 0, drill
     assert resumed_job != killed_job and drill["status"] == "FINISHED:COMPLETED", drill
 

@@ -16,12 +16,12 @@ from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
 from fedxvit.errors import FedXViTError
 from fedxvit.executor import FedXViTExecutor, to_numpy_state
-from fedxvit.filters import REJECT_REASON_HEADER
 from fedxvit.model import build_model
 from fedxvit.privacy import SitePrivacy
+from fedxvit.protocol import REJECT_REASON_HEADER
 from fedxvit.sites import site_env_var
-from fedxvit.standalone import make_fl_ctx
 from fedxvit.training import apply_freeze_policy, make_optimizer, train_epoch
+from tooling.standalone import make_fl_ctx
 
 CPU = torch.device("cpu")
 

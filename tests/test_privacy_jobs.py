@@ -17,10 +17,10 @@ from sent_recorder import add_recorder, read_sent
 from tiny import REPO, simulate, site_apps_job, tiny_sites_and_initial_model
 
 from fedxvit.executor import train_result, trainable_weight_diff
-from fedxvit.jobs import CLIENT, PRIVACY_JOBS
 from fedxvit.model import build_model
 from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SITE_TAG
 from fedxvit.training import apply_freeze_policy
+from tooling.jobs import CLIENT, PRIVACY_JOBS
 
 STEPS = 4  # local steps of the update; the filters clip per step
 

@@ -61,8 +61,8 @@ def site_data(tiny_run, monkeypatch):
 @pytest.fixture(scope="module")
 def baselines_dir(tiny_run, tmp_path_factory):
     """What `make baselines` writes for the tiny run (trained once for this module)."""
-    from fedxvit.baselines import train_baselines
-    from fedxvit.jobconfig import read_job_settings
+    from tooling.baselines import train_baselines
+    from tooling.jobconfig import read_job_settings
 
     out = tmp_path_factory.mktemp("baselines")
     train_baselines(

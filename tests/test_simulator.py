@@ -16,13 +16,8 @@ from tiny import REPO, SITES
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.datalist import read_dataset_info
 from fedxvit.model import build_model
-from fedxvit.tracking import (
-    FEDERATED_EXPERIMENT,
-    ROLE_TAG,
-    SERVER_ROUND_METRICS,
-    SITE_ROUND_METRICS,
-    SITE_TAG,
-)
+from fedxvit.protocol import SERVER_ROUND_METRICS, SITE_ROUND_METRICS
+from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SITE_TAG
 from fedxvit.training import apply_freeze_policy
 
 pytestmark = pytest.mark.slow

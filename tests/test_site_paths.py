@@ -20,7 +20,7 @@ from fedxvit.executor import FedXViTExecutor, to_numpy_state
 from fedxvit.model import build_model
 from fedxvit.paths import ALLOWED_ROOTS_ENV, job_path
 from fedxvit.sites import site_env_var
-from fedxvit.standalone import make_fl_ctx
+from tooling.standalone import make_fl_ctx
 
 
 @pytest.fixture

@@ -16,9 +16,8 @@ from tiny import REPO
 
 from fedxvit.errors import FedXViTError
 from fedxvit.executor import FedXViTExecutor, to_numpy_state, train_result
-from fedxvit.filters import REJECT_REASON_HEADER
-from fedxvit.jobs import GENERATED_JOBS, render_jobs
 from fedxvit.model import build_model
+from fedxvit.protocol import REJECT_REASON_HEADER
 from fedxvit.site_policy import (
     JOB_CLASSES,
     MAY_LEAVE_ENV,
@@ -30,7 +29,8 @@ from fedxvit.site_policy import (
     write_privacy,
 )
 from fedxvit.sites import SITE_CONFIG_FILE, site_env_var
-from fedxvit.standalone import make_fl_ctx
+from tooling.jobs import GENERATED_JOBS, render_jobs
+from tooling.standalone import make_fl_ctx
 
 SCORES = {"val_accuracy": 0.75, "val_loss": 0.5, "val_count": 8}
 

@@ -8,7 +8,7 @@ import pytest
 from tiny import REPO
 
 from fedxvit.errors import FedXViTError
-from fedxvit.simulation import SERVER_CONFIG, TASK_LIMITS, job_copy, unbounded_tasks
+from tooling.simulation import SERVER_CONFIG, TASK_LIMITS, job_copy, unbounded_tasks
 
 JOBS = sorted(path for path in (REPO / "jobs").iterdir() if (path / SERVER_CONFIG).is_file())
 
@@ -75,7 +75,7 @@ def test_task_times_reads_rounds_cross_site_and_tasks_from_a_server_log():
 def test_a_run_whose_site_lost_its_port_at_start_up_is_started_again_then_given_up(tmp_path, monkeypatch, capsys):
     """NVFlare's simulator frees a worker's port before the worker binds it; a run that lost a site that way is
     run again (a dead site would otherwise leave the run without it, or stall it until its task limits)."""
-    from fedxvit import simulation
+    from tooling import simulation
 
     workspace = tmp_path / "workspace"
     attempts = []

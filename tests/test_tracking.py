@@ -16,7 +16,7 @@ from nvflare.apis.utils.analytix_utils import create_analytic_dxo
 from nvflare.apis.workspace import Workspace
 from tiny import free_port, write_tiny_run
 
-from fedxvit import run_record, tracking
+from fedxvit import protocol, run_record, tracking
 from fedxvit.errors import FedXViTError
 from fedxvit.receivers import FederatedMLflowTracking
 
@@ -184,20 +184,20 @@ def test_the_post_run_step_names_what_it_cannot_use(tmp_path):
 def test_metric_names_have_one_home():
     """The executor's and the server widget's metric dicts carry exactly the declared names."""
     row = {"global_val_accuracy": 0.9, "global_val_loss": 0.3, "num_sites": 3, "val_count": 12}
-    assert tracking.server_round_metrics(row) == {
+    assert protocol.server_round_metrics(row) == {
         "global_val_accuracy": 0.9,
         "global_val_loss": 0.3,
         "clients_per_round": 3,
     }
     train = {"train_loss": 0.5, "train_accuracy": 0.8, "local_val_accuracy": 0.7, "local_val_loss": 0.6, "steps": 4}
-    site = tracking.site_round_metrics({"val_accuracy": 0.75, "val_loss": 0.65, "val_count": 4}, train)
-    assert tuple(site) == tracking.SITE_ROUND_METRICS
+    site = protocol.site_round_metrics({"val_accuracy": 0.75, "val_loss": 0.65, "val_count": 4}, train)
+    assert tuple(site) == protocol.SITE_ROUND_METRICS
     assert (site["global_model_val_accuracy"], site["train_loss"]) == (0.75, 0.5)
-    assert tracking.site_epoch_metrics({"loss": 0.4, "accuracy": 0.9}) == {
+    assert protocol.site_epoch_metrics({"loss": 0.4, "accuracy": 0.9}) == {
         "epoch_train_loss": 0.4,
         "epoch_train_accuracy": 0.9,
     }
-    assert tuple(tracking.site_epoch_metrics({"loss": 0, "accuracy": 0})) == tracking.SITE_EPOCH_METRICS
+    assert tuple(protocol.site_epoch_metrics({"loss": 0, "accuracy": 0})) == protocol.SITE_EPOCH_METRICS
 
 
 # ---- the widget around NVFlare's real MLflowReceiver, in process
@@ -364,7 +364,7 @@ def test_a_job_tracked_through_nvflares_receiver_and_recorded_once(tmp_path, no_
 
 def test_a_restarted_or_continued_job_goes_on_in_its_runs(tmp_path, no_tracking_env):
     """A server that starts the same job again (same job id), or a continuation job told `continue_job`
-    (fedxvit.poc after a server crash), writes into the job's runs; no new ones appear. Each round's
+    (tooling.poc after a server crash), writes into the job's runs; no new ones appear. Each round's
     site metrics are written when the round ends, so a server killed between rounds loses none."""
     from mlflow import MlflowClient
     from nvflare.app_common.app_event_type import AppEventType

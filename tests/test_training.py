@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-from fedxvit import expert, transfer
 from fedxvit.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from fedxvit.classes import EXPERT_CLASSES, TASK_CLASSES
 from fedxvit.data import make_loader
@@ -24,6 +23,7 @@ from fedxvit.training import (
     train_epoch,
     weight_diff,
 )
+from tooling import expert, transfer
 
 CPU = torch.device("cpu")
 

@@ -18,7 +18,7 @@ from fedxvit.classes import TASK_CLASSES
 from fedxvit.datalist import write_site
 from fedxvit.errors import FedXViTError
 from fedxvit.model import build_model
-from fedxvit.simulation import CLIENT_CONFIG, SERVER_CONFIG, SIMULATOR_LOG, run_simulator
+from tooling.simulation import CLIENT_CONFIG, SERVER_CONFIG, SIMULATOR_LOG, run_simulator
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -116,7 +116,7 @@ def site_apps_job(job: Path, server_job: Path, site_jobs: dict) -> Path:
 
 
 def simulate(job: Path, workspace: Path, data_root: Path, initial: Path, sites=SITES, store: str | None = None):
-    """The job in NVFlare's real simulator (fedxvit.simulation, as `make compare` runs it) with this
+    """The job in NVFlare's real simulator (tooling.simulation, as `make compare` runs it) with this
     folder importable by the sites (test executors such as FaultyExecutor); (server run folder, log)."""
     extra = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     if store:

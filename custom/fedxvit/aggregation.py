@@ -44,6 +44,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedxvit.errors import FedXViTError
 from fedxvit.imbalance import mas_weights
+from fedxvit.protocol import MAS_FACTOR, MAS_PRIOR
 
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
 WEIGHTINGS = ("steps", "mas")
@@ -51,7 +52,6 @@ WEIGHTINGS = ("steps", "mas")
 # "weights": {site: share of the mean}}
 AGGREGATION_REPORT = "fedxvit.aggregation_report"
 MAS_FACTOR_RANGE = (0.0, 1.0)  # a dot product of two distributions over the classes (fedxvit.imbalance.mas_factor)
-MAS_FACTOR, MAS_PRIOR = "mas_factor", "mas_prior_sha256"  # what fedxvit.executor puts in a train result's meta
 
 
 def _as_float_array(value) -> np.ndarray:

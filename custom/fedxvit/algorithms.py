@@ -48,9 +48,9 @@ from fedxvit.fedsm import (
     subtracted,
     trainable_arrays,
 )
+from fedxvit.methods import SITE_STRATEGIES, jobs_running
 from fedxvit.training import evaluate, make_optimizer, train_epoch
 
-ALGORITHMS = ("fedavg", "fedprox", "scaffold", "ditto", "fedsm")
 PERSONALIZED_MODEL = "best_personalized_model.pt"  # PTDittoHelper's file in the site's app folder
 
 
@@ -444,18 +444,18 @@ class FedSMSite(FedAvg):
 def make_strategy(
     algorithm: str = "fedavg", mu: float = 0.01, ditto_lambda: float = 0.1, personal_epochs: int = 1
 ) -> FedAvg:
-    """The strategy for the executor's `algorithm` job option."""
-    if algorithm == "fedavg":
-        return FedAvg()
-    if algorithm == "fedprox":
-        return FedProx(mu)
-    if algorithm == "scaffold":
-        return Scaffold()
-    if algorithm == "ditto":
-        return Ditto(ditto_lambda, personal_epochs)
-    if algorithm == "fedsm":
-        return FedSMSite(personal_epochs)
-    raise FedXViTError(
-        f"job option algorithm='{algorithm}' is unknown; choose one of {', '.join(ALGORITHMS)} "
-        f"(FedOpt and cyclic sites run 'fedavg')"
-    )
+    """The strategy for the executor's `algorithm` job option: one of the registry's site strategies
+    (fedxvit.methods)."""
+    strategies = {
+        "fedavg": FedAvg,
+        "fedprox": lambda: FedProx(mu),
+        "scaffold": Scaffold,
+        "ditto": lambda: Ditto(ditto_lambda, personal_epochs),
+        "fedsm": lambda: FedSMSite(personal_epochs),
+    }
+    if algorithm not in SITE_STRATEGIES:
+        uses = "; ".join(f"{s}: {', '.join(jobs_running(s))}" for s in SITE_STRATEGIES)
+        raise FedXViTError(
+            f"job option algorithm='{algorithm}' is unknown; choose one of the sites' strategies ({uses})"
+        )
+    return strategies[algorithm]()

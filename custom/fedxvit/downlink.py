@@ -1,10 +1,10 @@
 """Only the trainable tensors go down to a site that already holds the frozen ones.
 
 A site sends back only the tensors it trains (`last-k`: the last ViT blocks, the norm and the head), yet the
-server's workflows send it the whole model with every task. Both halves of a small protocol live here, on
-NVFlare's public parts:
+server's workflows send it the whole model with every task. This is the server's half of a small protocol on
+NVFlare's public parts (the names both halves use are in fedxvit.protocol):
 
-- The site (`FrozenTensors`, in the executor) keeps the frozen tensors of the last whole model it received and
+- The site (fedxvit.frozen_tensors, in the executor) keeps the frozen tensors of the last whole model it received and
   publishes, as a public sticky FLContext property (HELD_PROP), the names it trains and a fingerprint of what it
   keeps. NVFlare sends a site's public properties with every task request.
 - The server's task-data filter (`TrainableOnlyDownlink`) reads that property from the requesting site's peer
@@ -21,7 +21,6 @@ global model, its checkpoints and cross-site evaluation are untouched: only what
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from pathlib import Path
@@ -34,29 +33,9 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_copy
 from nvflare.app_common.app_constant import AppConstants
 
-from fedxvit.errors import FedXViTError
+from fedxvit.protocol import FROZEN_META, HELD_PROP, fingerprint, in_clear, model_part
 
-HELD_PROP = "fedxvit.frozen_tensors_held"  # the site's public sticky property: {"trainable": [...], "fingerprint"}
-FROZEN_META = "fedxvit_frozen_fingerprint"  # on a model DXO that left out the frozen tensors the site holds
 DOWNLINK_FILE = "downlink_sizes.json"  # in the server's run folder: what each task carried to each site
-
-
-def fingerprint(tensors: dict) -> str:
-    """A digest of tensors by name, dtype, shape and bytes (equal models, equal fingerprints)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(np.asarray(tensors[name]))
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.data)
-    return digest.hexdigest()
-
-
-def model_part(dxo: DXO) -> DXO | None:
-    """The WEIGHTS DXO a task carries: the DXO itself, or the model part of a COLLECTION (SCAFFOLD's weights and
-    control variates, FedSM's models); None when there is none."""
-    if dxo.data_kind == DataKind.COLLECTION:
-        dxo = (dxo.data or {}).get(AppConstants.MODEL_WEIGHTS)
-    return dxo if isinstance(dxo, DXO) and dxo.data_kind == DataKind.WEIGHTS and dxo.data else None
 
 
 def append_run_record(fl_ctx: FLContext, file_name: str, key: str, row: dict, lock: threading.Lock) -> None:
@@ -66,10 +45,6 @@ def append_run_record(fl_ctx: FLContext, file_name: str, key: str, row: dict, lo
         path = run_dir / file_name
         rows = json.loads(path.read_text())[key] if path.is_file() else []
         path.write_text(json.dumps({key: [*rows, row]}, indent=1) + "\n")
-
-
-def _in_clear(weights: dict) -> bool:
-    return all(isinstance(value, np.ndarray) for value in weights.values())
 
 
 def _nbytes(weights: dict) -> int:
@@ -99,7 +74,7 @@ class TrainableOnlyDownlink(Filter):
         held = peer.get_prop(HELD_PROP) if peer else None
         site = peer.get_identity_name(default="?") if peer else "?"
         out, kept = shareable, {}
-        if isinstance(held, dict) and _in_clear(weights.data):
+        if isinstance(held, dict) and in_clear(weights.data):
             trainable = set(held.get("trainable") or ())
             frozen = {name: value for name, value in weights.data.items() if name not in trainable}
             if frozen and self._fingerprint(weights.data, frozen) == held.get("fingerprint"):
@@ -142,49 +117,3 @@ class TrainableOnlyDownlink(Filter):
             append_run_record(fl_ctx, DOWNLINK_FILE, "tasks", row, self._lock)
         except (AttributeError, OSError, ValueError, KeyError) as exc:  # a record must never stop the job
             self.log_error(fl_ctx, f"fedxvit: downlink size not recorded: {exc}")
-
-
-class FrozenTensors:
-    """A site's half: the frozen tensors of the last whole model it received (never trained, never sent), so that
-    the server may leave them out of the next tasks."""
-
-    def __init__(self, site: str, trainable):
-        self.site = site
-        self.trainable = sorted(trainable)
-        self.arrays: dict = {}
-        self.fingerprint: str | None = None
-
-    def receive(self, shareable: Shareable, fl_ctx: FLContext) -> None:
-        """Complete the task's model in place, or keep the frozen tensors of a whole one; FedXViTError (one line)
-        when the server left out tensors this site does not hold."""
-        try:
-            weights = model_part(from_shareable(shareable))
-        except ValueError:
-            return
-        if weights is None:
-            return
-        expected = (weights.meta or {}).get(FROZEN_META)
-        if expected is None:
-            self._keep(weights.data, fl_ctx)
-            return
-        if expected != self.fingerprint:
-            held = self.fingerprint
-            self.forget(fl_ctx)
-            raise FedXViTError(
-                f"site {self.site}: the server left out the frozen tensors {expected[:12]}, but this site holds "
-                f"{held[:12] if held else 'none'}: task refused; the next task brings the whole model"
-            )
-        weights.data.update({name: value for name, value in self.arrays.items() if name not in weights.data})
-
-    def _keep(self, weights: dict, fl_ctx: FLContext) -> None:
-        trainable = set(self.trainable)
-        frozen = {name: value for name, value in weights.items() if name not in trainable}
-        if not frozen or not _in_clear(frozen):
-            return
-        self.arrays, self.fingerprint = frozen, fingerprint(frozen)
-        held = {"trainable": self.trainable, "fingerprint": self.fingerprint}
-        fl_ctx.set_prop(HELD_PROP, held, private=False, sticky=True)
-
-    def forget(self, fl_ctx: FLContext) -> None:
-        self.arrays, self.fingerprint = {}, None
-        fl_ctx.set_prop(HELD_PROP, None, private=False, sticky=True)

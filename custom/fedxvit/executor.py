@@ -34,22 +34,28 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AlgorithmConstants, AppConstants
 
-from fedxvit.aggregation import MAS_FACTOR, MAS_PRIOR
 from fedxvit.algorithms import RoundAborted, SiteTraining, make_strategy
 from fedxvit.checkpoint import load_checkpoint, save_checkpoint
 from fedxvit.classes import TASK_CLASSES, task_classes
 from fedxvit.data import make_loader
 from fedxvit.datalist import load_split, read_dataset_info
-from fedxvit.downlink import FrozenTensors
 from fedxvit.errors import FedXViTError
-from fedxvit.evaluation import REPLICATES_HEADER, SEED_HEADER, bootstrap_confusions, site_aggregates
-from fedxvit.filters import REJECT_REASON_HEADER
+from fedxvit.frozen_tensors import FrozenTensors
 from fedxvit.imbalance import balanced_softmax_shift, check_loss, class_counts, mas_factor, measure_divergence
 from fedxvit.model import DEFAULT_PRESET, build_model, get_recipe
 from fedxvit.paths import job_path
+from fedxvit.protocol import (
+    MAS_FACTOR,
+    MAS_PRIOR,
+    REJECT_REASON_HEADER,
+    REPLICATES_HEADER,
+    SEED_HEADER,
+    site_epoch_metrics,
+    site_round_metrics,
+)
 from fedxvit.site_policy import allowed_metrics, job_default, site_may_leave
+from fedxvit.site_scores import bootstrap_confusions, site_aggregates
 from fedxvit.sites import site_data_dir
-from fedxvit.tracking import site_epoch_metrics, site_round_metrics
 from fedxvit.training import (
     FREEZE_POLICIES,
     apply_freeze_policy,

@@ -29,9 +29,9 @@ from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
 from fedxvit.downlink import append_run_record
+from fedxvit.protocol import REJECT_REASON_HEADER, result_dxo
 
 CHECKED_KINDS = (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS)
-REJECT_REASON_HEADER = "fedxvit_reject_reason"  # on the error reply, for the round's log and tracking
 ON_BAD_RESULT = ("error", "empty_update")
 
 
@@ -82,16 +82,6 @@ def find_bad_update(dxo: DXO, reference: dict | None = None) -> str | None:
         if problem is not None:
             return label + problem
     return None
-
-
-def result_dxo(shareable: Shareable) -> DXO | None:
-    """The DXO of a successful result; None for an error reply or a result that carries no DXO (not a filter's)."""
-    if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-        return None
-    try:
-        return from_shareable(shareable)
-    except ValueError:
-        return None
 
 
 class RejectBadUpdates(Filter):

@@ -12,7 +12,7 @@ widget builds one, unchanged, and adds what the job needs around it through publ
   receiver does not take: it keeps runs for clients only. The run ids go to
   <run dir>/mlflow_runs.json, where fedxvit.run_record and the result scripts find them;
 - a job that starts again under the same id (a restarted server), or a job told to continue
-  another one (`continue_job`: fedxvit.poc's continuation after a server crash), continues that
+  another one (`continue_job`: tooling.poc's continuation after a server crash), continues that
   job's runs instead of opening new ones;
 - the sites' buffered metrics are written at the end of every round, so a server that dies
   between rounds loses none of the finished rounds;

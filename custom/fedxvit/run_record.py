@@ -23,7 +23,7 @@ from pathlib import Path
 
 from nvflare.app_common.app_constant import DefaultCheckpointFileName
 
-from fedxvit import tracking
+from fedxvit import protocol, tracking
 from fedxvit.checkpoint import load_global_model
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
@@ -119,7 +119,7 @@ def last_round_metrics(run_dir: Path) -> dict:
     if not rows:
         return {}
     last = max(rows, key=lambda row: row["round"])
-    return {f"last_round.{name}": value for name, value in tracking.server_round_metrics(last).items()}
+    return {f"last_round.{name}": value for name, value in protocol.server_round_metrics(last).items()}
 
 
 def cross_site_scores(run_dir: Path, model_file: str) -> dict:

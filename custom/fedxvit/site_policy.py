@@ -38,7 +38,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 
 from fedxvit.errors import ArgumentParser, FedXViTError, read_json, run_cli
-from fedxvit.filters import REJECT_REASON_HEADER, result_dxo
+from fedxvit.protocol import REJECT_REASON_HEADER, result_dxo
 from fedxvit.sites import SITE_CONFIG_FILE
 
 CATEGORIES = ("training_metrics", "evaluation", "counts")

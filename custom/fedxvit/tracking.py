@@ -45,28 +45,6 @@ DEFAULT_TIMEOUT_S = 30.0
 SITE_TAG, ROLE_TAG, JOB_TAG = "site", "role", "job_id"  # MLflow run tags: which site, "site" or "server", which job
 FEDERATED_EXPERIMENT = "fedxvit-federated"
 
-# What the federated job tracks (step = round number), the one place these names are spelled:
-# tracked name -> (where the value comes from, its key there). Result scripts and tests read the tuples.
-_SITE_ROUND = {
-    "train_loss": ("train", "train_loss"),
-    "train_accuracy": ("train", "train_accuracy"),
-    "local_val_accuracy": ("train", "local_val_accuracy"),
-    "local_val_loss": ("train", "local_val_loss"),
-    "global_model_val_accuracy": ("global", "val_accuracy"),
-    "global_model_val_loss": ("global", "val_loss"),
-}
-_SITE_EPOCH = {"epoch_train_loss": "loss", "epoch_train_accuracy": "accuracy"}  # step = round x local_epochs + epoch
-_SERVER_ROUND = {
-    "global_val_accuracy": "global_val_accuracy",
-    "global_val_loss": "global_val_loss",
-    "clients_per_round": "num_sites",
-}
-SITE_ROUND_METRICS = tuple(_SITE_ROUND)
-SITE_EPOCH_METRICS = tuple(_SITE_EPOCH)
-SERVER_ROUND_METRICS = tuple(_SERVER_ROUND)
-AGGREGATED_METRIC_PREFIX = "aggregated."  # server metric aggregated.<site>: 1 = in the round's model, 0 = dropped
-WEIGHT_METRIC_PREFIX = "aggregation_weight."  # server metric aggregation_weight.<site>: its share of the mean
-
 
 # ---- where runs go
 def local_store() -> tuple[str, str]:
@@ -287,30 +265,3 @@ def mlflow_run(
                 {k: (v if v is None or isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
             )
         yield mlflow
-
-
-# ---- what the federated job tracks
-def site_round_metrics(global_scores: dict, train_metrics: dict) -> dict:
-    """A site's metrics for one round: its score of the received global model, its training and local validation."""
-    sources = {"train": train_metrics, "global": global_scores}
-    return {name: sources[source][key] for name, (source, key) in _SITE_ROUND.items()}
-
-
-def site_epoch_metrics(epoch_metrics: dict) -> dict:
-    """A site's training loss/accuracy of one local epoch (fedxvit.training.train_epoch's result)."""
-    return {name: epoch_metrics[key] for name, key in _SITE_EPOCH.items()}
-
-
-def server_round_metrics(row: dict) -> dict:
-    """The server's metrics for one round from a GlobalValidationTracker row; `aggregated.<site>` is 1
-    when that site's update went into the round's model, 0 when it was dropped; `aggregation_weight.<site>`
-    its share of the round's mean (steps or MAS weights)."""
-    taking_part = {
-        **{site: 0.0 for site in row.get("dropped_sites", {})},
-        **{site: 1.0 for site in row.get("aggregated_sites", [])},
-    }
-    return {
-        **{name: row[key] for name, key in _SERVER_ROUND.items()},
-        **{f"{AGGREGATED_METRIC_PREFIX}{site}": flag for site, flag in sorted(taking_part.items())},
-        **{f"{WEIGHT_METRIC_PREFIX}{site}": float(w) for site, w in sorted(row.get("aggregation_weights", {}).items())},
-    }

@@ -35,8 +35,7 @@ from nvflare.widgets.widget import Widget
 
 from fedxvit.aggregation import AGGREGATION_REPORT
 from fedxvit.errors import FedXViTError
-from fedxvit.filters import REJECT_REASON_HEADER
-from fedxvit.tracking import server_round_metrics
+from fedxvit.protocol import REJECT_REASON_HEADER, server_round_metrics
 
 GLOBAL_VAL_FILE = "global_val.json"
 
@@ -98,7 +97,7 @@ class GlobalValidationTracker(Widget):
         train_task_name: str = AppConstants.TASK_TRAIN,
     ):
         """earlier_rounds: rows of rounds a killed run already finished, for a job that resumes it
-        (fedxvit.poc's server-crash drill); they are kept in the table but not sent again."""
+        (tooling.poc's server-crash drill); they are kept in the table but not sent again."""
         super().__init__()
         if Path(file_name).name != file_name or file_name in ("", ".", ".."):  # a job must not pick where it writes
             raise FedXViTError(f"job option file_name={file_name!r}: a file name in the run folder, not a path")

@@ -10,34 +10,15 @@ from pathlib import Path
 from typing import Callable
 
 from fedxvit.errors import FedXViTError
-from fedxvit.simulation import CLIENT_CONFIG, SERVER_CONFIG, read_job_config
+from fedxvit.methods import DP_EPSILONS, METHODS, compared
+from tooling.simulation import CLIENT_CONFIG, SERVER_CONFIG, read_job_config
 
-METHOD_JOBS = {  # method -> job folder; a personalized method joins by adding its job here (or --methods name=folder)
-    "fedavg": "jobs/fedxvit",
-    "fedprox": "jobs/fedxvit_fedprox",
-    "fedopt": "jobs/fedxvit_fedopt",
-    "scaffold": "jobs/fedxvit_scaffold",
-    "cyclic": "jobs/fedxvit_cyclic",
-    "ditto": "jobs/fedxvit_ditto",  # also scored as "ditto (personalized)": each site's own model
-    "fedsm": "jobs/fedxvit_fedsm",  # also scored as "fedsm (personalized)": the selector-routed super-model
-}
-DP_EPSILONS = (1, 3, 8)
-PRIVACY_METHOD_JOBS = {  # FedAvg behind one of NVFlare's privacy filters (make compare-privacy; docs/privacy.md)
-    "percentile": "jobs/fedxvit_percentile_privacy",
-    "svt": "jobs/fedxvit_svt_privacy",
-    "exclude": "jobs/fedxvit_exclude_vars",
-    **{f"dp-sgd-eps{eps}": "jobs/fedxvit_dp_sgd" for eps in DP_EPSILONS},
-}
-LONGTAIL_METHOD_JOBS = {  # long-tailed 4-class scenario (make compare-longtail; docs/imbalance.md)
-    "fedavg-bsm": "jobs/fedxvit",  # FedAvg, the sites training with Balanced Softmax
-    "fedmas": "jobs/fedxvit_fedmas",  # Balanced Softmax + MAS aggregation weights
-}
+METHOD_JOBS = compared("federated")  # method -> job folder (or --methods name=folder); fedxvit.methods lists them
+PRIVACY_METHOD_JOBS = compared("privacy")  # FedAvg behind a privacy filter or DP-SGD (make compare-privacy)
+LONGTAIL_METHOD_JOBS = compared("longtail")  # long-tailed 4-class scenario (make compare-longtail)
 KNOWN_METHODS = {**METHOD_JOBS, **PRIVACY_METHOD_JOBS, **LONGTAIL_METHOD_JOBS}
 # client variables a known method sets on its job copy: one job, several settings (DP-SGD's budget per run)
-METHOD_CLIENT_VARIABLES = {
-    **{f"dp-sgd-eps{eps}": {"dp_epsilon": float(eps)} for eps in DP_EPSILONS},
-    "fedavg-bsm": {"loss": "bsm"},
-}
+METHOD_CLIENT_VARIABLES = {name: m.client_variables for name, m in METHODS.items() if m.client_variables}
 REFERENCE, CENTRALIZED, LOCAL_ONLY, START = "fedavg", "centralized", "local-only", "start"
 
 
@@ -246,7 +227,7 @@ def tuning_plan(name, job, scenario, budget, seed, chosen, tracking_uri, timeout
 
 def evaluation_plan(scenario, methods: dict, seeds: list, budget, chosen, settings, tracking_uri, timeout_s) -> list:
     """The start, then per seed every method (with its chosen variables), the centralized baseline and one
-    local-only baseline per site (fedxvit.baselines with the reference's settings and that seed)."""
+    local-only baseline per site (tooling.baselines with the reference's settings and that seed)."""
     from dataclasses import replace
 
     from result_stat.comparison.runs import baseline_run, start_run

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fedxvit.errors import FedXViTError
-from fedxvit.simulation import GLOBAL_MODEL, job_copy, run_simulator
 from result_stat.comparison.scores import PRIMARY_METRIC, score_sites
+from tooling.simulation import GLOBAL_MODEL, job_copy, run_simulator
 
 DONE_FILE = "result.json"
 HELDOUT = "heldout"  # a scenario's held-out hospital (data_preparation.benchmark): scored, never trained on
@@ -263,8 +263,8 @@ def federated_run(
 
 
 def baseline_run(scenario: Scenario, settings, sites: list):
-    """compute() of a centralized (all sites) or local-only (one site) model: fedxvit.baselines.train_on_sites."""
-    from fedxvit.baselines import train_on_sites
+    """compute() of a centralized (all sites) or local-only (one site) model: tooling.baselines.train_on_sites."""
+    from tooling.baselines import train_on_sites
 
     def compute(folder: Path) -> dict:
         trained = train_on_sites(

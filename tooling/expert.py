@@ -1,7 +1,7 @@
 """Phase 1: train the 4-class expert centrally on the public set and report its test accuracy.
 
-    python -m fedxvit.expert --data data/public --out models [--preset cpu] [--epochs N] [--force]
-    python -m fedxvit.expert --untrained models/untrained_expert.pt   (the start of a federated Phase 1)
+    python -m tooling.expert --data data/public --out models [--preset cpu] [--epochs N] [--force]
+    python -m tooling.expert --untrained models/untrained_expert.pt   (the start of a federated Phase 1)
 
 Keeps the best-validation checkpoint as <out>/expert.pt (+ .json sidecar), writes TensorBoard
 events to <out>/tb/expert, logs to MLflow (local store unless MLFLOW_TRACKING_URI says otherwise)
@@ -41,7 +41,7 @@ EXPERIMENT = "fedxvit-expert"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog="python -m fedxvit.expert",
+        prog="python -m tooling.expert",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

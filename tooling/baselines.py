@@ -1,12 +1,12 @@
 """The non-federated baselines federation is judged against: centralized and local-only training.
 
-    python -m fedxvit.baselines [--run-dir workspace/server/simulate_job] [--out models/baselines] [--force]
+    python -m tooling.baselines [--run-dir workspace/server/simulate_job] [--out models/baselines] [--force]
 
 "Is federation worth it?" is only a fair question when the alternatives start from the same
 transplanted initial global model, train the same tensors (freeze policy) with the same
 optimizer, batch size and learning rate, and see every image as often as the federated job
 does (epochs = rounds x local epochs). So this reuses the executor's pieces (`fedxvit.training`)
-and reads those settings from the config the run really used (`fedxvit.jobconfig`). Pooled
+and reads those settings from the config the run really used (`tooling.jobconfig`). Pooled
 site folders = a centralized model; one folder = that site alone.
 
 Its own step (`make baselines`), so result scripts only score what it wrote: one checkpoint per
@@ -29,9 +29,9 @@ from fedxvit.classes import TASK_CLASSES
 from fedxvit.data import make_loader
 from fedxvit.datalist import read_dataset_info
 from fedxvit.errors import ArgumentParser, FedXViTError, read_json, run_cli
-from fedxvit.jobconfig import JobSettings, default_run_dir, read_job_settings, run_sites
 from fedxvit.paths import project_root
 from fedxvit.training import apply_freeze_policy, make_optimizer, resolve_device, seed_everything, train_epoch
+from tooling.jobconfig import JobSettings, default_run_dir, read_job_settings, run_sites
 
 DEFAULT_OUT = Path("models") / "baselines"
 BASELINES_FILE = "baselines.json"
@@ -108,7 +108,7 @@ def fingerprint(settings: JobSettings, site_dirs: dict, initial: Path) -> dict:
 def read_baselines(out: os.PathLike) -> dict:
     """baselines.json of `make baselines`, or one line naming the command that writes it."""
     path = Path(out) / BASELINES_FILE
-    return read_json(path, f"no baselines at {path}: run `make baselines` (python -m fedxvit.baselines) first")
+    return read_json(path, f"no baselines at {path}: run `make baselines` (python -m tooling.baselines) first")
 
 
 def train_baselines(
@@ -171,7 +171,7 @@ def train_baselines(
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog="python -m fedxvit.baselines",
+        prog="python -m tooling.baselines",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

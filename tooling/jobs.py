@@ -1,16 +1,17 @@
 """One source for every algorithm's job: jobs/fedxvit plus a small per-algorithm change.
 
-`python -m fedxvit.jobs` (`make jobs`) writes jobs/fedxvit_fedprox, _fedopt, _scaffold, _ditto,
+`python -m tooling.jobs` (`make jobs`) writes jobs/fedxvit_fedprox, _fedopt, _scaffold, _ditto,
 _fedsm, _fedmas and _cyclic, and the privacy variants _percentile_privacy, _svt_privacy, _exclude_vars, _dp_sgd
 and _he, from jobs/fedxvit, so a common setting (a default, a component, a timeout) is changed
 once, in jobs/fedxvit, and the generated folders follow. They are committed, so each is a plain
 NVFlare job (`nvflare simulator jobs/<job> ...`); `--check` (and a test) fails when a committed
 folder differs from what this writes. jobs/fedxvit itself, FedAvg, is never rewritten.
 
-Each change below is the whole difference from FedAvg, built from NVFlare's stock components:
+Which jobs exist, their sites' strategy and their description are fedxvit.methods' (the one registry); each change
+below is the whole difference from FedAvg, built from NVFlare's stock components:
 FedProx, SCAFFOLD and Ditto switch the sites' strategy (fedxvit.algorithms); FedOpt swaps the
 shareable generator for PTFedOptModelShareableGenerator; SCAFFOLD runs ScatterAndGatherScaffold;
-FedSM keeps ScatterAndGather with fedxvit.fedsm's generator, assembler and task-data filter; FedMAS
+FedSM keeps ScatterAndGather with fedxvit.server_algorithms' FedSM generator, assembler and task-data filter; FedMAS
 weighs the mean by the sites' MAS factors (fedxvit.aggregation) and trains with Balanced Softmax;
 cyclic replaces ScatterAndGather with CyclicController. The privacy variants are FedAvg with one
 of NVFlare's privacy filters on every site's `train` result, with DP-SGD, or with NVFlare's
@@ -28,9 +29,9 @@ import json
 from pathlib import Path
 
 from fedxvit.errors import FedXViTError, run_cli
+from fedxvit.methods import BASE_JOB, HE_JOB, JOBS, generated_jobs
 from fedxvit.paths import project_root
 
-BASE_JOB = "fedxvit"
 META, SERVER, CLIENT = "meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"
 NVFLARE_PT = "nvflare.app_opt.pt"
 NVFLARE_WORKFLOWS = "nvflare.app_common.workflows"
@@ -77,15 +78,14 @@ def tracked_params(server: dict) -> dict:
     return find(server, "components", "mlflow_receiver")["args"]["params"]
 
 
-def site_algorithm(client: dict, algorithm: str, **options) -> None:
-    """The sites' strategy (fedxvit.algorithms), fixed by the job, and its options as client job variables."""
+def strategy_options(client: dict, **options) -> None:
+    """Options of the sites' strategy as client job variables (the strategy itself is the registry's)."""
     set_variables(client, **options)
-    args = client["executors"][0]["executor"]["args"]
-    args.update({"algorithm": algorithm, **{name: "{" + name + "}" for name in options}})
+    client["executors"][0]["executor"]["args"].update({name: "{" + name + "}" for name in options})
 
 
 def fedprox(server: dict, client: dict) -> None:
-    site_algorithm(client, "fedprox", mu=0.01)
+    strategy_options(client, mu=0.01)
     tracked_params(server)["algorithm"] = "fedprox"
 
 
@@ -118,7 +118,6 @@ def fedopt(server: dict, client: dict) -> None:
 
 
 def scaffold(server: dict, client: dict) -> None:
-    site_algorithm(client, "scaffold")
     find(server, "workflows", "scatter_and_gather")["path"] = (
         f"{NVFLARE_WORKFLOWS}.scatter_and_gather_scaffold.ScatterAndGatherScaffold"
     )
@@ -127,23 +126,23 @@ def scaffold(server: dict, client: dict) -> None:
 
 
 def fedsm(server: dict, client: dict) -> None:
-    site_algorithm(client, "fedsm", personal_epochs=1)
+    strategy_options(client, personal_epochs=1)
     set_variables(server, softpull_lambda=0.3)
     generator = find(server, "components", "shareable_generator")
-    generator["path"] = "fedxvit.fedsm.FedSMShareableGenerator"
+    generator["path"] = "fedxvit.server_algorithms.FedSMShareableGenerator"
     generator["args"]["softpull_lambda"] = "{softpull_lambda}"
-    find(server, "components", "assembler")["path"] = "fedxvit.fedsm.FedSMAssembler"
+    find(server, "components", "assembler")["path"] = "fedxvit.server_algorithms.FedSMAssembler"
     server["task_data_filters"] = [
         {
             "tasks": ["train"],
-            "filters": [{"id": "fedsm_site_models", "path": "fedxvit.fedsm.FedSMSiteModels", "args": {}}],
+            "filters": [{"id": "fedsm_site_models", "path": "fedxvit.server_algorithms.FedSMSiteModels", "args": {}}],
         }
     ]
     tracked_params(server).update(algorithm="fedsm", softpull_lambda="{softpull_lambda}")
 
 
 def ditto(server: dict, client: dict) -> None:
-    site_algorithm(client, "ditto", ditto_lambda=0.1, personal_epochs=1)
+    strategy_options(client, ditto_lambda=0.1, personal_epochs=1)
     tracked_params(server)["algorithm"] = "ditto"
 
 
@@ -191,52 +190,16 @@ def cyclic(server: dict, client: dict) -> None:
     params["algorithm"] = "cyclic"
 
 
-ALGORITHM_JOBS = {
-    "fedxvit_fedprox": (
-        fedprox,
-        "FedProx: every site adds NVFlare's PTFedProxLoss (job variable `mu`, client "
-        "config) over its trainable tensors; the server is the FedAvg job's.",
-    ),
-    "fedxvit_fedopt": (
-        fedopt,
-        "FedOpt: the server applies the averaged update with SGD and momentum "
-        "(NVFlare's PTFedOptModelShareableGenerator; job variables `server_lr`, "
-        "`server_momentum`, server config); the sites run FedAvg.",
-    ),
-    "fedxvit_scaffold": (
-        scaffold,
-        "SCAFFOLD: NVFlare's ScatterAndGatherScaffold and PTScaffoldHelper; each "
-        "site's control-variate change travels with its update and is checked by the "
-        "same update filter and norm screening.",
-    ),
-    "fedxvit_ditto": (
-        ditto,
-        "Ditto: FedAvg for the global model, plus a personalized model per site that never leaves it, "
-        "trained after each round with NVFlare's PTDittoHelper towards the global model (job variables "
-        "`ditto_lambda`, `personal_epochs`, client config); each site keeps its best one (by validation "
-        "balanced accuracy) in best_personalized_model.pt.",
-    ),
-    "fedxvit_fedsm": (
-        fedsm,
-        "FedSM: FedAvg for the global model, plus a personalized model per site (the server sends each site "
-        "its SoftPull aggregate of the sites' personalized models; job variable `softpull_lambda`, server "
-        "config) and a selector that learns which site an image comes from (weights and Adam moments "
-        "averaged); the server keeps them in app_server/fedsm_models.pt for routing (fedxvit.fedsm).",
-    ),
-    "fedxvit_fedmas": (
-        fedmas,
-        "FedMAS for long-tailed data (4 classes, data/longtail): every site trains with Balanced Softmax "
-        "(`loss`, client config) and measures its model against the frozen self-supervised prior "
-        "`mas_prior` (make ssl-prior); the server weighs the updates by those MAS factors instead of by "
-        "steps (fedxvit.imbalance). Starts from the 4-class expert (models/expert.pt).",
-    ),
-    "fedxvit_cyclic": (
-        cyclic,
-        "Cyclic weight transfer: NVFlare's CyclicController hands the model from site to "
-        "site (job variables `order`, `task_assignment_timeout`, server config); a bad "
-        "site's turn changes nothing instead of stopping the relay.",
-    ),
+ALGORITHM_CHANGES = {  # job folder -> its change to jobs/fedxvit; which jobs exist is fedxvit.methods.JOBS
+    "fedxvit_fedprox": fedprox,
+    "fedxvit_fedopt": fedopt,
+    "fedxvit_scaffold": scaffold,
+    "fedxvit_ditto": ditto,
+    "fedxvit_fedsm": fedsm,
+    "fedxvit_fedmas": fedmas,
+    "fedxvit_cyclic": cyclic,
 }
+ALGORITHM_JOBS = {name: (ALGORITHM_CHANGES[name], JOBS[name].description) for name in generated_jobs("algorithm")}
 
 
 # ---- update privacy: one of NVFlare's stock privacy filters on every site's `train` result
@@ -313,13 +276,12 @@ def dp_sgd(server: dict, client: dict) -> None:
     # the local model a site submits for cross-site evaluation was trained with DP-SGD like every update it
     # sent (its best round's model, picked on validation images outside the training data): it is covered
     # by the same (epsilon, delta), so this job keeps cross-site evaluation of the local models
-    site_algorithm(client, "fedavg", dp_epsilon=8.0, dp_delta=1e-5, dp_max_grad_norm=1.0)
+    strategy_options(client, dp_epsilon=8.0, dp_delta=1e-5, dp_max_grad_norm=1.0)
     privacy_results(client, [], local_model_leaves=True)
     tracked_params(server)["privacy"] = "dp-sgd"
 
 
 NVFLARE_HE = "nvflare.app_opt.he"
-HE_JOB = "fedxvit_he"
 
 
 def homomorphic_encryption(server: dict, client: dict) -> None:
@@ -357,49 +319,28 @@ def homomorphic_encryption(server: dict, client: dict) -> None:
     privacy_results(client, [encryptor], local_model_leaves=False)
 
 
-PRIVACY_JOBS = {
-    "fedxvit_percentile_privacy": (
-        percentile_privacy,
-        "FedAvg whose sites send only the largest changes of each update: NVFlare's PercentilePrivacy "
-        "filter (job variables `percentile`, `gamma`, client config).",
-    ),
-    "fedxvit_svt_privacy": (
-        svt_privacy,
-        "FedAvg whose sites send a noisy, sparse update chosen by the sparse vector technique: NVFlare's "
-        "SVTPrivacy filter (job variables `fraction`, `epsilon`, `noise_var`, `gamma`, `tau`, client config).",
-    ),
-    "fedxvit_dp_sgd": (
-        dp_sgd,
-        "FedAvg whose sites train with record-level differential privacy (DP-SGD with Opacus: "
-        "per-image clipping and noise, one accountant per site across rounds; job variables "
-        "`dp_epsilon`, `dp_delta`, `dp_max_grad_norm`, client config).",
-    ),
-    HE_JOB: (
-        homomorphic_encryption,
-        "FedAvg with homomorphic encryption (NVFlare's TenSEAL CKKS components): the server aggregates "
-        "encrypted updates and never holds a plaintext update or model. Needs a deployment provisioned for HE "
-        "(`make poc-he`, or `nvflare poc prepare -he`); it does not run in the simulator, which has no keys.",
-    ),
-    "fedxvit_exclude_vars": (
-        exclude_vars,
-        "FedAvg whose sites never send the tensors matching `exclude_vars` (a regular expression; "
-        "default the classifier head): NVFlare's ExcludeVars filter.",
-    ),
+PRIVACY_CHANGES = {  # job folder -> its change to jobs/fedxvit; which jobs exist is fedxvit.methods.JOBS
+    "fedxvit_percentile_privacy": percentile_privacy,
+    "fedxvit_svt_privacy": svt_privacy,
+    "fedxvit_dp_sgd": dp_sgd,
+    HE_JOB: homomorphic_encryption,
+    "fedxvit_exclude_vars": exclude_vars,
 }
+PRIVACY_JOBS = {name: (PRIVACY_CHANGES[name], JOBS[name].description) for name in generated_jobs("privacy")}
 GENERATED_JOBS = {**ALGORITHM_JOBS, **PRIVACY_JOBS}
 
 
 def readme(name: str, description: str) -> str:
     command = (
-        f"python -m fedxvit.poc --job jobs/{name}   # make poc-he: a POC system provisioned for HE"
+        f"python -m tooling.poc --job jobs/{name}   # make poc-he: a POC system provisioned for HE"
         if name == HE_JOB
         else "python -m fedxvit.site_policy workspace/local   # once: allow fedxvit's classes (jobs carry no code)\n"
         f"nvflare simulator jobs/{name} -w workspace -c site1,site2,site3 -gpu 0 -t 3"
     )
     return (
-        f"# {name}\n\nGenerated by `python -m fedxvit.jobs` (`make jobs`) from `jobs/{BASE_JOB}` and the "
-        f"`{GENERATED_JOBS[name][0].__name__}` change in `custom/fedxvit/jobs.py`: edit those, then regenerate; "
-        f"do not edit this folder.\n\n{description}\n\n```bash\n{command}\n```\n\n"
+        f"# {name}\n\nGenerated by `python -m tooling.jobs` (`make jobs`) from `jobs/{BASE_JOB}`, its entry in "
+        f"`custom/fedxvit/methods.py` and the `{GENERATED_JOBS[name][0].__name__}` change in `tooling/jobs.py`: "
+        f"edit those, then regenerate; do not edit this folder.\n\n{description}\n\n```bash\n{command}\n```\n\n"
         f"See {'docs/privacy.md' if name in PRIVACY_JOBS else 'docs/federated-jobs.md#algorithms'}.\n"
     )
 
@@ -425,6 +366,7 @@ def render_jobs(jobs_dir: Path) -> dict[Path, str]:
     files = {}
     for name, (change, description) in GENERATED_JOBS.items():
         job = copy.deepcopy(configs)
+        job[CLIENT]["executors"][0]["executor"]["args"]["algorithm"] = JOBS[name].site_strategy
         change(job[SERVER], job[CLIENT])
         job[META]["name"] = name
         files.update({Path(name) / path: dump(config) for path, config in job.items()})
@@ -461,7 +403,7 @@ def write_jobs(jobs_dir: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedxvit.jobs", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tooling.jobs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs-dir", default=str(project_root() / "jobs"), help="the folder holding jobs/fedxvit")
     parser.add_argument("--check", action="store_true", help="only report generated folders that are out of date")
     args = parser.parse_args(argv)

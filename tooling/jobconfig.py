@@ -218,7 +218,7 @@ def main(argv=None) -> None:
     from fedxvit.errors import ArgumentParser
 
     parser = ArgumentParser(
-        prog="python -m fedxvit.jobconfig",
+        prog="python -m tooling.jobconfig",
         description="Check a job's site options before running it (make simulate does, first).",
     )
     parser.add_argument("job", nargs="?", default=str(DEFAULT_JOB), help="job folder (default jobs/fedxvit)")

@@ -1,7 +1,7 @@
 """Transfer surgery: the 4-class expert's knowledge into the 2-class federated starting model.
 
-    python -m fedxvit.transfer --expert models/expert.pt --out models/initial_global.pt
-    python -m fedxvit.transfer --expert <run>/app_server/FL_global_model.pt --preset cpu   (a federated expert)
+    python -m tooling.transfer --expert models/expert.pt --out models/initial_global.pt
+    python -m tooling.transfer --expert <run>/app_server/FL_global_model.pt --preset cpu   (a federated expert)
 
 Every tensor whose name and shape match is copied (CNN, projection, tokens, ViT blocks, norms,
 BatchNorm statistics); the classifier, whose shape changes, starts fresh.
@@ -70,7 +70,7 @@ def load_expert(path: Path, preset: str | None) -> tuple[dict, dict]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog="python -m fedxvit.transfer",
+        prog="python -m tooling.transfer",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -99,7 +99,7 @@ def check_out(out: Path, force: bool) -> None:
         written_here = False
     if not written_here:
         raise FedXViTError(
-            f"--out {out} exists and was not written by fedxvit.transfer: choose another --out or --force"
+            f"--out {out} exists and was not written by tooling.transfer: choose another --out or --force"
         )
 
 

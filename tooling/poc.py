@@ -1,9 +1,9 @@
 """Run jobs in NVFlare's POC deployment: a real server and real clients talking over the network.
 
-    python -m fedxvit.poc [--job jobs/fedxvit] [--workspace /tmp/nvflare/poc] [--out workspace/poc]
-    python -m fedxvit.poc --min-clients 2 --kill-site site3 --kill-after-round 1   # a hospital dies mid-run
-    python -m fedxvit.poc --kill-server-after-round 1                              # the server dies mid-run
-    python -m fedxvit.poc --min-clients 2 --kill-site site3 --kill-server-after-round 2  # a hospital, then the server
+    python -m tooling.poc [--job jobs/fedxvit] [--workspace /tmp/nvflare/poc] [--out workspace/poc]
+    python -m tooling.poc --min-clients 2 --kill-site site3 --kill-after-round 1   # a hospital dies mid-run
+    python -m tooling.poc --kill-server-after-round 1                              # the server dies mid-run
+    python -m tooling.poc --min-clients 2 --kill-site site3 --kill-server-after-round 2  # a hospital, then the server
 
 The system is NVFlare's own: `nvflare poc prepare -c site1 site2 site3` and `nvflare poc start -ex
 admin@nvidia.com --no-wait` (server + clients, no console; the driver then waits until the server's log
@@ -114,7 +114,7 @@ def uses_he(job: Path) -> bool:
 
 
 def mark_workspace(workspace: Path) -> None:
-    (workspace / MARKER).write_text("created by fedxvit.poc, which lets `nvflare poc prepare --force` replace it\n")
+    (workspace / MARKER).write_text("created by tooling.poc, which lets `nvflare poc prepare --force` replace it\n")
 
 
 def claim_workspace(workspace: Path) -> None:
@@ -122,7 +122,7 @@ def claim_workspace(workspace: Path) -> None:
     deletes the folder it is given, so an existing folder without the marker (not created here) is refused."""
     if workspace.exists() and not (workspace / MARKER).is_file():
         raise FedXViTError(
-            f"POC workspace {workspace} exists and was not created by fedxvit.poc (no {MARKER} in it): "
+            f"POC workspace {workspace} exists and was not created by tooling.poc (no {MARKER} in it): "
             "`nvflare poc prepare` would delete it; choose a new --workspace"
         )
     workspace.mkdir(parents=True, exist_ok=True)
@@ -512,7 +512,7 @@ class PocSystem:
         offset = log.stat().st_size if log.is_file() else 0
         script = folder / "startup" / "start.sh"
         with open(folder / "poc_console.log", "a") as console:
-            console.write(f"\n--- fedxvit.poc {name} restart {time.asctime()} ---\n")
+            console.write(f"\n--- tooling.poc {name} restart {time.asctime()} ---\n")
             console.flush()
             try:
                 subprocess.run(
@@ -731,7 +731,7 @@ def run(
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m fedxvit.poc",
+        prog="python -m tooling.poc",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
