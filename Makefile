@@ -118,6 +118,14 @@ poc: setup
 poc-he: setup
 	$(PY) -m tooling.poc --job jobs/fedxvit_he --out workspace/poc-he $(POC_ARGS)
 
+# The production path rehearsed on this machine: deploy/project.yml provisioned (server localhost, the data's
+# hospitals), every kit preflight-checked and started with its own start.sh, the job through the Flare API, shut down.
+PROVISIONED_ARGS ?=
+.PHONY: provisioned
+provisioned: setup
+	$(PY) -m tooling.provisioned --workspace $(CURDIR)/workspace/provisioned-kits --sites site1 site2 site3 \
+		--out workspace/provisioned $(PROVISIONED_ARGS)
+
 # The algorithm and privacy jobs (jobs/fedxvit_fedprox, _fedopt, _scaffold, _cyclic, _ditto, _percentile_privacy,
 # _svt_privacy, _exclude_vars, _dp_sgd, _he), generated from jobs/fedxvit by tooling.jobs.
 jobs: setup

@@ -44,8 +44,7 @@ from fedxvit.paths import project_root
 from fedxvit.site_policy import allow_classes
 from fedxvit.sites import site_env_var
 from tooling.baselines import train_on_sites
-from tooling.jobconfig import JobSettings, read_job_settings
-from tooling.simulation import job_copy
+from tooling.jobconfig import DEFAULT_JOB, JobSettings, job_copy, read_job_settings
 
 SITES = ("site1", "site2", "site3")
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
@@ -249,7 +248,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", default="data", help="folder holding site1..site3")
     parser.add_argument("--initial", default="models/initial_global.pt", help="the transplanted initial global model")
     parser.add_argument(
-        "--job", default="jobs/fedxvit", help="the NVFlare job (its config gives rounds, epochs, preset)"
+        "--job", default=str(DEFAULT_JOB), help="the NVFlare job (its config gives rounds, epochs, preset)"
     )
     parser.add_argument("--throughput-epochs", type=int, default=3, help="local epochs of the executor-vs-bare run")
     parser.add_argument(

@@ -67,7 +67,7 @@ def final_model(run_dir: Path, he: bool, poc: Path, preset: str, scratch: Path):
 
 def run_one(kind: str, freeze: str, data: Path, initial: Path, scratch: Path, scenario) -> dict:
     from result_stat.comparison.scores import score_sites
-    from tooling.simulation import job_copy
+    from tooling.jobconfig import job_copy
 
     job = job_copy(
         project_root() / JOBS[kind],

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from fedxvit.errors import FedXViTError, run_cli
-from tooling.simulation import job_copy, run_simulator
+from tooling.jobconfig import job_copy, job_folder
+from tooling.simulation import run_simulator
 
 GAP_FILE = "federated_gap.json"
 CALIBRATION_SPLIT = "validation"
@@ -145,7 +146,6 @@ def format_report(report: dict) -> str:
 
 def main(argv=None) -> None:
     from data_preparation.benchmark import OneLineErrorParser
-    from fedxvit.paths import project_root
 
     parser = OneLineErrorParser(
         prog="python -m data_preparation.federated_gap",
@@ -170,7 +170,7 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     data, initial = Path(args.data), Path(args.initial)
-    job = Path(args.job) if args.job else project_root() / "jobs" / "fedxvit"
+    job = Path(args.job) if args.job else job_folder()
     if args.timeout < 1:
         raise FedXViTError(f"--timeout must be at least 1 second, got {args.timeout}")
     if not data.is_dir():

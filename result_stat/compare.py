@@ -29,7 +29,7 @@ from result_stat.comparison.report import aggregate, write_outputs
 from result_stat.comparison.runs import SPLITS, Scenario, check_scenario, run_plan
 from result_stat.comparison.statistics import REPLICATES
 from result_stat.comparison.tuning import choose
-from tooling.simulation import CLIENT_CONFIG, SERVER_CONFIG, job_copy, read_job_config
+from tooling.jobconfig import CLIENT_FILE, SERVER_FILE, job_copy, read_job_config
 
 QUICK_ROUNDS = 2
 
@@ -91,8 +91,8 @@ def compare(
     started = time.perf_counter()
     data, initial, workspace = Path(data).resolve(), Path(initial).resolve(), Path(workspace).resolve()
     sites, preset, image_size, class_names = check_scenario(data, sites, initial, preset)
-    reference_server = read_job_config(methods[REFERENCE], SERVER_CONFIG)
-    reference_client = read_job_config(methods[REFERENCE], CLIENT_CONFIG)
+    reference_server = read_job_config(methods[REFERENCE], SERVER_FILE)
+    reference_client = read_job_config(methods[REFERENCE], CLIENT_FILE)
     rounds = int(reference_server["num_rounds"] if rounds is None else rounds)
     local_epochs = int(reference_client.get("local_epochs", 1) if local_epochs is None else local_epochs)
     if rounds < 1 or local_epochs < 1:

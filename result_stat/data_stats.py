@@ -23,8 +23,8 @@ from pathlib import Path
 from fedxvit.classes import TASK_CLASSES
 from fedxvit.datalist import SPLITS
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
-from fedxvit.paths import project_root
-from tooling.simulation import job_copy, run_simulator
+from tooling.jobconfig import job_copy, job_folder
+from tooling.simulation import run_simulator
 
 STATS_JOB = "fedxvit_stats"
 OUTPUT = "statistics/image_statistics.json"  # the job's output_path, under the server's run folder
@@ -34,7 +34,7 @@ GLOBAL = "Global"  # NVFlare's name for the federation's row
 def run_stats_job(data: Path, sites: list, workspace: Path, job: Path | None = None, timeout_s: int = 1800) -> dict:
     """The statistics job in NVFlare's simulator over <data>/<site>; the server's statistics."""
     # every site, so the federation's row is the whole consortium
-    copy = job_copy(job or project_root() / "jobs" / STATS_JOB, workspace / "job", server={"min_clients": len(sites)})
+    copy = job_copy(job or job_folder(STATS_JOB), workspace / "job", server={"min_clients": len(sites)})
     run_dir = run_simulator(copy, workspace / "simulator", data, sites, None, timeout_s, expect=OUTPUT)
     return json.loads((run_dir / OUTPUT).read_text())
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.evaluation import REPORT_DIR
-from fedxvit.paths import ALLOWED_ROOTS_ENV, project_root
+from fedxvit.paths import ALLOWED_ROOTS_ENV
 from result_stat.report import GLOBAL_MODELS
-from tooling.jobconfig import default_run_dir, run_sites
-from tooling.simulation import job_copy, run_simulator
+from tooling.jobconfig import default_run_dir, job_copy, job_folder, run_sites
+from tooling.simulation import run_simulator
 
 EVALUATE_JOB = "fedxvit_evaluate"
 
@@ -31,7 +31,7 @@ def run_evaluation(models: dict, data: Path, sites: list, workspace: Path, clien
     """The evaluation job in the simulator over <data>/<site> for {name: model file}; the folder of its report.
     `client` changes the sites' job variables (a test's tiny preset)."""
     models = {name: str(Path(path).resolve()) for name, path in models.items()}
-    copy = job_copy(project_root() / "jobs" / EVALUATE_JOB, workspace / "job", server={"models": models}, client=client)
+    copy = job_copy(job_folder(EVALUATE_JOB), workspace / "job", server={"models": models}, client=client)
     roots = os.pathsep.join(sorted({str(Path(path).resolve().parent) for path in models.values()}))
     run_dir = run_simulator(
         copy,

@@ -29,9 +29,10 @@ from tiny import (
 )
 from xdist.scheduler import LoadFileScheduling
 
-# The files whose tests share the session's plain FedAvg run and the one POC system: one worker runs them all
-SHARED_RUN_FILES = ("tests/test_simulator.py", "tests/test_poc.py")
-SHARED_RUN_UNIT = "plain FedAvg run and POC system"
+# The files whose tests share the session's plain FedAvg run, the POC system and the provisioned system: one worker
+# runs them all, one file after the other, so never two systems run at once
+SHARED_RUN_FILES = ("tests/test_simulator.py", "tests/test_poc.py", "tests/test_provisioned.py")
+SHARED_RUN_UNIT = "plain FedAvg run, POC and provisioned systems"
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +124,7 @@ def mlflow_server(tmp_path):
 @pytest.fixture(scope="session")
 def plain_fedavg_run(tmp_path_factory) -> dict:
     """The design card's FedAvg job (jobs/fedxvit), tiny: 3 sites x 2 rounds in NVFlare's real simulator,
-    tracked into a real `mlflow server`. One run serves the simulator, tracking, HE-equality and POC tests:
+    tracked into a real `mlflow server`. One run serves the simulator, tracking, HE-equality, POC and provisioned tests:
     their files are one unit of work (SHARED_RUN_FILES), so one worker builds it once. Each site also saves what
     it sent for `train` (sent_recorder.RecordUpdates), for the exact-aggregate check."""
     tmp = tmp_path_factory.mktemp("fedavg")

@@ -19,7 +19,8 @@ from fedxvit.algorithms import PERSONALIZED_MODEL
 from fedxvit.methods import BASE_JOB, JOBS, METHODS
 from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SITE_TAG
 from result_stat.comparison import plan
-from tooling.jobs import ALGORITHM_CHANGES, ALGORITHM_JOBS, CLIENT, PRIVACY_CHANGES, SERVER, differences, render_jobs
+from tooling.jobconfig import CLIENT_FILE, SERVER_FILE
+from tooling.jobs import ALGORITHM_CHANGES, ALGORITHM_JOBS, PRIVACY_CHANGES, differences, render_jobs
 
 JOBS_DIR = REPO / "jobs"
 
@@ -34,7 +35,7 @@ def test_committed_algorithm_jobs_are_what_the_generator_writes():
 def test_the_registry_defines_the_generated_jobs_and_their_sites_strategy():
     assert set(ALGORITHM_CHANGES) | set(PRIVACY_CHANGES) == set(JOBS) - {BASE_JOB}, "a change for every registry job"
     for path, text in render_jobs(JOBS_DIR).items():
-        if path.name == Path(CLIENT).name:
+        if path.name == Path(CLIENT_FILE).name:
             executor = json.loads(text)["executors"][0]["executor"]["args"]
             assert executor["algorithm"] == JOBS[path.parts[0]].site_strategy, path
     assert {m.job for m in METHODS.values()} <= set(JOBS)
@@ -49,14 +50,14 @@ def test_a_common_setting_changed_once_reaches_every_algorithm_job(tmp_path):
             target = jobs / BASE_JOB / source.relative_to(JOBS_DIR / BASE_JOB)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(source.read_text())
-    for name, value in ((SERVER, 7), (CLIENT, 2)):  # num_rounds on the server, local_epochs at the sites
+    for name, value in ((SERVER_FILE, 7), (CLIENT_FILE, 2)):  # num_rounds on the server, local_epochs at the sites
         config = json.loads((jobs / BASE_JOB / name).read_text())
-        config["num_rounds" if name == SERVER else "local_epochs"] = value
+        config["num_rounds" if name == SERVER_FILE else "local_epochs"] = value
         (jobs / BASE_JOB / name).write_text(json.dumps(config))
     files = render_jobs(jobs)
     for job in ALGORITHM_JOBS:
-        assert json.loads(files[Path(job) / SERVER])["num_rounds"] == 7, job
-        assert json.loads(files[Path(job) / CLIENT])["local_epochs"] == 2, job
+        assert json.loads(files[Path(job) / SERVER_FILE])["num_rounds"] == 7, job
+        assert json.loads(files[Path(job) / CLIENT_FILE])["local_epochs"] == 2, job
 
 
 # ---- the simulator runs

@@ -525,12 +525,12 @@ def test_the_eta_counts_each_kind_of_run_at_its_own_pace():
 
 def test_every_tuning_grid_names_its_jobs_variables_and_starts_at_their_defaults():
     """A grid that named a variable its job lacks would fail only hours into `make compare`."""
-    from tooling.simulation import CLIENT_CONFIG, SERVER_CONFIG, read_job_config
+    from tooling.jobconfig import CLIENT_FILE, SERVER_FILE, read_job_config
 
     for name, grid in plan.TUNING_GRIDS.items():
         job = REPO / plan.KNOWN_METHODS[name]
         for values in grid:
             plan.place_variables(job, values, f"grid of {name}")
-        configs = {**read_job_config(job, SERVER_CONFIG), **read_job_config(job, CLIENT_CONFIG)}
+        configs = {**read_job_config(job, SERVER_FILE), **read_job_config(job, CLIENT_FILE)}
         assert {k: configs[k] for k in grid[0]} == grid[0], f"{name}: the first value set must be the job's own"
         assert len({json.dumps(v, sort_keys=True) for v in grid}) == len(grid), f"{name}: a value set twice"

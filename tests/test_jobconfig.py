@@ -1,5 +1,5 @@
 """The one reader of a job's settings: job folders and run folders, NVFlare's variable substitution,
-one-line errors, a finished run's sites, and the shipped job and executor kept equal to the cpu recipe."""
+one-line errors, a finished run's sites, and the shipped job and executor kept equal to the cpu training defaults."""
 
 import inspect
 import json
@@ -10,7 +10,7 @@ from tiny import JOB, write_tiny_config
 
 from fedxvit.errors import FedXViTError
 from fedxvit.executor import FedXViTExecutor
-from fedxvit.model import DEFAULT_PRESET, PRESETS, RECIPES, get_recipe
+from fedxvit.model import DEFAULT_PRESET, PRESETS, TRAINING_DEFAULTS, training_defaults
 from tooling.jobconfig import JobSettings, read_job_settings, run_sites
 
 
@@ -68,9 +68,9 @@ def test_bad_jobs_fail_in_one_line_naming_the_file(tmp_path):
         read_job_settings(config)
 
 
-def test_the_shipped_job_and_the_executor_defaults_equal_the_cpu_recipe():
-    """Training defaults live in fedxvit.model.RECIPES; the job stays explicit, and this keeps it equal."""
-    site = get_recipe(DEFAULT_PRESET).site
+def test_the_shipped_job_and_the_executor_defaults_equal_the_cpu_training_defaults():
+    """Training defaults live in fedxvit.model.TRAINING_DEFAULTS; the job stays explicit, and this keeps it equal."""
+    site = training_defaults(DEFAULT_PRESET).site
     settings = read_job_settings(JOB)
     assert settings.preset == DEFAULT_PRESET == "cpu"
     assert (settings.learning_rate, settings.batch_size, settings.local_epochs) == (
@@ -78,31 +78,31 @@ def test_the_shipped_job_and_the_executor_defaults_equal_the_cpu_recipe():
         site.batch_size,
         site.local_epochs,
     )
-    for preset in PRESETS:  # what a job leaves out, the executor takes from that preset's recipe
-        executor, recipe = FedXViTExecutor(preset=preset), get_recipe(preset).site
+    for preset in PRESETS:  # what a job leaves out, the executor takes from that preset's defaults
+        executor, defaults = FedXViTExecutor(preset=preset), training_defaults(preset).site
         assert (executor.learning_rate, executor.batch_size, executor.local_epochs) == (
-            recipe.learning_rate,
-            recipe.batch_size,
-            recipe.local_epochs,
+            defaults.learning_rate,
+            defaults.batch_size,
+            defaults.local_epochs,
         )
     assert inspect.signature(FedXViTExecutor.__init__).parameters["preset"].default == DEFAULT_PRESET
-    assert set(RECIPES) == set(PRESETS), "every preset has a recipe"
+    assert set(TRAINING_DEFAULTS) == set(PRESETS), "every preset has a defaults"
 
 
-def test_the_expert_cli_takes_its_defaults_from_the_chosen_presets_recipe():
+def test_the_expert_cli_takes_its_defaults_from_the_chosen_presets_training_defaults():
     from tooling.expert import parse_args
 
     for preset in PRESETS:
-        args, recipe = parse_args(["--preset", preset]), get_recipe(preset).expert
+        args, defaults = parse_args(["--preset", preset]), training_defaults(preset).expert
         assert (args.lr, args.batch_size, args.epochs, args.warmup_epochs, args.patience) == (
-            recipe.lr,
-            recipe.batch_size,
-            recipe.epochs,
-            recipe.warmup_epochs,
-            recipe.patience,
+            defaults.lr,
+            defaults.batch_size,
+            defaults.epochs,
+            defaults.warmup_epochs,
+            defaults.patience,
         )
     assert parse_args(["--preset", "anchor", "--lr", "0.1"]).lr == 0.1  # an explicit option wins
-    assert get_recipe("anchor").expert.lr != get_recipe("cpu").expert.lr, "the presets really differ"
+    assert training_defaults("anchor").expert.lr != training_defaults("cpu").expert.lr, "the presets really differ"
 
 
 def test_the_sites_of_a_run_come_from_its_meta_else_its_tables(tmp_path):

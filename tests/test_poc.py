@@ -1,9 +1,8 @@
 """Jobs in NVFlare's real POC deployment (server + 3 client processes over the network), on ONE POC
-system provisioned for HE (`nvflare poc prepare -he`), which the slow tests below share in file order:
-the HE job (compared with conftest.plain_fedavg_run's plain FedAvg on the same sites, initial model,
-rounds and seeds), one drill job run in a privacy scope that every site defines in its own privacy.json
-(a hospital killed mid-run, min_clients = 2 of 3 letting the other two go on; then the server killed and
-restarted, the training resuming after the last finished round with the hospital back), and the stop.
+system, which the slow tests below share in file order: one drill job run in a privacy scope that every site
+defines in its own privacy.json (a hospital killed mid-run, min_clients = 2 of 3 letting the other two go on;
+then the server killed and restarted, the training resuming after the last finished round with the hospital
+back), and the stop. The HE job runs in the provisioned system (test_provisioned.py).
 The suite's only POC system, on one worker (conftest.SHARED_RUN_FILES), on a free port. The fast tests
 check that the driver never deletes a folder it did not create and kills only the processes it started."""
 
@@ -18,12 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import REPO, SITES, free_port, tiny_job
+from tiny import SITES, free_port, system_env, tiny_job
 
-from fedxvit.checkpoint import encrypted_tensors
 from fedxvit.errors import FedXViTError
-from fedxvit.filters import UPDATE_SIZES_FILE
-from fedxvit.he import decrypt_main
 from fedxvit.site_policy import write_privacy
 from tooling.poc import (
     MARKER,
@@ -35,7 +31,6 @@ from tooling.poc import (
     continuation_job,
     main,
     site_dir,
-    uses_he,
     validate,
 )
 
@@ -43,7 +38,7 @@ JOB_TIMEOUT_S = 400
 # Cross-site evaluation waits out these timeouts for a dead site; tiny models submit and score in a second or two
 DRILL_SETTINGS = dict(num_rounds=4, wait_time_after_min_received=5, submit_model_timeout=6, validation_timeout=12)
 # Every site's local/privacy.json defines this scope (the classifier head and the local model never leave), not as
-# its default: the HE job runs unfiltered by the sites, the drill's job names it.
+# its default: the drill's job names it.
 PRIVACY_SCOPE = "no-head-no-local-model"
 SCOPE_FILTERS = [
     {"path": "nvflare.app_common.filters.exclude_vars.ExcludeVars", "args": {"exclude_vars": "^head\\."}},
@@ -55,12 +50,8 @@ SCOPE_FILTERS = [
 def poc(plain_fedavg_run, tmp_path_factory):
     """The one POC system of this file, on the plain run's sites and initial model; the shared tmp folder."""
     tmp = tmp_path_factory.mktemp("poc")
-    env = {
-        "FEDXVIT_INITIAL_MODEL": str(plain_fedavg_run["initial"]),
-        "FEDXVIT_DATA_ROOT": str(plain_fedavg_run["data"]),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-    }
-    with PocSystem(tmp / "poc", SITES, free_port(), he=True, env=env, before_start=privacy_scopes) as system:
+    env = system_env(plain_fedavg_run, tmp)
+    with PocSystem(tmp / "poc", SITES, free_port(), env=env, before_start=privacy_scopes) as system:
         yield {"system": system, "tmp": tmp}
 
 
@@ -80,66 +71,6 @@ def drill_job(tmp: Path, name: str, **settings) -> Path:
     config["components"] = [c for c in config["components"] if c["id"] != "mlflow_receiver"]
     server.write_text(json.dumps(config, indent=2))
     return job
-
-
-@pytest.mark.slow
-def test_he_in_poc_sends_only_ciphertext_and_matches_plain_fedavg(poc, plain_fedavg_run):
-    system, tmp = poc["system"], poc["tmp"]
-    rounds = plain_fedavg_run["rounds"]
-    (tmp / "he").mkdir()
-    he_job = tiny_job(
-        tmp / "he",
-        job_dir=REPO / "jobs" / "fedxvit_he",
-        num_rounds=rounds,
-        submit_model_timeout=10,
-        validation_timeout=60,
-    )
-    assert uses_he(he_job)  # the CLI provisions such a job's POC with HE keys, as this system is
-    # every site in every round, as in the plain run (whose 30 s wait after 2 of 3 takes all three)
-    result = system.run_job(he_job, tmp / "he-results", JOB_TIMEOUT_S, min_clients=len(SITES))
-    assert result["status"] == "FINISHED:COMPLETED"
-    he_run = result["result_dir"] / "workspace"
-
-    # what reached the server's aggregator: every tensor of every update was ciphertext
-    updates = json.loads((he_run / UPDATE_SIZES_FILE).read_text())["updates"]
-    assert {(u["round"], u["site"]) for u in updates} == {(r, s) for r in range(rounds) for s in SITES}
-    assert all(u["encrypted"] == u["tensors"] > 0 and u["in_clear"] == 0 for u in updates), updates
-    # what the server kept: its global model's trained tensors are ciphertext, the frozen ones the start's
-    saved = torch.load(he_run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
-    start = torch.load(plain_fedavg_run["initial"], weights_only=True)
-    encrypted = set(encrypted_tensors(saved))
-    assert len(encrypted) == updates[0]["tensors"]
-    assert all(torch.equal(torch.as_tensor(saved[k]), start[k]) for k in saved if k not in encrypted)
-
-    # plain FedAvg on the same sites, start, rounds and seeds, in the simulator
-    plain_run = plain_fedavg_run["job_dir"]
-    plain = torch.load(plain_run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
-    context = system.site_dir("site1") / "startup" / "client_context.tenseal"
-    decrypted = torch.load(
-        decrypt_main(
-            [
-                str(he_run / "app_server" / "FL_global_model.pt"),
-                "--context",
-                str(context),
-                "--preset",
-                "tiny",
-                "--out",
-                str(tmp / "he_model.pt"),
-            ]
-        ),
-        weights_only=True,
-    )
-    moved = max(float((torch.as_tensor(plain[k]).float() - start[k].float()).abs().max()) for k in encrypted)
-    off = max(float((decrypted[k].float() - torch.as_tensor(plain[k]).float()).abs().max()) for k in encrypted)
-    assert moved > 1e-3 and off < moved / 100, (moved, off)  # the same training, up to CKKS's rounding
-
-    he_scores = json.loads((he_run / "cross_site_val" / "cross_val_results.json").read_text())
-    plain_scores = json.loads((plain_run / "cross_site_val" / "cross_val_results.json").read_text())
-    for site in SITES:  # each site decrypted the server's final model and scored it
-        he_final, plain_final = he_scores[site]["SRV_FL_global_model.pt"], plain_scores[site]["SRV_FL_global_model.pt"]
-        assert abs(he_final["val_accuracy"] - plain_final["val_accuracy"]) <= 0.01, (site, he_final, plain_final)
-        assert abs(he_final["val_loss"] - plain_final["val_loss"]) < 1e-3, (site, he_final, plain_final)
-        assert not any(name.startswith(site) for name in he_scores[site])  # no local model reached the server
 
 
 @pytest.mark.slow

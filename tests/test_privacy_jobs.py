@@ -20,14 +20,15 @@ from fedxvit.executor import train_result, trainable_weight_diff
 from fedxvit.model import build_model
 from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SITE_TAG
 from fedxvit.training import apply_freeze_policy
-from tooling.jobs import CLIENT, PRIVACY_JOBS
+from tooling.jobconfig import CLIENT_FILE
+from tooling.jobs import PRIVACY_JOBS
 
 STEPS = 4  # local steps of the update; the filters clip per step
 
 
 def configured_filter(job: str):
     """The job's `train` result filter, built from its client config with the job's variable values."""
-    config = json.loads((REPO / "jobs" / job / CLIENT).read_text())
+    config = json.loads((REPO / "jobs" / job / CLIENT_FILE).read_text())
     (chain,) = [chain for chain in config["task_result_filters"] if "train" in chain["tasks"]]
     assert chain["tasks"] == ["train"]  # the update filter acts on updates only
     spec, policy = chain["filters"]  # then the site's metadata policy
@@ -62,7 +63,7 @@ FILTER_JOBS = ("fedxvit_percentile_privacy", "fedxvit_svt_privacy", "fedxvit_exc
 
 def test_every_privacy_job_is_tracked_as_such_and_the_filter_jobs_use_a_stock_nvflare_filter():
     assert set(PRIVACY_JOBS) == {*FILTER_JOBS, "fedxvit_dp_sgd", "fedxvit_he"}
-    client = json.loads((REPO / "jobs" / "fedxvit_dp_sgd" / CLIENT).read_text())
+    client = json.loads((REPO / "jobs" / "fedxvit_dp_sgd" / CLIENT_FILE).read_text())
     filters = [f["path"] for chain in client["task_result_filters"] for f in chain["filters"]]
     assert set(filters) == {"fedxvit.site_policy.MetadataPolicy"} and client["dp_epsilon"] > 0  # DP-SGD: in training
     for job in PRIVACY_JOBS:
@@ -79,7 +80,7 @@ def test_filter_and_he_jobs_collect_no_local_model_and_their_sites_never_send_on
     DP-SGD's local model is itself DP-trained, so that job keeps collecting it."""
     for job in (*FILTER_JOBS, "fedxvit_he", "fedxvit_dp_sgd"):
         server = json.loads((REPO / "jobs" / job / "app" / "config" / "config_fed_server.json").read_text())
-        client = json.loads((REPO / "jobs" / job / CLIENT).read_text())
+        client = json.loads((REPO / "jobs" / job / CLIENT_FILE).read_text())
         (cross_site,) = [w for w in server["workflows"] if w["id"] == "cross_site_model_eval"]
         (submit,) = [chain["filters"] for chain in client["task_result_filters"] if "submit_model" in chain["tasks"]]
         assert client["may_leave"] == "aggregation"  # the privacy jobs' metadata default
@@ -131,7 +132,7 @@ DP_SITE = "site3"
 
 def with_dp_sgd(client: dict) -> dict:
     """A client config that also trains with the DP-SGD job's options (variables and executor args)."""
-    dp_client = json.loads((REPO / "jobs" / "fedxvit_dp_sgd" / CLIENT).read_text())
+    dp_client = json.loads((REPO / "jobs" / "fedxvit_dp_sgd" / CLIENT_FILE).read_text())
     options = {key: dp_client[key] for key in ("dp_epsilon", "dp_delta", "dp_max_grad_norm")}
     client.update(options)
     client["executors"][0]["executor"]["args"].update({key: "{" + key + "}" for key in options})

@@ -8,14 +8,14 @@ import pytest
 from tiny import REPO
 
 from fedxvit.errors import FedXViTError
-from tooling.simulation import SERVER_CONFIG, TASK_LIMITS, job_copy, unbounded_tasks
+from tooling.jobconfig import SERVER_FILE, TASK_LIMITS, job_copy, unbounded_tasks
 
-JOBS = sorted(path for path in (REPO / "jobs").iterdir() if (path / SERVER_CONFIG).is_file())
+JOBS = sorted(path for path in (REPO / "jobs").iterdir() if (path / SERVER_FILE).is_file())
 
 
 @pytest.mark.parametrize("job", JOBS, ids=lambda path: path.name)
 def test_every_shipped_job_bounds_every_task_it_waits_for(job):
-    config = json.loads((job / SERVER_CONFIG).read_text())
+    config = json.loads((job / SERVER_FILE).read_text())
     assert unbounded_tasks(config) == []
     workflows = {workflow["id"]: workflow["args"] for workflow in config["workflows"]}
     if "fed_stats_controller" in workflows:  # NVFlare's StatisticsController has no task limit: a site that has
@@ -39,8 +39,8 @@ def test_a_job_copy_that_would_wait_for_ever_is_refused(tmp_path):
     from data_preparation.federated_gap import federated_job
 
     base = REPO / "jobs" / "fedxvit"
-    shipped = json.loads((base / SERVER_CONFIG).read_text())
-    copy = json.loads((federated_job(base, tmp_path / "gap", min_clients=6) / SERVER_CONFIG).read_text())
+    shipped = json.loads((base / SERVER_FILE).read_text())
+    copy = json.loads((federated_job(base, tmp_path / "gap", min_clients=6) / SERVER_FILE).read_text())
     assert copy["min_clients"] == 6 and all(copy[limit] == shipped[limit] > 0 for limit in TASK_LIMITS)
     for value in (0, -5, "600", None):
         with pytest.raises(FedXViTError, match=rf"train_timeout={value!r}: a task limit must be a positive number"):

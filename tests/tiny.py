@@ -18,7 +18,8 @@ from fedxvit.classes import TASK_CLASSES
 from fedxvit.datalist import write_site
 from fedxvit.errors import FedXViTError
 from fedxvit.model import build_model
-from tooling.simulation import CLIENT_CONFIG, SERVER_CONFIG, SIMULATOR_LOG, run_simulator
+from tooling.jobconfig import CLIENT_FILE, SERVER_FILE
+from tooling.simulation import SIMULATOR_LOG, run_simulator
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -109,9 +110,9 @@ def site_apps_job(job: Path, server_job: Path, site_jobs: dict) -> Path:
     meta = {"name": job.name, "resource_spec": {}, "min_clients": len(site_jobs), "deploy_map": apps}
     (job / "meta.json").write_text(json.dumps(meta))
     server = write_tiny_config(job / "app_server" / "config", {"min_clients": len(site_jobs)}, job_dir=server_job)
-    (server / CLIENT_CONFIG.name).unlink()
+    (server / CLIENT_FILE.name).unlink()
     for site, site_job in site_jobs.items():
-        (write_tiny_config(job / f"app_{site}" / "config", job_dir=site_job) / SERVER_CONFIG.name).unlink()
+        (write_tiny_config(job / f"app_{site}" / "config", job_dir=site_job) / SERVER_FILE.name).unlink()
     return job
 
 
@@ -154,6 +155,16 @@ def tiny_site_training(site_dir: Path, app_dir: Path | None = None):
         learning_rate=1e-2,
         app_dir=app_dir or site_dir,
     )
+
+
+def system_env(run: dict, tmp: Path) -> dict:
+    """What a POC or provisioned system's processes need to train on a finished tiny run's sites from its initial
+    model, tracking into a store of their own under tmp."""
+    return {
+        "FEDXVIT_INITIAL_MODEL": str(run["initial"]),
+        "FEDXVIT_DATA_ROOT": str(run["data"]),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+    }
 
 
 def free_port() -> int:

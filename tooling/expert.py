@@ -24,7 +24,7 @@ from tqdm import tqdm
 from fedxvit.checkpoint import build_model_from_checkpoint, read_meta, save_checkpoint, sidecar_path
 from fedxvit.datalist import read_dataset_info
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
-from fedxvit.model import DEFAULT_PRESET, PRESETS, RECIPES, build_model, get_preset, get_recipe
+from fedxvit.model import DEFAULT_PRESET, PRESETS, TRAINING_DEFAULTS, build_model, get_preset, training_defaults
 from fedxvit.training import (
     evaluate,
     make_optimizer,
@@ -52,29 +52,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--out", default="models", help="folder for expert.pt, its sidecar, the report and TensorBoard events"
     )
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="model preset")
-    # None: the preset's recipe (fedxvit.model.RECIPES), so a preset brings its own training defaults
+    # None: the preset's training defaults (fedxvit.model.TRAINING_DEFAULTS): a preset brings its own
     parser.add_argument(
         "--epochs",
         type=int,
         default=None,
-        help="maximum epochs, early stopping usually ends sooner" + recipe_help("epochs"),
+        help="maximum epochs, early stopping usually ends sooner" + defaults_help("epochs"),
     )
-    parser.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate" + recipe_help("lr"))
+    parser.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate" + defaults_help("lr"))
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument(
         "--warmup-epochs",
         type=float,
         default=None,
-        help="linear warm-up before the cosine decay" + recipe_help("warmup_epochs"),
+        help="linear warm-up before the cosine decay" + defaults_help("warmup_epochs"),
     )
     parser.add_argument("--label-smoothing", type=float, default=0.05)
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step" + recipe_help("batch_size"))
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step" + defaults_help("batch_size"))
     parser.add_argument(
         "--patience",
         type=int,
         default=None,
-        help="stop after this many epochs without a better validation score" + recipe_help("patience"),
+        help="stop after this many epochs without a better validation score" + defaults_help("patience"),
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -105,22 +105,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="write the 4-class model before any training (seeded; --pretrained backbone if given) to PATH and "
         "stop: the start of a federated Phase 1 (FEDXVIT_INITIAL_MODEL=PATH with a 4-class job; docs/imbalance.md)",
     )
-    return with_recipe_defaults(parser.parse_args(argv))
+    return with_preset_defaults(parser.parse_args(argv))
 
 
-def recipe_help(option: str) -> str:
-    """' (default: the preset's recipe: tiny 2, cpu 24, anchor 30)' for --help; '%(default).0s' prints
+def defaults_help(option: str) -> str:
+    """' (default: the preset's training defaults: tiny 2, cpu 24, anchor 30)' for --help; '%(default).0s' prints
     nothing but stops the defaults formatter from adding '(default: None)'."""
-    values = ", ".join(f"{name} {getattr(recipe.expert, option):g}" for name, recipe in RECIPES.items())
-    return f" (default: the preset's recipe: {values})%(default).0s"
+    values = ", ".join(f"{name} {getattr(defaults.expert, option):g}" for name, defaults in TRAINING_DEFAULTS.items())
+    return f" (default: the preset's training defaults: {values})%(default).0s"
 
 
-def with_recipe_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the options left unset from the preset's expert recipe."""
-    recipe = get_recipe(args.preset).expert
+def with_preset_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset from the preset's expert training defaults."""
+    defaults = training_defaults(args.preset).expert
     for option in ("epochs", "lr", "batch_size", "warmup_epochs", "patience"):
         if getattr(args, option) is None:
-            setattr(args, option, getattr(recipe, option))
+            setattr(args, option, getattr(defaults, option))
     return args
 
 

@@ -1,4 +1,4 @@
-"""The one reader of a job's settings, and of what a finished run folder says about itself.
+"""The one module that reads, copies and rewrites job folders, and reads what a finished run says about itself.
 
     read_job_settings("jobs/fedxvit")                     # a job folder (or its app/, or app/config/)
     read_job_settings("workspace/server/simulate_job")    # a finished run: the config it really used
@@ -7,7 +7,9 @@ The settings are the arguments NVFlare itself hands the components: the config's
 variables are substituted into the component args with NVFlare's own resolver
 (`nvflare.fuel.utils.wfconf.resolve_var_refs`), so an argument edited in place and one set
 through a variable read the same. The baselines, result_stat and bench read jobs only through
-here; light on purpose (no torch), so table-making scripts stay quick to start.
+here; light on purpose (no torch), so table-making scripts stay quick to start. A run's copy of a job
+(`job_copy`: new variable values, meta entries) and the POC drills' rewrites (`rewrite_job_config`) are made
+here too; `tooling.jobs` generates the committed job folders with these readers.
 """
 
 from __future__ import annotations
@@ -15,14 +17,20 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fedxvit.errors import FedXViTError
+from fedxvit.errors import FedXViTError, read_json
 from fedxvit.paths import project_root
 
 CLIENT_CONFIG = "config_fed_client.json"
 SERVER_CONFIG = "config_fed_server.json"
+META = "meta.json"
+SERVER_FILE = Path("app") / "config" / SERVER_CONFIG  # in a job folder
+CLIENT_FILE = Path("app") / "config" / CLIENT_CONFIG
+# server job variables that bound a task in seconds; NVFlare reads 0 as "wait for ever"
+TASK_LIMITS = ("train_timeout", "submit_model_timeout", "validation_timeout")
 EXECUTOR_PATH = "fedxvit.executor.FedXViTExecutor"
 DEFAULT_JOB = Path("jobs") / "fedxvit"
 DEFAULT_RUN_DIR = Path("workspace") / "server" / "simulate_job"
@@ -50,6 +58,11 @@ class JobSettings:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "equivalent_epochs": self.equivalent_epochs}
+
+
+def job_folder(name: str = DEFAULT_JOB.name) -> Path:
+    """<project>/jobs/<name>: a shipped job folder."""
+    return project_root() / DEFAULT_JOB.parent / name
 
 
 def default_run_dir() -> Path:
@@ -228,6 +241,80 @@ def main(argv=None) -> None:
     print(
         f"{args.job}: {', '.join(checked)} accept the job's options ({settings.preset}, {settings.num_rounds} rounds)"
     )
+
+
+# ---- copying and rewriting job folders (the one place; tooling.jobs generates the committed ones)
+def read_job_config(job: Path, which: Path) -> dict:
+    """One of a job folder's JSON files (SERVER_FILE, CLIENT_FILE, META) as written, variables unresolved."""
+    return read_json(Path(job) / which, f"job folder {job} has no {which}")
+
+
+def write_job_config(job: Path, which: Path, config: dict) -> None:
+    (Path(job) / which).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def rewrite_job_config(job: Path, which: Path, change) -> None:
+    """Apply `change(config)` (in place) to one of a job folder's JSON files and write it back."""
+    config = read_job_config(job, which)
+    change(config)
+    write_job_config(job, which, config)
+
+
+def unbounded_tasks(server_config: dict) -> list[str]:
+    """The TASK_LIMITS a server config has that are not a positive whole number of seconds."""
+    return [
+        name
+        for name in TASK_LIMITS
+        if name in server_config
+        and (
+            isinstance(server_config[name], bool)
+            or not isinstance(server_config[name], int)
+            or server_config[name] <= 0
+        )
+    ]
+
+
+def job_copy(
+    source: os.PathLike,
+    dest: os.PathLike,
+    server: dict | None = None,
+    client: dict | None = None,
+    optional: tuple = (),
+    meta: dict | None = None,
+) -> Path:
+    """A fresh copy of job `source` at `dest` with new values for its server and client variables (and `meta`
+    entries in its meta.json).
+
+    A variable the job lacks is an error naming the file, unless it is listed in `optional`
+    (e.g. min_clients, which a cyclic job has no use for): then it is left out. So is a task limit
+    (TASK_LIMITS) that is not a positive number of seconds."""
+    source, dest = Path(source), Path(dest)
+    for which in (SERVER_FILE, CLIENT_FILE):
+        read_job_config(source, which)  # both files exist and parse before anything is copied
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(source, dest)
+    for which, changes in ((SERVER_FILE, server or {}), (CLIENT_FILE, client or {})):
+        if not changes:
+            continue  # an unchanged file stays byte for byte the job's own
+        config = read_job_config(dest, which)
+        for key, value in changes.items():
+            if key in config:
+                config[key] = value
+            elif key not in optional:
+                raise FedXViTError(f"{source / which} has no job variable {key!r}")
+        write_job_config(dest, which, config)
+    if meta:
+        rewrite_job_config(dest, META, lambda config: config.update(meta))
+    server_config = read_job_config(dest, SERVER_FILE)
+    unbounded = unbounded_tasks(server_config)
+    if unbounded:
+        values = ", ".join(f"{name}={server_config[name]!r}" for name in unbounded)
+        raise FedXViTError(
+            f"{dest / SERVER_FILE} (a copy of {source}): {values}: a task limit must be a positive number of "
+            "seconds (0 lets one hung site stall a run that waits for its sites)"
+        )
+    return dest
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ from pathlib import Path
 from fedxvit.errors import FedXViTError, run_cli
 from fedxvit.methods import BASE_JOB, HE_JOB, JOBS, generated_jobs
 from fedxvit.paths import project_root
+from tooling.jobconfig import CLIENT_FILE, META, SERVER_FILE, read_job_config
 
-META, SERVER, CLIENT = "meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"
 NVFLARE_PT = "nvflare.app_opt.pt"
 NVFLARE_WORKFLOWS = "nvflare.app_common.workflows"
 NVFLARE_FILTERS = "nvflare.app_common.filters"
@@ -121,7 +121,9 @@ def scaffold(server: dict, client: dict) -> None:
     find(server, "workflows", "scatter_and_gather")["path"] = (
         f"{NVFLARE_WORKFLOWS}.scatter_and_gather_scaffold.ScatterAndGatherScaffold"
     )
-    find(server, "components", "assembler")["path"] = "fedxvit.server_algorithms.ScaffoldScreenedAssembler"
+    assembler = find(server, "components", "assembler")
+    assembler["path"] = "fedxvit.server_algorithms.ScaffoldScreenedAssembler"
+    assembler["args"]["data_kind"] = "COLLECTION"  # the weights and the control variates in one DXO
     tracked_params(server)["algorithm"] = "scaffold"
 
 
@@ -131,7 +133,9 @@ def fedsm(server: dict, client: dict) -> None:
     generator = find(server, "components", "shareable_generator")
     generator["path"] = "fedxvit.server_algorithms.FedSMShareableGenerator"
     generator["args"]["softpull_lambda"] = "{softpull_lambda}"
-    find(server, "components", "assembler")["path"] = "fedxvit.server_algorithms.FedSMAssembler"
+    assembler = find(server, "components", "assembler")
+    assembler["path"] = "fedxvit.server_algorithms.FedSMAssembler"
+    assembler["args"]["data_kind"] = "COLLECTION"  # the weights and the FedSM models in one DXO
     server["task_data_filters"] = [
         {
             "tasks": ["train"],
@@ -353,21 +357,18 @@ def render_jobs(jobs_dir: Path) -> dict[Path, str]:
     """{path under jobs_dir: text} of every generated job folder, from jobs_dir/fedxvit."""
     base = Path(jobs_dir) / BASE_JOB
     configs = {}
-    for name in (META, SERVER, CLIENT):
-        try:
-            configs[name] = json.loads((base / name).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FedXViTError(f"{base / name}: cannot read the base job ({exc})") from None
+    for name in (META, SERVER_FILE, CLIENT_FILE):
+        configs[name] = read_job_config(base, name)
     copied = {
         path.relative_to(base): path.read_text()
         for path in sorted(base.rglob("*"))
-        if path.is_file() and path.relative_to(base).as_posix() not in (META, SERVER, CLIENT)
+        if path.is_file() and path.relative_to(base) not in (Path(META), SERVER_FILE, CLIENT_FILE)
     }
     files = {}
     for name, (change, description) in GENERATED_JOBS.items():
         job = copy.deepcopy(configs)
-        job[CLIENT]["executors"][0]["executor"]["args"]["algorithm"] = JOBS[name].site_strategy
-        change(job[SERVER], job[CLIENT])
+        job[CLIENT_FILE]["executors"][0]["executor"]["args"]["algorithm"] = JOBS[name].site_strategy
+        change(job[SERVER_FILE], job[CLIENT_FILE])
         job[META]["name"] = name
         files.update({Path(name) / path: dump(config) for path, config in job.items()})
         files.update({Path(name) / path: text for path, text in copied.items()})

@@ -35,6 +35,12 @@ job stays RUNNING in the job store with no process behind it, which abort_job re
 poc stop` fails and the recorded processes are killed); the drill checks that, says so, and
 resumes the training itself: it submits a continuation job that starts at round K+1 from the
 round-K global model the dead run saved, carrying the finished rounds' global-validation rows.
+
+Why not NVFlare 2.9's PocEnv: it deploys `FedJob` objects only (fedxvit's jobs are JSON folders with job
+variables, docs/federated-jobs.md), and every `deploy` stops a running POC, deletes its workspace
+(`stop(clean_up=True)`: shutil.rmtree) and prepares a fresh one, so one system cannot serve several jobs and
+drills, and a workspace this driver did not create would be removed. What NVFlare does offer is used: its
+`poc prepare/start/stop` commands, each participant's own startup script, and the Flare API session.
 """
 
 from __future__ import annotations
@@ -56,13 +62,13 @@ from pathlib import Path
 from fedxvit.errors import FedXViTError, run_cli
 from fedxvit.site_policy import allow_classes
 from fedxvit.widgets import GLOBAL_VAL_FILE
+from tooling.jobconfig import CLIENT_FILE, DEFAULT_JOB, SERVER_FILE, job_copy, read_job_config, rewrite_job_config
 
 ADMIN = "admin@nvidia.com"
 DEFAULT_SITES = ("site1", "site2", "site3")
 DEFAULT_PORT = 8002  # NVFlare's POC server port
 RESUME_MODEL_FILE = "resume_global_model.pt"
 HE_COMPONENTS = "nvflare.app_opt.he."
-CONFIG_FILES = ("config_fed_server.json", "config_fed_client.json")
 MARKER = ".fedxvit-poc"  # in a workspace this driver created, and so may let `nvflare poc prepare --force` replace
 DAEMON_PID_FILE = "daemon_pid.fl"  # written by NVFlare's sub_start.sh: the participant's restart loop
 START_TIMEOUT_S = 240  # for the server to log every site registered after `nvflare poc start`
@@ -110,7 +116,7 @@ def nvflare(
 
 def uses_he(job: Path) -> bool:
     """Whether the job holds NVFlare's homomorphic-encryption components (it then needs HE keys: `prepare -he`)."""
-    return any(HE_COMPONENTS in (job / "app" / "config" / name).read_text() for name in CONFIG_FILES)
+    return any(HE_COMPONENTS in (job / which).read_text() for which in (SERVER_FILE, CLIENT_FILE))
 
 
 def mark_workspace(workspace: Path) -> None:
@@ -158,10 +164,10 @@ def prepare(workspace: Path, sites=DEFAULT_SITES, port: int = DEFAULT_PORT, he: 
                 mark_workspace(workspace)
 
 
-def login(kit: Path, timeout_s: float):
-    """A Flare API session as the POC admin within timeout_s. NVFlare's login itself has no time limit (one sent
-    while the server was starting up on a busy machine hung for minutes), so each try runs in a thread of its
-    own, and one that hangs past LOGIN_TRY_S is left behind for a new try."""
+def login(kit: Path, timeout_s: float, admin: str = ADMIN):
+    """A Flare API session as `admin` (its startup kit `kit`) within timeout_s. NVFlare's login itself has no time
+    limit (one sent while the server was starting up on a busy machine hung for minutes), so each try runs in a
+    thread of its own, and one that hangs past LOGIN_TRY_S is left behind for a new try."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     deadline = time.monotonic() + timeout_s
@@ -171,7 +177,7 @@ def login(kit: Path, timeout_s: float):
 
         def attempt(box=box, left=left):
             try:
-                box["session"] = new_secure_session(ADMIN, str(kit), timeout=max(1.0, min(left, LOGIN_TRY_S)))
+                box["session"] = new_secure_session(admin, str(kit), timeout=max(1.0, min(left, LOGIN_TRY_S)))
             except Exception as exc:  # NVFlare's many connection errors: try again until the deadline
                 box["error"] = exc
 
@@ -182,13 +188,13 @@ def login(kit: Path, timeout_s: float):
             return box["session"]
         error = box.get("error", error)
     detail = f"{type(error).__name__}: {error}" if error else f"no answer to the login within {LOGIN_TRY_S:.0f} s"
-    raise FedXViTError(f"cannot log in to the POC server as {ADMIN} with {kit} within {timeout_s:.0f} s: {detail}")
+    raise FedXViTError(f"cannot log in to the server as {admin} with {kit} within {timeout_s:.0f} s: {detail}")
 
 
 @contextmanager
-def admin_session(workspace: Path, timeout_s: float = 60):
-    """A Flare API session logged in as the POC admin (its startup kit is in the POC workspace)."""
-    session = login(site_dir(workspace, ADMIN), timeout_s)
+def admin_session(kit: Path, timeout_s: float = 60, admin: str = ADMIN):
+    """A Flare API session logged in as `admin` with its startup kit `kit`."""
+    session = login(kit, timeout_s, admin)
     try:
         yield session
     finally:
@@ -299,29 +305,15 @@ class ProcessTrees:
         return len(victims)
 
 
-def server_config_path(job: Path) -> Path:
-    return job / "app" / "config" / "config_fed_server.json"
-
-
 def job_with_min_clients(job: Path, min_clients: int, into: Path) -> Path:
     """A copy of the job that needs only `min_clients` sites per round (server config and meta.json)."""
-    copy = into / job.name
-    shutil.copytree(job, copy)
-    server = server_config_path(copy)
-    config = json.loads(server.read_text())
-    config["min_clients"] = min_clients
-    server.write_text(json.dumps(config, indent=2))
-    meta = copy / "meta.json"
-    meta_json = json.loads(meta.read_text())
-    meta_json["min_clients"] = min_clients
-    meta.write_text(json.dumps(meta_json, indent=2))
-    return copy
+    return job_copy(job, into / job.name, server={"min_clients": min_clients}, meta={"min_clients": min_clients})
 
 
-def snapshot_files(workspace: Path) -> tuple[str, int]:
-    """Where the POC server's snapshot_persistor (local/resources.json) keeps run snapshots, and how many
+def snapshot_files(server_kit: Path) -> tuple[str, int]:
+    """Where the server's snapshot_persistor (local/resources.json) keeps run snapshots, and how many
     files it holds."""
-    resources = json.loads((site_dir(workspace, SERVER) / "local" / "resources.json").read_text())
+    resources = json.loads((server_kit / "local" / "resources.json").read_text())
     try:
         root = Path(resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"])
     except (KeyError, TypeError):
@@ -338,22 +330,22 @@ def continuation_job(job: Path, run_dir: Path, start_round: int, into: Path) -> 
         raise FedXViTError(f"the killed job left no global model at {model}: nothing to resume from")
     rows_file = run_dir / GLOBAL_VAL_FILE
     rows = json.loads(rows_file.read_text()).get("rounds", []) if rows_file.is_file() else []
-    copy = into / "continuation" / job.name
-    shutil.copytree(job, copy)
+    copy = job_copy(job, into / "continuation" / job.name)
     shutil.copy2(model, copy.parent / RESUME_MODEL_FILE)
-    path = server_config_path(copy)
-    config = json.loads(path.read_text())
-    for entry in config["workflows"]:
-        if entry["path"].endswith(".ScatterAndGather"):
-            entry["args"].update(start_round=start_round, num_rounds=int(config["num_rounds"]) - start_round)
-    for entry in config["components"]:
-        if entry["id"] == "persistor":
-            entry["args"]["source_ckpt_file_full_name"] = str((copy.parent / RESUME_MODEL_FILE).resolve())
-        elif entry["path"].endswith(".GlobalValidationTracker"):
-            entry["args"]["earlier_rounds"] = [row for row in rows if row["round"] < start_round]
-        elif entry["path"].endswith(".FederatedMLflowTracking"):
-            entry["args"]["continue_job"] = run_dir.name  # the killed job's MLflow runs go on
-    path.write_text(json.dumps(config, indent=2))
+
+    def resume(config: dict) -> None:
+        for entry in config["workflows"]:
+            if entry["path"].endswith(".ScatterAndGather"):
+                entry["args"].update(start_round=start_round, num_rounds=int(config["num_rounds"]) - start_round)
+        for entry in config["components"]:
+            if entry["id"] == "persistor":
+                entry["args"]["source_ckpt_file_full_name"] = str((copy.parent / RESUME_MODEL_FILE).resolve())
+            elif entry["path"].endswith(".GlobalValidationTracker"):
+                entry["args"]["earlier_rounds"] = [row for row in rows if row["round"] < start_round]
+            elif entry["path"].endswith(".FederatedMLflowTracking"):
+                entry["args"]["continue_job"] = run_dir.name  # the killed job's MLflow runs go on
+
+    rewrite_job_config(copy, SERVER_FILE, resume)
     return copy
 
 
@@ -381,6 +373,8 @@ class PocSystem:
         self.workspace = Path(workspace).absolute()
         self.before_start = before_start  # called with the system once prepared: a site's own local/ files
         self.sites, self.port, self.he = tuple(sites), port, he
+        self.server, self.admin = SERVER, ADMIN  # participant names: NVFlare's POC ones
+        self.kits = self.workspace / "example_project" / "prod_00"  # every participant's startup kit folder
         self.env = dict(env or {})
         self.start_timeout_s = start_timeout_s
         self.processes = ProcessTrees()
@@ -400,7 +394,7 @@ class PocSystem:
         self.stop()
 
     def site_dir(self, name: str) -> Path:
-        return site_dir(self.workspace, name)
+        return self.kits / name
 
     def start(self) -> None:
         """Claim the workspace, prepare it, start server and clients and record their daemons."""
@@ -422,7 +416,7 @@ class PocSystem:
 
     def record_daemons(self, wait_s: float) -> None:
         """Record the daemon of the server and of every site; with no wait, only those already up."""
-        for name in (SERVER, *self.sites):
+        for name in (self.server, *self.sites):
             try:
                 self.processes.record(name, self.site_dir(name), timeout_s=wait_s)
             except FedXViTError:
@@ -447,7 +441,7 @@ class PocSystem:
             self._tmp = None
 
     def session(self, timeout_s: float = 60):
-        return admin_session(self.workspace, timeout_s)
+        return admin_session(self.site_dir(self.admin), timeout_s, self.admin)
 
     def new_dir(self) -> Path:
         folder = Path(self._tmp.name) / str(next(self._copies))
@@ -474,7 +468,7 @@ class PocSystem:
 
     def wait_for_job_log(self, job_id: str, text: str, timeout_s: float) -> Path:
         """Block until the server's log of this job (server/<job_id>/log.txt) holds `text`; that log."""
-        log = self.site_dir(SERVER) / job_id / "log.txt"
+        log = self.site_dir(self.server) / job_id / "log.txt"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.processes.refresh()  # job processes are known while their parents live
@@ -488,7 +482,7 @@ class PocSystem:
 
     def wait_for_server_log(self, texts: list[str], offset: int, timeout_s: float) -> None:
         """Until the server's own log (server/log.txt), from byte `offset` on, holds every one of `texts`."""
-        log = self.site_dir(SERVER) / "log.txt"
+        log = self.site_dir(self.server) / "log.txt"
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -505,14 +499,20 @@ class PocSystem:
             time.sleep(0.5)
 
     def restart(self, name: str, timeout_s: float = 180) -> None:
-        """Start participant `name` again with its own startup script, as an operator would (console output
-        appended to its poc_console.log, like `nvflare poc start`), record its new daemon, and wait until the
-        server is up again (a site: until the server has registered it again)."""
-        folder, log = self.site_dir(name), self.site_dir(SERVER) / "log.txt"
+        """Start participant `name` again with its own startup script (launch) and wait until the server is up
+        again (a site: until the server has registered it again)."""
+        log = self.site_dir(self.server) / "log.txt"
         offset = log.stat().st_size if log.is_file() else 0
+        self.launch(name)
+        self.wait_for_server_log([SERVER_UP if name == self.server else registered(name)], offset, timeout_s)
+
+    def launch(self, name: str) -> None:
+        """Run participant `name`'s startup script, as an operator would (console output appended to its
+        poc_console.log, like `nvflare poc start`), and record its new daemon; no wait for it to serve."""
+        folder = self.site_dir(name)
         script = folder / "startup" / "start.sh"
         with open(folder / "poc_console.log", "a") as console:
-            console.write(f"\n--- tooling.poc {name} restart {time.asctime()} ---\n")
+            console.write(f"\n--- tooling.poc {name} start {time.asctime()} ---\n")
             console.flush()
             try:
                 subprocess.run(
@@ -525,9 +525,8 @@ class PocSystem:
                     check=True,
                 )
             except (OSError, subprocess.SubprocessError) as exc:
-                raise FedXViTError(f"{script} could not restart {name}: {exc}") from None
+                raise FedXViTError(f"{script} could not start {name}: {exc}") from None
         self.processes.record(name, folder)
-        self.wait_for_server_log([SERVER_UP if name == SERVER else registered(name)], offset, timeout_s)
 
     def kill_site_drill(
         self,
@@ -564,7 +563,7 @@ class PocSystem:
         """Whether a server job process for `job_id` runs (one of the server's processes names the job)."""
         import psutil
 
-        for proc in self.processes.tree(SERVER):
+        for proc in self.processes.tree(self.server):
             try:
                 if job_id in proc.cmdline():
                     return True
@@ -606,17 +605,17 @@ class PocSystem:
             killed_site = self.processes.kill(kill_site)
             print(f"killed {killed_site} process(es) of {kill_site} in round {kill_site_after_round}", flush=True)
         self.wait_for_job_log(job_id, f"Round {after_round} finished", timeout_s)
-        killed = self.processes.kill(SERVER)
+        killed = self.processes.kill(self.server)
         print(f"killed {killed} server process(es) after round {after_round} finished", flush=True)
-        continuation = continuation_job(copy, self.site_dir(SERVER) / job_id, after_round + 1, self.new_dir())
-        self.restart(SERVER)
+        continuation = continuation_job(copy, self.site_dir(self.server) / job_id, after_round + 1, self.new_dir())
+        self.restart(self.server)
         if kill_site:  # it is back: the resumed rounds wait for every site
             self.restart(kill_site)
             print(f"{kill_site} restarted with its startup script and registered again", flush=True)
             continuation = job_with_min_clients(continuation, len(self.sites), self.new_dir())
         with self.session(timeout_s=120) as session:
             restored = self.wait_for_restored_job(job_id, restore_wait_s)
-            storage, snapshots = snapshot_files(self.workspace)
+            storage, snapshots = snapshot_files(self.site_dir(self.server))
             drill = {
                 "job_id": job_id,
                 "after_round": after_round,
@@ -665,7 +664,7 @@ def validate(
             "the site is killed first, then the server"
         )
     if kill_server_after_round is not None:
-        rounds = int(json.loads(server_config_path(job).read_text())["num_rounds"])
+        rounds = int(read_job_config(job, SERVER_FILE)["num_rounds"])
         if not 0 <= kill_server_after_round < rounds - 1:
             raise FedXViTError(
                 f"--kill-server-after-round {kill_server_after_round}: {job} trains rounds "
@@ -735,7 +734,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--job", default="jobs/fedxvit", help="NVFlare job folder")
+    parser.add_argument("--job", default=str(DEFAULT_JOB), help="NVFlare job folder")
     parser.add_argument(
         "--workspace",
         default=os.path.join(tempfile.gettempdir(), "nvflare", "poc"),

@@ -11,7 +11,6 @@ site that takes a task and never answers would otherwise hold the run for as lon
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -21,70 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedxvit.errors import FedXViTError, read_json
+from fedxvit.errors import FedXViTError
 from fedxvit.persistor import INITIAL_MODEL_ENV
 from fedxvit.site_policy import allow_classes
 from fedxvit.sites import DATA_ROOT_ENV, site_env_var
 
-SERVER_CONFIG = Path("app") / "config" / "config_fed_server.json"
-CLIENT_CONFIG = Path("app") / "config" / "config_fed_client.json"
 GLOBAL_MODEL = Path("app_server") / "FL_global_model.pt"
 SIMULATOR_LOG = "simulator_output.log"
-# server job variables that bound a task in seconds; NVFlare reads 0 as "wait for ever"
-TASK_LIMITS = ("train_timeout", "submit_model_timeout", "validation_timeout")
-
-
-def read_job_config(job: Path, which: Path) -> dict:
-    return read_json(Path(job) / which, f"job folder {job} has no {which}")
-
-
-def unbounded_tasks(server_config: dict) -> list[str]:
-    """The TASK_LIMITS a server config has that are not a positive whole number of seconds."""
-    return [
-        name
-        for name in TASK_LIMITS
-        if name in server_config
-        and (
-            isinstance(server_config[name], bool)
-            or not isinstance(server_config[name], int)
-            or server_config[name] <= 0
-        )
-    ]
-
-
-def job_copy(
-    source: os.PathLike, dest: os.PathLike, server: dict | None = None, client: dict | None = None, optional: tuple = ()
-) -> Path:
-    """A fresh copy of job `source` at `dest` with new values for its server and client variables.
-
-    A variable the job lacks is an error naming the file, unless it is listed in `optional`
-    (e.g. min_clients, which a cyclic job has no use for): then it is left out. So is a task limit
-    (TASK_LIMITS) that is not a positive number of seconds."""
-    source, dest = Path(source), Path(dest)
-    for which in (SERVER_CONFIG, CLIENT_CONFIG):
-        read_job_config(source, which)  # both files exist and parse before anything is copied
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(source, dest)
-    for which, changes in ((SERVER_CONFIG, server or {}), (CLIENT_CONFIG, client or {})):
-        if not changes:
-            continue  # an unchanged file stays byte for byte the job's own
-        config = read_job_config(dest, which)
-        for key, value in changes.items():
-            if key in config:
-                config[key] = value
-            elif key not in optional:
-                raise FedXViTError(f"{source / which} has no job variable {key!r}")
-        (dest / which).write_text(json.dumps(config, indent=2) + "\n")
-    server_config = read_job_config(dest, SERVER_CONFIG)
-    unbounded = unbounded_tasks(server_config)
-    if unbounded:
-        values = ", ".join(f"{name}={server_config[name]!r}" for name in unbounded)
-        raise FedXViTError(
-            f"{dest / SERVER_CONFIG} (a copy of {source}): {values}: a task limit must be a positive number of "
-            "seconds (0 lets one hung site stall a run that waits for its sites)"
-        )
-    return dest
 
 
 def simulator_env(

@@ -42,7 +42,7 @@ from fedxvit.datalist import load_split, read_dataset_info
 from fedxvit.errors import FedXViTError
 from fedxvit.frozen_tensors import FrozenTensors
 from fedxvit.imbalance import balanced_softmax_shift, check_loss, class_counts, mas_factor, measure_divergence
-from fedxvit.model import DEFAULT_PRESET, build_model, get_recipe
+from fedxvit.model import DEFAULT_PRESET, build_model, training_defaults
 from fedxvit.paths import job_path
 from fedxvit.protocol import (
     MAS_FACTOR,
@@ -214,13 +214,13 @@ class FedXViTExecutor(Executor):
         super().__init__()
         # Every option is checked here, when NVFlare builds the site's app and before its first task, so a bad
         # job variable stops the run with one line naming it instead of failing inside a task.
-        recipe = get_recipe(preset).site  # what the job does not set comes from the preset's recipe
+        defaults = training_defaults(preset).site  # what the job does not set comes from the preset's training defaults
         self.preset = preset
-        self.local_epochs = job_option("local_epochs", recipe.local_epochs if local_epochs is None else local_epochs)
+        self.local_epochs = job_option("local_epochs", defaults.local_epochs if local_epochs is None else local_epochs)
         self.learning_rate = job_option(
-            "learning_rate", recipe.learning_rate if learning_rate is None else learning_rate, float
+            "learning_rate", defaults.learning_rate if learning_rate is None else learning_rate, float
         )
-        self.batch_size = job_option("batch_size", recipe.batch_size if batch_size is None else batch_size)
+        self.batch_size = job_option("batch_size", defaults.batch_size if batch_size is None else batch_size)
         if freeze_policy not in FREEZE_POLICIES:
             raise FedXViTError(
                 f"job option freeze_policy={freeze_policy!r} is unknown; choose one of {', '.join(FREEZE_POLICIES)}"

@@ -95,7 +95,7 @@ DEFAULT_PRESET = "cpu"
 
 
 @dataclass(frozen=True)
-class ExpertRecipe:
+class ExpertDefaults:
     """Phase 1, centralized: AdamW peak lr with linear warm-up and cosine decay, early stopping."""
 
     lr: float
@@ -106,7 +106,7 @@ class ExpertRecipe:
 
 
 @dataclass(frozen=True)
-class SiteRecipe:
+class SiteDefaults:
     """Phase 2, at each hospital per round: the executor's AdamW lr, batch size and local epochs."""
 
     learning_rate: float
@@ -115,30 +115,30 @@ class SiteRecipe:
 
 
 @dataclass(frozen=True)
-class Recipe:
+class TrainingDefaults:
     """How a preset is trained; the one home of training defaults (expert CLI, executor, baselines)."""
 
-    expert: ExpertRecipe
-    site: SiteRecipe
+    expert: ExpertDefaults
+    site: SiteDefaults
 
 
-RECIPES: dict[str, Recipe] = {
+TRAINING_DEFAULTS: dict[str, TrainingDefaults] = {
     # toy problems in milliseconds: tiny batches so a site of a dozen images still takes several steps
-    "tiny": Recipe(
-        ExpertRecipe(lr=2e-3, batch_size=4, epochs=2, warmup_epochs=0.0, patience=1),
-        SiteRecipe(learning_rate=3e-4, batch_size=4, local_epochs=1),
+    "tiny": TrainingDefaults(
+        ExpertDefaults(lr=2e-3, batch_size=4, epochs=2, warmup_epochs=0.0, patience=1),
+        SiteDefaults(learning_rate=3e-4, batch_size=4, local_epochs=1),
     ),
     # measured on the embedded benchmark (docs/model.md): clipping keeps the ViT stable on CPU; 14 epochs of cosine
     # decay run to the end (patience = epochs), since a noisy validation curve stopped a 24-epoch schedule early
-    "cpu": Recipe(
-        ExpertRecipe(lr=2e-3, batch_size=16, epochs=14, warmup_epochs=1.0, patience=14),
-        SiteRecipe(learning_rate=3e-4, batch_size=16, local_epochs=1),
+    "cpu": TrainingDefaults(
+        ExpertDefaults(lr=2e-3, batch_size=16, epochs=14, warmup_epochs=1.0, patience=14),
+        SiteDefaults(learning_rate=3e-4, batch_size=16, local_epochs=1),
     ),
     # ViT-Base-sized: the values that learned on one GPU (docs/measurements.md, "The anchor preset on a GPU");
-    # the cpu recipe's lr 2e-3 leaves this model at chance
-    "anchor": Recipe(
-        ExpertRecipe(lr=3e-4, batch_size=32, epochs=10, warmup_epochs=2.0, patience=4),
-        SiteRecipe(learning_rate=3e-4, batch_size=16, local_epochs=1),
+    # the cpu training defaults' lr 2e-3 leaves this model at chance
+    "anchor": TrainingDefaults(
+        ExpertDefaults(lr=3e-4, batch_size=32, epochs=10, warmup_epochs=2.0, patience=4),
+        SiteDefaults(learning_rate=3e-4, batch_size=16, local_epochs=1),
     ),
 }
 
@@ -153,9 +153,9 @@ def get_preset(name: str) -> Preset:
         raise FedXViTError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
-def get_recipe(preset: str | Preset = DEFAULT_PRESET) -> Recipe:
-    """The training recipe of a preset (every preset has one)."""
-    return RECIPES[get_preset(preset).name]
+def training_defaults(preset: str | Preset = DEFAULT_PRESET) -> TrainingDefaults:
+    """The training defaults of a preset (every preset has them)."""
+    return TRAINING_DEFAULTS[get_preset(preset).name]
 
 
 def _is_frozen_batchnorm(module: nn.Module) -> bool:

@@ -100,11 +100,16 @@ class CollectionAssembler(ScreenedAssembler):
     """A ScreenedAssembler of results that are DXO COLLECTIONs (SCAFFOLD's, FedSM's): same settings as FedAvg's."""
 
     def __init__(
-        self, aggregation: str = "mean", norm_k: float = 10.0, trim_fraction: float = 0.2, max_weight_ratio: float = 4.0
+        self,
+        aggregation: str = "mean",
+        norm_k: float = 10.0,
+        trim_fraction: float = 0.2,
+        max_weight_ratio: float = 4.0,
+        data_kind: str = DataKind.COLLECTION,
     ):
-        super().__init__(
-            aggregation, norm_k, trim_fraction, data_kind=DataKind.COLLECTION, max_weight_ratio=max_weight_ratio
-        )
+        if data_kind != DataKind.COLLECTION:
+            raise FedXViTError(f"job option data_kind='{data_kind}': this assembler takes COLLECTION results only")
+        super().__init__(aggregation, norm_k, trim_fraction, data_kind=data_kind, max_weight_ratio=max_weight_ratio)
 
 
 class ScaffoldScreenedAssembler(CollectionAssembler):

@@ -11,7 +11,7 @@ from typing import Callable
 
 from fedxvit.errors import FedXViTError
 from fedxvit.methods import DP_EPSILONS, METHODS, compared
-from tooling.simulation import CLIENT_CONFIG, SERVER_CONFIG, read_job_config
+from tooling.jobconfig import CLIENT_FILE, SERVER_FILE, read_job_config
 
 METHOD_JOBS = compared("federated")  # method -> job folder (or --methods name=folder); fedxvit.methods lists them
 PRIVACY_METHOD_JOBS = compared("privacy")  # FedAvg behind a privacy filter or DP-SGD (make compare-privacy)
@@ -73,8 +73,8 @@ def parse_methods(text: str | None, root: Path) -> dict:
         if name in methods:
             raise FedXViTError(f"--methods: {name!r} is listed twice")
         folder = Path(folder)
-        if not (folder / SERVER_CONFIG).is_file():
-            raise FedXViTError(f"--methods: job folder {folder} of method {name!r} has no {SERVER_CONFIG}")
+        if not (folder / SERVER_FILE).is_file():
+            raise FedXViTError(f"--methods: job folder {folder} of method {name!r} has no {SERVER_FILE}")
         methods[name] = folder
     if REFERENCE not in methods:
         raise FedXViTError(f"--methods must include {REFERENCE!r}: it is the reference of the gap and of every verdict")
@@ -101,7 +101,7 @@ def place_variables(job: Path, values: dict, where: str) -> dict:
     placed: dict = {}
     for variable, value in values.items():
         found = False
-        for side, which in (("server", SERVER_CONFIG), ("client", CLIENT_CONFIG)):
+        for side, which in (("server", SERVER_FILE), ("client", CLIENT_FILE)):
             if variable in read_job_config(job, which):
                 placed.setdefault(side, {})[variable] = value
                 found = True
@@ -136,7 +136,7 @@ def inherit_reference(name: str, job: Path, chosen: dict) -> None:
     inherited = {
         variable: value
         for variable, value in chosen.get(REFERENCE, {}).get("client", {}).items()
-        if variable in read_job_config(job, CLIENT_CONFIG)
+        if variable in read_job_config(job, CLIENT_FILE)
     }
     if inherited:
         chosen[name] = merge_variables({"client": inherited}, chosen.get(name, {}))

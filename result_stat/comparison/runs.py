@@ -16,7 +16,8 @@ import numpy as np
 
 from fedxvit.errors import FedXViTError
 from result_stat.comparison.scores import PRIMARY_METRIC, score_sites
-from tooling.simulation import GLOBAL_MODEL, job_copy, run_simulator
+from tooling.jobconfig import job_copy
+from tooling.simulation import GLOBAL_MODEL, run_simulator
 
 DONE_FILE = "result.json"
 HELDOUT = "heldout"  # a scenario's held-out hospital (data_preparation.benchmark): scored, never trained on
