@@ -135,6 +135,8 @@ class ProvisionedSystem(PocSystem):
             for site in self.sites:
                 self.launch(site)
             self.wait_for_server_log([registered(site) for site in self.sites], offset, self.start_timeout_s)
+            checks = ", ".join(f"{name} {line.removeprefix('overall: ')}" for name, line in self.preflight.items())
+            print(f"nvflare preflight-check: {checks}; {', '.join(self.sites)} registered", flush=True)
         except FedXViTError:
             self.record_daemons(wait_s=0)
             raise
