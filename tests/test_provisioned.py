@@ -5,6 +5,8 @@ compared with conftest.plain_fedavg_run's plain FedAvg on the same sites, initia
 system shares the POC tests' worker (conftest.SHARED_RUN_FILES): never two systems at once."""
 
 import json
+import socket
+import time
 
 import pytest
 import torch
@@ -56,6 +58,22 @@ def test_a_bad_project_file_is_one_line_naming_it(tmp_path, text, expected):
     with pytest.raises(FedXViTError, match=expected) as error:
         read_project(bad)
     assert str(bad) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_server_port_in_use_fails_the_servers_preflight_check_in_one_line_and_starts_nothing(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        project = rehearsal_project(read_project(TEMPLATE), busy.getsockname()[1], SITES[:2])
+        system = ProvisionedSystem(tmp_path / "workspace", project)
+        started = time.monotonic()
+        with pytest.raises(FedXViTError, match=r"^preflight check of localhost failed: .*overall: fail$") as error:
+            with system:
+                pass
+    assert "\n" not in str(error.value) and time.monotonic() - started < 60
+    assert (system.site_dir("localhost") / "startup" / "start.sh").is_file()  # provisioned, never started
+    assert not system.processes.daemons and not system.started
 
 
 @pytest.fixture(scope="module")

@@ -156,11 +156,12 @@ class ProvisionedSystem(PocSystem):
         if self.started:
             self.started = False
             self.processes.refresh()
-            try:
-                with self.session(timeout_s=30) as session:
-                    session.shutdown("all", wait=False)  # the wait below watches the processes themselves
-            except Exception as exc:  # a server that never came up, or died in a drill: the kill below ends it
-                print(f"warning: shutdown all: {type(exc).__name__}: {exc}", flush=True)
+            if self.processes.tree(self.server):  # a server that never came up has nobody to log in to
+                try:
+                    with self.session(timeout_s=30) as session:
+                        session.shutdown("all", wait=False)  # the wait below watches the processes themselves
+                except Exception as exc:  # a server that died in a drill: the kill below ends what is left
+                    print(f"warning: shutdown all: {type(exc).__name__}: {exc}", flush=True)
             deadline = time.monotonic() + 20
             while any(self.processes.tree(name) for name in (self.server, *self.sites)) and time.monotonic() < deadline:
                 time.sleep(0.5)

@@ -100,7 +100,8 @@ JOBS = {
         "privacy",
         "FedAvg with homomorphic encryption (NVFlare's TenSEAL CKKS components): the server aggregates "
         "encrypted updates and never holds a plaintext update or model. Needs a deployment provisioned for HE "
-        "(`make poc-he`, or `nvflare poc prepare -he`); it does not run in the simulator, which has no keys.",
+        "(`make poc-he`, `nvflare poc prepare -he`, or deploy/project.yml with its HEBuilder); it does not run in "
+        "the simulator, which has no keys.",
     ),
     "fedxvit_exclude_vars": Job(
         "fedavg",
