@@ -249,8 +249,13 @@ def read_job_config(job: Path, which: Path) -> dict:
     return read_json(Path(job) / which, f"job folder {job} has no {which}")
 
 
+def config_text(config: dict) -> str:
+    """A job config as the committed job folders hold it."""
+    return json.dumps(config, indent=2) + "\n"
+
+
 def write_job_config(job: Path, which: Path, config: dict) -> None:
-    (Path(job) / which).write_text(json.dumps(config, indent=2) + "\n")
+    (Path(job) / which).write_text(config_text(config))
 
 
 def rewrite_job_config(job: Path, which: Path, change) -> None:

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 from fedxvit.errors import FedXViTError, run_cli
 from fedxvit.methods import BASE_JOB, HE_JOB, JOBS, generated_jobs
 from fedxvit.paths import project_root
-from tooling.jobconfig import CLIENT_FILE, META, SERVER_FILE, read_job_config
+from tooling.jobconfig import CLIENT_FILE, META, SERVER_FILE, config_text, read_job_config
 
 NVFLARE_PT = "nvflare.app_opt.pt"
 NVFLARE_WORKFLOWS = "nvflare.app_common.workflows"
@@ -349,10 +348,6 @@ def readme(name: str, description: str) -> str:
     )
 
 
-def dump(config: dict) -> str:
-    return json.dumps(config, indent=2) + "\n"
-
-
 def render_jobs(jobs_dir: Path) -> dict[Path, str]:
     """{path under jobs_dir: text} of every generated job folder, from jobs_dir/fedxvit."""
     base = Path(jobs_dir) / BASE_JOB
@@ -370,7 +365,7 @@ def render_jobs(jobs_dir: Path) -> dict[Path, str]:
         job[CLIENT_FILE]["executors"][0]["executor"]["args"]["algorithm"] = JOBS[name].site_strategy
         change(job[SERVER_FILE], job[CLIENT_FILE])
         job[META]["name"] = name
-        files.update({Path(name) / path: dump(config) for path, config in job.items()})
+        files.update({Path(name) / path: config_text(config) for path, config in job.items()})
         files.update({Path(name) / path: text for path, text in copied.items()})
         files[Path(name) / "README.md"] = readme(name, description)
     return files

@@ -73,6 +73,7 @@ MARKER = ".fedxvit-poc"  # in a workspace this driver created, and so may let `n
 DAEMON_PID_FILE = "daemon_pid.fl"  # written by NVFlare's sub_start.sh: the participant's restart loop
 START_TIMEOUT_S = 240  # for the server to log every site registered after `nvflare poc start`
 SERVER = "server"
+POC_KITS = Path("example_project") / "prod_00"  # where `nvflare poc prepare` writes the startup kits
 SERVER_UP = "Server started"  # in the server's log.txt once it serves
 LOGIN_TRY_S = 30  # one login try; NVFlare's own login never gives up
 
@@ -226,7 +227,7 @@ def download(session, job_id: str, out: Path) -> Path:
 
 
 def site_dir(workspace: Path, site: str) -> Path:
-    return workspace / "example_project" / "prod_00" / site
+    return workspace / POC_KITS / site
 
 
 def alive(proc) -> bool:
@@ -374,7 +375,7 @@ class PocSystem:
         self.before_start = before_start  # called with the system once prepared: a site's own local/ files
         self.sites, self.port, self.he = tuple(sites), port, he
         self.server, self.admin = SERVER, ADMIN  # participant names: NVFlare's POC ones
-        self.kits = self.workspace / "example_project" / "prod_00"  # every participant's startup kit folder
+        self.kits = self.workspace / POC_KITS  # every participant's startup kit folder
         self.env = dict(env or {})
         self.start_timeout_s = start_timeout_s
         self.processes = ProcessTrees()

@@ -165,7 +165,6 @@ class ProvisionedSystem(PocSystem):
             deadline = time.monotonic() + 20
             while any(self.processes.tree(name) for name in (self.server, *self.sites)) and time.monotonic() < deadline:
                 time.sleep(0.5)
-                self.processes.refresh()
             leftovers = self.processes.kill()
             if leftovers:
                 print(f"killed {leftovers} leftover process(es) this driver started", flush=True)
