@@ -99,7 +99,7 @@ demo: data expert transfer simulate baselines results
 
 # Benchmarks in one run: federation cost ratios, model throughput, the last demo's timings -> bench/results.json.
 bench: setup
-	$(PY) bench/run.py
+	PYTHONPATH=$(CURDIR) $(PY) bench/run.py
 
 # What HE costs: plain vs HE FedAvg in POC per freeze policy (time and bytes per round, test accuracy) -> bench/he.json.
 .PHONY: bench-he

@@ -56,9 +56,11 @@ def task_times(lines: list[str], slowest: int = 3) -> dict:
 def round_breakdown(server_lines: list[str], site_lines: list[str]) -> dict:
     """Where each round's wall time goes, from the server log and the sites' logs of one run:
     {round: {round_s, dispatch_s (round start to the first train task taken), slowest_task_s (a site's train task,
-    taken to answered, as the server saw it), aggregation_s (last answer to the round's end), and the slowest
-    site's global_val_s, training_s and local_val_s; overhead_s = round_s - the slowest site's training_s;
-    beyond_tasks_s = round_s - slowest_task_s}}. Round 0 also holds the sites' start-up in the simulator."""
+    taken to answered, as the server saw it), aggregation_s (last answer to the round's end), between_s (the round's
+    end to the next round's start: the workflow's snapshot and memory clean-up; 0 after the last round), and the
+    slowest site's global_val_s, training_s and local_val_s; overhead_s = round_s + between_s - the slowest site's
+    training_s, so a round's cost is counted start to start; beyond_tasks_s = round_s + between_s -
+    slowest_task_s}}. Round 0 also holds the sites' start-up in the simulator."""
     starts, ends, taken, answered = {}, {}, {}, []
     for line in server_lines:
         if match := ROUND.search(line):
@@ -78,17 +80,19 @@ def round_breakdown(server_lines: list[str], site_lines: list[str]) -> dict:
         if not tasks or r not in parts:
             continue
         round_s, slowest_task = ends[r] - starts[r], max(b - a for a, b in tasks)
+        between = starts[r + 1] - ends[r] if r + 1 in starts else 0.0
         slowest = max(parts[r].values(), key=lambda x: x[1])  # the longest local training
         rounds[r] = {
             "round_s": round(round_s, 3),
             "dispatch_s": round(min(a for a, _ in tasks) - starts[r], 3),
             "slowest_task_s": round(slowest_task, 3),
             "aggregation_s": round(ends[r] - max(b for _, b in tasks), 3),
+            "between_s": round(between, 3),
             "global_val_s": slowest[0],
             "training_s": slowest[1],
             "local_val_s": slowest[2],
-            "overhead_s": round(round_s - slowest[1], 3),
-            "beyond_tasks_s": round(round_s - slowest_task, 3),
+            "overhead_s": round(round_s + between - slowest[1], 3),
+            "beyond_tasks_s": round(round_s + between - slowest_task, 3),
         }
     return rounds
 

@@ -111,11 +111,9 @@ def overlay_image(image: np.ndarray, heatmap: np.ndarray, mask: np.ndarray, titl
 
 
 def save_panels(site: str, cases: list[dict], out: os.PathLike, columns: int = 5, method: str = "gradcam") -> dict:
-    """One overlay PNG per case under <out>/<method>/<site>/ and a contact sheet <out>/<method>_<site>.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One overlay PNG per case under <out>/<method>/<site>/ and a contact sheet <out>/<method>_<site>.png: the
+    overlays pasted in a grid under a title line (PIL; as a matplotlib figure a sheet took about 0.9 s)."""
+    from PIL import Image, ImageDraw
 
     out = Path(out)
     folder = out / method / site
@@ -123,17 +121,18 @@ def save_panels(site: str, cases: list[dict], out: os.PathLike, columns: int = 5
     overlays = [overlay_image(case["image"][0].numpy(), case["heatmap"], case["mask"], case["title"]) for case in cases]
     for case, overlay in zip(cases, overlays):
         overlay.save(folder / f"{case['name']}.png")
+    gap, title_height = 6, 20
+    cell_w = max((o.width for o in overlays), default=128) + gap
+    cell_h = max((o.height for o in overlays), default=128) + gap
     rows = max(1, -(-len(cases) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, overlay in zip(axes.flat, overlays):
-        ax.imshow(np.asarray(overlay))
-    fig.suptitle(f"{site}: {method} of the Tumor logit (white: tumor mask, x: heatmap max)", fontsize=9)
-    fig.tight_layout()
+    sheet_image = Image.new("RGB", (gap + columns * cell_w, title_height + rows * cell_h), "white")
+    ImageDraw.Draw(sheet_image).text(
+        (gap, 4), f"{site}: {method} of the Tumor logit (white: tumor mask, x: heatmap max)", fill="black"
+    )
+    for i, overlay in enumerate(overlays):
+        sheet_image.paste(overlay, (gap + (i % columns) * cell_w, title_height + (i // columns) * cell_h))
     sheet = out / f"{method}_{site}.png"
-    fig.savefig(sheet, dpi=100)
-    plt.close(fig)
+    sheet_image.save(sheet)
     return {"folder": folder, "sheet": sheet}
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from tiny import REPO
 
 from result_stat.summary import PHASES, format_summary
@@ -80,6 +81,18 @@ def test_make_demo_is_a_chain_of_timed_phases_then_the_summary(tmp_path):
     assert dry_run("results", stamp) == ["py -m tooling.baselines", "py -m result_stat.run_all --out results"], (
         "results needs baselines"
     )
+
+
+@pytest.mark.parametrize("target", ["bench", "bench-he"])
+def test_the_bench_targets_scripts_start_with_makes_environment(tmp_path, target):
+    """A bench script runs by its path, so the repository's top-level packages (tooling) must reach it through
+    the target's own environment: its command, with --help, exits 0 (it once failed on `import tooling`)."""
+    commands = [line for line in dry_run(target, tmp_path / "installed") if "bench/" in line]
+    assert len(commands) == 1, commands
+    command = commands[0].replace("py bench/", f"{sys.executable} bench/") + " --help"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    done = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "usage" in done.stdout, done.stderr[-2000:]
 
 
 def test_no_python_module_runs_make():

@@ -126,8 +126,10 @@ def test_each_round_splits_into_the_slowest_sites_parts_and_the_rest(plain_fedav
         parts = row["global_val_s"] + row["training_s"] + row["local_val_s"]
         assert 0 < row["training_s"] and 0 < row["global_val_s"] and 0 < row["local_val_s"], row
         assert parts <= row["slowest_task_s"] + 0.002 and row["slowest_task_s"] <= row["round_s"] + 0.002, row
-        assert row["dispatch_s"] >= 0 and row["aggregation_s"] >= 0, row
-        assert row["overhead_s"] == pytest.approx(row["round_s"] - row["training_s"], abs=2e-3)
+        assert row["dispatch_s"] >= 0 and row["aggregation_s"] >= 0 and row["between_s"] >= 0, row
+        assert row["overhead_s"] == pytest.approx(row["round_s"] + row["between_s"] - row["training_s"], abs=2e-3)
+    assert rounds[plain_fedavg_run["rounds"] - 1]["between_s"] == 0  # the last round has no next round to wait for
+    assert all(row["between_s"] > 0 for r, row in rounds.items() if r < plain_fedavg_run["rounds"] - 1)
 
 
 def tb_scalars(folder: Path) -> dict:

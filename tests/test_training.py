@@ -196,6 +196,16 @@ def test_checkpoint_round_trip_and_sidecar(tmp_path):
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_channels_last_model_is_saved_contiguous_with_the_same_values(tmp_path):
+    """The expert trains channels-last (tooling.expert); its checkpoint holds the one layout every reader expects."""
+    model = build_model("tiny", num_classes=2).to(memory_format=torch.channels_last)
+    assert any(not v.is_contiguous() for v in model.state_dict().values())  # the case is real: 4-D convolutions
+    save_checkpoint(tmp_path / "m.pt", model, {"class_names": list(TASK_CLASSES)})
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert all(v.is_contiguous() for v in state.values())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
 def test_mismatched_or_missing_checkpoint_is_one_clear_line(tmp_path):
     path = tmp_path / "expert.pt"
     save_checkpoint(path, build_model("tiny", num_classes=4), {"class_names": list(EXPERT_CLASSES)})

@@ -29,9 +29,6 @@ SQUARE = 10  # side of the bright "tumor" square, px
 # Registering a model (torch.export, twice) costs ~15 s a run on 2 cores: only the runs that test it register
 TINY_SERVER = {"num_rounds": 2, "preset": "tiny", "registered_model_name": ""}
 TINY_CLIENT = {"preset": "tiny", "batch_size": 4, "torch_threads": 1}
-# NVFlare's server tells a site to ask for its next task 2 s after finishing one; a tiny task takes
-# milliseconds, so a tiny run would mostly wait (cross-site evaluation is a dozen tasks in a row).
-TINY_TASK_REQUEST_INTERVAL_S = 0.5
 # what the tests' jobs may build besides NVFlare's classes: fedxvit's and the test components in this folder
 TEST_CLASSES = ("fedxvit.", "faulty_executor.", "sent_recorder.")
 
@@ -87,8 +84,6 @@ def write_tiny_config(
         config = json.loads((job_dir / "app" / "config" / name).read_text())
         assert set(changes) <= set(config), f"{name} lost a job argument"
         config.update(changes)
-        if name == "config_fed_server.json":  # NVFlare's own server setting, not a job variable
-            config.setdefault("server", {})["task_request_interval"] = TINY_TASK_REQUEST_INTERVAL_S
         (config_dir / name).write_text(json.dumps(config, indent=2))
     return config_dir
 

@@ -193,7 +193,11 @@ def train_expert(args: argparse.Namespace) -> dict:
     }
     if len(loaders["training"].dataset) == 0 or len(loaders["validation"].dataset) == 0:
         raise FedXViTError(f"{args.data}: the training and validation splits must not be empty")
-    model = build_model(preset.name, num_classes=len(class_names), pretrained=args.pretrained).to(device)
+    # channels-last convolutions: about 15% less time per training step on a 2-core CPU (docs/model.md); the
+    # checkpoint is saved contiguous (fedxvit.checkpoint.save_checkpoint), as every other model
+    model = build_model(preset.name, num_classes=len(class_names), pretrained=args.pretrained).to(
+        device, memory_format=torch.channels_last
+    )
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     steps_per_epoch = len(loaders["training"])
     scheduler = make_scheduler(optimizer, args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch))

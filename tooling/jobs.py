@@ -117,9 +117,9 @@ def fedopt(server: dict, client: dict) -> None:
 
 
 def scaffold(server: dict, client: dict) -> None:
-    find(server, "workflows", "scatter_and_gather")["path"] = (
-        f"{NVFLARE_WORKFLOWS}.scatter_and_gather_scaffold.ScatterAndGatherScaffold"
-    )
+    workflow = find(server, "workflows", "scatter_and_gather")
+    workflow["path"] = f"{NVFLARE_WORKFLOWS}.scatter_and_gather_scaffold.ScatterAndGatherScaffold"
+    del workflow["args"]["memory_gc_rounds"]  # not an argument of NVFlare's SCAFFOLD workflow: it cleans every round
     assembler = find(server, "components", "assembler")
     assembler["path"] = "fedxvit.server_algorithms.ScaffoldScreenedAssembler"
     assembler["args"]["data_kind"] = "COLLECTION"  # the weights and the control variates in one DXO
@@ -184,6 +184,7 @@ def cyclic(server: dict, client: dict) -> None:
             "shareable_generator_id": "shareable_generator",
             "task_name": "train",
             "order": "{order}",
+            "memory_gc_rounds": workflow["args"]["memory_gc_rounds"],
         },
     )
     update_filter = find_filter(server, "reject_bad_updates")

@@ -36,7 +36,7 @@ def save_checkpoint(path: os.PathLike, model: HybridViT, meta: dict | None = Non
     names = meta.get("class_names")
     if names is not None and len(names) != model.num_classes:
         raise FedXViTError(f"{path}: {len(names)} class names given for a {model.num_classes}-class model")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # one layout on disk
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint under the real name
