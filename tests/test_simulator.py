@@ -4,7 +4,6 @@ the server's proxy), read back with MlflowClient, and into TensorBoard event fil
 `plain_fedavg_run`, shared with the HE and POC tests (one worker: conftest.SHARED_RUN_FILES)."""
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -116,7 +115,7 @@ def test_each_round_splits_into_the_slowest_sites_parts_and_the_rest(plain_fedav
     """`make bench`'s round breakdown (bench/task_times.round_breakdown) on this run's server and site logs: a row
     per round; the slowest site's timed parts fit in its train task, the task in the round (log stamps: ms)."""
     sys.path.insert(0, str(REPO / "bench"))
-    from task_times import round_breakdown, stamp
+    from task_times import ROUND, round_breakdown, stamp
 
     workspace = plain_fedavg_run["workspace"]
     server = (workspace / "server" / "log.txt").read_text().splitlines()
@@ -130,7 +129,7 @@ def test_each_round_splits_into_the_slowest_sites_parts_and_the_rest(plain_fedav
         assert row["dispatch_s"] >= 0 and row["aggregation_s"] >= 0 and row["between_s"] >= 0, row
         assert row["overhead_s"] == pytest.approx(row["round_s"] + row["between_s"] - row["training_s"], abs=2e-3)
     # a round is counted start to start: its own wall time and the wait before the next one starts
-    starts = [stamp(line) for line in server if re.search(r"Round \d+ started\.", line)]
+    starts = [stamp(line) for line in server if (match := ROUND.search(line)) and match.group(2) == "started"]
     for r, (start, following) in enumerate(zip(starts, starts[1:])):
         assert rounds[r]["round_s"] + rounds[r]["between_s"] == pytest.approx(following - start, abs=2e-3)
     assert rounds[plain_fedavg_run["rounds"] - 1]["between_s"] == 0  # the last round has no next round to wait for
