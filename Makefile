@@ -84,6 +84,25 @@ simulate: setup
 	$(PY) -m fedxvit.site_policy workspace/local >/dev/null  # jobs carry no code: these participants allow fedxvit's classes
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(TIMED) $(VENV)/bin/nvflare simulator jobs/fedxvit -w workspace -c site1,site2,site3 -gpu 0 -t 3
 
+# fedxvit as a Flower app (custom/fedxvit/flower_app), two ways, the same app, data and initial model:
+# - `make flower`: Flower's own simulation engine (tooling.flower; Ray) -> workspace/flower/run/ (app_server/*.pt,
+#   global_val.json, tb_events/), e.g. FLOWER_ARGS="--run-config num-server-rounds=3";
+# - `make simulate-flower`: inside NVFlare, jobs/fedxvit_flower in the simulator, the app pre-deployed in the
+#   server's local/custom/ -> workspace/flower-nvflare/server/simulate_job/;
+# - `make compare-flower`: both and jobs/fedxvit, 3 seeds, paired verdicts -> $(RESULTS)/flower_comparison.md.
+FLOWER_ARGS ?=
+.PHONY: flower simulate-flower compare-flower
+flower: setup
+	$(PY) -m tooling.flower --data $(DATA) $(FLOWER_ARGS)
+
+simulate-flower: setup
+	$(PY) -m fedxvit.site_policy workspace/flower-nvflare/local >/dev/null
+	$(PY) -m fedxvit.flower_server install workspace/flower-nvflare/local >/dev/null
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/nvflare simulator jobs/fedxvit_flower -w workspace/flower-nvflare -c site1,site2,site3 -gpu 0 -t 3
+
+compare-flower: setup
+	$(PY) -m result_stat.flower_comparison --data $(DATA) --out $(RESULTS)
+
 # Centralized and local-only models with the run's own settings -> models/baselines/ (tooling.baselines).
 baselines: setup
 	$(TIMED) $(PY) -m tooling.baselines

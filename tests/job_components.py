@@ -12,6 +12,16 @@ MONAI on the server). Exit 1 with the first failure.
 import importlib
 import json
 import sys
+from pathlib import Path
+
+import tomllib
+
+# NVFlare's Flower parts start the app fedxvit ships (fedxvit/flower_app, pre-deployed at the server): its ServerApp at
+# the server, its ClientApp at each site (Flower sends the app folder, whose components the installed package holds)
+FLOWER_PARTS = {
+    "nvflare.app_opt.flower.controller.FlowerController": "serverapp",
+    "nvflare.app_opt.flower.executor.FlowerExecutor": "clientapp",
+}
 
 
 def component_paths(config: dict) -> list[str]:
@@ -27,8 +37,21 @@ def component_paths(config: dict) -> list[str]:
     return paths
 
 
+def flower_app_paths(paths: list[str]) -> list[str]:
+    """The Flower app's ServerApp or ClientApp that a Flower job's NVFlare parts start (the installed app folder)."""
+    parts = [FLOWER_PARTS[p] for p in paths if p in FLOWER_PARTS]
+    if not parts:
+        return []
+    import fedxvit
+
+    app = tomllib.loads((Path(fedxvit.__file__).parent / "flower_app" / "pyproject.toml").read_text())
+    components = app["tool"]["flwr"]["app"]["components"]
+    return [components[part].replace(":", ".") for part in parts]
+
+
 def import_components(side: str, config_files: list[str]) -> dict:
     paths = sorted({p for name in config_files for p in component_paths(json.load(open(name)))})
+    paths += flower_app_paths(paths)
     for path in paths:
         module, _, name = path.rpartition(".")
         getattr(importlib.import_module(module), name)

@@ -22,7 +22,7 @@ from packaging.utils import canonicalize_name
 from tiny import REPO
 
 import fedxvit
-from fedxvit.methods import HE_JOB
+from fedxvit.methods import FLOWER_JOB, HE_JOB
 
 pytestmark = pytest.mark.slow
 
@@ -164,7 +164,9 @@ def test_the_wheel_alone_makes_a_client_and_with_its_server_extra_a_server(tmp_p
     wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         tops = {name.split("/")[0] for name in archive.namelist()}
-        modules = {Path(name).stem for name in archive.namelist() if name.startswith("fedxvit/")}
+        names = [name for name in archive.namelist() if name.startswith("fedxvit/")]
+        modules = {Path(name).stem for name in names if name.endswith(".py")}
+    assert sorted(n for n in names if not n.endswith(".py")) == ["fedxvit/flower_app/pyproject.toml"]
     assert tops == {"fedxvit", next(t for t in tops if t.endswith(".dist-info"))}, f"only fedxvit ships: {tops}"
     runtime = {"__init__", *fedxvit.SHARED_MODULES, *fedxvit.SITE_MODULES, *fedxvit.SERVER_MODULES}
     assert modules == runtime, f"the hospital's wheel holds the runtime modules only: {sorted(modules ^ runtime)}"
@@ -173,7 +175,8 @@ def test_the_wheel_alone_makes_a_client_and_with_its_server_extra_a_server(tmp_p
     assert not declared & {"mlflow", "scipy", "psutil", "matplotlib"}, "tooling stays out of a hospital's install"
 
     client_python = venv_with(wheel, set(), tmp_path / "client")
-    client = import_side(client_python, "client", tmp_path, skip={HE_JOB})  # HE needs the `he` extra (TenSEAL)
+    # HE needs the `he` extra (TenSEAL), the Flower job the `flower` extra (flwr)
+    client = import_side(client_python, "client", tmp_path, skip={HE_JOB, FLOWER_JOB})
     assert "fedxvit.executor.FedXViTExecutor" in client["imported"] and client["other_side_loaded"] == []
     assert client["fedxvit"].startswith(str(tmp_path / "client")), "the installed wheel, not the checkout"
     undeclared = subprocess.run(
@@ -184,10 +187,15 @@ def test_the_wheel_alone_makes_a_client_and_with_its_server_extra_a_server(tmp_p
     he_client = import_side(venv_with(wheel, {"he"}, tmp_path / "client-he"), "client", tmp_path, jobs={HE_JOB})
     assert "nvflare.app_opt.he.model_encryptor.HEModelEncryptor" in he_client["imported"]
 
-    server_python = venv_with(wheel, {"server", "he"}, tmp_path / "server")
+    flower_python = venv_with(wheel, {"flower"}, tmp_path / "client-flower")
+    flower_client = import_side(flower_python, "client", tmp_path, jobs={FLOWER_JOB})
+    assert "fedxvit.flower_client.client_app" in flower_client["imported"] and flower_client["other_side_loaded"] == []
+
+    server_python = venv_with(wheel, {"server", "he", "flower"}, tmp_path / "server")
     server = import_side(server_python, "server", tmp_path)
     assert "fedxvit.receivers.FederatedMLflowTracking" in server["imported"] and server["other_side_loaded"] == []
     assert "fedxvit.he.HEPartialUpdateAggregator" in server["imported"]
+    assert "fedxvit.flower_server.server_app" in server["imported"]
     check = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(server_python), "check"],
         capture_output=True,

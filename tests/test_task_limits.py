@@ -24,6 +24,10 @@ def test_every_shipped_job_bounds_every_task_it_waits_for(job):
         assert all(workflows["fed_stats_controller"][limit] == "{" + limit + "}" for limit in limits)
         assert all(isinstance(config[limit], int) and config[limit] > 0 for limit in limits)
         return
+    if "flower_controller" in workflows:  # the Flower job: Flower's own rounds wait round_timeout for the sites
+        run_config = workflows["flower_controller"]["run_config"]
+        assert run_config["round-timeout"] == "{round_timeout}" and config["round_timeout"] > 0
+        return
     waits_for = {"cross_site_model_eval": ("submit_model_timeout", "validation_timeout")}
     if "global_model_eval" in workflows:  # the evaluation job: the server's models only, no submit_model task
         waits_for = {"global_model_eval": ("validation_timeout",)}

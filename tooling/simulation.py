@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 
 from fedxvit.errors import FedXViTError
+from fedxvit.flower_server import install_app
 from fedxvit.persistor import INITIAL_MODEL_ENV
 from fedxvit.site_policy import allow_classes
 from fedxvit.sites import DATA_ROOT_ENV, site_env_var
+from tooling.jobconfig import SERVER_FILE, read_job_config
 
 GLOBAL_MODEL = Path("app_server") / "FL_global_model.pt"
 SIMULATOR_LOG = "simulator_output.log"
@@ -124,6 +126,13 @@ def run_simulator(
     return run_dir
 
 
+def runs_predeployed_flower_app(job: Path) -> bool:
+    """Whether the job runs a Flower app pre-deployed at the server (jobs/fedxvit_flower: NVFlare's FlowerController
+    with a `flower_app_path`)."""
+    config = read_job_config(job, SERVER_FILE)
+    return any("flower_app_path" in (entry.get("args") or {}) for entry in config.get("workflows", []))
+
+
 def simulate_once(
     job: Path, workspace: Path, data_root, sites: list, initial, timeout_s: int, extra_env, allow
 ) -> tuple[int, list[str]]:
@@ -133,6 +142,8 @@ def simulate_once(
         shutil.rmtree(workspace)
     workspace.parent.mkdir(parents=True, exist_ok=True)
     allow_classes(workspace / "local", allow)
+    if runs_predeployed_flower_app(job):
+        install_app(workspace / "local")  # the simulator copies <workspace>/local/ to the server's local/
     command = [
         str(Path(sys.executable).parent / "nvflare"),
         "simulator",

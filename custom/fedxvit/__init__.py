@@ -3,10 +3,11 @@
 This package is what NVFlare's server and a hospital's client load, and nothing else (desk tooling lives in the
 checkout's tooling/). Each module has one role; a site module never imports a server module nor the reverse, and
 shared modules import only shared ones (tests/test_roles.py checks the sources, lazy imports included;
-tests/test_packaging.py what each side of every job loads from the wheel). Three command lines stay here because
+tests/test_packaging.py what each side of every job loads from the wheel). Four command lines stay here because
 they run where only the wheel is installed: `python -m fedxvit.site_policy` (a hospital allows fedxvit's classes),
-`python -m fedxvit.he decrypt` (a hospital reads the HE global model with its own key) and
-`python -m fedxvit.run_record` (the server's operator records a run folder).
+`python -m fedxvit.he decrypt` (a hospital reads the HE global model with its own key),
+`python -m fedxvit.run_record` (the server's operator records a run folder) and
+`python -m fedxvit.flower_server install` (the server's operator pre-deploys the Flower app).
 """
 
 SHARED_MODULES = (
@@ -34,6 +35,7 @@ SITE_MODULES = (
     "explain",
     "site_scores",
     "ssl_prior",
+    "flower_client",  # the Flower app's ClientApp (fedxvit/flower_app)
 )
 SERVER_MODULES = (
     "aggregation",
@@ -47,4 +49,5 @@ SERVER_MODULES = (
     "run_record",
     "evaluation",
     "he",
+    "flower_server",  # the Flower app's ServerApp, and pre-deploying the app at an NVFlare server
 )

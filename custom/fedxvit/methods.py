@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 BASE_JOB = "fedxvit"  # FedAvg, written by hand; every other job is generated from it
+FLOWER_JOB = "fedxvit_flower"  # the Flower app (fedxvit/flower_app) inside NVFlare; written by hand
 HE_JOB = "fedxvit_he"  # needs keys only a provisioned system has: never simulated, never compared
 
 

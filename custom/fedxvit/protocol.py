@@ -57,6 +57,10 @@ def result_dxo(shareable: Shareable) -> DXO | None:
         return None
 
 
+# ---- the Flower app (fedxvit.flower_client, fedxvit.flower_server)
+FLOWER_SITE_RECORD = "site"  # a reply's ConfigRecord {"name": <site>}: whose metrics the server tracks
+FLOWER_NVFLARE_TRACKING = "nvflare"  # run config `tracking`: sites send metrics as NVFlare analytics events
+
 # ---- What the federated job tracks (step = round number), the one place these names are spelled:
 # tracked name -> (where the value comes from, its key there). Result scripts and tests read the tuples.
 _SITE_ROUND = {

@@ -73,20 +73,22 @@ class FederatedMLflowTracking(Widget):
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
             self.start(fl_ctx)
-        elif self.receiver is None:
             return
-        elif event_type == EventType.END_RUN:
-            self.receiver.handle_event(event_type, fl_ctx)  # flushes and ends the sites' runs
+        receiver = self.receiver  # END_RUN's finish() may clear it while another thread's event is handled
+        if receiver is None:
+            return
+        if event_type == EventType.END_RUN:
+            receiver.handle_event(event_type, fl_ctx)  # flushes and ends the sites' runs
             self.finish(fl_ctx)
         elif event_type == ANALYTIC_EVENT_TYPE and fl_ctx.get_prop(FLContextKey.EVENT_SCOPE) != EventScope.FEDERATION:
             self.log_server_event(fl_ctx)
         elif event_type == AppEventType.ROUND_DONE:
             with self._lock:
-                for site in list(self.receiver.run_ids):
-                    self.receiver.flush_buffers(site)
+                for site in list(receiver.run_ids):
+                    receiver.flush_buffers(site)
         else:
             with self._lock:
-                self.receiver.handle_event(event_type, fl_ctx)
+                receiver.handle_event(event_type, fl_ctx)
 
     # ---- START_RUN: where, and whose runs
     def start(self, fl_ctx: FLContext) -> None:
@@ -115,7 +117,9 @@ class FederatedMLflowTracking(Widget):
 
         receiver = MLflowReceiver(
             tracking_uri=self.uri,
-            events=[f"fed.{ANALYTIC_EVENT_TYPE}"],
+            # the sites' events: "fed."-prefixed from ConvertToFedEvent (jobs/fedxvit), or with the plain name but
+            # federation scope from NVFlare's MetricRelay (jobs/fedxvit_flower); handle_event keeps the server's own
+            events=[f"fed.{ANALYTIC_EVENT_TYPE}", ANALYTIC_EVENT_TYPE],
             kw_args={
                 "experiment_name": self.experiment_name,
                 "run_name": "federated",

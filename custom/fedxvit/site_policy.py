@@ -195,6 +195,10 @@ JOB_CLASSES = (
     "nvflare.app_common.workflows.scatter_and_gather_scaffold.ScatterAndGatherScaffold",
     "nvflare.app_opt.he.cross_site_model_eval.HECrossSiteModelEval",
     "torch.optim.SGD",
+    # jobs/fedxvit_flower: NVFlare's Flower integration (its controller, executor and metric relay)
+    "nvflare.app_opt.flower.controller.FlowerController",
+    "nvflare.app_opt.flower.executor.FlowerExecutor",
+    "nvflare.app_common.widgets.metric_relay.MetricRelay",
 )
 
 
