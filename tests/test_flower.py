@@ -28,6 +28,7 @@ from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SITE_TAG
 from fedxvit.training import evaluate
 from tooling.flower import simulate as flower_simulate
 from tooling.jobconfig import SERVER_FILE
+from tooling.simulation import runs_predeployed_flower_app
 
 TINY_APP = {"preset": "tiny", "num-server-rounds": 2, "min-nodes": 3, "batch-size": 4}
 
@@ -50,6 +51,13 @@ def test_the_mean_of_the_trainable_tensors_replaces_them_in_the_whole_model_and_
     assert merged["frozen"].numpy().tolist() == [1, 1] and merged["head"].numpy().tolist() == [5, 5]
     with pytest.raises(FedXViTError, match="the sites sent 1 tensors the global model lacks"):
         merge(whole, ArrayRecord({"stray": Array(torch.zeros(1).numpy())}))
+
+
+def test_the_simulator_runner_predeploys_the_app_for_the_flower_job_only(tmp_path):
+    assert runs_predeployed_flower_app(REPO / "jobs" / FLOWER_JOB)
+    assert not runs_predeployed_flower_app(REPO / "jobs" / "fedxvit")
+    shutil.copytree(REPO / "jobs" / FLOWER_JOB / "app", tmp_path / "app_server")  # a job with an app per side
+    assert runs_predeployed_flower_app(tmp_path)
 
 
 def reply(site: str, head, examples=10, node=1, **metrics) -> Message:

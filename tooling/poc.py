@@ -60,7 +60,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fedxvit.errors import FedXViTError, run_cli
-from fedxvit.flower_server import install_app
 from fedxvit.site_policy import allow_classes
 from fedxvit.widgets import GLOBAL_VAL_FILE
 from tooling.jobconfig import CLIENT_FILE, DEFAULT_JOB, SERVER_FILE, job_copy, read_job_config, rewrite_job_config
@@ -161,7 +160,9 @@ def prepare(workspace: Path, sites=DEFAULT_SITES, port: int = DEFAULT_PORT, he: 
             # jobs carry no code: each participant allows the classes fedxvit's jobs build (site_policy.JOB_CLASSES)
             for participant in (SERVER, *sites):
                 allow_classes(site_dir(workspace, participant) / "local")
-            install_app(site_dir(workspace, SERVER) / "local")  # jobs/fedxvit_flower's pre-deployed Flower app
+            from fedxvit.flower_server import install_app  # jobs/fedxvit_flower's pre-deployed Flower app
+
+            install_app(site_dir(workspace, SERVER) / "local")
         finally:
             if workspace.is_dir():
                 mark_workspace(workspace)

@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fedxvit.errors import FedXViTError, run_cli
-from fedxvit.flower_server import install_app
 from fedxvit.site_policy import allow_classes
 from tooling.jobconfig import DEFAULT_JOB
 from tooling.poc import START_TIMEOUT_S, PocSystem, claim_workspace, nvflare, registered, round_rows, uses_he
@@ -124,7 +123,9 @@ class ProvisionedSystem(PocSystem):
         self.kits = rounds[-1]  # provisioning again in the same workspace writes prod_01, prod_02, ...
         for name in (self.server, *self.sites):
             allow_classes(self.site_dir(name) / "local")
-        install_app(self.site_dir(self.server) / "local")  # jobs/fedxvit_flower's pre-deployed Flower app
+        from fedxvit.flower_server import install_app  # jobs/fedxvit_flower's pre-deployed Flower app
+
+        install_app(self.site_dir(self.server) / "local")
         if self.before_start is not None:
             self.before_start(self)
         self.started = True

@@ -20,12 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedxvit.errors import FedXViTError
-from fedxvit.flower_server import install_app
+from fedxvit.errors import FedXViTError, read_json
 from fedxvit.persistor import INITIAL_MODEL_ENV
 from fedxvit.site_policy import allow_classes
 from fedxvit.sites import DATA_ROOT_ENV, site_env_var
-from tooling.jobconfig import SERVER_FILE, read_job_config
+from tooling.jobconfig import SERVER_FILE
 
 GLOBAL_MODEL = Path("app_server") / "FL_global_model.pt"
 SIMULATOR_LOG = "simulator_output.log"
@@ -128,9 +127,12 @@ def run_simulator(
 
 def runs_predeployed_flower_app(job: Path) -> bool:
     """Whether the job runs a Flower app pre-deployed at the server (jobs/fedxvit_flower: NVFlare's FlowerController
-    with a `flower_app_path`)."""
-    config = read_job_config(job, SERVER_FILE)
-    return any("flower_app_path" in (entry.get("args") or {}) for entry in config.get("workflows", []))
+    with a `flower_app_path`), in whichever of its apps the server's config is."""
+    for server_config in sorted(job.glob(f"*/config/{SERVER_FILE.name}")):
+        config = read_json(server_config, f"{server_config} cannot be read")
+        if any("flower_app_path" in (entry.get("args") or {}) for entry in config.get("workflows", [])):
+            return True
+    return False
 
 
 def simulate_once(
@@ -142,8 +144,10 @@ def simulate_once(
         shutil.rmtree(workspace)
     workspace.parent.mkdir(parents=True, exist_ok=True)
     allow_classes(workspace / "local", allow)
-    if runs_predeployed_flower_app(job):
-        install_app(workspace / "local")  # the simulator copies <workspace>/local/ to the server's local/
+    if runs_predeployed_flower_app(job):  # the simulator copies <workspace>/local/ to the server's local/
+        from fedxvit.flower_server import install_app  # flwr is imported for a Flower job only
+
+        install_app(workspace / "local")
     command = [
         str(Path(sys.executable).parent / "nvflare"),
         "simulator",
