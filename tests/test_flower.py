@@ -26,6 +26,7 @@ from fedxvit.model import build_model
 from fedxvit.protocol import SITE_ROUND_METRICS
 from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SITE_TAG
 from fedxvit.training import evaluate
+from tooling.flower import main as flower_main
 from tooling.flower import simulate as flower_simulate
 from tooling.jobconfig import SERVER_FILE
 from tooling.simulation import runs_predeployed_flower_app
@@ -58,6 +59,16 @@ def test_the_simulator_runner_predeploys_the_app_for_the_flower_job_only(tmp_pat
     assert not runs_predeployed_flower_app(REPO / "jobs" / "fedxvit")
     shutil.copytree(REPO / "jobs" / FLOWER_JOB / "app", tmp_path / "app_server")  # a job with an app per side
     assert runs_predeployed_flower_app(tmp_path)
+
+
+def test_the_native_runner_refuses_a_setting_without_a_value_and_a_folder_it_did_not_make(tmp_path):
+    with pytest.raises(FedXViTError, match=r"--run-config 'rounds': write KEY=VALUE"):
+        flower_main(["--run-config", "rounds"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(FedXViTError, match="exists and was not made by tooling.flower: choose another --workspace"):
+        flower_simulate(tmp_path / "mine", tmp_path, SITES)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def reply(site: str, head, examples=10, node=1, **metrics) -> Message:

@@ -89,7 +89,9 @@ def flwr(env: dict, *args: str, timeout_s: float = 120) -> dict:
         answer = None
     if done.returncode != 0 or not isinstance(answer, dict) or answer.get("success") is False:
         why = (answer or {}).get("error-message") if isinstance(answer, dict) else None
-        raise FedXViTError(f"`flwr {' '.join(args[:1])}` failed: {why or (done.stderr or done.stdout).strip()[-300:]}")
+        text = why or done.stderr or done.stdout or ""  # its last line says why (a warning may come first)
+        lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+        raise FedXViTError(f"`flwr {args[0]}` failed: {(lines or ['no output'])[-1][:300]}")
     return answer
 
 
@@ -154,7 +156,8 @@ def simulate(
     )
     try:
         settings = {**(settings or {}), "sites": ",".join(sites), "out-dir": str(run_dir)}
-        run_id = start_run(env, workspace, superlink, [*run_config_args(settings), *overrides])
+        config_args = [*run_config_args(settings), *(arg for item in overrides for arg in ("--run-config", item))]
+        run_id = start_run(env, workspace, superlink, control, config_args)
         status = wait(env, run_id, superlink, time.monotonic() + timeout_s)
         (workspace / RUN_LOG).write_text(run_log(env, run_id))
     finally:
@@ -166,18 +169,21 @@ def simulate(
     return run_dir
 
 
-def start_run(env: dict, workspace: Path, superlink, config_args: list) -> int:
+def start_run(env: dict, workspace: Path, superlink, control: str, config_args: list) -> int:
+    """`flwr run` once the SuperLink's Control API accepts connections (a few seconds after it started)."""
+    host, port = control.rsplit(":", 1)
     deadline = time.monotonic() + 60
-    while True:  # the SuperLink's Control API answers a few seconds after it started
+    while True:
         try:
-            answer = flwr(env, "run", str(APP_FOLDER), CONNECTION, *config_args)
-            return int(answer["run-id"])
-        except FedXViTError:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            break
+        except OSError:
             if superlink.poll() is not None:
                 raise FedXViTError(f"flower-superlink stopped (log {workspace / 'superlink.log'})") from None
             if time.monotonic() > deadline:
-                raise
+                raise FedXViTError(f"flower-superlink did not answer on {control} within 60 s") from None
             time.sleep(POLL_S)
+    return int(flwr(env, "run", str(APP_FOLDER), CONNECTION, *config_args)["run-id"])
 
 
 def wait(env: dict, run_id: int, superlink, deadline: float) -> str:
