@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,14 +29,9 @@ from fedxvit.errors import FedXViTError, run_cli
 from fedxvit.filters import UPDATE_SIZES_FILE
 from fedxvit.paths import project_root
 from fedxvit.widgets import GLOBAL_VAL_FILE
+from tooling.poc import free_port
 
 JOBS = {"plain": "jobs/fedxvit", "he": "jobs/fedxvit_he"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def bytes_per_round(run_dir: Path) -> float:

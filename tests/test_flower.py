@@ -108,7 +108,7 @@ def test_a_bad_lying_or_broken_site_never_enters_or_owns_the_flower_average():
     decisions = strategy.recorder
     assert sorted(decisions.metrics) == ["site1", "site2", "site3"]
     assert set(decisions.dropped) == {"site4", "site5", "site6", "node 7"}
-    assert "norm" in decisions.dropped["site4"] and "not finite" in decisions.dropped["site5"]
+    assert "norm" in decisions.dropped["site4"] and "head: holds NaN" in decisions.dropped["site5"]
     assert "num-examples: not a positive finite number" in decisions.dropped["site6"]
     assert decisions.dropped["node 7"] == "failed: RuntimeError: out of memory"
     assert list(decisions.clipped) == ["site3"]

@@ -5,7 +5,6 @@ few dozen PNGs and a training step takes milliseconds."""
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from fedxvit.datalist import write_site
 from fedxvit.errors import FedXViTError
 from fedxvit.model import build_model
 from tooling.jobconfig import CLIENT_FILE, SERVER_FILE
+from tooling.poc import free_port  # noqa: F401 - the tests take it from here
 from tooling.simulation import SIMULATOR_LOG, run_simulator
 
 TESTS = Path(__file__).resolve().parent
@@ -160,13 +160,6 @@ def system_env(run: dict, tmp: Path) -> dict:
         "FEDXVIT_DATA_ROOT": str(run["data"]),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
     }
-
-
-def free_port() -> int:
-    """A local port nothing listens on (bound, then released): for a server a test starts, or must not reach."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_initial_model(path: Path) -> Path:

@@ -31,18 +31,13 @@ from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from fedxvit.flower_server import APP_FOLDER
 from fedxvit.persistor import INITIAL_MODEL_ENV
 from fedxvit.sites import DATA_ROOT_ENV, site_env_var
+from tooling.poc import free_port
 
 CONNECTION = "fedxvit-simulation"
 MARKER = ".fedxvit-flower"  # a workspace this tool made (and may empty again)
 RUN_DIR = "run"
 RUN_LOG = "flower_run.log"
 POLL_S = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def claim_workspace(workspace: Path) -> None:

@@ -51,6 +51,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,16 @@ from tooling.jobconfig import CLIENT_FILE, DEFAULT_JOB, SERVER_FILE, job_copy, r
 ADMIN = "admin@nvidia.com"
 DEFAULT_SITES = ("site1", "site2", "site3")
 DEFAULT_PORT = 8002  # NVFlare's POC server port
+
+
+def free_port() -> int:
+    """A local port nothing listens on (bound, then released): for a server a tool or test starts, or must not
+    reach."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 RESUME_MODEL_FILE = "resume_global_model.pt"
 HE_COMPONENTS = "nvflare.app_opt.he."
 MARKER = ".fedxvit-poc"  # in a workspace this driver created, and so may let `nvflare poc prepare --force` replace

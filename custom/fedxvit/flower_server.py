@@ -29,7 +29,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -40,6 +39,7 @@ from fedxvit import tracking
 from fedxvit.aggregation import bound_weights, screen_updates, shares
 from fedxvit.checkpoint import load_checkpoint
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
+from fedxvit.filters import find_bad_tensor
 from fedxvit.persistor import check_initial_model, resolve_initial_model
 from fedxvit.protocol import FLOWER_NVFLARE_TRACKING, FLOWER_SITE_RECORD, SITE_ROUND_METRICS, server_round_metrics
 from fedxvit.run_record import RUN_RECORD, SERVER_APP, locate_runs, write_run_record
@@ -78,10 +78,11 @@ def site_of(reply) -> str:
     return str(record["name"]) if record and "name" in record else f"node {reply.metadata.src_node_id}"
 
 
-def problem(reply, whole: ArrayRecord, trains: bool) -> str | None:
+def problem(reply, reference: dict | None) -> str | None:
     """Why a reply cannot enter the round (None: it can): an error, a malformed record, a weight that is not a
-    positive finite number, a metric or tensor that is not finite, a tensor the global model lacks or shapes
-    otherwise."""
+    positive finite number, a metric that is not finite; for a train reply (`reference`: the global model's arrays)
+    a tensor that jobs/fedxvit's update filter would refuse (fedxvit.filters.find_bad_tensor)."""
+    trains = reference is not None
     if reply.has_error():
         lines = (reply.error.reason or "").strip().splitlines() or ["no reason given"]
         return f"failed: {lines[-1][:200]}"
@@ -98,21 +99,17 @@ def problem(reply, whole: ArrayRecord, trains: bool) -> str | None:
     if missing:
         return f"reported no {', '.join(missing)}"
     if trains:
-        for name, array in arrays_of(reply).items():
-            if name not in whole:
-                return f"sent tensor {name}, which the global model lacks"
-            value, expected = array.numpy(), whole[name].numpy()
-            if value.shape != expected.shape:
-                return f"sent tensor {name} of shape {value.shape}, the global model's is {expected.shape}"
-            if not np.isfinite(value).all():
-                return f"sent tensor {name} with values that are not finite"
+        bad = find_bad_tensor({name: array.numpy() for name, array in arrays_of(reply).items()}, reference)
+        if bad:
+            return f"sent an unusable tensor: {bad}"
     return None
 
 
-def screen(replies: list, whole: ArrayRecord, trains: bool) -> tuple[dict, dict]:
-    """({site: reply} that may enter the round, {site: why not}). Training replies must also send the tensors most
-    of the round's sites send; every kept reply keeps only the metrics all kept replies have (Flower's FedAvg
-    averages only records with equal keys, and would otherwise stop the run)."""
+def screen(replies: list, reference: dict | None) -> tuple[dict, dict]:
+    """({site: reply} that may enter the round, {site: why not}); `reference`: the global model's arrays for train
+    replies, None for evaluate replies. Train replies must also send the tensors most of the round's sites send;
+    every kept reply keeps only the metrics all kept replies have (Flower's FedAvg averages only records with equal
+    keys, and would otherwise stop the run)."""
     kept, dropped = {}, {}
     for reply in replies:
         site = site_of(reply)
@@ -120,12 +117,12 @@ def screen(replies: list, whole: ArrayRecord, trains: bool) -> tuple[dict, dict]
             dropped[site] = "more than one node replied as this site"
             kept.pop(site, None)
             continue
-        reason = problem(reply, whole, trains)
+        reason = problem(reply, reference)
         if reason:
             dropped[site] = reason
         else:
             kept[site] = reply
-    if trains and kept:
+    if reference is not None and kept:
         names = {site: frozenset(arrays_of(reply)) for site, reply in kept.items()}
         majority = max(names.values(), key=list(names.values()).count)
         for site, sent in names.items():
@@ -166,10 +163,10 @@ class TrainableFedAvg(FedAvg):
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
-        kept, dropped = screen(list(replies), self.whole, trains=True)
+        reference = {name: array.numpy() for name, array in self.whole.items()}  # the model the round sent
+        kept, dropped = screen(list(replies), reference)
         updates = {
-            site: {k: a.numpy() - self.whole[k].numpy() for k, a in arrays_of(reply).items()}
-            for site, reply in kept.items()
+            site: {k: a.numpy() - reference[k] for k, a in arrays_of(reply).items()} for site, reply in kept.items()
         }
         _, too_large = screen_updates(updates, self.norm_k)
         dropped.update(too_large)
@@ -193,7 +190,7 @@ class TrainableFedAvg(FedAvg):
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round, replies):
-        kept, dropped = screen(list(replies), self.whole, trains=False)
+        kept, dropped = screen(list(replies), None)
         metrics = super().aggregate_evaluate(server_round, list(kept.values())) if kept else None
         scored = {site: dict(metrics_of(reply)) for site, reply in kept.items()}
         self.recorder.validation_row(server_round, scored, self.whole, {"dropped_sites": dropped})
