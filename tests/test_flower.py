@@ -4,6 +4,7 @@ train the trainable tensors only, improve the model, and track what jobs/fedxvit
 (seed, round), so the two worlds end with the same model."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from fedxvit.model import build_model
 from fedxvit.protocol import SITE_ROUND_METRICS
 from fedxvit.tracking import FEDERATED_EXPERIMENT, ROLE_TAG, SITE_TAG
 from fedxvit.training import evaluate
+from tooling.flower import first_error, start_ray
 from tooling.flower import main as flower_main
 from tooling.flower import simulate as flower_simulate
 from tooling.jobconfig import SERVER_FILE
@@ -69,6 +71,23 @@ def test_the_native_runner_refuses_a_setting_without_a_value_and_a_folder_it_did
     with pytest.raises(FedXViTError, match="exists and was not made by tooling.flower: choose another --workspace"):
         flower_simulate(tmp_path / "mine", tmp_path, SITES)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_a_ray_start_that_fails_is_tried_again_and_a_failed_run_names_its_cause(tmp_path, monkeypatch):
+    monkeypatch.setattr("tooling.flower.RAY_STARTS", 2)
+    (tmp_path / "taken").write_text("a file where Ray wants its session folder")
+    with pytest.raises(FedXViTError, match=r"Ray did not start in 2 attempts: FileExistsError: .*taken' \(log "):
+        start_ray(dict(os.environ), tmp_path / "taken", tmp_path / "ray.log")
+    assert (tmp_path / "ray.log").read_text().count("$ ") == 2 and (tmp_path / "taken").is_file()
+
+    log = """Traceback (most recent call last):
+  File "node.py", line 423, in __init__
+Exception: The current node timed out during startup. This could happen because ...
+The above exception was the direct cause of the following exception:
+RuntimeError: Simulation Engine crashed.
+"""
+    assert first_error(log) == "Exception: The current node timed out during startup. This could happen because ..."
+    assert first_error("INFO: round 1\nall fine\n") == ""
 
 
 def reply(site: str, head, examples=10, node=1, **metrics) -> Message:

@@ -5,10 +5,12 @@ Everything happens in <workspace>, which this tool creates (it refuses a folder 
 one it made before):
 1. FLWR_HOME=<workspace>/flwr_home with one SuperLink connection: Flower's simulation with one node per site,
    one CPU each;
-2. `flower-superlink --simulation` on free local ports, in its own process group, stopped at the end;
+2. a local Ray head (`ray start`, on 127.0.0.1, no usage reports) that Flower's simulation connects to, tried again
+   when it misses Ray's fixed 30 s start-up limit on a busy machine, and `flower-superlink --simulation` on free
+   local ports; each in its own process group, stopped at the end;
 3. `flwr run <app folder> --run-config ...`: out-dir <workspace>/run, the sites, and any setting given here;
 4. waits until `flwr list` says the run finished, keeps `flwr log` in <workspace>/flower_run.log.
-Ray keeps its session files in a temporary folder of the run (RAY_TMPDIR), removed with the SuperLink's processes.
+Ray keeps its session files in a temporary folder of the run (RAY_TMPDIR), removed with Ray's processes.
 The ServerApp leaves what a jobs/fedxvit run leaves in <workspace>/run: global_val.json,
 app_server/FL_global_model.pt and best_FL_global_model.pt, tb_events/ and mlflow_runs.json. Flower's simulation
 needs `flwr[simulation]` (Ray), which requirements.txt installs.
@@ -37,7 +39,9 @@ CONNECTION = "fedxvit-simulation"
 MARKER = ".fedxvit-flower"  # a workspace this tool made (and may empty again)
 RUN_DIR = "run"
 RUN_LOG = "flower_run.log"
+RAY_LOG = "ray_start.log"
 POLL_S = 1.0
+RAY_STARTS = 3  # Ray gives a starting node a fixed 30 s, which a busy 2-core machine can miss
 
 
 def claim_workspace(workspace: Path) -> None:
@@ -127,41 +131,93 @@ def simulate(
     )
     # Ray's session files (and its sockets, whose paths must stay short) in a folder of this run, removed after
     ray_tmp = Path(tempfile.mkdtemp(prefix="fxray-"))
-    env["RAY_TMPDIR"] = str(ray_tmp)
+    env.update(RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0")
     superlink_log = open(workspace / "superlink.log", "w")
-    superlink = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "flower-superlink"),
-            "--insecure",
-            "--simulation",
-            "--isolation",
-            "subprocess",
-            "--control-api-address",
-            control,
-            "--serverappio-api-address",
-            f"127.0.0.1:{free_port()}",
-            "--database",
-            str(workspace / "superlink.db"),
-        ],
-        cwd=workspace,
-        env=env,
-        stdout=superlink_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    ray = superlink = None
     try:
+        ray, env["RAY_ADDRESS"] = start_ray(env, ray_tmp, workspace / RAY_LOG)
+        superlink = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--isolation",
+                "subprocess",
+                "--control-api-address",
+                control,
+                "--serverappio-api-address",
+                f"127.0.0.1:{free_port()}",
+                "--database",
+                str(workspace / "superlink.db"),
+            ],
+            cwd=workspace,
+            env=env,
+            stdout=superlink_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         settings = {**(settings or {}), "sites": ",".join(sites), "out-dir": str(run_dir)}
         config_args = [*run_config_args(settings), *(arg for item in overrides for arg in ("--run-config", item))]
         run_id = start_run(env, workspace, superlink, control, config_args)
         status = wait(env, run_id, superlink, time.monotonic() + timeout_s)
-        (workspace / RUN_LOG).write_text(run_log(env, run_id))
+        log = run_log(env, run_id)
+        (workspace / RUN_LOG).write_text(log)
     finally:
-        stop(superlink)
+        for group in (superlink, ray):  # the SuperLink first: it stops its simulation
+            if group:
+                stop_group(group)
         superlink_log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     if not status.endswith("completed") or not (run_dir / "app_server" / "FL_global_model.pt").is_file():
-        raise FedXViTError(f"the Flower run ended {status or 'without a status'} (log {workspace / RUN_LOG})")
+        cause = first_error(log)
+        raise FedXViTError(
+            f"the Flower run ended {status or 'without a status'}{f': {cause}' if cause else ''}"
+            f" (log {workspace / RUN_LOG})"
+        )
     return run_dir
+
+
+def start_ray(env: dict, ray_tmp: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """A local Ray head for Flower's simulation, which connects to it (RAY_ADDRESS): the `ray start` that leads its
+    process group, and its address.
+    Started here rather than inside the simulation because Ray gives a starting node a fixed 30 s, which a busy
+    machine can miss; inside the simulation that fails the run, here the half-started node is stopped and started
+    again before any run exists. Its processes stay on this machine (127.0.0.1), without usage reports."""
+    with open(log_path, "w") as log:
+        for attempt in range(1, RAY_STARTS + 1):
+            address = f"127.0.0.1:{free_port()}"
+            command = [
+                str(Path(sys.executable).parent / "ray"),
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={address.rsplit(':', 1)[1]}",
+                f"--ray-client-server-port={free_port()}",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--temp-dir={ray_tmp}",
+            ]
+            log.write(f"$ {' '.join(command)}\n")
+            log.flush()
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                if process.wait(timeout=180) == 0:
+                    return process, address
+            except subprocess.TimeoutExpired:
+                pass
+            stop_group(process)
+            print(f"Ray did not start (attempt {attempt} of {RAY_STARTS}, log {log_path})", file=sys.stderr)
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    raise FedXViTError(f"Ray did not start in {RAY_STARTS} attempts: {lines[-1][:300]} (log {log_path})")
+
+
+def first_error(log: str) -> str:
+    """The first `SomeError: why` line of a run's log: with chained exceptions, the cause."""
+    for line in log.splitlines():
+        name, sep, why = line.strip().partition(": ")
+        if sep and why and name.rsplit(".", 1)[-1].endswith(("Error", "Exception")) and " " not in name:
+            return line.strip()[:300]
+    return ""
 
 
 def start_run(env: dict, workspace: Path, superlink, control: str, config_args: list) -> int:
@@ -200,16 +256,25 @@ def run_log(env: dict, run_id: int) -> str:
         return "flwr log did not answer within 60 s\n"
 
 
-def stop(process: subprocess.Popen) -> None:
-    """The SuperLink and what it started (its process group: the ServerApp, the simulation and Ray)."""
-    if process.poll() is None:
+def stop_group(process: subprocess.Popen) -> None:
+    """The process group a process of this tool leads (the SuperLink with its ServerApp and simulation, or Ray's
+    daemons after `ray start`): asked to stop, given a moment, then killed."""
+    try:
         os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 3  # Ray's daemons, which outlive their `ray start`
+    while time.monotonic() < deadline:
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-    try:  # Ray's own daemons sit in the group too
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
