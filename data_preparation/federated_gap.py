@@ -32,11 +32,13 @@ TARGET_GAP = 0.08  # issue #26: FedAvg at least 8 points of balanced accuracy be
 
 def federated_job(source: Path, dest: Path, min_clients: int, budget: dict | None = None) -> Path:
     """A copy of the job whose only changes are min_clients (the stock job waits for fewer sites) and, with a
-    budget (result_stat.budget), its rounds and local epochs. Waiting for every site, a round ends on the job's
-    train_timeout when one hangs (job_copy refuses a copy without it)."""
+    budget (result_stat.budget), its rounds, local epochs and freeze policy. Waiting for every site, a round ends
+    on the job's train_timeout when one hangs (job_copy refuses a copy without it)."""
     server, client = {"min_clients": int(min_clients)}, {}
     if budget:
         server["num_rounds"], client["local_epochs"] = int(budget["rounds"]), int(budget["local_epochs"])
+        if budget.get("freeze_policy"):
+            client["freeze_policy"] = budget["freeze_policy"]
     return job_copy(source, dest, server=server, client=client)
 
 
@@ -166,7 +168,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--budget",
         default=None,
-        help="budget.json (result_stat.budget): its rounds x local epochs (default: the job's)",
+        help="budget.json (result_stat.budget): its rounds x local epochs and freeze policy (default: the job's)",
     )
     args = parser.parse_args(argv)
     data, initial = Path(args.data), Path(args.initial)

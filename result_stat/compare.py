@@ -83,9 +83,11 @@ def compare(
     tuning: bool = False,
     replicates: int = REPLICATES,
     budget_source: str | None = None,
+    freeze_policy: str | None = None,
 ) -> dict:
     """Tune (with `tuning`), run or reuse every run of the comparison and aggregate it (see the module doc); the
-    report dict. `method_variables`: {method: {"server": {...}, "client": {...}}} fixed by the user (--set)."""
+    report dict. `method_variables`: {method: {"server": {...}, "client": {...}}} fixed by the user (--set);
+    `freeze_policy` (the budget's): what every method and baseline trains, instead of each job's own."""
     from tooling.jobconfig import read_job_settings
 
     started = time.perf_counter()
@@ -100,6 +102,12 @@ def compare(
     planning.parse_seeds(",".join(map(str, seeds)))  # a repeated seed would count twice
     scenario = Scenario(data, sites, initial, preset, image_size, device, class_names)
     tracking_uri = f"sqlite:///{workspace / 'mlflow.db'}"  # the comparison's runs stay out of the project's store
+    sources = {name: str(job) for name, job in methods.items()}
+    if freeze_policy:  # each method's job copied with it: its runs (and their cache keys) carry it
+        methods = {
+            name: job_copy(job, workspace / "jobs" / name, client={"freeze_policy": freeze_policy})
+            for name, job in methods.items()
+        }
     budget = (rounds, local_epochs)
     chosen = {name: dict(v) for name, v in (method_variables or {}).items()}
 
@@ -144,7 +152,8 @@ def compare(
             or "the FedAvg job's num_rounds and local_epochs, or --rounds/--local-epochs",
             "seeds": seeds,
             "baseline_training": base_settings.as_dict() | {"seed": "per seed"},
-            "methods": {name: str(job) for name, job in methods.items()},
+            "freeze_policy": freeze_policy or "each job's own",
+            "methods": sources,
             "method_variables": chosen,
             "tuning": tuned,
             "code": {k: scenario.fingerprint[k] for k in ("code", "libraries")},
@@ -189,8 +198,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--budget",
         default=None,
-        help="budget.json of result_stat.budget (rounds x local epochs where FedAvg's validation curve flattened "
-        "on the calibration seed's data); not with --rounds or --local-epochs",
+        help="budget.json of result_stat.budget: rounds x local epochs where FedAvg's validation curve flattened on "
+        "the calibration seed's data, and the freeze policy every method trains with; not with --rounds or "
+        "--local-epochs",
     )
     parser.add_argument("--quick", action="store_true", help=f"one seed (the first), {QUICK_ROUNDS} rounds, no tuning")
     parser.add_argument(
@@ -230,14 +240,14 @@ def main(argv=None) -> dict:
     seeds = planning.parse_seeds(args.seeds)
     if args.replicates < 100:
         raise FedXViTError(f"--replicates {args.replicates}: use at least 100 (a 95% interval needs its tails)")
-    rounds, local_epochs, budget_source = args.rounds, args.local_epochs, None
+    rounds, local_epochs, budget_source, freeze_policy = args.rounds, args.local_epochs, None, None
     if args.budget:
         from result_stat.budget import read_budget
 
         if rounds is not None or local_epochs is not None:
             raise FedXViTError("--budget sets the rounds and local epochs: drop --rounds and --local-epochs")
         budget = read_budget(Path(args.budget))
-        rounds, local_epochs = budget["rounds"], budget["local_epochs"]
+        rounds, local_epochs, freeze_policy = budget["rounds"], budget["local_epochs"], budget["freeze_policy"]
         budget_source = f"{args.budget} (FedAvg's validation curve flattened there, on the calibration seed's data)"
     if args.quick:
         seeds, rounds, budget_source = seeds[:1], QUICK_ROUNDS, "--quick"
@@ -261,6 +271,7 @@ def main(argv=None) -> dict:
         tuning=not (args.quick or args.no_tune),
         replicates=args.replicates,
         budget_source=budget_source,
+        freeze_policy=freeze_policy,
     )
     files = write_outputs(report, Path(args.out))
     print(f"wrote {files['markdown']}, {files['json']} and the figures ({report['wall_s']:.0f} s)")

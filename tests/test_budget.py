@@ -25,13 +25,24 @@ def test_the_cheapest_setting_that_reaches_the_best_wins():
     }
     chosen = budget.choose_budget(curves, tolerance=0.01)
     assert (chosen["rounds"], chosen["local_epochs"], chosen["passes"]) == (3, 2, 6)
-    assert chosen["per_setting"][4] == {"rounds": 1, "best": 0.79}
+    assert chosen["per_setting"][4] == {"rounds": 1, "best": 0.79} and chosen["fedavg_improved_on_start"]
+
+
+def test_curves_that_never_rise_above_the_start_take_every_pass_and_say_so():
+    flat = budget.choose_budget({1: [0.63, 0.61, 0.60, 0.62, 0.61], 2: [0.63, 0.60, 0.59]}, tolerance=0.01)
+    assert (flat["rounds"], flat["local_epochs"], flat["passes"]) == (2, 2, 4)
+    assert not flat["fedavg_improved_on_start"]
 
 
 def test_compare_reads_the_budget_and_refuses_a_bad_one(tmp_path):
     good = tmp_path / "budget.json"
     good.write_text(json.dumps({"rounds": 4, "local_epochs": 2}))
-    assert budget.read_budget(good)["rounds"] == 4
+    assert budget.read_budget(good)["rounds"] == 4 and budget.read_budget(good)["freeze_policy"] is None
+    good.write_text(json.dumps({"rounds": 4, "local_epochs": 2, "freeze_policy": "full"}))
+    assert budget.read_budget(good)["freeze_policy"] == "full"
+    (tmp_path / "odd.json").write_text(json.dumps({"rounds": 4, "local_epochs": 2, "freeze_policy": "all"}))
+    with pytest.raises(FedXViTError, match="odd.json: freeze_policy 'all' is not one of head, last-k, full"):
+        budget.read_budget(tmp_path / "odd.json")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(FedXViTError, match="bad.json: not a budget file"):
         budget.read_budget(tmp_path / "bad.json")

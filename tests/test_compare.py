@@ -16,7 +16,7 @@ from result_stat import compare
 from result_stat.comparison import plan, runs, scores
 from result_stat.comparison import report as comparison
 from tooling.baselines import train_on_sites
-from tooling.jobconfig import JobSettings
+from tooling.jobconfig import CLIENT_FILE, JobSettings, read_job_config
 
 # site a: labels 0,0,0,1 -> predictions 0,0,1,1; site b holds Tumor images only and misses one of two
 SITE_A = {"labels": [0, 0, 0, 1], "probs": [[0.9, 0.1], [0.6, 0.4], [0.4, 0.6], [0.45, 0.55]]}
@@ -450,7 +450,7 @@ def test_tuning_chooses_on_validation_and_the_evaluation_runs_use_the_choice(two
     """compare(tuning=True) with a stand-in for the simulator (the orchestration is what is tested here; the
     real runs: the quick comparison above). FedProx's mu=0.1 is best on validation, mu=0.01 on test."""
     data, initial = two_sites
-    seen = []
+    seen, policies = [], set()
 
     def answers(scenario, split: str, right: bool) -> dict:
         """Every image of a split answered confidently, all right or all wrong."""
@@ -461,6 +461,8 @@ def test_tuning_chooses_on_validation_and_the_evaluation_runs_use_the_choice(two
         }
 
     def fake_federated_run(scenario, job, rounds, local_epochs, seed, uri, timeout, client=None, server=None):
+        policies.add(json.loads((job / "app" / "config" / "config_fed_client.json").read_text())["freeze_policy"])
+
         def compute(folder):
             seen.append((seed, dict(client or {})))
             best_on_validation = (client or {}).get("mu") == 0.1
@@ -494,7 +496,12 @@ def test_tuning_chooses_on_validation_and_the_evaluation_runs_use_the_choice(two
         tuning=True,
         replicates=200,
         log=lambda *a, **k: lines.append(a[0]),
+        freeze_policy="full",
     )
+    # the budget's freeze policy: every method's runs and the baselines train the whole model, not the jobs' last-k
+    assert policies == {"full"} and report["settings"]["baseline_training"]["freeze_policy"] == "full"
+    assert report["settings"]["freeze_policy"] == "full"
+    assert {read_job_config(methods[m], CLIENT_FILE)["freeze_policy"] for m in methods} == {"last-k"}  # untouched
     tuned = report["settings"]["tuning"]["fedprox"]
     assert tuned["chosen"] == {"mu": 0.1} and tuned["validation_scores"][1] > tuned["validation_scores"][0]
     # FedProx trains with FedAvg's chosen learning rate, tuning its own mu on top

@@ -31,15 +31,23 @@ def test_job_copy_changes_only_min_clients(tmp_path):
     assert (source / SERVER_CONFIG).read_text() == before
 
 
-def test_a_budget_sets_the_rounds_and_local_epochs_of_the_copy_and_of_the_baselines(tmp_path):
+def test_a_budget_sets_the_rounds_epochs_and_freeze_policy_of_the_copy_and_of_the_baselines(tmp_path):
     from tooling.jobconfig import read_job_settings
 
     job = federated_gap.federated_job(
-        REPO / "jobs" / "fedxvit", tmp_path / "job", min_clients=6, budget={"rounds": 3, "local_epochs": 4}
+        REPO / "jobs" / "fedxvit",
+        tmp_path / "job",
+        min_clients=6,
+        budget={"rounds": 3, "local_epochs": 4, "freeze_policy": "full"},
     )
     assert json.loads((job / SERVER_CONFIG).read_text())["num_rounds"] == 3
     assert json.loads((job / CLIENT_CONFIG).read_text())["local_epochs"] == 4
-    assert read_job_settings(job).equivalent_epochs == 12
+    settings = read_job_settings(job)
+    assert settings.equivalent_epochs == 12 and settings.freeze_policy == "full"
+    old = federated_gap.federated_job(  # a budget file from before the policy was recorded: the job's own
+        REPO / "jobs" / "fedxvit", tmp_path / "old", min_clients=6, budget={"rounds": 3, "local_epochs": 4}
+    )
+    assert read_job_settings(old).freeze_policy == "last-k"
 
 
 def write_split_site(root: Path, counts: dict) -> Path:
