@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from fedxvit.flower_server import APP_FOLDER
 from fedxvit.persistor import INITIAL_MODEL_ENV
 from fedxvit.sites import DATA_ROOT_ENV, site_env_var
 from tooling.poc import free_port
+from tooling.simulation import stop_group  # the group and every process it started, setsid or not
 
 CONNECTION = "fedxvit-simulation"
 MARKER = ".fedxvit-flower"  # a workspace this tool made (and may empty again)
@@ -254,30 +254,6 @@ def run_log(env: dict, run_id: int) -> str:
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60).stdout
     except subprocess.TimeoutExpired:
         return "flwr log did not answer within 60 s\n"
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """The process group a process of this tool leads (the SuperLink with its ServerApp and simulation, or Ray's
-    daemons after `ray start`): asked to stop, given a moment, then killed."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline = time.monotonic() + 3  # Ray's daemons, which outlive their `ray start`
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def parse_args(argv=None):
