@@ -157,6 +157,7 @@ def compare(
             "method_variables": chosen,
             "tuning": tuned,
             "code": {k: scenario.fingerprint[k] for k in ("code", "libraries")},
+            "cohorts": {name: scenario.cohort(name) for name in SPLITS},
             "workspace": str(workspace),
         },
         runs=tuning_runs + runs,

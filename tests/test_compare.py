@@ -95,6 +95,70 @@ def test_a_finished_run_of_other_code_or_libraries_is_run_again(tmp_path, monkey
     after = runs.code_fingerprint(("somepkg",), ())
     (package / "train.py").write_text("LR = 3e-4\n")
     assert len({before["code"], after["code"], runs.code_fingerprint(("somepkg",), ())["code"]}) == 3
+    (package.parent / "somemodule.py").write_text("EPOCHS = 1\n")  # a plain module: its own file
+    module_before = runs.code_fingerprint(("somepkg", "somemodule"), ())["code"]
+    (package.parent / "somemodule.py").write_text("EPOCHS = 2\n")
+    assert runs.code_fingerprint(("somepkg", "somemodule"), ())["code"] != module_before
+
+
+def test_the_run_key_covers_every_first_party_module_a_comparison_imports():
+    """Wherever code moves, a module that compare, a baseline or the scoring imports is in the run key: a fresh
+    interpreter imports them and lists the first-party modules it loaded (the sites' code is package fedxvit)."""
+    import subprocess
+    import sys
+
+    listed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, result_stat.compare, result_stat.budget, tooling.baselines, fedxvit.executor; "
+            "print('\\n'.join(f'{n} {getattr(m, \"__file__\", None)}' for n, m in sorted(sys.modules.items())))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        env={**__import__("os").environ, "PYTHONPATH": f"{REPO / 'custom'}:{REPO}"},
+    ).stdout.splitlines()
+    first_party = [name for name, _, file in (line.partition(" ") for line in listed) if file.startswith(str(REPO))]
+    assert "tooling.baselines" in first_party and "fedxvit.executor" in first_party
+    uncovered = [  # a package around a covered module counts as covered (tooling/__init__.py: a docstring)
+        name
+        for name in first_party
+        if not any(name == c or name.startswith(c + ".") or c.startswith(name + ".") for c in runs.CODE_PACKAGES)
+    ]
+    assert uncovered == []
+
+
+def test_the_cohort_hash_follows_the_scored_images_and_labels_only(two_sites):
+    """The scored cohort's SHA-256 changes with a test image's content or label, not with the training split."""
+    data, initial = two_sites
+
+    def cohort():
+        return runs.Scenario(data, ["site1", "site2"], initial, "tiny", 32, "cpu").cohort("test")
+
+    first = cohort()
+    assert first["images"] == 8
+    datalist_file = data / "site1" / "datalist.json"
+    datalist = json.loads(datalist_file.read_text())
+    datalist["training"] = datalist["training"][1:]
+    datalist_file.write_text(json.dumps(datalist))
+    assert cohort() == first
+    datalist["testing"][0]["label"] = 1 - datalist["testing"][0]["label"]
+    datalist_file.write_text(json.dumps(datalist))
+    relabelled = cohort()
+    assert relabelled["images"] == 8 and relabelled["sha256"] != first["sha256"]
+    datalist["testing"][0]["label"] = 1 - datalist["testing"][0]["label"]
+    datalist_file.write_text(json.dumps(datalist))
+    assert cohort() == first
+    image = data / "site1" / datalist["testing"][0]["image"]  # a test image with other content, where no hash is kept
+    info_file = data / "site1" / "dataset.json"
+    info = json.loads(info_file.read_text())
+    info["content_hashes"] = {}
+    info_file.write_text(json.dumps(info))
+    assert cohort() == first  # the file's own bytes give the recorded hash
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert cohort()["sha256"] != first["sha256"]
 
 
 def finished(report: dict, **settings) -> dict:
@@ -323,7 +387,10 @@ def test_quick_comparison_writes_the_report_and_reuses_every_run(two_sites, tmp_
 
     written = json.loads((out / "compare.json").read_text())
     assert written["methods"]["fedavg"]["pooled"] == json.loads(json.dumps(methods["fedavg"]["pooled"]))
+    cohort = written["settings"]["cohorts"]["test"]  # two sites' 4 test images each and the held-out hospital's 6
+    assert cohort["images"] == 14 and written["settings"]["cohorts"]["validation"]["images"] == 2 * 4 + 4
     markdown = (out / "compare.md").read_text()
+    assert f"14 testing images, SHA-256 `{cohort['sha256']}`" in markdown
     for row in ("| fedavg |", "| centralized |", "| local-only |", "## Per hospital: balanced accuracy", "joins later"):
         assert row in markdown
     for figure in ("compare_curves.png", "compare_forest.png"):

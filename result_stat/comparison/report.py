@@ -252,6 +252,7 @@ def compare_markdown(report: dict) -> str:
     s, table, stats = report["settings"], report["methods"], report["statistics"]
     names = [n for n in report["order"] if table.get(n)]
     split = SPLITS[s.get("split", "test")]
+    cohort = (s.get("cohorts") or {}).get(s.get("split", "test"))  # reports written before cohorts were recorded: none
     lines = [
         "# Choosing an algorithm\n",
         f"Scenario `{s['data']}` ({', '.join(s['sites'])}), initial model `{s['initial']}` (preset {s['preset']}), "
@@ -262,6 +263,14 @@ def compare_markdown(report: dict) -> str:
         "Local-only: each hospital's own model on its own split. `<method> (personalized)`: Ditto: each hospital's "
         "personalized model on its own split; FedSM: the super-model (the selector routes each image; threshold "
         "chosen on validation). Start: the initial model, untrained.\n",
+        *(
+            [
+                f"The scored cohort: {cohort['images']:,} {split} images, SHA-256 `{cohort['sha256']}` (every scored "
+                "hospital's images by content, with their labels).\n"
+            ]
+            if cohort
+            else []
+        ),
         "**Primary metric** (declared before the runs): pooled balanced accuracy; the mean of hospitals' balanced "
         "accuracies for rows of per-hospital models (personalized, local-only). **Every difference to FedAvg** is "
         f"paired: {stats['method']} ({stats['replicates']} replicates, the same draws for every row), "

@@ -22,9 +22,10 @@ from tooling.simulation import GLOBAL_MODEL, run_simulator
 DONE_FILE = "result.json"
 HELDOUT = "heldout"  # a scenario's held-out hospital (data_preparation.benchmark): scored, never trained on
 SPLITS = {"test": "testing", "validation": "validation"}
-# first-party packages a run imports (the sites' code, the baselines, the scoring) and the libraries whose
-# versions change results: a run of other code or libraries is never reused
-CODE_PACKAGES = ("fedxvit", "result_stat")
+# first-party code a run imports (packages whole: the sites' code, the scoring; modules: the baselines' training and
+# the simulator's launch) and the libraries whose versions change results: a run of other code or libraries is never
+# reused. tests/test_compare.py checks that every first-party module a comparison imports is covered here.
+CODE_PACKAGES = ("fedxvit", "result_stat", "tooling.baselines", "tooling.jobconfig", "tooling.simulation")
 LIBRARIES = ("torch", "torchvision", "timm", "monai", "nvflare", "numpy", "opacus")
 
 
@@ -48,12 +49,16 @@ def files_digest(paths) -> str:
 
 
 def code_fingerprint(packages=CODE_PACKAGES, libraries=LIBRARIES) -> dict:
-    """{"code": hash of every file of the first-party packages (files_digest), "libraries": {name: version}}:
-    part of every run's key, so a finished run of other code (an executor, the training loop, the scoring) or
-    of other library versions is run again rather than reused."""
+    """{"code": hash of every file of the first-party packages and modules (files_digest), "libraries": {name:
+    version}}: part of every run's key, so a finished run of other code (an executor, the training loop, the
+    baselines, the scoring) or of other library versions is run again rather than reused."""
     import importlib
 
-    code = files_digest(Path(importlib.import_module(name).__file__).parent for name in packages)
+    def source(name: str) -> Path:  # a package: its folder; a module: its file
+        module = importlib.import_module(name)
+        return Path(module.__file__).parent if hasattr(module, "__path__") else Path(module.__file__)
+
+    code = files_digest(source(name) for name in packages)
     versions = {}
     for name in libraries:
         try:
@@ -120,6 +125,21 @@ class Scenario:
 
     def site_dir(self, site: str) -> Path:
         return self.data / site
+
+    def cohort(self, split: str) -> dict:
+        """{"sha256", "images"} of a split as scored: every scored hospital's images (the content hash its
+        dataset.json records, else the file's bytes) with their labels, so a report names the exact cohort."""
+        from fedxvit.datalist import file_hash, load_split, read_dataset_info
+
+        digest, count = hashlib.sha256(), 0
+        for site in [*self.sites, *([self.heldout] if self.heldout else [])]:
+            recorded = read_dataset_info(self.site_dir(site)).get("content_hashes") or {}
+            for entry in sorted(load_split(self.site_dir(site), SPLITS[split]), key=lambda e: e["image"]):
+                relative = Path(os.path.relpath(entry["image"], self.site_dir(site))).as_posix()
+                content = recorded.get(relative) or file_hash(entry["image"])
+                digest.update(f"{site}\t{content}\t{int(entry['label'])}\n".encode())
+                count += 1
+        return {"sha256": digest.hexdigest(), "images": count}
 
     def loaders(self, split: str) -> dict:
         from fedxvit.data import make_loader
