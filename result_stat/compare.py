@@ -4,11 +4,12 @@
 
 First each method with a tuning grid is tuned on the sites' VALIDATION splits (one seed; --no-tune or
 --quick skip it). Then, for each seed, every federated method (a job folder run in NVFlare's
-simulator over all sites), the centralized baseline (all sites' training splits pooled) and the
-local-only baseline (each hospital alone) start from the same initial model and see every training
-image equally often (baselines: epochs = rounds x local epochs, tooling.baselines). Each final model
-is scored on every site's TEST split; nothing is selected or tuned on it. Every row's difference to
-FedAvg gets a paired hierarchical-bootstrap interval, a Holm-adjusted p-value and a verdict.
+simulator over all sites, without the cross-site evaluation nothing here reads), the centralized
+baseline (all sites' training splits pooled) and the local-only baseline (each hospital alone) start
+from the same initial model and see every training image equally often (baselines: epochs = rounds x
+local epochs, tooling.baselines). Each final model is scored on every site's TEST split; nothing is
+selected or tuned on it. Every row's difference to FedAvg gets a paired hierarchical-bootstrap
+interval, a Holm-adjusted p-value and a verdict.
 Writes compare.json, compare.md, compare_forest.png and compare_curves.png into --out.
 
 The flow lives in result_stat.comparison: plan (methods x seeds x values) -> runs (each in

@@ -350,6 +350,7 @@ def test_quick_comparison_writes_the_report_and_reuses_every_run(two_sites, tmp_
     client = json.loads((fedavg_run / "job" / "app" / "config" / "config_fed_client.json").read_text())
     assert (server["num_rounds"], server["min_clients"], client["seed"], client["local_epochs"]) == (2, 2, 3, 1)
     assert server["aggregation"] == "median"
+    assert [w["id"] for w in server["workflows"]] == ["scatter_and_gather"]  # no cross-site evaluation: not read
     rounds = json.loads((fedavg_run / "simulator" / "server" / "simulate_job" / "global_val.json").read_text())[
         "rounds"
     ]

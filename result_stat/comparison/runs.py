@@ -16,7 +16,7 @@ import numpy as np
 
 from fedxvit.errors import FedXViTError
 from result_stat.comparison.scores import PRIMARY_METRIC, score_sites
-from tooling.jobconfig import job_copy
+from tooling.jobconfig import SERVER_FILE, job_copy, rewrite_job_config
 from tooling.simulation import GLOBAL_MODEL, run_simulator
 
 DONE_FILE = "result.json"
@@ -212,6 +212,13 @@ def fedsm_super_model(run_dir: Path, scenario: Scenario, global_model) -> dict |
     return super_model(models, global_model, scenario.predict, lambda p: score_sites(p)["pooled"][PRIMARY_METRIC])
 
 
+def without_cross_site_evaluation(server: dict) -> None:
+    """A comparison scores every final model on every site's splits itself and reads nothing of NVFlare's cross-site
+    evaluation (every site validating every site's model: about 10 s of a skewed run), so its job copies leave
+    that workflow out."""
+    server["workflows"] = [w for w in server["workflows"] if not w["path"].endswith(".CrossSiteModelEval")]
+
+
 def federated_run(
     scenario: Scenario,
     job: Path,
@@ -249,6 +256,7 @@ def federated_run(
             },
             optional=("min_clients", "tracking_uri", "registered_model_name"),
         )
+        rewrite_job_config(copy, SERVER_FILE, without_cross_site_evaluation)
         run_dir = run_simulator(copy, folder / "simulator", scenario.data, scenario.sites, scenario.initial, timeout_s)
         model = load_global_model(run_dir / GLOBAL_MODEL, scenario.preset, scenario.num_classes, scenario.device)
         validation = scenario.predict(model, "validation")
