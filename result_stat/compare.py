@@ -250,7 +250,12 @@ def main(argv=None) -> dict:
             raise FedXViTError("--budget sets the rounds and local epochs: drop --rounds and --local-epochs")
         budget = read_budget(Path(args.budget))
         rounds, local_epochs, freeze_policy = budget["rounds"], budget["local_epochs"], budget["freeze_policy"]
-        budget_source = f"{args.budget} (FedAvg's validation curve flattened there, on the calibration seed's data)"
+        curve = (
+            "flattened there"
+            if budget.get("flattened", True)
+            else f"was still rising at its last round there: all {rounds * local_epochs} passes measured"
+        )
+        budget_source = f"{args.budget} (FedAvg's validation curve {curve}, on the calibration seed's data)"
     if args.quick:
         seeds, rounds, budget_source = seeds[:1], QUICK_ROUNDS, "--quick"
     methods = planning.parse_methods(args.methods, project_root())
