@@ -197,10 +197,24 @@ compare-quick: setup
 LONGTAIL_PARTITION ?= homo
 LONGTAIL_ALPHA ?= 0.5
 LONGTAIL_DATA = $(DATA)/longtail/$(if $(filter dirichlet,$(LONGTAIL_PARTITION)),dirichlet-$(LONGTAIL_ALPHA),homo)
-.PHONY: data-longtail ssl-prior compare-longtail
+.PHONY: data-longtail data-longtail-calibration budget-longtail ssl-prior compare-longtail
 data-longtail: setup
 	$(PY) -m data_preparation.benchmark --scenario longtail --partition $(LONGTAIL_PARTITION) \
 		$(if $(filter dirichlet,$(LONGTAIL_PARTITION)),--alpha $(LONGTAIL_ALPHA)) --out $(LONGTAIL_DATA) --seed $(SEED)
+
+# How long the long-tailed comparison trains: as budget-skewed, on the scenario drawn with the calibration seed
+# (validation cohorts only), from the expert, 24 passes (at 12 every curve still rose; docs/measurements.md)
+# -> $(LONGTAIL_DATA)-calibration/budget.json, which compare-longtail reads.
+LONGTAIL_CALIBRATION = $(LONGTAIL_DATA)-calibration
+LONGTAIL_BUDGET ?= $(wildcard $(LONGTAIL_CALIBRATION)/budget.json)
+data-longtail-calibration: setup
+	$(PY) -m data_preparation.benchmark --scenario longtail --partition $(LONGTAIL_PARTITION) \
+		$(if $(filter dirichlet,$(LONGTAIL_PARTITION)),--alpha $(LONGTAIL_ALPHA)) --out $(LONGTAIL_CALIBRATION) \
+		--seed $(CALIBRATION_SEED)
+
+budget-longtail: expert data-longtail-calibration
+	$(PY) -m result_stat.budget --scenario-data $(LONGTAIL_CALIBRATION) --initial models/expert.pt \
+		--passes 24 --local-epochs 2,4,8 --workspace workspace/budget-longtail
 
 ssl-prior: data
 	$(PY) -m tooling.pretrain_prior --data $(DATA)/public --out models/ssl_prior.pt
@@ -208,6 +222,7 @@ ssl-prior: data
 compare-longtail: ssl-prior expert data-longtail
 	$(PY) -m result_stat.compare --scenario-data $(LONGTAIL_DATA) --initial models/expert.pt \
 		--methods fedavg,fedavg-bsm,fedmas --workspace workspace/compare-longtail \
+		$(if $(LONGTAIL_BUDGET),--budget $(LONGTAIL_BUDGET)) \
 		--out results/longtail$(if $(filter --split validation,$(COMPARE_ARGS)),-validation) $(COMPARE_ARGS)
 
 # What update privacy costs (docs/privacy.md): FedAvg against FedAvg behind each of NVFlare's privacy
@@ -215,4 +230,5 @@ compare-longtail: ssl-prior expert data-longtail
 # reused) -> results/privacy/.
 .PHONY: compare-privacy
 compare-privacy: setup
-	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results/privacy --methods fedavg,percentile,svt,exclude,dp-sgd-eps1,dp-sgd-eps3,dp-sgd-eps8 $(COMPARE_ARGS)
+	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results/privacy $(if $(COMPARE_BUDGET),--budget $(COMPARE_BUDGET)) \
+		--methods fedavg,percentile,svt,exclude,dp-sgd-eps1,dp-sgd-eps3,dp-sgd-eps8 $(COMPARE_ARGS)
