@@ -8,9 +8,9 @@ number of passes over the sites' data (rounds = passes / E), and records the poo
 accuracy after every round (global_val.json; the sites' validation cohorts, never test). For each E
 the budget is the first round from which the curve stays within --tolerance of its best; among the
 settings whose best is within --tolerance of the overall best, the one with the fewest rounds wins
-(a round costs a task exchange and a validation of every site, an epoch only training). A curve whose
-best is its last round has not been seen to flatten: budget.json says so ("flattened": false) and the
-tool asks for more --passes. Writes
+(a round costs a task exchange and a validation of every site, an epoch only training). A curve that comes
+within --tolerance of its best only in its last round (still rising, or dipping at the end) has not been
+seen to flatten: budget.json says so ("flattened": false) and the tool asks for more --passes. Writes
 budget.json into --out (default: the scenario folder); `make compare` reads it with --budget, and
 every method of the comparison, and the baselines, then train rounds x local epochs with the budget's
 freeze policy. The comparisons train the whole model by default: with only the last block trainable,
@@ -50,9 +50,9 @@ def choose_budget(curves: dict, tolerance: float = TOLERANCE) -> dict:
     per_setting = {}
     for epochs, curve in curves.items():
         rounds, best = flattened(curve, tolerance), max(v for v in curve if v is not None)
-        # best in the last round and near it only there: the curve has not been seen to flatten
-        still_rising = rounds == len(curve) - 1 and curve[-1] == best
-        per_setting[int(epochs)] = {"rounds": rounds, "best": best, "still_rising": still_rising}
+        # near its best only from the last round on (still rising, or dipping at the end): not seen to settle
+        settled = rounds < len(curve) - 1
+        per_setting[int(epochs)] = {"rounds": rounds, "best": best, "settled": settled}
     top = max(row["best"] for row in per_setting.values())
     eligible = [e for e, row in per_setting.items() if row["best"] >= top - tolerance]
     epochs = min(eligible, key=lambda e: (per_setting[e]["rounds"], e))
@@ -66,7 +66,7 @@ def choose_budget(curves: dict, tolerance: float = TOLERANCE) -> dict:
         "passes": rounds * epochs,
         "per_setting": per_setting,
         "fedavg_improved_on_start": improved,
-        "flattened": not per_setting[epochs]["still_rising"],
+        "flattened": per_setting[epochs]["settled"],
     }
 
 
@@ -179,8 +179,9 @@ def main(argv=None) -> dict:
     )
     if budget["fedavg_improved_on_start"] and not budget["flattened"]:
         print(
-            f"FedAvg's validation curve with {budget['local_epochs']} local epoch(s) was still rising at its last "
-            f"round: the budget is every pass measured; measure more --passes (now {args.passes}) to see it flatten"
+            f"FedAvg's validation curve with {budget['local_epochs']} local epoch(s) did not settle within "
+            f"{args.tolerance:.3f} of its best before its last round: the budget is every pass measured; measure more "
+            f"--passes (now {args.passes}) to see it flatten"
         )
     if not budget["fedavg_improved_on_start"]:
         print(

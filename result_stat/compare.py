@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
         curve = (
             "flattened there"
             if budget.get("flattened", True)
-            else f"was still rising at its last round there: all {rounds * local_epochs} passes measured"
+            else f"settled near its best only in its last round there: all {rounds * local_epochs} passes measured"
         )
         budget_source = f"{args.budget} (FedAvg's validation curve {curve}, on the calibration seed's data)"
     if args.quick:

@@ -25,14 +25,16 @@ def test_the_cheapest_setting_that_reaches_the_best_wins():
     }
     chosen = budget.choose_budget(curves, tolerance=0.01)
     assert (chosen["rounds"], chosen["local_epochs"], chosen["passes"]) == (3, 2, 6)
-    assert chosen["per_setting"][4] == {"rounds": 1, "best": 0.79, "still_rising": False}
+    assert chosen["per_setting"][4] == {"rounds": 1, "best": 0.79, "settled": True}
     assert chosen["fedavg_improved_on_start"] and chosen["flattened"]
 
 
-def test_a_curve_still_rising_at_its_last_round_is_not_called_flat():
+def test_a_curve_near_its_best_only_in_its_last_round_is_not_called_flat():
     rising = budget.choose_budget({2: [0.58, 0.59, 0.63, 0.64, 0.65, 0.67, 0.69]}, tolerance=0.01)
     assert (rising["rounds"], rising["local_epochs"]) == (6, 2)  # every pass measured
-    assert rising["per_setting"][2]["still_rising"] and not rising["flattened"]
+    assert not rising["per_setting"][2]["settled"] and not rising["flattened"]
+    dipping = budget.choose_budget({1: [0.68, 0.65, 0.74, 0.71, 0.70]}, tolerance=0.01)  # best, then a drop
+    assert dipping["rounds"] == 4 and not dipping["flattened"]
 
 
 def test_curves_that_never_rise_above_the_start_take_every_pass_and_say_so():
