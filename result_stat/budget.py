@@ -90,6 +90,16 @@ def read_budget(path: Path) -> dict:
     return {**budget, "freeze_policy": policy, "file": str(path)}
 
 
+def what_fedavg_did(budget: dict) -> str:
+    """What FedAvg's calibration curve did at the chosen setting, for the report that trains with the budget."""
+    passes = f"all {int(budget['rounds']) * int(budget['local_epochs'])} passes measured"
+    if not budget.get("fedavg_improved_on_start", True):
+        return f"FedAvg's validation curve never rose above the start there: {passes}"
+    if not budget.get("flattened", True):  # a budget.json written before the field counts as flat, as it was read
+        return f"FedAvg's validation curve did not settle near its best before its last round there: {passes}"
+    return "FedAvg's validation curve flattened there"
+
+
 def measure(
     data: Path,
     initial: Path,

@@ -244,18 +244,13 @@ def main(argv=None) -> dict:
         raise FedXViTError(f"--replicates {args.replicates}: use at least 100 (a 95% interval needs its tails)")
     rounds, local_epochs, budget_source, freeze_policy = args.rounds, args.local_epochs, None, None
     if args.budget:
-        from result_stat.budget import read_budget
+        from result_stat.budget import read_budget, what_fedavg_did
 
         if rounds is not None or local_epochs is not None:
             raise FedXViTError("--budget sets the rounds and local epochs: drop --rounds and --local-epochs")
         budget = read_budget(Path(args.budget))
         rounds, local_epochs, freeze_policy = budget["rounds"], budget["local_epochs"], budget["freeze_policy"]
-        curve = (
-            "flattened there"
-            if budget.get("flattened", True)
-            else f"settled near its best only in its last round there: all {rounds * local_epochs} passes measured"
-        )
-        budget_source = f"{args.budget} (FedAvg's validation curve {curve}, on the calibration seed's data)"
+        budget_source = f"{args.budget} ({what_fedavg_did(budget)}, on the calibration seed's data)"
     if args.quick:
         seeds, rounds, budget_source = seeds[:1], QUICK_ROUNDS, "--quick"
     methods = planning.parse_methods(args.methods, project_root())

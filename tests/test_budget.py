@@ -35,6 +35,12 @@ def test_a_curve_near_its_best_only_in_its_last_round_is_not_called_flat():
     assert not rising["per_setting"][2]["settled"] and not rising["flattened"]
     dipping = budget.choose_budget({1: [0.68, 0.65, 0.74, 0.71, 0.70]}, tolerance=0.01)  # best, then a drop
     assert dipping["rounds"] == 4 and not dipping["flattened"]
+    said = budget.what_fedavg_did(rising)  # what the comparison's report says of its budget
+    assert "did not settle near its best" in said and "all 12 passes measured" in said
+    flat = budget.choose_budget({2: [0.5, 0.7, 0.8, 0.8, 0.8]}, tolerance=0.01)
+    assert budget.what_fedavg_did(flat) == "FedAvg's validation curve flattened there"
+    never = budget.choose_budget({4: [0.63, 0.61, 0.59, 0.59]}, tolerance=0.01)
+    assert "never rose above the start" in budget.what_fedavg_did(never)
 
 
 def test_curves_that_never_rise_above_the_start_take_every_pass_and_say_so():
