@@ -91,11 +91,19 @@ def read_budget(path: Path) -> dict:
 
 
 def what_fedavg_did(budget: dict) -> str:
-    """What FedAvg's calibration curve did at the chosen setting, for the report that trains with the budget."""
-    passes = f"all {int(budget['rounds']) * int(budget['local_epochs'])} passes measured"
-    if not budget.get("fedavg_improved_on_start", True):
+    """What FedAvg's calibration curve did at the chosen setting, for the report that trains with the budget. A
+    budget.json written before "flattened" (or "fedavg_improved_on_start") existed gets them from its curves."""
+    epochs = int(budget["local_epochs"])
+    facts = dict(budget)
+    if "curves" in budget and not {"flattened", "fedavg_improved_on_start"} <= budget.keys():
+        measured = choose_budget(budget["curves"], budget.get("tolerance", TOLERANCE))
+        facts.setdefault("fedavg_improved_on_start", measured["fedavg_improved_on_start"])
+        if epochs in measured["per_setting"]:
+            facts.setdefault("flattened", measured["per_setting"][epochs]["settled"])
+    passes = f"all {int(budget['rounds']) * epochs} passes measured"
+    if not facts.get("fedavg_improved_on_start", True):
         return f"FedAvg's validation curve never rose above the start there: {passes}"
-    if not budget.get("flattened", True):  # a budget.json written before the field counts as flat, as it was read
+    if not facts.get("flattened", True):
         return f"FedAvg's validation curve did not settle near its best before its last round there: {passes}"
     return "FedAvg's validation curve flattened there"
 

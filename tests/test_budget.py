@@ -41,6 +41,11 @@ def test_a_curve_near_its_best_only_in_its_last_round_is_not_called_flat():
     assert budget.what_fedavg_did(flat) == "FedAvg's validation curve flattened there"
     never = budget.choose_budget({4: [0.63, 0.61, 0.59, 0.59]}, tolerance=0.01)
     assert "never rose above the start" in budget.what_fedavg_did(never)
+    # a budget.json from before these fields: its stored curves say what FedAvg did
+    older = {"rounds": 3, "local_epochs": 4, "curves": {"4": [0.63, 0.61, 0.59, 0.59]}, "tolerance": 0.01}
+    assert "never rose above the start" in budget.what_fedavg_did(older)
+    older = {"rounds": 6, "local_epochs": 2, "curves": {"2": [0.58, 0.59, 0.63, 0.64, 0.65, 0.67, 0.69]}}
+    assert "did not settle" in budget.what_fedavg_did(older)
 
 
 def test_curves_that_never_rise_above_the_start_take_every_pass_and_say_so():
