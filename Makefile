@@ -180,11 +180,12 @@ COMPARE_BUDGET ?= $(wildcard $(DATA)/skewed-calibration/budget.json)
 compare: setup
 	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results $(if $(COMPARE_BUDGET),--budget $(COMPARE_BUDGET)) $(COMPARE_ARGS)
 
-# How long comparisons train: FedAvg on the calibration seed's data with 1, 2 and 4 local epochs for the same
-# passes; rounds x epochs where its validation curve flattens -> $(DATA)/skewed-calibration/budget.json.
+# How long comparisons train: FedAvg on the calibration seed's data with 2, 4 and 8 local epochs for 24 passes
+# each; rounds x epochs where its (smoothed) validation curve flattens -> $(DATA)/skewed-calibration/budget.json.
 .PHONY: budget-skewed
 budget-skewed: data-skewed-calibration
-	$(PY) -m result_stat.budget --scenario-data $(DATA)/skewed-calibration
+	$(PY) -m result_stat.budget --scenario-data $(DATA)/skewed-calibration --passes 24 --local-epochs 2,4,8 \
+		--workspace workspace/budget-skewed
 
 compare-quick: setup
 	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results --quick $(COMPARE_ARGS)

@@ -5,12 +5,15 @@
 
 FedAvg (jobs/fedxvit) runs in NVFlare's simulator once per local-epoch setting E, each for the same
 number of passes over the sites' data (rounds = passes / E), and records the pooled validation
-accuracy after every round (global_val.json; the sites' validation cohorts, never test). For each E
-the budget is the first round from which the curve stays within --tolerance of its best; among the
-settings whose best is within --tolerance of the overall best, the one with the fewest rounds wins
-(a round costs a task exchange and a validation of every site, an epoch only training). A curve that comes
-within --tolerance of its best only in its last round (still rising, or dipping at the end) has not been
-seen to flatten: budget.json says so ("flattened": false) and the tool asks for more --passes. Writes
+accuracy after every round (global_val.json; the sites' validation cohorts, never test). Each curve is
+judged smoothed: a round's value is the mean of the rounds that trained the last --window-passes passes
+(default: the largest E, so every setting is judged over the same stretch of training, and one lucky
+round on a noisy curve picks nothing). For each E the budget is the first round from which the smoothed
+curve stays within --tolerance of its best; among the settings whose best is within --tolerance of the
+overall best, the one with the fewest rounds wins (a round costs a task exchange and a validation of every
+site, an epoch only training). A curve that comes within --tolerance of its best only in its last round
+(still rising, or dipping at the end) has not been seen to flatten: budget.json says so ("flattened":
+false) and the tool asks for more --passes. Writes
 budget.json into --out (default: the scenario folder); `make compare` reads it with --budget, and
 every method of the comparison, and the baselines, then train rounds x local epochs with the budget's
 freeze policy. The comparisons train the whole model by default: with only the last block trainable,
@@ -44,15 +47,30 @@ def flattened(curve: list, tolerance: float = TOLERANCE) -> int:
     return len(curve) - 1
 
 
-def choose_budget(curves: dict, tolerance: float = TOLERANCE) -> dict:
-    """{local epochs: validation curve} -> {"rounds", "local_epochs", "passes", "per_setting"}: the setting
-    (among those whose best is within `tolerance` of the overall best) that flattens in the fewest rounds."""
+def smoothed(curve: list, rounds_per_value: int) -> list:
+    """The curve with each round's value replaced by the mean of it and the rounds before it, `rounds_per_value`
+    rounds in all (fewer at the start; curve[0], the start, stays as it is and is never averaged in)."""
+    out = list(curve[:1])
+    for r in range(1, len(curve)):
+        window = [v for v in curve[max(1, r - rounds_per_value + 1) : r + 1] if v is not None]
+        out.append(sum(window) / len(window) if window else None)
+    return out
+
+
+def choose_budget(curves: dict, tolerance: float = TOLERANCE, window_passes: int | None = None) -> dict:
+    """{local epochs: validation curve} -> {"rounds", "local_epochs", "passes", "per_setting", ...}: the setting
+    (among those whose smoothed best is within `tolerance` of the overall best) whose smoothed curve flattens in
+    the fewest rounds. Smoothing averages the rounds of the last `window_passes` passes (default: the largest
+    setting's epochs, one of its rounds)."""
+    window = window_passes or max(int(e) for e in curves)
     per_setting = {}
     for epochs, curve in curves.items():
-        rounds, best = flattened(curve, tolerance), max(v for v in curve if v is not None)
+        per_value = max(1, window // int(epochs))
+        judged = smoothed(curve, per_value)
+        rounds, best = flattened(judged, tolerance), max(v for v in judged if v is not None)
         # near its best only from the last round on (still rising, or dipping at the end): not seen to settle
         settled = rounds < len(curve) - 1
-        per_setting[int(epochs)] = {"rounds": rounds, "best": best, "settled": settled}
+        per_setting[int(epochs)] = {"rounds": rounds, "best": best, "settled": settled, "rounds_averaged": per_value}
     top = max(row["best"] for row in per_setting.values())
     eligible = [e for e, row in per_setting.items() if row["best"] >= top - tolerance]
     epochs = min(eligible, key=lambda e: (per_setting[e]["rounds"], e))
@@ -67,6 +85,7 @@ def choose_budget(curves: dict, tolerance: float = TOLERANCE) -> dict:
         "per_setting": per_setting,
         "fedavg_improved_on_start": improved,
         "flattened": per_setting[epochs]["settled"],
+        "window_passes": window,
     }
 
 
@@ -96,7 +115,7 @@ def what_fedavg_did(budget: dict) -> str:
     epochs = int(budget["local_epochs"])
     facts = dict(budget)
     if "curves" in budget and not {"flattened", "fedavg_improved_on_start"} <= budget.keys():
-        measured = choose_budget(budget["curves"], budget.get("tolerance", TOLERANCE))
+        measured = choose_budget(budget["curves"], budget.get("tolerance", TOLERANCE), budget.get("window_passes"))
         facts.setdefault("fedavg_improved_on_start", measured["fedavg_improved_on_start"])
         if epochs in measured["per_setting"]:
             facts.setdefault("flattened", measured["per_setting"][epochs]["settled"])
@@ -162,6 +181,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--local-epochs", default="1,2,4", help="settings to try (default: 1,2,4)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="flat = within this of the best")
     parser.add_argument(
+        "--window-passes",
+        type=int,
+        default=None,
+        help="judge each curve by the mean over the rounds of this many passes (default: the largest --local-epochs)",
+    )
+    parser.add_argument(
         "--freeze-policy",
         default=FREEZE_POLICY,
         choices=FREEZE_POLICIES,
@@ -176,14 +201,14 @@ def main(argv=None) -> dict:
         settings = sorted({int(e) for e in args.local_epochs.split(",") if e.strip()})
     except ValueError:
         raise FedXViTError(f"--local-epochs {args.local_epochs!r}: expected integers, e.g. 1,2,4") from None
-    if not settings or min(settings) < 1 or args.passes < 1:
-        raise FedXViTError("--passes and every --local-epochs value must be at least 1")
+    if not settings or min([*settings, args.passes, args.window_passes or 1]) < 1:
+        raise FedXViTError("--passes, --window-passes and every --local-epochs value must be at least 1")
     data = Path(args.scenario_data).resolve()
     initial = Path(args.initial) if args.initial else resolve_initial_model()
     workspace = Path(args.workspace).resolve()
     curves = measure(data, initial.resolve(), args.passes, settings, workspace, args.timeout, args.freeze_policy)
     budget = {
-        **choose_budget(curves, args.tolerance),
+        **choose_budget(curves, args.tolerance, args.window_passes),
         "freeze_policy": args.freeze_policy,
         "curves": curves,
         "data": str(data),

@@ -23,10 +23,28 @@ def test_the_cheapest_setting_that_reaches_the_best_wins():
         2: [0.5, 0.7, 0.8, 0.83, 0.83],  # flat from round 3: 3 x 2
         4: [0.5, 0.78, 0.79],  # fewest rounds, but its best is 4 points short
     }
-    chosen = budget.choose_budget(curves, tolerance=0.01)
+    chosen = budget.choose_budget(curves, tolerance=0.01, window_passes=1)  # each round judged on its own
     assert (chosen["rounds"], chosen["local_epochs"], chosen["passes"]) == (3, 2, 6)
-    assert chosen["per_setting"][4] == {"rounds": 1, "best": 0.79, "settled": True}
+    assert chosen["per_setting"][4] == {"rounds": 1, "best": 0.79, "settled": True, "rounds_averaged": 1}
     assert chosen["fedavg_improved_on_start"] and chosen["flattened"]
+
+
+def test_a_lucky_round_on_a_noisy_curve_does_not_pick_the_budget():
+    assert budget.smoothed([0.5, 0.6, 0.8, 0.7], 2) == pytest.approx([0.5, 0.6, 0.7, 0.75])  # the start stays apart
+    # FedAvg on the skewed calibration data (2026-12-05 trial, 24 passes): the 2-epoch curve swings by 8 points and
+    # ends on a spike; judged round by round, that spike alone makes it the best and costs 12 rounds
+    curves = {
+        2: [0.683, 0.655, 0.677, 0.681, 0.665, 0.671, 0.698, 0.748, 0.746, 0.679, 0.696, 0.692, 0.748],
+        4: [0.683, 0.653, 0.655, 0.663, 0.690, 0.683, 0.722],
+        8: [0.683, 0.661, 0.687, 0.720],
+    }
+    raw = budget.choose_budget(curves, tolerance=0.01, window_passes=1)
+    assert (raw["rounds"], raw["local_epochs"]) == (12, 2)
+    judged = budget.choose_budget(curves, tolerance=0.01)  # each curve averaged over 8 passes: the largest setting
+    assert judged["window_passes"] == 8
+    assert {e: row["rounds_averaged"] for e, row in judged["per_setting"].items()} == {2: 4, 4: 2, 8: 1}
+    assert judged["per_setting"][2]["best"] == pytest.approx((0.698 + 0.748 + 0.746 + 0.679) / 4)  # rounds 7-10
+    assert (judged["rounds"], judged["local_epochs"]) == (3, 8) and not judged["flattened"]
 
 
 def test_a_curve_near_its_best_only_in_its_last_round_is_not_called_flat():

@@ -34,7 +34,7 @@ LEARNING_RATES = [{"learning_rate": lr} for lr in (3e-4, 1e-4, 1e-3)]  # the job
 # a method without a grid runs with its job's values and FedAvg's learning rate.
 TUNING_GRIDS = {
     "fedavg": LEARNING_RATES,
-    "fedprox": [{"mu": mu} for mu in (0.01, 0.001, 0.1, 1.0)],
+    "fedprox": [{"mu": mu} for mu in (0.01, 0.001, 0.1, 1.0, 10.0)],  # 10: 2026-12-03's tuning chose its edge, 1
     "fedopt": [
         {"server_lr": lr, "server_momentum": m}
         for lr, m in ((1.0, 0.6), (1.0, 0.0), (1.0, 0.9), (0.5, 0.6), (2.0, 0.6))
