@@ -409,8 +409,9 @@ def lesion_contrast(items: list) -> tuple:
 def test_skewed_lesions_are_smaller_and_fainter(data, skewed):
     default_area, default_contrast = lesion_contrast([e for k in (1, 2, 3) for e in entries(data / f"site{k}")])
     skewed_area, skewed_contrast = lesion_contrast([e for k in range(1, 7) for e in entries(skewed / f"site{k}")])
-    assert skewed_area < 0.6 * default_area
-    assert skewed_contrast < 0.8 * default_contrast
+    # midway between FAINT_LESION and LESION since 2026-12-05: here 0.63 and 0.68 of the default (faint: < 0.6)
+    assert skewed_area < 0.75 * default_area
+    assert skewed_contrast < 0.75 * default_contrast
 
 
 @pytest.mark.slow
