@@ -101,38 +101,75 @@ def test_a_finished_run_of_other_code_or_libraries_is_run_again(tmp_path, monkey
     assert runs.code_fingerprint(("somepkg", "somemodule"), ())["code"] != module_before
 
 
-def test_the_run_key_covers_every_first_party_module_a_comparison_imports():
-    """Wherever code moves, a module that compare, a baseline or the scoring imports is in the run key: a fresh
-    interpreter imports them and lists the first-party modules it loaded (the sites' code is package fedxvit)."""
+def first_party_imports(module_names) -> set:
+    """Every first-party module the given ones import, transitively, at module level and inside functions (an import
+    inside a function runs only when a run calls it): read from their source, nothing executed."""
+    import ast
+    import importlib.util
     import os
-    import subprocess
-    import sys
 
-    script = (  # every loaded module outside the interpreter's installation (the venv may lie inside the checkout)
-        "import os, sys, result_stat.compare, result_stat.budget, tooling.baselines, fedxvit.executor\n"
-        "installed = tuple(os.path.realpath(p) + os.sep for p in {sys.prefix, sys.base_prefix})\n"
-        "for name, module in sorted(sys.modules.items()):\n"
-        "    path = getattr(module, '__file__', None) or ''\n"  # torch.ops and torch.classes: not a real path
-        "    if os.path.isabs(path) and not os.path.realpath(path).startswith(installed):\n"
-        "        print(name, os.path.realpath(path))\n"
-    )
-    listed = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": f"{REPO / 'custom'}{os.pathsep}{REPO}"},
-    ).stdout.splitlines()
     checkout = os.path.realpath(REPO) + os.sep
-    first_party = [name for name, _, path in (line.partition(" ") for line in listed) if path.startswith(checkout)]
-    assert "tooling.baselines" in first_party and "fedxvit.executor" in first_party
-    uncovered = [  # a package around a covered module counts as covered (tooling/__init__.py: a docstring)
-        name
-        for name in first_party
-        if not any(name == c or name.startswith(c + ".") or c.startswith(name + ".") for c in runs.CODE_PACKAGES)
-    ]
-    assert uncovered == []
+
+    def origin(name: str) -> str | None:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            return None
+        path = os.path.realpath(spec.origin) if spec and spec.has_location and spec.origin else ""  # not "frozen"
+        return path if path.startswith(checkout) and ".venv" not in path else None
+
+    def modules_of(name: str) -> list:  # a package: every module in it; a module: itself
+        path = origin(name)
+        if path and path.endswith("__init__.py"):
+            folder = Path(path).parent
+            return [name] + [
+                ".".join([name, *f.relative_to(folder).with_suffix("").parts]).removesuffix(".__init__")
+                for f in sorted(folder.rglob("*.py"))
+                if f.name != "__init__.py" or f.parent != folder
+            ]
+        return [name] if path else []
+
+    seen, todo = set(), [m for name in module_names for m in modules_of(name)]
+    while todo:
+        name = todo.pop()
+        if name in seen or not origin(name):
+            continue
+        seen.add(name)
+        package = name if origin(name).endswith("__init__.py") else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(Path(origin(name)).read_text())):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # a relative import
+                    base = ".".join(
+                        [*package.split(".")[: len(package.split(".")) - node.level + 1], *filter(None, [base])]
+                    )
+                todo += [base] + [f"{base}.{alias.name}" for alias in node.names]  # a name may be a submodule
+    return seen
+
+
+def test_the_run_key_covers_every_first_party_module_a_run_imports_and_no_report():
+    """Wherever code moves, a module that a run's code or a job's config imports is in the run key; the report,
+    statistics, tuning choice and CLI are not, so fixing a report keeps the runs."""
+
+    def covered(name: str) -> bool:  # a package around a covered module counts (its __init__.py: a docstring)
+        return any(name == c or name.startswith(c + ".") or c.startswith(name + ".") for c in runs.CODE_SOURCES)
+
+    named = {  # the classes the jobs' configs name, and the modules behind them (the simulator imports them by name)
+        path.rpartition(".")[0]
+        for config in (REPO / "jobs").glob("*/app*/config/*.json")
+        for path in re.findall(r'"(?:path|name)"\s*:\s*"([A-Za-z_][\w.]*\.[A-Za-z_]\w*)"', config.read_text())
+    }
+    imported = first_party_imports([*runs.CODE_SOURCES, *named])
+    assert "fedxvit.executor" in named
+    assert {"fedxvit.executor", "fedxvit.training", "tooling.baselines", "result_stat.metrics"} <= imported
+    assert sorted(name for name in imported if not covered(name)) == []
+    for reader in ("result_stat.compare", "result_stat.comparison.report", "result_stat.comparison.statistics"):
+        assert not covered(reader) and reader not in imported  # a report's fix never invalidates a run
+    # the walk itself sees an import made inside a function: scores imports result_stat.metrics only when it scores
+    assert "result_stat.metrics" in first_party_imports(["result_stat.comparison.scores"])
+    assert "result_stat.metrics" not in first_party_imports(["result_stat.comparison.statistics"])
 
 
 def test_the_cohort_hash_follows_the_scored_images_and_labels_only(two_sites):
@@ -591,16 +628,41 @@ def test_tuning_chooses_on_validation_and_the_evaluation_runs_use_the_choice(two
     assert any("ETA" in line for line in lines)
 
 
-def test_the_eta_counts_each_kind_of_run_at_its_own_pace():
-    def planned(kind):
-        return plan.PlannedRun("x", 0, {"kind": kind}, lambda folder: {})
+def test_the_eta_counts_each_row_at_its_own_pace_else_its_kinds():
+    def planned(name, kind):
+        return plan.PlannedRun(name, 0, {"kind": kind}, lambda folder: {})
 
-    todo = [planned("federated"), planned("federated"), planned("federated"), planned("centralized")]
-    assert runs.estimate_left(todo, [1, 2], {"federated": [90.0, 150.0]}) == "; ETA 4 min for 2 run(s)"
-    assert runs.estimate_left(todo, [2, 3], {"federated": [120.0]}) == (
-        "; ETA at least 2 min (no centralized run timed yet) for 2 run(s)"
+    todo = [planned("fedavg", "federated"), planned("fedsm", "federated"), planned("fedsm", "federated")]
+    todo.append(planned("centralized", "centralized"))
+    timed = {"fedavg": [90.0, 150.0], "federated": [90.0, 150.0]}
+    assert runs.estimate_left(todo, [1, 2], timed) == "; ETA 4 min for 2 run(s)"  # FedSM at the federated pace
+    timed = {**timed, "fedsm": [300.0], "federated": [90.0, 150.0, 300.0]}
+    assert runs.estimate_left(todo, [2], timed) == "; ETA 5 min for 1 run(s)"  # at FedSM's own
+    assert runs.estimate_left(todo, [2, 3], timed) == (
+        "; ETA at least 5 min (no centralized run timed yet) for 2 run(s)"
     )
-    assert runs.estimate_left(todo, [], {"federated": [120.0]}) == "" == runs.estimate_left(todo, [3], {})
+    assert runs.estimate_left(todo, [], timed) == "" == runs.estimate_left(todo, [3], {})
+
+
+def test_a_resumed_comparison_counts_its_reused_runs_pace(tmp_path):
+    """Runs finished earlier set the ETA of the ones left from the first progress line: it never reads 'at least
+    0 min' because this call has not timed anything yet."""
+
+    def compute(folder):
+        return {"test": {"a": SITE_A}}
+
+    def planned(name, seed):
+        return plan.PlannedRun(name, seed, {"kind": "federated", "seed": seed}, compute)
+
+    fingerprint = {"code": "x"}
+    runs.run_plan([planned("fedavg", 0)], tmp_path, fingerprint, "test", log=lambda *a, **k: None)
+    finished = runs.run_folder(tmp_path, "fedavg", {"kind": "federated", "seed": 0}, fingerprint) / runs.DONE_FILE
+    finished.write_text(json.dumps({**json.loads(finished.read_text()), "wall_s": 600.0}))  # as if it took 10 min
+    lines = []
+    runs.run_plan(
+        [planned("fedavg", 0), planned("fedavg", 1)], tmp_path, fingerprint, "test", log=lambda s, **k: lines.append(s)
+    )
+    assert "reused" in lines[0] and lines[0].endswith("; ETA 10 min for 1 run(s)")
 
 
 def test_every_tuning_grid_names_its_jobs_variables_and_starts_at_their_defaults():

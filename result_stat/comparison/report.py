@@ -402,7 +402,7 @@ def _figure(width: float, height: float):
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # a legend beside the axes included
     plt.close(fig)
     return path
 
@@ -412,7 +412,7 @@ def save_forest_png(report: dict, path: Path) -> Path:
     verdict; zero and the equivalence margin drawn."""
     table = report["methods"]
     names = [n for n in report["order"] if table.get(n, {}).get("vs_fedavg")]
-    plt, fig, ax = _figure(6.5, 0.45 * max(len(names), 2) + 1.4)
+    plt, fig, ax = _figure(7.5, 0.45 * max(len(names), 2) + 1.4)
     margin = 100 * report["statistics"]["equivalence_margin"]
     ax.axvspan(-margin, margin, color="tab:blue", alpha=0.08, label=f"±{margin:.0f} points (equivalence)")
     ax.axvline(0, color="black", lw=0.8)
@@ -426,7 +426,7 @@ def save_forest_png(report: dict, path: Path) -> Path:
     ax.set_yticklabels([f"{n} ({_statistic_name(primary_statistic(n))})" for n in reversed(names)], fontsize=8)
     ax.set_xlabel("difference to FedAvg, balanced accuracy points (95% CI)")
     handles = [plt.Line2D([], [], color=c, marker="o", lw=2, label=v) for v, c in VERDICT_COLORS.items()]
-    ax.legend(handles=handles, fontsize=7, loc="lower right")
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside: never on a row
     ax.set_title(f"Paired differences to FedAvg ({SPLITS[report['settings'].get('split', 'test')]} split)", fontsize=9)
     return _save(plt, fig, path)
 

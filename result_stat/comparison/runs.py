@@ -22,10 +22,21 @@ from tooling.simulation import GLOBAL_MODEL, run_simulator
 DONE_FILE = "result.json"
 HELDOUT = "heldout"  # a scenario's held-out hospital (data_preparation.benchmark): scored, never trained on
 SPLITS = {"test": "testing", "validation": "validation"}
-# first-party code a run imports (packages whole: the sites' code, the scoring; modules: the baselines' training and
-# the simulator's launch) and the libraries whose versions change results: a run of other code or libraries is never
-# reused. tests/test_compare.py checks that every first-party module a comparison imports is covered here.
-CODE_PACKAGES = ("fedxvit", "result_stat", "tooling.baselines", "tooling.jobconfig", "tooling.simulation")
+# The first-party code a run executes (the sites' code, package fedxvit whole: the simulator's clients import it by
+# name; this module, which computes each kind of run; the scoring it imports; the baselines' training; the
+# simulator's launch) and the libraries whose versions change results: a run of other code or libraries is never
+# reused. What only plans runs or reads finished ones (the grids, the tuning choice, the statistics, the report, the
+# CLI) is left out: the plan's part in a run is in its options, and fixing a report keeps hours of runs.
+# tests/test_compare.py checks that every first-party module these import, at any depth and inside functions, is here.
+CODE_SOURCES = (
+    "fedxvit",
+    "result_stat.comparison.runs",
+    "result_stat.comparison.scores",
+    "result_stat.metrics",
+    "tooling.baselines",
+    "tooling.jobconfig",
+    "tooling.simulation",
+)
 LIBRARIES = ("torch", "torchvision", "timm", "monai", "nvflare", "numpy", "opacus")
 
 
@@ -48,7 +59,7 @@ def files_digest(paths) -> str:
     return digest.hexdigest()[:16]
 
 
-def code_fingerprint(packages=CODE_PACKAGES, libraries=LIBRARIES) -> dict:
+def code_fingerprint(packages=CODE_SOURCES, libraries=LIBRARIES) -> dict:
     """{"code": hash of every file of the first-party packages and modules (files_digest), "libraries": {name:
     version}}: part of every run's key, so a finished run of other code (an executor, the training loop, the
     baselines, the scoring) or of other library versions is run again rather than reused."""
@@ -372,18 +383,23 @@ def check_scenario(data: Path, sites: list | None, initial: Path, preset: str | 
     return list(sites), meta["preset"], int(meta["image_size"]), list(class_names)
 
 
-def estimate_left(plan: list, unfinished: list, computed: dict) -> str:
-    """ "; ETA ..." for the unfinished runs: each kind of run (federated, centralized, local-only, start) at the
-    mean wall time of the runs of that kind computed so far; a lower bound while a kind has none timed yet."""
-    if not unfinished or not computed:
+def estimate_left(plan: list, unfinished: list, timed: dict) -> str:
+    """ "; ETA ..." for the unfinished runs: each at the mean compute of the finished runs of its row (FedSM's runs
+    take longer than FedAvg's, site1 alone longer than site6), else of its kind (federated, centralized, local-only,
+    start); a lower bound while a kind has none. `timed`: {row or kind: [seconds]}, reused runs included (their
+    result.json keeps what they took), so a resumed comparison knows its pace from its first line."""
+    if not unfinished or not timed:
         return ""
-    pending: dict = {}
+    seconds, untimed = 0.0, set()
     for index in unfinished:
-        pending[plan[index].options["kind"]] = pending.get(plan[index].options["kind"], 0) + 1
-    seconds = sum(n * float(np.mean(computed[kind])) for kind, n in pending.items() if kind in computed)
-    untimed = sorted(kind for kind in pending if kind not in computed)
+        run = plan[index]
+        times = timed.get(run.name) or timed.get(run.options["kind"])
+        if times:
+            seconds += float(np.mean(times))
+        else:
+            untimed.add(run.options["kind"])
     bound = (
-        f"at least {seconds / 60:.0f} min (no {', '.join(untimed)} run timed yet)"
+        f"at least {seconds / 60:.0f} min (no {', '.join(sorted(untimed))} run timed yet)"
         if untimed
         else f"{seconds / 60:.0f} min"
     )
@@ -392,10 +408,10 @@ def estimate_left(plan: list, unfinished: list, computed: dict) -> str:
 
 def run_plan(plan: list, workspace: Path, fingerprint: dict, split: str, log=print) -> tuple[dict, list, list]:
     """Run or reuse every PlannedRun in order: ({(name, seed): result}, runs, failures). One progress line per
-    run, with an ETA for the unfinished ones left (estimate_left; finished ones are reused)."""
+    run, with an ETA for the unfinished ones left (estimate_left; finished ones are reused, their compute counted)."""
     folders = [run_folder(workspace, run.name, run.options, fingerprint) for run in plan]
     unfinished = [i for i, folder in enumerate(folders) if not (folder / DONE_FILE).is_file()]
-    results, runs, failures, computed = {}, [], [], {}
+    results, runs, failures, timed = {}, [], [], {}
     for index, (run, folder) in enumerate(zip(plan, folders)):
         label = f"[{index + 1}/{len(plan)}] {run.label}"
         clock = time.perf_counter()
@@ -406,8 +422,8 @@ def run_plan(plan: list, workspace: Path, fingerprint: dict, split: str, log=pri
             failures.append({"method": run.name, "seed": run.seed, "folder": str(folder), "error": str(exc)})
             log(f"{label}: FAILED after {time.perf_counter() - clock:.0f} s: {exc}", flush=True)
             continue
-        if not reused:
-            computed.setdefault(run.options["kind"], []).append(result["wall_s"])
+        for key in {run.name, run.options["kind"]}:
+            timed.setdefault(key, []).append(result["wall_s"])
         results[(run.name, run.seed)] = result
         for site in result.get("personalized_fallback", []):
             log(f"{label}: {site} kept no personalized model; its personalized score is the global model's")
@@ -418,7 +434,7 @@ def run_plan(plan: list, workspace: Path, fingerprint: dict, split: str, log=pri
         log(
             f"{label}: {'reused' if reused else 'ran'} in {time.perf_counter() - clock:.0f} s "
             f"(computed in {result['wall_s']:.0f} s); pooled {split} balanced accuracy {score:.3f}"
-            + estimate_left(plan, unfinished, computed),
+            + estimate_left(plan, unfinished, timed),
             flush=True,
         )
     return results, runs, failures
