@@ -227,9 +227,10 @@ compare-longtail: ssl-prior expert data-longtail
 		--out results/longtail$(if $(filter --split validation,$(COMPARE_ARGS)),-validation) $(COMPARE_ARGS)
 
 # What update privacy costs (docs/privacy.md): FedAvg against FedAvg behind each of NVFlare's privacy
-# filters and with DP-SGD, same runs and seeds as `make compare` (its FedAvg and baseline runs are
-# reused) -> results/privacy/.
+# filters and with DP-SGD, on `make compare`'s data, budget and seeds, every method and baseline training all but
+# BatchNorm (DP-SGD cannot train BatchNorm; noised BatchNorm statistics break a model) -> results/privacy/.
 .PHONY: compare-privacy
 compare-privacy: setup
 	$(PY) -m result_stat.compare --scenario-data $(COMPARE_DATA) --out results/privacy $(if $(COMPARE_BUDGET),--budget $(COMPARE_BUDGET)) \
+		--freeze-policy full-but-batchnorm \
 		--methods fedavg,percentile,svt,exclude,dp-sgd-eps1,dp-sgd-eps3,dp-sgd-eps8 $(COMPARE_ARGS)

@@ -204,6 +204,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the calibration seed's data, and the freeze policy every method trains with; not with --rounds or "
         "--local-epochs",
     )
+    parser.add_argument(
+        "--freeze-policy",
+        default=None,
+        help="what every method and baseline trains, over --budget's: full-but-batchnorm for the privacy jobs, which "
+        "DP-SGD needs and a filter's noise cannot break (default: the budget's, else each job's own)",
+    )
     parser.add_argument("--quick", action="store_true", help=f"one seed (the first), {QUICK_ROUNDS} rounds, no tuning")
     parser.add_argument(
         "--no-tune", action="store_true", help="run every method with its job's values (default: tune on validation)"
@@ -251,6 +257,12 @@ def main(argv=None) -> dict:
         budget = read_budget(Path(args.budget))
         rounds, local_epochs, freeze_policy = budget["rounds"], budget["local_epochs"], budget["freeze_policy"]
         budget_source = f"{args.budget} ({what_fedavg_did(budget)}, on the calibration seed's data)"
+    if args.freeze_policy:
+        from fedxvit.training import FREEZE_POLICIES
+
+        if args.freeze_policy not in FREEZE_POLICIES:
+            raise FedXViTError(f"--freeze-policy {args.freeze_policy!r}: choose one of {', '.join(FREEZE_POLICIES)}")
+        freeze_policy = args.freeze_policy
     if args.quick:
         seeds, rounds, budget_source = seeds[:1], QUICK_ROUNDS, "--quick"
     methods = planning.parse_methods(args.methods, project_root())

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import REPO, tiny_job, write_initial_model, write_tiny_site
 
 from fedxvit.checkpoint import save_checkpoint
@@ -284,6 +285,27 @@ def two_sites(tmp_path):
     return tmp_path / "data", write_initial_model(tmp_path / "initial_global.pt")
 
 
+def test_a_model_that_predicts_nan_is_a_failed_run_in_one_line_not_a_crash(two_sites, tmp_path):
+    """A privacy filter's noise can break a model (a BatchNorm variance below 0): its run fails, named, and the
+    comparison goes on; it is never scored as a model that answers "Healthy" to everything."""
+    from fedxvit.model import build_model
+
+    data, initial = two_sites
+    scenario = runs.Scenario(data, ["site1", "site2"], initial, "tiny", 32, "cpu")
+    model = build_model("tiny", len(TASK_CLASSES))
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    with pytest.raises(FedXViTError, match=r"^the final model's probabilities are not finite on 4 of 4 testing images"):
+        scenario.predict(model, "test")
+
+    def broken(folder):
+        return {"test": scenario.predict(model, "test")}
+
+    todo = [plan.PlannedRun("svt", 0, {"kind": "federated", "seed": 0}, broken)]
+    results, _, failures = runs.run_plan(todo, tmp_path / "ws", {"code": "x"}, "test", log=lambda *a, **k: None)
+    assert results == {} and failures[0]["method"] == "svt" and "not finite" in failures[0]["error"]
+
+
 def test_bad_input_is_one_line_naming_the_option(two_sites, tmp_path, capsys):
     data, initial = two_sites
     job = tiny_job(tmp_path / "fedavg")
@@ -321,6 +343,8 @@ def test_bad_input_is_one_line_naming_the_option(two_sites, tmp_path, capsys):
     assert error("--methods", "fedavg,fedbogus").startswith("--methods: unknown method 'fedbogus'")
     assert error("--methods", "fedavg,fedprox,fedprox").startswith("--methods: 'fedprox' is listed twice")
     assert error("--seeds", "0,1,0").startswith("--seeds '0,1,0': seed 0 is given twice")
+    with pytest.raises(FedXViTError, match=r"^--freeze-policy 'frozen': choose one of head, last-k, full"):
+        compare.main([*base, "--freeze-policy", "frozen"])
     (data / "site2" / "datalist.json").unlink()
     assert "site site2" in error() and "datalist.json" in error()
     with pytest.raises(SystemExit) as caught:
@@ -641,6 +665,7 @@ def test_the_eta_counts_each_row_at_its_own_pace_else_its_kinds():
     assert runs.estimate_left(todo, [2, 3], timed) == (
         "; ETA at least 5 min (no centralized run timed yet) for 2 run(s)"
     )
+    assert runs.estimate_left(todo, [3], timed) == "; ETA unknown (no centralized run timed yet) for 1 run(s)"
     assert runs.estimate_left(todo, [], timed) == "" == runs.estimate_left(todo, [3], {})
 
 

@@ -26,19 +26,19 @@ from tooling.standalone import make_fl_ctx
 CPU = torch.device("cpu")
 
 
-def start_model():
+def start_model(policy="last-k"):
     torch.manual_seed(0)
     model = build_model("tiny", len(TASK_CLASSES))
-    return model, apply_freeze_policy(model, "last-k", 1)
+    return model, apply_freeze_policy(model, policy, 1)
 
 
 def loader(site_dir):
     return make_loader(site_dir, "training", 32, 2, train=True, seed=0)
 
 
-def one_epoch(site_dir, privacy: SitePrivacy | None, lr=1e-2) -> tuple[dict, dict]:
+def one_epoch(site_dir, privacy: SitePrivacy | None, lr=1e-2, policy="last-k") -> tuple[dict, dict]:
     """(update of the trainable tensors, every tensor before) after one epoch, with or without DP-SGD."""
-    model, trainable = start_model()
+    model, trainable = start_model(policy)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer, batches = make_optimizer(model, lr), loader(site_dir)
     if privacy is not None:
@@ -79,9 +79,13 @@ def test_clipping_and_noise_change_the_update(tiny_site_dir):
     assert norm(clipped) < 0.5 * norm(plain_small_lr), (norm(clipped), norm(plain_small_lr))
 
 
-def test_frozen_tensors_and_batchnorm_statistics_do_not_move_under_dp(tiny_site_dir):
-    update, tensors = one_epoch(tiny_site_dir, SitePrivacy(target_epsilon=3.0))
+@pytest.mark.parametrize("policy", ["last-k", "full-but-batchnorm"])
+def test_frozen_tensors_and_batchnorm_statistics_do_not_move_under_dp(tiny_site_dir, policy):
+    """The whole model but BatchNorm trains under DP-SGD as the last block does: the CNN's convolutions too."""
+    update, tensors = one_epoch(tiny_site_dir, SitePrivacy(target_epsilon=3.0), policy=policy)
     assert norm(update) > 0
+    if policy == "full-but-batchnorm":
+        assert any(k.startswith("backbone.") and float(update[k].abs().max()) > 0 for k in update)
     batchnorm = [k for k in tensors if "running_mean" in k or "running_var" in k]
     assert batchnorm, "the tiny model should hold BatchNorm layers"
     frozen = [k for k in tensors if k not in update]
@@ -97,6 +101,9 @@ def test_bad_options_are_one_line_naming_them():
         FedXViTExecutor(preset="tiny", algorithm="fedprox", dp_epsilon=3)
     with pytest.raises(FedXViTError, match="algorithm='fedsm' do not combine"):
         FedXViTExecutor(preset="tiny", algorithm="fedsm", dp_epsilon=3)
+    with pytest.raises(FedXViTError, match="freeze_policy='full' do not combine.*'full-but-batchnorm'"):
+        FedXViTExecutor(preset="tiny", freeze_policy="full", dp_epsilon=3)
+    FedXViTExecutor(preset="tiny", freeze_policy="full-but-batchnorm", dp_epsilon=3)  # what it can train
 
 
 def train_task(model, round_number: int, num_rounds: int):

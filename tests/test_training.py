@@ -59,11 +59,18 @@ def random_batches(n_batches=3, batch=4, size=32, classes=2):
     ]
 
 
-@pytest.mark.parametrize("policy", ["head", "last-k", "full"])
+@pytest.mark.parametrize("policy", ["head", "last-k", "full", "full-but-batchnorm"])
 def test_freeze_policy_holds_through_adamw_steps_with_weight_decay(policy):
     torch.manual_seed(0)
     model = build_model("tiny", num_classes=2)
     trainable = apply_freeze_policy(model, policy, last_k=1)
+    held = {  # the BatchNorm layers' weights and biases, the model's own class token and position embeddings
+        f"{layer}.{name}" if layer else name
+        for layer, module in model.named_modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) or not layer
+        for name, _ in module.named_parameters(recurse=False)
+    }
+    assert {"cls_token", "pos_embed", "backbone.bn1.weight"} <= held
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.5)
     stats = train_epoch(model, random_batches(), optimizer, CPU)
@@ -73,6 +80,7 @@ def test_freeze_policy_holds_through_adamw_steps_with_weight_decay(policy):
         "head": lambda n: n.startswith("head."),
         "last-k": lambda n: n.startswith(("blocks.0.", "norm.", "head.")),  # tiny has one block: it is the last
         "full": lambda n: True,
+        "full-but-batchnorm": lambda n: n not in held,
     }[policy]
     params = dict(model.named_parameters())
     assert sorted(trainable) == sorted(n for n in params if expected(n))
@@ -86,7 +94,7 @@ def test_freeze_policy_holds_through_adamw_steps_with_weight_decay(policy):
     assert bool(changed_bn) == (policy == "full")
 
 
-@pytest.mark.parametrize("policy", ["head", "last-k", "full"])
+@pytest.mark.parametrize("policy", ["head", "last-k", "full", "full-but-batchnorm"])
 def test_shared_state_carries_bn_statistics_only_where_bn_trains(policy):
     model = build_model("tiny", num_classes=2)
     trainable = apply_freeze_policy(model, policy, last_k=1)

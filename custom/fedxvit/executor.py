@@ -257,6 +257,12 @@ class FedXViTExecutor(Executor):
                     "job options dp_epsilon and algorithm='fedsm' do not combine: FedSM's personalized model and "
                     "selector would leave the site trained without DP-SGD; use fedavg, scaffold or ditto"
                 )
+            if freeze_policy == "full":
+                raise FedXViTError(
+                    "job options dp_epsilon and freeze_policy='full' do not combine: 'full' trains BatchNorm, whose "
+                    "per-image gradients and running statistics DP-SGD (Opacus) cannot bound; use "
+                    "'full-but-batchnorm', 'last-k' or 'head'"
+                )
             try:  # Opacus only where DP-SGD is asked for: `pip install fedxvit[dp]`
                 from fedxvit.privacy import SitePrivacy
             except ImportError as exc:

@@ -53,6 +53,9 @@ class SitePrivacy:
             raise FedXViTError(
                 f"DP-SGD needs the run's planned epochs (num_rounds x local_epochs), got {planned_epochs}"
             )
+        for module in model.modules():  # an in-place activation would overwrite a hooked layer's output (autograd
+            if getattr(module, "inplace", False) is True:  # refuses); out of place computes the same values
+                module.inplace = False
         self.grad_sample_module = GradSampleModule(model)  # hooks live on the model's own layers
         self.loader = DPDataLoader.from_data_loader(train_loader)
         self.sample_rate = self.loader.sample_rate

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from fedxvit.errors import FedXViTError
 from fedxvit.model import hold_frozen_batchnorm
 
-FREEZE_POLICIES = ("head", "last-k", "full")
+FREEZE_POLICIES = ("head", "last-k", "full", "full-but-batchnorm")
 
 
 def resolve_device(requested: str | None = None) -> torch.device:
@@ -33,12 +33,22 @@ def apply_freeze_policy(model: nn.Module, policy: str, last_k: int = 1) -> list[
 
     head:   only the classifier learns (cheapest to train and to send);
     last-k: the last k ViT blocks + final norm + head adapt, the CNN and early blocks stay;
-    full:   everything learns.
+    full:   everything learns;
+    full-but-batchnorm: every layer but the BatchNorm ones, which keep the start's weights and statistics, and
+            the model's own class token and position embeddings: what DP-SGD can train (Opacus bounds no layer
+            holding buffers, and the model itself holds the BatchNorm buffers), and what a privacy filter's noise
+            cannot break (a noised running variance can turn negative and make every prediction NaN).
     Frozen BatchNorm layers are also switched to eval so their running stats cannot drift.
     """
     if policy not in FREEZE_POLICIES:
         raise FedXViTError(f"unknown freeze policy {policy!r}; choose one of {', '.join(FREEZE_POLICIES)}")
-    if policy == "full":
+    held = {  # what full-but-batchnorm freezes: the BatchNorm layers' parameters and the model's own
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) or not prefix
+        for name, _ in module.named_parameters(recurse=False)
+    }
+    if policy in ("full", "full-but-batchnorm"):
         trainable_prefixes = ("",)
     elif policy == "head":
         trainable_prefixes = ("head.",)
@@ -49,7 +59,9 @@ def apply_freeze_policy(model: nn.Module, policy: str, last_k: int = 1) -> list[
         trainable_prefixes = tuple(f"blocks.{i}." for i in range(depth - last_k, depth)) + ("norm.", "head.")
     names = []
     for name, param in model.named_parameters():
-        param.requires_grad = name.startswith(trainable_prefixes)
+        param.requires_grad = name.startswith(trainable_prefixes) and not (
+            policy == "full-but-batchnorm" and name in held
+        )
         if param.requires_grad:
             names.append(name)
     if model.training:

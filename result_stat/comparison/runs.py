@@ -170,6 +170,12 @@ class Scenario:
         out = {}
         for site in sites or self.sites:
             result = evaluate(model, loaders[site], self.device)
+            broken = sum(not np.isfinite(row).all() for row in result["probs"])
+            if broken:  # a model that predicts NaN is broken (e.g. a noised BatchNorm variance below 0), not scored
+                raise FedXViTError(
+                    f"the final model's probabilities are not finite on {broken} of {len(result['probs'])} "
+                    f"{SPLITS[split]} images of {site}: the model is broken, the run is not scored"
+                )
             out[site] = {"labels": result["labels"], "probs": [[round(p, 6) for p in row] for row in result["probs"]]}
         return out
 
@@ -398,11 +404,10 @@ def estimate_left(plan: list, unfinished: list, timed: dict) -> str:
             seconds += float(np.mean(times))
         else:
             untimed.add(run.options["kind"])
-    bound = (
-        f"at least {seconds / 60:.0f} min (no {', '.join(sorted(untimed))} run timed yet)"
-        if untimed
-        else f"{seconds / 60:.0f} min"
-    )
+    missing = f"(no {', '.join(sorted(untimed))} run timed yet)"
+    bound = f"{seconds / 60:.0f} min" if not untimed else f"at least {seconds / 60:.0f} min {missing}"
+    if untimed and not seconds:
+        bound = f"unknown {missing}"
     return f"; ETA {bound} for {len(unfinished)} run(s)"
 
 
