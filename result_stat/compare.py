@@ -170,6 +170,8 @@ def compare(
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from fedxvit.training import FREEZE_POLICIES
+
     parser = ArgumentParser(
         prog="python -m result_stat.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -207,6 +209,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--freeze-policy",
         default=None,
+        choices=FREEZE_POLICIES,
         help="what every method and baseline trains, over --budget's: full-but-batchnorm for the privacy jobs, which "
         "DP-SGD needs and a filter's noise cannot break (default: the budget's, else each job's own)",
     )
@@ -257,12 +260,7 @@ def main(argv=None) -> dict:
         budget = read_budget(Path(args.budget))
         rounds, local_epochs, freeze_policy = budget["rounds"], budget["local_epochs"], budget["freeze_policy"]
         budget_source = f"{args.budget} ({what_fedavg_did(budget)}, on the calibration seed's data)"
-    if args.freeze_policy:
-        from fedxvit.training import FREEZE_POLICIES
-
-        if args.freeze_policy not in FREEZE_POLICIES:
-            raise FedXViTError(f"--freeze-policy {args.freeze_policy!r}: choose one of {', '.join(FREEZE_POLICIES)}")
-        freeze_policy = args.freeze_policy
+    freeze_policy = args.freeze_policy or freeze_policy
     if args.quick:
         seeds, rounds, budget_source = seeds[:1], QUICK_ROUNDS, "--quick"
     methods = planning.parse_methods(args.methods, project_root())
