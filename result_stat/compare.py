@@ -23,6 +23,8 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
+
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from result_stat.comparison import plan as planning
 from result_stat.comparison.plan import KNOWN_METHODS, METHOD_JOBS, REFERENCE, TUNING_GRIDS
@@ -35,13 +37,28 @@ from tooling.jobconfig import CLIENT_FILE, SERVER_FILE, job_copy, read_job_confi
 QUICK_ROUNDS = 2
 
 
+def tuning_progress(left: dict, timed: dict, total: int) -> str:
+    """ "tuning: 5 of 13 grid runs done; ETA ..." — each method's runs left at its own pace so far (a DP-SGD run
+    takes 2.5 FedAvg runs), else at the mean of every tuning run timed (reused ones count their recorded compute)."""
+    todo = sum(left.values())
+    line = f"tuning: {total - todo} of {total} grid runs done"
+    every = [s for t in timed.values() for s in t]
+    if not todo or not every:
+        return line
+    seconds = sum(n * float(np.mean(timed.get(name) or every)) for name, n in left.items())
+    return f"{line}; ETA {seconds / 60:.0f} min for the {todo} left, then the evaluation runs"
+
+
 def tune(scenario, methods, budget, seed, chosen, tracking_uri, timeout_s, workspace, log) -> tuple[dict, list, list]:
     """({method: tuning.choose result}, runs, failures) for every method with a grid that --set did not fix, FedAvg
     first: every other method starts from FedAvg's chosen values (planning.inherit_reference) and tunes its own
     on top. `chosen` gets each method's values."""
     tuned, runs, failures = {}, [], []
     fixed = set(chosen)  # --set: not tuned
-    for name in [REFERENCE, *[n for n in methods if n != REFERENCE]]:
+    order = [REFERENCE, *[n for n in methods if n != REFERENCE]]
+    left = {n: len(TUNING_GRIDS[n]) for n in order if n in TUNING_GRIDS and n not in fixed}  # grid runs to go
+    timed, total = {}, sum(left.values())
+    for name in order:
         job = methods[name]
         if name != REFERENCE:
             planning.inherit_reference(name, job, chosen)
@@ -57,6 +74,10 @@ def tune(scenario, methods, budget, seed, chosen, tracking_uri, timeout_s, works
             results.append(done.get((run.name, run.seed)))
             runs += ran
             failures += failed
+            if results[-1]:
+                timed.setdefault(name, []).append(results[-1]["wall_s"])
+            left[name] -= 1
+            log(tuning_progress(left, timed, total), flush=True)
         tuned[name] = choose(TUNING_GRIDS[name], results)
         if tuned[name]["chosen"] is None:
             raise FedXViTError(f"tuning {name}: every run of its grid failed, first: {failures[-1]['error']}")

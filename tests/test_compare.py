@@ -644,6 +644,7 @@ def test_tuning_chooses_on_validation_and_the_evaluation_runs_use_the_choice(two
     assert [(r["seed"], r["reused"]) for r in evaluation] == [(0, False), (0, False), (0, True), (1, False)]
     assert any("fedprox: tuned on validation, chosen mu=0.1" in line for line in lines)
     assert any("ETA" in line for line in lines)
+    assert "tuning: 3 of 3 grid runs done" in lines  # FedAvg's one run and FedProx's two
 
 
 def test_the_eta_counts_each_row_at_its_own_pace_else_its_kinds():
@@ -695,3 +696,17 @@ def test_every_tuning_grid_names_its_jobs_variables_and_starts_at_their_defaults
         configs = {**read_job_config(job, SERVER_FILE), **read_job_config(job, CLIENT_FILE)}
         assert {k: configs[k] for k in grid[0]} == grid[0], f"{name}: the first value set must be the job's own"
         assert len({json.dumps(v, sort_keys=True) for v in grid}) == len(grid), f"{name}: a value set twice"
+
+
+def test_the_tuning_eta_takes_each_methods_runs_at_its_own_pace_else_the_mean_so_far():
+    left, total = {"fedavg": 0, "svt": 2, "dp-sgd-eps3": 2}, 7
+    assert compare.tuning_progress(left, {}, total) == "tuning: 3 of 7 grid runs done"  # nothing timed: no ETA
+    timed = {"fedavg": [100.0, 200.0], "svt": [150.0]}  # a failed run is done but not timed
+    # SVT at its own 150 s, DP-SGD at the mean of every timed run (150 s): 4 x 150 s
+    assert compare.tuning_progress(left, timed, total) == (
+        "tuning: 3 of 7 grid runs done; ETA 10 min for the 4 left, then the evaluation runs"
+    )
+    timed["dp-sgd-eps3"] = [450.0]
+    assert compare.tuning_progress({**left, "dp-sgd-eps3": 1}, timed, total).endswith(
+        "ETA 12 min for the 3 left, then the evaluation runs"
+    )
