@@ -28,7 +28,7 @@ import numpy as np
 from fedxvit.errors import ArgumentParser, FedXViTError, run_cli
 from result_stat.comparison import plan as planning
 from result_stat.comparison.plan import KNOWN_METHODS, METHOD_JOBS, REFERENCE, TUNING_GRIDS
-from result_stat.comparison.report import aggregate, write_outputs
+from result_stat.comparison.report import aggregate, distinct_runs, write_outputs
 from result_stat.comparison.runs import SPLITS, Scenario, check_scenario, run_plan
 from result_stat.comparison.statistics import REPLICATES
 from result_stat.comparison.tuning import choose
@@ -185,7 +185,7 @@ def compare(
         runs=tuning_runs + runs,
         failures=tuning_failures + failures,
         wall_s=round(time.perf_counter() - started, 1),
-        compute_s=round(sum(r["wall_s"] for r in tuning_runs + runs), 1),
+        compute_s=round(sum(r["wall_s"] for r in distinct_runs(tuning_runs + runs)), 1),
     )
     return report
 

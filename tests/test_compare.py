@@ -642,6 +642,9 @@ def test_tuning_chooses_on_validation_and_the_evaluation_runs_use_the_choice(two
     assert report["settings"]["baseline_training"]["learning_rate"] == 1e-3  # the baselines too
     evaluation = [r for r in report["runs"] if r["method"] == "fedprox"]
     assert [(r["seed"], r["reused"]) for r in evaluation] == [(0, False), (0, False), (0, True), (1, False)]
+    # what it cost: every run it computed once; seed 0's evaluation runs are tuning runs, listed twice, counted once
+    assert report["compute_s"] == round(sum(r["wall_s"] for r in report["runs"] if not r["reused"]), 1)
+    assert len(comparison.distinct_runs(report["runs"])) == len(report["runs"]) - 2  # FedAvg's and FedProx's
     assert any("fedprox: tuned on validation, chosen mu=0.1" in line for line in lines)
     assert any("ETA" in line for line in lines)
     assert "tuning: 3 of 3 grid runs done" in lines  # FedAvg's one run and FedProx's two
@@ -710,3 +713,17 @@ def test_the_tuning_eta_takes_each_methods_runs_at_its_own_pace_else_the_mean_so
     assert compare.tuning_progress({**left, "dp-sgd-eps3": 1}, timed, total).endswith(
         "ETA 12 min for the 3 left, then the evaluation runs"
     )
+
+
+def test_a_run_listed_twice_costs_once():
+    """Seed 0's evaluation run of a tuned method is its chosen tuning run, reused: one run, one cost."""
+    listed = [
+        {"method": "fedavg", "folder": "runs/fedavg-1", "reused": False, "wall_s": 200.0},
+        {"method": "fedavg", "folder": "runs/fedavg-2", "reused": False, "wall_s": 180.0},
+        {"method": "fedavg", "folder": "runs/fedavg-1", "reused": True, "wall_s": 200.0},
+        {"method": "local-only site1", "folder": "runs/local-only-site1", "reused": False, "wall_s": 5.0},
+    ]
+    assert comparison.run_costs(listed) == {
+        "fedavg": {"runs": 2, "reused": 0, "compute_s": 380.0},
+        "local-only": {"runs": 1, "reused": 0, "compute_s": 5.0},
+    }

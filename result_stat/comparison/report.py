@@ -235,11 +235,20 @@ def verdict_lines(report: dict) -> list:
     return lines
 
 
+def distinct_runs(runs: list) -> list:
+    """Each run folder once, as first listed: seed 0's evaluation run of a tuned method is its chosen tuning run,
+    listed again (reused), and must not count twice in what the comparison cost."""
+    first: dict = {}
+    for run in runs:
+        first.setdefault(run["folder"], run)
+    return list(first.values())
+
+
 def run_costs(runs: list) -> dict:
     """{what ran (a method, its tuning runs, centralized, local-only): runs, reused, compute seconds} from the
-    report's run list: what each part of the comparison costs when run from scratch."""
+    report's run list: what each part of the comparison costs when run from scratch (each run once)."""
     costs: dict = {}
-    for run in runs:
+    for run in distinct_runs(runs):
         name = LOCAL_ONLY if run["method"].startswith(LOCAL_ONLY) else run["method"]
         row = costs.setdefault(name, {"runs": 0, "reused": 0, "compute_s": 0.0})
         row["runs"] += 1
@@ -377,7 +386,8 @@ def compare_markdown(report: dict) -> str:
         ]
     lines.append("\n## Runs and their cost\n")
     lines.append(
-        f"{len(report['runs'])} runs, {report['compute_s']:.0f} s of compute when run from scratch; this call "
+        f"{len(distinct_runs(report['runs']))} runs, {report['compute_s']:.0f} s of compute when run from scratch "
+        "(seed 0's evaluation run of a tuned method is its chosen tuning run, counted once); this call "
         f"took {report['wall_s']:.0f} s. Differences to FedAvg: compare_forest.png; pooled validation accuracy per "
         "round: compare_curves.png.\n"
     )
