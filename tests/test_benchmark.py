@@ -302,13 +302,16 @@ def test_bad_option_is_one_line_error(bad, tmp_path):
 
 @pytest.mark.slow
 def test_default_scenario_is_what_it_was_before_scenarios(data):
-    """Same files, labels, splits and counts; every image within half a gray level of its mean then (a change
-    of seed stream or transform moves most images by several levels)."""
+    """Same files, labels, splits and counts; the images' mean gray levels as then, up to a CPU's arithmetic: a
+    change of seed stream or transform moves most images by several levels, while another machine's floating point
+    moves a few images (one by 0.52 levels on 2026-12-05's machine; another machine's 7 of 138 by a few pixels)."""
     expected, found = json.loads(DEFAULT_TINY_FINGERPRINT.read_text()), tree_fingerprint(data)
     assert found["layout"] == expected["layout"]
     assert found["image_means"].keys() == expected["image_means"].keys()
-    moved = {k: v for k, v in found["image_means"].items() if abs(v - expected["image_means"][k]) > 0.5}
-    assert not moved, f"{len(moved)} images changed, e.g. {next(iter(moved))}"
+    shift = {k: abs(v - expected["image_means"][k]) for k, v in found["image_means"].items()}
+    moved = sorted(k for k, d in shift.items() if d > 0.5)
+    assert len(moved) <= 0.03 * len(shift), f"{len(moved)} of {len(shift)} images changed, e.g. {moved[0]}"
+    assert float(np.median(list(shift.values()))) < 0.05, "the images' mean gray levels moved"
     assert "scenario" not in json.loads((data / "benchmark.json").read_text())["params"]
 
 
